@@ -1,0 +1,44 @@
+"""idemhook: a webhook receiver that makes provider retries harmless.
+
+``create_app()`` is the only entry point: gunicorn serves ``app:create_app()``,
+the ``idemhook`` CLI builds the app the same way. Nothing connects to a database
+or reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from . import cli, db, errors, health, intake, plugins, settings, sources
+from .claim import Claimer
+
+log = logging.getLogger("idemhook")
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the receiver: settings, sources, plugins, database, routes, CLI."""
+    app = Flask(__name__)
+    app.config.update(settings.load(test_config))
+    config = app.config["IDEMHOOK_CONFIG"]
+    if (
+        config == settings.DEFAULTS["IDEMHOOK_CONFIG"]
+        and not Path(config).exists()
+    ):
+        log.warning("no %s in %s: serving no sources (set IDEMHOOK_CONFIG)", config, Path.cwd())
+        config = {}
+    loaded = sources.load(config, max_body_bytes=app.config["IDEMHOOK_MAX_BODY_BYTES"])
+    registry = plugins.load(loaded.plugins)
+    registry.check_sources(loaded.sources)
+    app.extensions["idemhook.registry"] = registry
+
+    errors.init_app(app)
+    database = db.init_app(app)
+    intake.init_app(app, intake.Receiver(loaded.sources, Claimer(database, registry)))
+    health.init_app(app)
+    cli.init_app(app)
+    return app

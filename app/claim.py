@@ -1,0 +1,306 @@
+"""The claim: record an event's ID and apply its handlers in one transaction.
+
+For each event: ``INSERT ... ON CONFLICT (source, event_id) DO UPDATE SET
+duplicate_count = duplicate_count + 1`` with ``RETURNING``. A returned
+``duplicate_count`` of 0 means this transaction inserted the row: run the
+handlers in the same transaction, store their result, commit. Anything else
+means the event was already applied: the duplicate is counted and nothing runs.
+
+A concurrent duplicate blocks on the unique index until the first transaction
+ends: after a commit it is a duplicate, after a rollback it inserts and runs.
+The per-statement and lock timeouts (``IDEMHOOK_STATEMENT_TIMEOUT_MS``) bound
+that wait and any handler stuck in the database.
+
+A batch runs in one transaction with a savepoint per event, so one event's
+failure rolls back only its own claim and effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .db import Database, is_disconnect
+from .errors import ServiceUnavailable
+from .models import delivery_failures, processed_events
+from .plugins import Event, Registry, result_of
+
+log = logging.getLogger("idemhook.events")
+
+# Header names never copied into delivery_failures.headers.
+_SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one event; ``status`` is processed, duplicate, ignored or failed."""
+
+    event_id: str
+    status: str
+    result: Any = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"event_id": self.event_id, "status": self.status}
+        if self.status == "failed":
+            body["error"] = self.error
+        else:
+            body["result"] = self.result
+        return body
+
+
+class ClaimSession(Session):
+    """The session handlers get: it refuses to end the claim's transaction for them."""
+
+    in_handler = False
+
+    def _refuse(self, what: str) -> None:
+        if self.in_handler:
+            raise RuntimeError(
+                f"a handler must not {what} the session: the receiver commits the claim and "
+                "every handler's work together (see app.plugins)"
+            )
+
+    def commit(self) -> None:
+        self._refuse("commit")
+        super().commit()
+
+    def rollback(self) -> None:
+        self._refuse("roll back")
+        super().rollback()
+
+    def close(self) -> None:
+        self._refuse("close")
+        super().close()
+
+
+class _HandlerError(Exception):
+    """A handler (or storing its result) raised; ``__cause__`` is what it raised."""
+
+    def __init__(self, handler_name: str) -> None:
+        super().__init__(handler_name)
+        self.handler_name = handler_name
+
+
+class Claimer:
+    """Applies events exactly once against one database with one handler registry."""
+
+    def __init__(self, database: Database, registry: Registry) -> None:
+        self.database = database
+        self.registry = registry
+        self.sessions = sessionmaker(database.engine, class_=ClaimSession, expire_on_commit=False)
+        dialect = database.engine.dialect.name
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table = processed_events
+        stmt = dialect_insert(table).values(
+            source=bindparam("source"),
+            event_id=bindparam("event_id"),
+            event_type=bindparam("event_type"),
+            status=bindparam("status"),
+            received_at=bindparam("received_at"),
+            payload=bindparam("payload", type_=table.c.payload.type),
+            duplicate_count=0,
+            last_seen_at=bindparam("received_at"),
+        )
+        self._claim = stmt.on_conflict_do_update(
+            index_elements=[table.c.source, table.c.event_id],
+            set_={
+                "duplicate_count": table.c.duplicate_count + 1,
+                "last_seen_at": stmt.excluded.last_seen_at,
+            },
+        ).returning(table.c.duplicate_count, table.c.status, table.c.result)
+        self._finish = (
+            update(table)
+            .where(table.c.source == bindparam("b_source"), table.c.event_id == bindparam("b_id"))
+            .values(result=bindparam("result", type_=table.c.result.type),
+                    processed_at=bindparam("processed_at"))
+        )
+
+    def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
+        """Claim and handle ``events``; retry once on a lost connection, else 503."""
+        try:
+            return self._apply(events, raw_body)
+        except ServiceUnavailable:
+            raise
+        except SQLAlchemyError as exc:
+            if not is_disconnect(exc):
+                raise
+        # The connection died (database restart): nothing was committed, or the
+        # commit landed and the retry will find duplicates. Either way retrying is safe.
+        try:
+            return self._apply(events, raw_body)
+        except SQLAlchemyError as exc:
+            if is_disconnect(exc):
+                raise _unavailable() from exc
+            raise
+
+    def _apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
+        nested = len(events) > 1
+        outcomes: list[Outcome] = []
+        session = self.sessions()
+        try:
+            with session.begin():
+                for event in events:
+                    started = time.perf_counter()
+                    try:
+                        if nested:
+                            with session.begin_nested():
+                                outcome = self._claim_one(session, event)
+                        else:
+                            outcome = self._claim_one(session, event)
+                    except _HandlerError as exc:
+                        if not nested:
+                            raise
+                        outcome = self._failed(event, exc)
+                        self._record_failure(session, event, exc, raw_body)
+                    outcomes.append(outcome)
+                    _log(event, outcome, started)
+        except _HandlerError as exc:
+            session.close()
+            if is_disconnect(exc.__cause__):
+                raise exc.__cause__ from None  # let apply() retry or answer 503
+            outcomes = [self._failed(events[0], exc)]
+            _log(events[0], outcomes[0], None)
+            self._record_failure_apart(events[0], exc, raw_body)
+        finally:
+            session.close()
+        return outcomes
+
+    def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
+        registrations = self.registry.for_event(event.source, event.type)
+        try:
+            row = session.execute(
+                self._claim,
+                {
+                    "source": event.source,
+                    "event_id": event.id,
+                    "event_type": event.type,
+                    "status": "processed" if registrations else "ignored",
+                    "received_at": event.received_at,
+                    "payload": event.payload,
+                },
+            ).one()
+        except DBAPIError as exc:
+            if _is_timeout(exc) and not is_disconnect(exc):
+                raise ServiceUnavailable(
+                    f"Event {event.id!r} is being processed by another delivery right now; "
+                    "retry shortly.",
+                    code="event_in_progress",
+                ) from exc
+            raise
+        if row.duplicate_count:
+            return Outcome(event.id, "duplicate", row.result)
+        if not registrations:
+            return Outcome(event.id, "ignored", None)
+
+        results: dict[str, Any] = {}
+        name = registrations[0].name
+        try:
+            session.in_handler = True
+            try:
+                for registration in registrations:
+                    name = registration.name
+                    results[name] = registration.func(event, session)
+            finally:
+                session.in_handler = False
+            result = result_of(results)
+            session.execute(
+                self._finish,
+                {
+                    "b_source": event.source,
+                    "b_id": event.id,
+                    "result": result,
+                    "processed_at": datetime.now(UTC),
+                },
+            )
+        except Exception as exc:  # anything a plugin raises fails this event, retryably
+            raise _HandlerError(name) from exc
+        return Outcome(event.id, "processed", result)
+
+    @staticmethod
+    def _failed(event: Event, exc: _HandlerError) -> Outcome:
+        cause = exc.__cause__
+        return Outcome(
+            event.id, "failed", error=f"{exc.handler_name} raised {type(cause).__name__}"
+        )
+
+    def _record_failure(
+        self, session: Session, event: Event, exc: _HandlerError, raw_body: bytes
+    ) -> None:
+        cause = exc.__cause__ or exc
+        session.execute(
+            insert(delivery_failures),
+            {
+                "source": event.source,
+                "event_id": event.id,
+                "event_type": event.type,
+                "error": f"{exc.handler_name} raised {type(cause).__name__}: {cause}"[:4000],
+                "traceback": "".join(traceback.format_exception(cause))[-20000:],
+                "raw_body": raw_body,
+                "payload": event.payload,
+                "headers": _safe_headers(event),
+                "permanent": False,
+                "failed_at": datetime.now(UTC),
+            },
+        )
+
+    def _record_failure_apart(self, event: Event, exc: _HandlerError, raw_body: bytes) -> None:
+        """Write the failure in its own transaction (the event's own one was rolled back)."""
+        session = self.sessions()
+        try:
+            with session.begin():
+                self._record_failure(session, event, exc, raw_body)
+        except SQLAlchemyError as db_exc:
+            if is_disconnect(db_exc):
+                raise _unavailable() from db_exc
+            raise
+        finally:
+            session.close()
+
+
+def _is_timeout(exc: DBAPIError) -> bool:
+    # 55P03 lock_not_available, 57014 query_canceled (statement_timeout).
+    return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The database is unavailable; nothing was recorded. Retry shortly.",
+        code="database_unavailable",
+    )
+
+
+def _safe_headers(event: Event) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in event.headers.items()
+        if not any(part in name.lower() for part in _SECRET_HEADER_PARTS)
+    }
+
+
+def _log(event: Event, outcome: Outcome, started: float | None) -> None:
+    duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+    log.info(
+        "%s %s %s %s",
+        event.source,
+        event.id,
+        event.type,
+        outcome.status,
+        extra={
+            "source": event.source,
+            "event_id": event.id,
+            "event_type": event.type,
+            "outcome": outcome.status,
+            "duration_ms": duration_ms,
+        },
+    )

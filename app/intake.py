@@ -1,0 +1,190 @@
+"""``POST /webhooks/<source>``: size and type checks, verification, parsing, then the claim.
+
+Checks run cheapest first and before anything is stored: unknown source (404),
+body size (413, enforced before the body is read), content type (415),
+signature (401), JSON and event fields (400). Only then does the claim open a
+transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from .claim import Claimer, Outcome
+from .errors import BadRequest, HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
+from .locators import MISSING, Locator
+from .plugins import Event
+from .schemes import Delivery
+from .sources import Source
+
+MAX_ID_LENGTH = 255
+
+bp = Blueprint("intake", __name__)
+
+
+class Receiver:
+    """Per-app state of the intake: the configured sources and the claimer."""
+
+    def __init__(self, sources: Mapping[str, Source], claimer: Claimer) -> None:
+        self.sources = sources
+        self.claimer = claimer
+
+
+def init_app(app: Flask, receiver: Receiver) -> None:
+    app.extensions["idemhook.receiver"] = receiver
+    app.register_blueprint(bp)
+
+
+@bp.post("/webhooks/<source_name>")
+def receive(source_name: str) -> Response | tuple[Response, int]:
+    received_at = datetime.now(UTC)
+    receiver: Receiver = current_app.extensions["idemhook.receiver"]
+    source = receiver.sources.get(source_name)
+    if source is None:
+        raise NotFound(
+            f"No source named {source_name!r} is configured; "
+            "add [sources.<name>] to the sources file.",
+            code="unknown_source",
+        )
+    body = _read_body(source)
+    source.scheme.verify(Delivery(body, request.headers, request.method, request.url))
+    payload = parse_json(body)
+    events = events_of(source, payload, request.headers, received_at)
+    outcomes = receiver.claimer.apply(events, body)
+    return respond(source, outcomes)
+
+
+def _read_body(source: Source) -> bytes:
+    # Refuse an oversized body before reading it; for chunked or lying requests
+    # Werkzeug stops reading at the limit and raises 413.
+    request.max_content_length = source.max_body_bytes
+    length = request.content_length
+    if length is not None and length > source.max_body_bytes:
+        raise PayloadTooLarge(
+            f"The body is {length} bytes; source {source.name!r} accepts at most "
+            f"{source.max_body_bytes} (max_body_bytes)."
+        )
+    mimetype = request.mimetype
+    if mimetype not in source.content_types:
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype or '(none)'!r} is not accepted here; "
+            f"send {' or '.join(source.content_types)}."
+        )
+    return request.get_data(cache=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse the raw body strictly (UTF-8, no NaN/Infinity, bounded nesting)."""
+    if not body:
+        raise BadRequest("The body is empty; expected a JSON document.", code="invalid_json")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("The body is not UTF-8 text.", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("The JSON is nested too deeply.", code="invalid_json") from None
+    except ValueError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def events_of(
+    source: Source, payload: Any, headers: Any, received_at: datetime
+) -> list[Event]:
+    """Split the body into events and read each one's ID and type."""
+    if source.batch is None:
+        items = [payload]
+    else:
+        items = source.batch.read(payload, headers)
+        if not isinstance(items, list) or not items:
+            where = "the body" if not source.batch.parts else f"{source.batch}"
+            raise BadRequest(
+                f"Source {source.name!r} expects a non-empty JSON array of events at {where}.",
+                code="invalid_batch",
+            )
+        if len(items) > source.max_batch:
+            raise BadRequest(
+                f"The batch holds {len(items)} events; source {source.name!r} accepts at most "
+                f"{source.max_batch} (max_batch).",
+                code="batch_too_large",
+            )
+    events = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequest(
+                "Each event must be a JSON object.", code="invalid_event"
+            )
+        event_id = _identifier(source.event_id, item, headers, "event_id", required=True)
+        event_type = (
+            _identifier(source.event_type, item, headers, "event_type", required=True)
+            if source.event_type is not None
+            else None
+        )
+        events.append(Event(source.name, event_id, event_type, item, headers, received_at))
+    return events
+
+
+def _identifier(
+    locator: Locator, item: Any, headers: Any, key: str, *, required: bool
+) -> str:
+    value = locator.read(item, headers)
+    if value is MISSING or value is None:
+        raise BadRequest(
+            f"The {key.replace('_', ' ')} is missing: expected it at {locator}.",
+            code=f"missing_{key}",
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise BadRequest(
+            f"The {key.replace('_', ' ')} at {locator} must be a string, "
+            f"not {type(value).__name__}.",
+            code=f"invalid_{key}",
+        )
+    problem = None
+    if value == "":
+        problem = "is empty"
+    elif len(value) > MAX_ID_LENGTH:
+        problem = f"is {len(value)} characters long (at most {MAX_ID_LENGTH})"
+    elif "\x00" in value:
+        problem = "contains a NUL character"
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "is not valid Unicode (a lone surrogate)"
+    if problem:
+        raise BadRequest(
+            f"The {key.replace('_', ' ')} at {locator} {problem}.", code=f"invalid_{key}"
+        )
+    return value
+
+
+def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Response, int]:
+    """200 when every event is processed, duplicate or ignored; else 500 (the provider retries)."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if source.batch is None:
+        outcome = outcomes[0]
+        if failed:
+            raise HandlerFailed(
+                f"A handler failed for event {outcome.event_id!r} ({outcome.error}); nothing "
+                "was recorded and a redelivery will run it again.",
+                event_id=outcome.event_id,
+            )
+        return jsonify(outcome.to_dict())
+    events = [o.to_dict() for o in outcomes]
+    if failed:
+        raise HandlerFailed(
+            f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so a "
+            "redelivery of the whole batch applies only the failed ones.",
+            events=events,
+        )
+    return jsonify({"status": "ok", "events": events})

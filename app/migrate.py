@@ -1,0 +1,41 @@
+"""Alembic, driven from the app: ``idemhook db upgrade`` works from any directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from flask import Flask
+
+from .db import get_db
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(app: Flask) -> Config:
+    if not (MIGRATIONS / "env.py").exists():
+        raise RuntimeError(f"idemhook's migrations are missing: expected them in {MIGRATIONS}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = get_db(app).engine
+    return config
+
+
+def upgrade(app: Flask, revision: str = "heads") -> None:
+    command.upgrade(alembic_config(app), revision)
+
+
+def downgrade(app: Flask, revision: str) -> None:
+    command.downgrade(alembic_config(app), revision)
+
+
+def heads(app: Flask) -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config(app)).get_heads())
+
+
+def current(app: Flask) -> set[str]:
+    with get_db(app).engine.connect() as connection:
+        return set(MigrationContext.configure(connection).get_current_heads())

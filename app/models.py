@@ -1,0 +1,104 @@
+"""The tables users query: ``processed_events`` and ``delivery_failures``.
+
+Column names are a public contract (``docs/querying.md`` explains each one).
+The schema itself is created by the Alembic revisions in ``migrations/``; these
+declarations are what the code and ``target_metadata`` see.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names that migrations can refer to (Alembic's naming docs).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: JSON everywhere, JSONB on PostgreSQL so that analysts can index and query it.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+#: BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+EVENT_STATUSES = ("processed", "ignored")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ProcessedEvent(Base):
+    """One row per ``(source, event_id)`` ever claimed: the dedupe memory."""
+
+    __tablename__ = "processed_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+    processed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    duplicate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        UniqueConstraint("source", "event_id"),
+        CheckConstraint(f"status IN {EVENT_STATUSES!r}", name="status"),
+        # "Recent events of a source (and type)" and "events per type per hour".
+        Index(None, "source", "event_type", "received_at"),
+        # Pruning and "everything since T" across sources.
+        Index(None, "received_at"),
+    )
+
+
+class DeliveryFailure(Base):
+    """One row per failed attempt to apply an event; written outside the failed transaction."""
+
+    __tablename__ = "delivery_failures"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    headers: Mapped[Any | None] = mapped_column(JSONType)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    failed_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index(None, "source", "event_id"),
+        Index(None, "failed_at"),
+    )
+
+
+processed_events = ProcessedEvent.__table__
+delivery_failures = DeliveryFailure.__table__

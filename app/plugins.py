@@ -1,0 +1,176 @@
+"""The handler API: what plugin authors import, and how handlers are found and routed.
+
+Contract (the full text with examples is ``docs/plugins.md``)::
+
+    from app.plugins import handler
+
+    @handler("acme", "contact.updated")      # type may end in "*": "contact.*", "*"
+    def sync_contact(event, db):
+        db.execute(...)                       # same transaction as the event's claim
+        return {"contact": 42}                # JSON-serialisable; stored as result
+
+- ``event`` is an :class:`Event`; ``db`` is a SQLAlchemy ``Session`` inside the
+  claim's transaction. Never commit, roll back or close it: the receiver commits
+  the claim and every handler's work together, or none of it.
+- Raising rolls back the claim and all handlers' work for this event, records a
+  row in ``delivery_failures`` and answers 500, so the provider retries and the
+  handlers run again from scratch. Work outside the database (an API call) is
+  therefore at least once, not exactly once: make it idempotent.
+- Several matching handlers all run, in registration order, in the one
+  transaction. With one handler, ``result`` is its return value; with several,
+  an object mapping each handler's ``module:qualname`` to its return value.
+- A source of ``"*"`` matches every source.
+
+Handlers come from the modules listed in ``plugins`` in the sources file and from
+the ``idemhook.handlers`` entry-point group: one loading path for both, once, at
+start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import ModuleType
+from typing import Any
+
+from werkzeug.datastructures import Headers
+
+from .errors import ConfigError
+
+ENTRY_POINT_GROUP = "idemhook.handlers"
+_MARK = "__idemhook_handlers__"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as a handler sees it."""
+
+    source: str
+    id: str
+    type: str | None
+    payload: Any
+    headers: Headers = field(repr=False)
+    received_at: datetime
+
+
+HandlerFunc = Callable[[Event, Any], Any]
+
+
+def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], HandlerFunc]:
+    """Mark ``func`` as the handler of ``event_type`` events from ``source``."""
+    if not isinstance(source, str) or not source:
+        raise TypeError("handler(source, event_type): source must be a source name or '*'")
+    if not isinstance(event_type, str) or not event_type:
+        raise TypeError("handler(source, event_type): event_type must be a type or pattern")
+    if "*" in event_type[:-1]:
+        raise ValueError(f"event type pattern {event_type!r}: '*' may only end the pattern")
+
+    def mark(func: HandlerFunc) -> HandlerFunc:
+        if not callable(func):
+            raise TypeError("@handler decorates a function")
+        func.__dict__.setdefault(_MARK, []).append((source, event_type))
+        return func
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    source: str
+    pattern: str
+    func: HandlerFunc
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+    def matches(self, source: str, event_type: str | None) -> bool:
+        if self.source not in ("*", source):
+            return False
+        if self.pattern.endswith("*"):
+            return (event_type or "").startswith(self.pattern[:-1])
+        return self.pattern == event_type
+
+
+class Registry:
+    """Every registered handler, in registration order, with a per-type lookup cache."""
+
+    def __init__(self, registrations: Iterable[Registration] = ()) -> None:
+        self.registrations: list[Registration] = list(registrations)
+        self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
+
+    def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
+        handler(source, pattern)  # same validation as the decorator
+        self.registrations.append(Registration(source, pattern, func))
+        self._cache.clear()
+
+    def for_event(self, source: str, event_type: str | None) -> tuple[Registration, ...]:
+        key = (source, event_type)
+        found = self._cache.get(key)
+        if found is None:
+            found = tuple(r for r in self.registrations if r.matches(source, event_type))
+            if len(self._cache) < 10_000:  # types come from senders: bound the memory
+                self._cache[key] = found
+        return found
+
+    def check_sources(self, known: Iterable[str]) -> None:
+        known = set(known)
+        for reg in self.registrations:
+            if reg.source != "*" and reg.source not in known:
+                raise ConfigError(
+                    f"handler {reg.name} is registered for source {reg.source!r}, which is not "
+                    f"in the sources file (configured: {', '.join(sorted(known)) or 'none'})"
+                )
+
+
+def collect(obj: Any) -> list[Registration]:
+    """Registrations marked with ``@handler`` on ``obj`` (a module, or one function)."""
+    if isinstance(obj, ModuleType):
+        candidates: Iterable[Any] = vars(obj).values()
+    else:
+        candidates = [obj]
+    found = []
+    seen: set[int] = set()
+    for candidate in candidates:
+        marks = getattr(candidate, _MARK, None) if inspect.isroutine(candidate) else None
+        if marks and id(candidate) not in seen:
+            seen.add(id(candidate))
+            found.extend(Registration(src, pattern, candidate) for src, pattern in marks)
+    return found
+
+
+def load(modules: Iterable[str], *, entry_points: Iterable[Any] | None = None) -> Registry:
+    """Import the configured plugin modules and the entry-point plugins; collect their handlers.
+
+    An import error stops start-up with a message naming the plugin.
+    """
+    registry = Registry()
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # any failure to import is the plugin's to name
+            raise ConfigError(f"plugin {name!r} (from plugins) failed to import: {exc!r}") from exc
+        registry.registrations.extend(collect(module))
+    if entry_points is None:
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in entry_points:
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise ConfigError(
+                f"plugin {ep.name!r} (entry point {ep.value!r} in {ENTRY_POINT_GROUP}) "
+                f"failed to import: {exc!r}"
+            ) from exc
+        registry.registrations.extend(collect(obj))
+    return registry
+
+
+def result_of(results: Mapping[str, Any]) -> Any:
+    """Combine handler return values into the stored ``result`` (see the contract above)."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return dict(results) if results else None

@@ -1,0 +1,124 @@
+"""What a verification scheme is, and the registry that one module per scheme plugs into.
+
+A scheme knows how one kind of sender signs its requests. It verifies an
+incoming :class:`Delivery` (raising :class:`~app.errors.Unauthorized` with a
+stable code), can sign an outgoing one the same way (for the test kit, the demo
+curl and ``idemhook send``), and supplies the source defaults a user should not
+have to write: where the event ID and type are, whether the body is a batch,
+which content types are accepted.
+
+To add a scheme: write ``app/schemes/<name>.py`` with a subclass decorated
+``@register("<name>")`` and import it in ``app/schemes/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from werkzeug.datastructures import Headers
+
+from ..errors import ConfigError, Unauthorized
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The parts of an HTTP request a scheme may sign or verify."""
+
+    body: bytes
+    headers: Headers = field(default_factory=Headers)
+    method: str = "POST"
+    url: str = ""
+
+
+class Scheme:
+    """Base class: verify and sign requests for one source."""
+
+    name: ClassVar[str]
+    #: Config keys this scheme reads besides the common ones (see app.sources).
+    option_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Source settings used when the source's config does not give them.
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Whether the scheme needs ``secret``.
+    needs_secret: ClassVar[bool] = True
+
+    def __init__(self, source: str, config: Mapping[str, Any]) -> None:
+        self.source = source
+        self.secrets: tuple[str, ...] = (
+            resolve_secrets(source, config.get("secret")) if self.needs_secret else ()
+        )
+
+    def verify(self, delivery: Delivery) -> None:
+        """Raise :class:`Unauthorized` unless the delivery is authentic."""
+        raise NotImplementedError
+
+    def sign(self, delivery: Delivery) -> dict[str, str]:
+        """Return the headers that make ``delivery`` verify (signed with the first secret)."""
+        raise NotImplementedError
+
+
+SCHEMES: dict[str, type[Scheme]] = {}
+
+
+def register(*names: str) -> Callable[[type[Scheme]], type[Scheme]]:
+    """Class decorator: make a scheme available under ``names`` in ``[sources.x] scheme``."""
+
+    def decorate(cls: type[Scheme]) -> type[Scheme]:
+        cls.name = names[0]
+        for name in names:
+            if name in SCHEMES:
+                raise RuntimeError(f"scheme {name!r} is registered twice")
+            SCHEMES[name] = cls
+        return cls
+
+    return decorate
+
+
+def resolve_secrets(source: str, value: Any) -> tuple[str, ...]:
+    """Resolve ``secret``: a literal, ``env:NAME``, or a list of them (rotation)."""
+    if value is None:
+        raise ConfigError(f"[sources.{source}] secret: missing; give a literal or env:NAME")
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"[sources.{source}] secret: the list is empty")
+    secrets = []
+    for item in values:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"[sources.{source}] secret: each entry must be a non-empty string")
+        if item.startswith("env:"):
+            name = item[4:]
+            resolved = os.environ.get(name)
+            if not resolved:
+                raise ConfigError(
+                    f"[sources.{source}] secret: environment variable {name} is not set"
+                )
+            item = resolved
+        secrets.append(item)
+    return tuple(secrets)
+
+
+def matches_any(expected: Iterable[bytes | str], given: bytes | str) -> bool:
+    """Constant-time check that ``given`` equals one of ``expected``.
+
+    Every candidate is compared (no early exit), so the time taken does not tell
+    which secret, or whether any, matched.
+    """
+    given_b = given.encode() if isinstance(given, str) else given
+    found = False
+    for candidate in expected:
+        cand_b = candidate.encode() if isinstance(candidate, str) else candidate
+        found |= hmac.compare_digest(cand_b, given_b)
+    return found
+
+
+def require_header(delivery: Delivery, name: str) -> str:
+    value = delivery.headers.get(name)
+    if not value:
+        raise Unauthorized(
+            f"The {name} header is missing: the sender must sign each request.",
+            code="missing_signature",
+        )
+    return value

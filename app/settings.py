@@ -1,0 +1,91 @@
+"""Process settings: defaults, then the environment, then the dict a test passes.
+
+Every key is documented in ``docs/configuration.md``. The sources file named by
+``IDEMHOOK_CONFIG`` is read by :mod:`app.sources`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    # Required; no default so that we never silently use another database.
+    "DATABASE_URL": None,
+    # Path of the TOML sources file, or (from tests) the parsed dict itself.
+    "IDEMHOOK_CONFIG": "webhooks.toml",
+    # Largest accepted request body, unless a source sets max_body_bytes.
+    "IDEMHOOK_MAX_BODY_BYTES": 1024 * 1024,
+    # Per-statement and lock-wait bound for the claim transaction (PostgreSQL);
+    # busy-wait bound on SQLite. Well under the 5 s that HubSpot and Shopify wait.
+    "IDEMHOOK_STATEMENT_TIMEOUT_MS": 2000,
+    # Connections kept per worker process.
+    "IDEMHOOK_POOL_SIZE": 4,
+}
+
+
+def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the settings: defaults < environment < ``test_config``."""
+    settings = dict(DEFAULTS)
+    for key, default in DEFAULTS.items():
+        raw = os.environ.get(key)
+        if raw is None or raw == "":
+            continue
+        settings[key] = _cast(key, raw, default)
+    if test_config:
+        settings.update(test_config)
+    if not settings["DATABASE_URL"]:
+        raise ConfigError(
+            "DATABASE_URL is not set: point it at PostgreSQL "
+            "(postgresql://user@host/db) or, for a demo, sqlite:///instance/idemhook.db"
+        )
+    settings["DATABASE_URL"] = normalise_database_url(settings["DATABASE_URL"])
+    return settings
+
+
+def _cast(key: str, raw: str, default: Any) -> Any:
+    if isinstance(default, int):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+        return value
+    return raw
+
+
+def normalise_database_url(url: str | URL) -> URL:
+    """Map ``postgres://`` and bare ``postgresql://`` to the psycopg2 driver we ship.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and has never
+    accepted Heroku's ``postgres://``. A URL that names a driver keeps it.
+    """
+    if isinstance(url, str) and url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"DATABASE_URL is not a database URL: {_redact(str(url))}") from None
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ConfigError(
+            f"DATABASE_URL names {parsed.get_backend_name()!r}; "
+            "idemhook supports PostgreSQL (production) and SQLite (demo)"
+        )
+    return parsed
+
+
+def _redact(url: str) -> str:
+    # Never echo a password back into a log or terminal.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -1,0 +1,168 @@
+"""The sources file (``IDEMHOOK_CONFIG``): which senders exist and how each is verified.
+
+Parsed once at start-up into immutable :class:`Source` objects; every mistake
+raises :class:`~app.errors.ConfigError` naming the source and the key.
+See ``docs/configuration.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import locators
+from .errors import ConfigError
+from .locators import Locator
+from .schemes import SCHEMES, Scheme
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+COMMON_KEYS = frozenset(
+    {
+        "scheme",
+        "secret",
+        "event_id",
+        "event_type",
+        "batch",
+        "max_batch",
+        "max_body_bytes",
+        "content_types",
+        "allow_unverified",
+    }
+)
+DEFAULT_CONTENT_TYPES = ("application/json",)
+DEFAULT_MAX_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One ``[sources.<name>]`` table, resolved and validated."""
+
+    name: str
+    scheme: Scheme
+    event_id: Locator
+    event_type: Locator | None
+    #: Where the list of events is (``batch = "array"`` is the body itself); None: one event.
+    batch: Locator | None
+    max_batch: int
+    max_body_bytes: int
+    content_types: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesFile:
+    plugins: tuple[str, ...]
+    sources: Mapping[str, Source]
+
+
+def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> SourcesFile:
+    """Read and validate the sources file (or an already-parsed dict, from tests)."""
+    if isinstance(config, Mapping):
+        data: Mapping[str, Any] = config
+        origin = "the given config"
+    else:
+        path = Path(config)
+        origin = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"IDEMHOOK_CONFIG: {path} does not exist; copy webhooks.example.toml to start"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"IDEMHOOK_CONFIG: {path} is not valid TOML: {exc}") from None
+
+    unknown = set(data) - {"plugins", "sources"}
+    if unknown:
+        raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}")
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"{origin}: plugins must be a list of module names")
+    tables = data.get("sources", {})
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{origin}: [sources] must be a table of [sources.<name>] tables")
+    sources = {
+        name: _source(name, table, default_max_body=max_body_bytes)
+        for name, table in tables.items()
+    }
+    return SourcesFile(plugins=tuple(plugins), sources=sources)
+
+
+def _source(name: str, table: Any, *, default_max_body: int) -> Source:
+    if not SOURCE_NAME.match(name):
+        raise ConfigError(
+            f"[sources.{name}]: a source name is 1-64 letters, digits, '.', '_' or '-' "
+            "(it becomes part of the URL)"
+        )
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[sources.{name}] must be a table")
+    scheme_name = table.get("scheme")
+    scheme_cls = SCHEMES.get(scheme_name) if isinstance(scheme_name, str) else None
+    if scheme_cls is None:
+        raise ConfigError(
+            f"[sources.{name}] scheme: unknown scheme {scheme_name!r}; "
+            f"choose one of {', '.join(sorted(SCHEMES))}"
+        )
+    unknown = set(table) - COMMON_KEYS - scheme_cls.option_keys
+    if unknown:
+        raise ConfigError(
+            f"[sources.{name}]: unknown key(s) {', '.join(sorted(unknown))} "
+            f"for scheme {scheme_name!r}"
+        )
+    if "allow_unverified" in table and not isinstance(table["allow_unverified"], bool):
+        raise ConfigError(f"[sources.{name}] allow_unverified: must be true or false")
+    settings = {**scheme_cls.defaults, **table}
+    scheme = scheme_cls(name, settings)
+
+    if "event_id" not in settings:
+        raise ConfigError(f"[sources.{name}] event_id: missing; e.g. event_id = \"body:id\"")
+    event_id = locators.parse(settings["event_id"], source=name, key="event_id")
+    event_type = (
+        locators.parse(settings["event_type"], source=name, key="event_type")
+        if settings.get("event_type") is not None
+        else None
+    )
+    batch_spec = settings.get("batch", "none")
+    if batch_spec == "none":
+        batch = None
+    elif batch_spec == "array":
+        batch = locators.BodyPath(())
+    else:
+        batch = locators.parse(batch_spec, source=name, key="batch")
+        if not isinstance(batch, locators.BodyPath):
+            raise ConfigError(f"[sources.{name}] batch: must be 'none', 'array' or 'body:<path>'")
+
+    return Source(
+        name=name,
+        scheme=scheme,
+        event_id=event_id,
+        event_type=event_type,
+        batch=batch,
+        max_batch=_positive_int(settings, "max_batch", DEFAULT_MAX_BATCH, name),
+        max_body_bytes=_positive_int(settings, "max_body_bytes", default_max_body, name),
+        content_types=_content_types(settings, name),
+    )
+
+
+def _positive_int(settings: Mapping[str, Any], key: str, default: int, source: str) -> int:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"[sources.{source}] {key}: must be a positive whole number")
+    return value
+
+
+def _content_types(settings: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    value = settings.get("content_types", DEFAULT_CONTENT_TYPES)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value or not all(
+        isinstance(v, str) and "/" in v for v in value
+    ):
+        raise ConfigError(
+            f"[sources.{source}] content_types: a list of media types like 'application/json'"
+        )
+    return tuple(v.lower() for v in value)

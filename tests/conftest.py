@@ -1,0 +1,151 @@
+"""Fixtures: a real PostgreSQL database built by the real migrations, apps, clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, make_url
+
+from app import create_app, migrate
+from app.testing import postgres
+from tests.plugins import recorder
+
+SECRET = "test-secret"
+
+SOURCES = {
+    "plugins": ["tests.plugins.recorder"],
+    "sources": {
+        "acme": {
+            "scheme": "hmac-sha256",
+            "secret": SECRET,
+            "event_id": "body:id",
+            "event_type": "body:type",
+        },
+        "batched": {
+            "scheme": "hmac-sha256",
+            "secret": SECRET,
+            "event_id": "body:id",
+            "event_type": "body:type",
+            "batch": "array",
+            "max_batch": 5,
+        },
+        "open": {
+            "scheme": "none",
+            "allow_unverified": True,
+            "event_id": "header:X-Event-Id",
+        },
+    },
+}
+
+TABLES = ("processed_events", "delivery_failures", "test_effects", "test_failures")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[URL]:
+    """A reachable PostgreSQL server (found, or a throwaway cluster we start)."""
+    try:
+        url, cluster = postgres.server_url()
+    except postgres.NoPostgres as exc:
+        pytest.exit(str(exc), returncode=3)
+    yield url
+    if cluster is not None:
+        cluster.destroy()
+
+
+def _migrate(url: URL | str) -> None:
+    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}})
+    migrate.upgrade(app)
+    engine = app.extensions["idemhook.db"].engine
+    with engine.begin() as conn:
+        for ddl in recorder.TABLES:
+            conn.execute(text(ddl))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: URL) -> Iterator[URL]:
+    """A fresh database for this run, schema built by the real Alembic migrations."""
+    url = postgres.create_database(pg_server)
+    _migrate(url)
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> URL:
+    """A SQLite file migrated by the same migrations (the demo's backend)."""
+    url = make_url(f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'idemhook.db'}")
+    _migrate(url)
+    return url
+
+
+@pytest.fixture
+def db_url(pg_url: URL) -> URL:
+    """The database the ``app`` fixture uses; PostgreSQL unless a module overrides it."""
+    return pg_url
+
+
+def _clean(url: URL) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+        else:
+            for table in TABLES:
+                conn.execute(text(f"DELETE FROM {table}"))
+    engine.dispose()
+
+
+@pytest.fixture
+def make_app(db_url: URL) -> Iterator:
+    """Build apps on the test database from a sources dict; tables are emptied after."""
+    built: list[Flask] = []
+
+    def make(config: dict | None = None, **settings) -> Flask:
+        app = create_app(
+            {"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": config or SOURCES, **settings}
+        )
+        app.config["TESTING"] = True
+        built.append(app)
+        return app
+
+    yield make
+    for app in built:
+        app.extensions["idemhook.db"].engine.dispose()
+    _clean(db_url)
+
+
+@pytest.fixture
+def app(make_app) -> Flask:
+    """The receiver with the test sources and the recorder plugin."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client of ``app``."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    """A CLI runner for ``app``'s commands."""
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def sql(db_url: URL) -> Iterator:
+    """Run one SQL statement on the test database and return all rows."""
+    engine = create_engine(db_url)
+
+    def run(statement: str, **params):
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params)
+            return result.all() if result.returns_rows else None
+
+    yield run
+    engine.dispose()
