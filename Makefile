@@ -1,0 +1,29 @@
+# idemhook: `make run` serves the demo, `make test` runs the tests. Nothing else is needed
+# on a fresh machine but Python >= 3.11 (and, for the tests, PostgreSQL's server binaries
+# or a running server; see docs/development.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app tests migrations
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

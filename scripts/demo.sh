@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make run`: migrate the demo database, print a signed test event, serve on 127.0.0.1:$PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+PORT="${PORT:-8000}"
+export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
+# The demo's secret; a real deployment sets its own (see docs/configuration.md).
+export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
+if [ -z "${DATABASE_URL:-}" ]; then
+  export DATABASE_URL="sqlite:///$PWD/instance/idemhook.db"
+  echo "DATABASE_URL is not set: using the SQLite demo database instance/idemhook.db"
+fi
+
+"$BIN/idemhook" db upgrade
+
+event="$(mktemp)"
+trap 'rm -f "$event"' EXIT
+printf '{"id": "evt_demo_%s", "type": "contact.created", "email": "ada@example.com"}' \
+  "$(date +%s%N)" > "$event"
+echo
+echo "Serving on http://127.0.0.1:$PORT. Send a signed test event (paste it twice: the"
+echo "second answer is \"duplicate\" and the handler does not run again):"
+echo
+"$BIN/idemhook" sign demo "$event" --url "http://127.0.0.1:$PORT"
+echo
+exec "$BIN/gunicorn" --bind "127.0.0.1:$PORT" --workers 2 --access-logfile - 'app:create_app()'
