@@ -25,10 +25,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(settings.load(test_config))
     config = app.config["IDEMHOOK_CONFIG"]
-    if (
-        config == settings.DEFAULTS["IDEMHOOK_CONFIG"]
-        and not Path(config).exists()
-    ):
+    if config == settings.DEFAULTS["IDEMHOOK_CONFIG"] and not Path(config).exists():
         log.warning("no %s in %s: serving no sources (set IDEMHOOK_CONFIG)", config, Path.cwd())
         config = {}
     loaded = sources.load(config, max_body_bytes=app.config["IDEMHOOK_MAX_BODY_BYTES"])

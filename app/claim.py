@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -95,9 +95,16 @@ class _HandlerError(Exception):
 class Claimer:
     """Applies events exactly once against one database with one handler registry."""
 
-    def __init__(self, database: Database, registry: Registry) -> None:
+    def __init__(
+        self,
+        database: Database,
+        registry: Registry,
+        observers: Sequence[Observer] = (),
+    ) -> None:
         self.database = database
         self.registry = registry
+        #: Called after each event with (event, outcome, seconds); logging and metrics.
+        self.observers: list[Observer] = [log_outcome, *observers]
         self.sessions = sessionmaker(database.engine, class_=ClaimSession, expire_on_commit=False)
         dialect = database.engine.dialect.name
         dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -122,8 +129,10 @@ class Claimer:
         self._finish = (
             update(table)
             .where(table.c.source == bindparam("b_source"), table.c.event_id == bindparam("b_id"))
-            .values(result=bindparam("result", type_=table.c.result.type),
-                    processed_at=bindparam("processed_at"))
+            .values(
+                result=bindparam("result", type_=table.c.result.type),
+                processed_at=bindparam("processed_at"),
+            )
         )
 
     def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
@@ -146,6 +155,7 @@ class Claimer:
 
     def _apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
         nested = len(events) > 1
+        started = time.perf_counter()
         outcomes: list[Outcome] = []
         session = self.sessions()
         try:
@@ -164,17 +174,21 @@ class Claimer:
                         outcome = self._failed(event, exc)
                         self._record_failure(session, event, exc, raw_body)
                     outcomes.append(outcome)
-                    _log(event, outcome, started)
+                    self._observe(event, outcome, time.perf_counter() - started)
         except _HandlerError as exc:
             session.close()
             if is_disconnect(exc.__cause__):
                 raise exc.__cause__ from None  # let apply() retry or answer 503
             outcomes = [self._failed(events[0], exc)]
-            _log(events[0], outcomes[0], None)
+            self._observe(events[0], outcomes[0], time.perf_counter() - started)
             self._record_failure_apart(events[0], exc, raw_body)
         finally:
             session.close()
         return outcomes
+
+    def _observe(self, event: Event, outcome: Outcome, seconds: float) -> None:
+        for observer in self.observers:
+            observer(event, outcome, seconds)
 
     def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
         registrations = self.registry.for_event(event.source, event.type)
@@ -288,8 +302,11 @@ def _safe_headers(event: Event) -> dict[str, str]:
     }
 
 
-def _log(event: Event, outcome: Outcome, started: float | None) -> None:
-    duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+Observer = Callable[[Event, Outcome, float], None]
+
+
+def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
+    """One log line per event; never the payload, headers or signature."""
     log.info(
         "%s %s %s %s",
         event.source,
@@ -301,6 +318,6 @@ def _log(event: Event, outcome: Outcome, started: float | None) -> None:
             "event_id": event.id,
             "event_type": event.type,
             "outcome": outcome.status,
-            "duration_ms": duration_ms,
+            "duration_ms": round(seconds * 1000, 2),
         },
     )

@@ -96,9 +96,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def events_of(
-    source: Source, payload: Any, headers: Any, received_at: datetime
-) -> list[Event]:
+def events_of(source: Source, payload: Any, headers: Any, received_at: datetime) -> list[Event]:
     """Split the body into events and read each one's ID and type."""
     if source.batch is None:
         items = [payload]
@@ -119,9 +117,7 @@ def events_of(
     events = []
     for item in items:
         if not isinstance(item, dict):
-            raise BadRequest(
-                "Each event must be a JSON object.", code="invalid_event"
-            )
+            raise BadRequest("Each event must be a JSON object.", code="invalid_event")
         event_id = _identifier(source.event_id, item, headers, "event_id", required=True)
         event_type = (
             _identifier(source.event_type, item, headers, "event_type", required=True)
@@ -132,9 +128,7 @@ def events_of(
     return events
 
 
-def _identifier(
-    locator: Locator, item: Any, headers: Any, key: str, *, required: bool
-) -> str:
+def _identifier(locator: Locator, item: Any, headers: Any, key: str, *, required: bool) -> str:
     value = locator.read(item, headers)
     if value is MISSING or value is None:
         raise BadRequest(

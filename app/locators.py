@@ -69,7 +69,9 @@ def parse(spec: Any, *, source: str, key: str) -> Locator:
     """Parse a locator spec, raising :class:`ConfigError` naming the source and key."""
     where = f"[sources.{source}] {key}"
     if not isinstance(spec, str) or ":" not in spec:
-        raise ConfigError(f"{where}: expected 'body:<dotted.path>' or 'header:<Name>', got {spec!r}")
+        raise ConfigError(
+            f"{where}: expected 'body:<dotted.path>' or 'header:<Name>', got {spec!r}"
+        )
     kind, _, rest = spec.partition(":")
     if kind == "header":
         if not rest or any(c in rest for c in " :\t\r\n"):

@@ -119,7 +119,7 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
     scheme = scheme_cls(name, settings)
 
     if "event_id" not in settings:
-        raise ConfigError(f"[sources.{name}] event_id: missing; e.g. event_id = \"body:id\"")
+        raise ConfigError(f'[sources.{name}] event_id: missing; e.g. event_id = "body:id"')
     event_id = locators.parse(settings["event_id"], source=name, key="event_id")
     event_type = (
         locators.parse(settings["event_type"], source=name, key="event_type")
@@ -159,8 +159,10 @@ def _content_types(settings: Mapping[str, Any], source: str) -> tuple[str, ...]:
     value = settings.get("content_types", DEFAULT_CONTENT_TYPES)
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list | tuple) or not value or not all(
-        isinstance(v, str) and "/" in v for v in value
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) and "/" in v for v in value)
     ):
         raise ConfigError(
             f"[sources.{source}] content_types: a list of media types like 'application/json'"

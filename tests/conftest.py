@@ -106,9 +106,7 @@ def make_app(db_url: URL) -> Iterator:
     built: list[Flask] = []
 
     def make(config: dict | None = None, **settings) -> Flask:
-        app = create_app(
-            {"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": config or SOURCES, **settings}
-        )
+        app = create_app({"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": config or SOURCES, **settings})
         app.config["TESTING"] = True
         built.append(app)
         return app

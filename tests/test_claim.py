@@ -25,18 +25,26 @@ def test_signed_event_is_processed_once_and_duplicate_answers_original_result(cl
 
     first = deliver(client, "acme", event)
     assert first.status_code == 200
-    assert first.json == {"status": "processed", "event_id": "evt_1",
-                          "result": {"applied": "evt_1"}}
+    assert first.json == {
+        "status": "processed",
+        "event_id": "evt_1",
+        "result": {"applied": "evt_1"},
+    }
     assert effects(sql, "evt_1") == 1
 
     second = deliver(client, "acme", event)
     assert second.status_code == 200
-    assert second.json == {"status": "duplicate", "event_id": "evt_1",
-                           "result": {"applied": "evt_1"}}
+    assert second.json == {
+        "status": "duplicate",
+        "event_id": "evt_1",
+        "result": {"applied": "evt_1"},
+    }
     assert effects(sql, "evt_1") == 1
 
-    [row] = sql("SELECT source, event_type, status, duplicate_count, payload, result, "
-                "processed_at, received_at, last_seen_at FROM processed_events")
+    [row] = sql(
+        "SELECT source, event_type, status, duplicate_count, payload, result, "
+        "processed_at, received_at, last_seen_at FROM processed_events"
+    )
     assert row.source == "acme" and row.event_type == "contact.updated"
     assert row.status == "processed"
     assert row.duplicate_count == 1
@@ -65,10 +73,15 @@ def test_handler_error_rolls_back_everything_and_redelivery_applies_once(client,
     assert "tests.plugins.recorder:record" in failed.json["message"]
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 0  # no claim
     assert effects(sql, "evt_3") == 0  # its effect was written, then rolled back
-    [failure] = sql("SELECT source, event_id, event_type, error, traceback, raw_body, "
-                    "failed_at FROM delivery_failures")
+    [failure] = sql(
+        "SELECT source, event_id, event_type, error, traceback, raw_body, "
+        "failed_at FROM delivery_failures"
+    )
     assert (failure.source, failure.event_id, failure.event_type) == (
-        "acme", "evt_3", "contact.created")
+        "acme",
+        "evt_3",
+        "contact.created",
+    )
     assert "RuntimeError: CRM is down" in failure.error
     assert "RuntimeError" in failure.traceback and failure.failed_at is not None
     assert bytes(failure.raw_body) == b'{"id": "evt_3", "type": "contact.created"}'
@@ -87,7 +100,10 @@ def test_batch_failure_keeps_finished_events_and_redelivery_runs_only_the_failed
     assert failed.status_code == 500
     assert failed.json["error"] == "handler_failed"
     assert [(e["event_id"], e["status"]) for e in failed.json["events"]] == [
-        ("b0", "processed"), ("b1", "failed"), ("b2", "processed")]
+        ("b0", "processed"),
+        ("b1", "failed"),
+        ("b2", "processed"),
+    ]
     assert sorted(r[0] for r in sql("SELECT event_id FROM processed_events")) == ["b0", "b2"]
     assert sql("SELECT event_id FROM delivery_failures")[0][0] == "b1"
     assert effects(sql, "b1") == 0
@@ -96,7 +112,10 @@ def test_batch_failure_keeps_finished_events_and_redelivery_runs_only_the_failed
     retried = deliver(client, "batched", batch)
     assert retried.status_code == 200
     assert [(e["event_id"], e["status"]) for e in retried.json["events"]] == [
-        ("b0", "duplicate"), ("b1", "processed"), ("b2", "duplicate")]
+        ("b0", "duplicate"),
+        ("b1", "processed"),
+        ("b2", "duplicate"),
+    ]
     assert [effects(sql, f"b{i}") for i in range(3)] == [1, 1, 1]
 
 

@@ -104,8 +104,14 @@ class Cluster:
     def init(self) -> Cluster:
         try:
             self._run(
-                str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--no-sync",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             )
         except subprocess.CalledProcessError as exc:
             raise NoPostgres(f"initdb failed: {exc.stderr.strip()}") from None
@@ -117,19 +123,36 @@ class Cluster:
             f"-c max_connections=200 -c fsync={'on' if self.fsync else 'off'}"
         )
         out = self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l",
-            str(self.root / "server.log"), "-o", options, "-w", "-t", "60", "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
             check=False,
         )
         if out.returncode != 0:
-            log = (self.root / "server.log")
+            log = self.root / "server.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise NoPostgres(f"pg_ctl start failed: {out.stderr.strip()} {tail}")
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w",
-                  "stop", check=False)
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-m",
+            mode,
+            "-w",
+            "stop",
+            check=False,
+        )
 
     def restart(self) -> None:
         self.stop()
