@@ -60,14 +60,14 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
 
 
 def _read_body(source: Source) -> bytes:
-    # Refuse an oversized body before reading it; for chunked or lying requests
-    # Werkzeug stops reading at the limit and raises 413.
-    request.max_content_length = source.max_body_bytes
+    # Refuse an oversized body before reading it: by Content-Length up front, and for a
+    # chunked body by reading at most one byte past the limit.
+    limit = source.max_body_bytes
     length = request.content_length
-    if length is not None and length > source.max_body_bytes:
+    if length is not None and length > limit:
         raise PayloadTooLarge(
             f"The body is {length} bytes; source {source.name!r} accepts at most "
-            f"{source.max_body_bytes} (max_body_bytes)."
+            f"{limit} (max_body_bytes)."
         )
     mimetype = request.mimetype
     if mimetype not in source.content_types:
@@ -75,7 +75,25 @@ def _read_body(source: Source) -> bytes:
             f"Content-Type {mimetype or '(none)'!r} is not accepted here; "
             f"send {' or '.join(source.content_types)}."
         )
-    return request.get_data(cache=False)
+    body = _read_at_most(request.stream, limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"The body is over {limit} bytes, the most source {source.name!r} accepts "
+            "(max_body_bytes)."
+        )
+    return body
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def _reject_constant(name: str) -> Any:
