@@ -136,9 +136,9 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
     for item in items:
         if not isinstance(item, dict):
             raise BadRequest("Each event must be a JSON object.", code="invalid_event")
-        event_id = _identifier(source.event_id, item, headers, "event_id", required=True)
+        event_id = _identifier(source.event_id, item, headers, "event_id")
         event_type = (
-            _identifier(source.event_type, item, headers, "event_type", required=True)
+            _identifier(source.event_type, item, headers, "event_type")
             if source.event_type is not None
             else None
         )
