@@ -146,7 +146,8 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
     return events
 
 
-def _identifier(locator: Locator, item: Any, headers: Any, key: str, *, required: bool) -> str:
+def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
+    """Read an event ID or type and check it can be stored and compared as-is."""
     value = locator.read(item, headers)
     if value is MISSING or value is None:
         raise BadRequest(
