@@ -95,9 +95,9 @@ def gunicorn(
                     f"gunicorn exited: {(tmp_path / 'gunicorn.log').read_text()[-3000:]}"
                 )
             try:
-                if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not accepting yet, or workers still booting
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("gunicorn did not answer /healthz within 60 s")
