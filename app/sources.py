@@ -95,6 +95,11 @@ def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> Sour
     return SourcesFile(plugins=tuple(plugins), sources=sources)
 
 
+def parse_source(name: str, table: Any, *, default_max_body: int) -> Source:
+    """Validate one ``[sources.<name>]`` table (``idemhook sources`` checks them one by one)."""
+    return _source(name, table, default_max_body=default_max_body)
+
+
 def _source(name: str, table: Any, *, default_max_body: int) -> Source:
     if not SOURCE_NAME.match(name):
         raise ConfigError(
