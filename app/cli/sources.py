@@ -22,6 +22,7 @@ from .. import settings as settings_module
 from .. import sources as sources_module
 from ..errors import ConfigError
 from ..plugins import Registry
+from ..schemes import SCHEMES
 
 
 @dataclass
@@ -95,9 +96,7 @@ def inspect_sources() -> list[Report]:
             )
         except ConfigError as exc:
             report.problems.append(str(exc))
-            if isinstance(table, Mapping) and isinstance(table.get("scheme"), str):
-                report.scheme = table["scheme"]
-            report.secret = "does not resolve" if "secret" in str(exc) else "?"
+            _describe_unloadable(report, table, str(exc))
             continue
         scheme = source.scheme
         report.scheme = scheme.name
@@ -118,6 +117,28 @@ def inspect_sources() -> list[Report]:
         ):
             report.warnings.append("no handler: events will be recorded as ignored")
     return reports
+
+
+def _spec(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _describe_unloadable(report: Report, table: Any, problem: str) -> None:
+    """Fill in what the raw table (and its scheme's defaults) say, for a source that failed."""
+    if not isinstance(table, Mapping):
+        return
+    scheme_cls = SCHEMES.get(table.get("scheme")) if isinstance(table.get("scheme"), str) else None
+    settings = {**(scheme_cls.defaults if scheme_cls else {}), **table}
+    report.scheme = str(table.get("scheme", "?"))
+    report.event_id = _spec(settings.get("event_id", "?"))
+    report.event_type = _spec(settings.get("event_type", "-"))
+    batch = settings.get("batch", "none")
+    if batch != "none":
+        where = "the body" if batch == "array" else str(batch)
+        report.batch = f"a list at {where}, at most {settings.get('max_batch', 100)}"
+    report.secret = "does not resolve" if "] secret:" in problem else "?"
 
 
 def _show(reports: list[Report]) -> None:

@@ -73,6 +73,9 @@ def test_sources_check_fails_naming_the_source_whose_secret_is_unset(tmp_path: P
         done.stdout
     )
     assert "1 source(s) with problems: billing" in done.stderr
+    billing = done.stdout.split("billing\n", 1)[1].split("\ncrm\n", 1)[0]
+    assert "secret     does not resolve" in billing
+    assert "event id   body:id" in billing
     crm = done.stdout.split("crm\n", 1)[1]
     assert "PROBLEM" not in crm and "secret     resolves" in crm
 
