@@ -166,16 +166,19 @@ def check_freshness(timestamp: str, *, tolerance: int, header: str, unit: int = 
     "authentic but too old (or from the future)": a replay, or a skewed clock.
     """
     try:
-        sent = int(timestamp.strip()) / unit
+        sent = int(timestamp.strip())
     except ValueError:
         raise Unauthorized(
             f"The {header} header is not a whole number.", code="invalid_signature"
         ) from None
-    skew = time.time() - sent
-    if abs(skew) > tolerance:
+    # Whole units throughout: a signed but absurd timestamp must not overflow a float.
+    skew = int(time.time() * unit) - sent
+    if abs(skew) > tolerance * unit:
         when = "old" if skew > 0 else "in the future"
+        seconds = abs(skew) // unit
+        shown = f"{seconds} s {when}" if seconds < 10**12 else f"absurdly {when}"
         raise Unauthorized(
-            f"The signed timestamp in {header} is {abs(int(skew))} s {when}; this source accepts "
+            f"The signed timestamp in {header} is {shown}; this source accepts "
             f"at most {tolerance} s (tolerance_seconds). Check the server clock, or this is a "
             "replayed request.",
             code="stale_timestamp",

@@ -16,6 +16,7 @@ from werkzeug.datastructures import Headers
 
 from app.errors import ConfigError, Unauthorized
 from app.schemes import SCHEMES, Delivery, Scheme
+from app.schemes.base import check_freshness
 
 URL = "https://hooks.example.com/webhooks/src"
 BODY = b'{"id": "evt_1", "type": "contact.created", "n": 1}'
@@ -170,3 +171,10 @@ def test_stale_and_forged_reports_the_signature_not_the_clock(case: Case) -> Non
 def test_bad_scheme_option_stops_startup_naming_the_key(scheme, config, key) -> None:
     with pytest.raises(ConfigError, match=rf"\[sources\.src\] {key}"):
         SCHEMES[scheme]("src", config)
+
+
+@pytest.mark.parametrize("timestamp", ["9" * 400, "-" + "9" * 400, "1e9", " 12 34", ""])
+def test_absurd_signed_timestamps_are_refused_not_crashed(timestamp: str) -> None:
+    with pytest.raises(Unauthorized) as info:
+        check_freshness(timestamp, tolerance=300, header="X-T", unit=1000)
+    assert info.value.code in ("stale_timestamp", "invalid_signature")
