@@ -60,7 +60,8 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
     payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
     outcomes = receiver.claimer.apply(events, body)
-    return source.scheme.respond(source, outcomes) or respond(source, outcomes)
+    answer = source.scheme.respond(source, outcomes)
+    return answer if answer is not None else respond(source, outcomes)
 
 
 def public_url(source: Source) -> str:
