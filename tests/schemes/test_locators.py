@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
 from app import settings, sources
@@ -79,3 +81,15 @@ def test_trusted_proxies_accepts_zero_but_not_negative(monkeypatch) -> None:
     monkeypatch.setenv("IDEMHOOK_TRUSTED_PROXIES", "2")
     with pytest.raises(ConfigError, match="IDEMHOOK_POOL_SIZE"):
         settings.load({"DATABASE_URL": "sqlite://"})
+
+
+part = st.one_of(st.text(max_size=8), st.integers())
+
+
+@given(st.lists(st.tuples(part, part, part), min_size=2, max_size=20, unique=True))
+def test_distinct_composite_tuples_never_share_a_key(tuples) -> None:
+    key = parse(["body:a", "body:b", "body:c"], source="s", key="event_id")
+    composed = {key.read({"a": a, "b": b, "c": c}, Headers()) for a, b, c in tuples}
+    # Integers and their decimal strings are the same key on purpose (JSON senders vary).
+    normalised = {tuple(str(v) for v in t) for t in tuples}
+    assert len(composed) == len(normalised)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from app.schemes import Delivery
 from app.schemes.salesforce_outbound import envelope
 from app.testing.kit import deliver, signed
 
@@ -201,6 +204,22 @@ def test_hubspot_behind_a_proxy_verifies_against_the_public_url(make_app, sql) -
     response = app.test_client().post("http://10.0.0.5:8000/webhooks/hubspot", data=body,
                                       headers=headers)  # fmt: skip
     assert response.status_code == 200, response.json
+
+
+def test_hubspot_signed_query_string_counts(make_app) -> None:
+    app = make_app(PROVIDER_SOURCES, IDEMHOOK_PUBLIC_URL="https://hooks.example.com")
+    client = app.test_client()
+    body = json.dumps([hubspot_event(1)]).encode()
+    scheme = app.extensions["idemhook.receiver"].sources["hubspot"].scheme
+
+    signed_url = "https://hooks.example.com/webhooks/hubspot?app=7&x=a%20b"
+    headers = {"Content-Type": "application/json"}
+    headers.update(scheme.sign(Delivery(body, method="POST", url=signed_url)))
+    ok = client.post("/webhooks/hubspot?app=7&x=a%20b", data=body, headers=headers)
+    assert ok.status_code == 200, ok.json
+    other = client.post("/webhooks/hubspot?app=8&x=a%20b", data=body, headers=headers)
+    assert other.status_code == 401
+    assert other.json["error"] == "invalid_signature"
 
 
 def test_hubspot_without_public_url_checks_the_request_url(make_app) -> None:
