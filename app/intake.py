@@ -52,11 +52,30 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
             code="unknown_source",
         )
     body = _read_body(source)
-    source.scheme.verify(Delivery(body, request.headers, request.method, request.url))
-    payload = parse_json(body)
+    delivery = Delivery(body, request.headers, request.method, public_url(source))
+    source.scheme.verify(delivery)
+    early = source.scheme.preempt(delivery)
+    if early is not None:
+        return early
+    payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
     outcomes = receiver.claimer.apply(events, body)
-    return respond(source, outcomes)
+    answer = source.scheme.respond(source, outcomes)
+    return answer if answer is not None else respond(source, outcomes)
+
+
+def public_url(source: Source) -> str:
+    """The URL the sender called: the configured public base URL, else the request's own.
+
+    Schemes that sign the URL (HubSpot) need the address the provider used, not
+    the one a reverse proxy forwarded to. X-Forwarded-* is honoured only when
+    IDEMHOOK_TRUSTED_PROXIES says so (ProxyFix in create_app).
+    """
+    base = source.public_url or current_app.config.get("IDEMHOOK_PUBLIC_URL")
+    if not base:
+        return request.url
+    query = request.query_string.decode("latin-1")
+    return base.rstrip("/") + request.path + (f"?{query}" if query else "")
 
 
 def _read_body(source: Source) -> bytes:
