@@ -14,9 +14,11 @@ from flask import Flask
 from flask.cli import FlaskGroup
 
 from .db import db_cli
+from .handlers import handlers_cli
+from .send import send_command
 from .sign import sign_command
 
-COMMANDS = (db_cli, sign_command)
+COMMANDS = (db_cli, sign_command, handlers_cli, send_command)
 
 
 def init_app(app: Flask) -> None:
