@@ -119,7 +119,8 @@ def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], Handl
     def mark(func: HandlerFunc) -> HandlerFunc:
         if not callable(func):
             raise TypeError("@handler decorates a function")
-        func.__dict__.setdefault(_MARK, []).append((source, event_type))
+        # Stacked decorators apply bottom-up; keep the order in which they are written.
+        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type))
         return func
 
     return mark

@@ -45,15 +45,9 @@ TABLES = ("processed_events", "delivery_failures", "test_effects", "test_failure
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[URL]:
-    """A reachable PostgreSQL server (found, or a throwaway cluster we start)."""
-    try:
-        url, cluster = postgres.server_url()
-    except postgres.NoPostgres as exc:
-        pytest.exit(str(exc), returncode=3)
-    yield url
-    if cluster is not None:
-        cluster.destroy()
+def pg_server(idemhook_pg_server: URL) -> URL:
+    """A reachable PostgreSQL server: the test kit's (found, or a throwaway cluster)."""
+    return idemhook_pg_server
 
 
 def _migrate(url: URL | str) -> None:

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import click
+from flask.cli import with_appcontext
 
 from ..signing import signed_request, webhook_url
 from .sign import source_argument
@@ -22,6 +23,7 @@ def _header(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
 
 
 @click.command("send")
+@with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"))
 @click.option(

@@ -6,6 +6,7 @@ import shlex
 
 import click
 from flask import current_app
+from flask.cli import with_appcontext
 
 from ..signing import find_source, signed_request, webhook_url
 from ..sources import Source
@@ -20,6 +21,7 @@ def source_argument(name: str) -> Source:
 
 
 @click.command("sign")
+@with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"), default="-")
 @click.option(
