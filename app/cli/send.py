@@ -58,6 +58,6 @@ def send_command(
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(f"could not reach {target}: {reason}") from None
     click.echo(f"HTTP {status}")
-    click.echo(answer.decode("utf-8", errors="replace"))
+    click.echo(answer.decode("utf-8", errors="replace").rstrip("\n"))
     if not 200 <= status < 300:
         raise SystemExit(1)
