@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -25,4 +27,12 @@ def handlers_list() -> None:
         for source, pattern, name in rows:
             click.echo(f"{source:<{widths[0]}}  {pattern:<{widths[1]}}  {name}")
     for folder in registry.migrations:
-        click.echo(f"plugin migrations: {folder}")
+        click.echo(f"plugin migrations: {_shown(folder)}")
+
+
+def _shown(folder: Path) -> str:
+    """The folder relative to the working directory when it is inside it."""
+    try:
+        return str(folder.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
