@@ -183,3 +183,51 @@ def test_reject_in_a_batch_touches_only_its_event(idemhook):
     kit.assert_rejected("shop-batch", "b2", reason="unknown currency")
     again = kit.deliver("shop-batch", batch)
     assert [e["status"] for e in again.json["events"]] == ["duplicate"] * 3
+
+
+def test_ignore_raised_from_deep_inside_counts_like_returned(idemhook):
+    kit = idemhook(IGNORING)
+
+    response = kit.deliver("shop", {"id": "o6", "type": "order.paid", "first": "ignore-deep"})
+    assert response.json == {
+        "event_id": "o6",
+        "status": "ignored",
+        "result": {"ignored": "a test order"},
+    }
+    kit.assert_ignored("shop", "o6", reason="a test order")
+    assert ledger(kit, "o6") == ["first"]
+
+
+def test_outcomes_and_plugin_migrations_on_sqlite(tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from app import create_app
+    from app.testing import deliver
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": LEDGER})
+    upgraded = app.test_cli_runner().invoke(args=["db", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "ledger_0001" in upgraded.output  # the plugin's own revision was applied
+    client = app.test_client()
+
+    rejected = deliver(client, "shop", {"id": "q1", "type": "order.paid", "second": "reject"})
+    assert rejected.status_code == 200 and rejected.json["status"] == "rejected"
+    ignored = deliver(client, "shop", {"id": "q2", "type": "order.paid", "first": "ignore"})
+    assert ignored.json["result"]["tests.plugins.ledger:first"] == {"ignored": "first ignores it"}
+    assert deliver(client, "shop", {"id": "q1", "type": "order.paid"}).json["status"] == (
+        "duplicate"
+    )
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        statuses = conn.execute(text("SELECT event_id, status FROM processed_events ORDER BY 1"))
+        assert statuses.all() == [("q1", "rejected"), ("q2", "processed")]
+        failures = conn.execute(text("SELECT event_id, permanent FROM delivery_failures"))
+        assert failures.all() == [("q1", 1)]
+        assert conn.execute(text("SELECT event_id FROM ledger ORDER BY 1")).scalars().all() == [
+            "q2",
+            "q2",
+            "q2",
+        ]
+    engine.dispose()
+    app.extensions["idemhook.db"].engine.dispose()

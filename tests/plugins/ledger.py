@@ -1,7 +1,7 @@
 """Test plugin with its own table (through its own migration) and every outcome.
 
 Two handlers match ``order.*`` on ``shop`` and ``shop-batch``; each writes a ``ledger`` row, then
-does what the payload says: ``{"first": "ignore"}``, ``{"second": "raise" |
+does what the payload says: ``{"first": "ignore" | "ignore-deep"}``, ``{"second": "raise" |
 "reject" | "reject-deep" | "ignore"}``. ``audit`` sees every event of every source.
 """
 
@@ -29,7 +29,13 @@ def first(event, db):
     _write(db, event, "first")
     if event.payload.get("first") == "ignore":
         return Ignore("first ignores it")
+    _skip_test_orders(event.payload)
     return {"first": event.id}
+
+
+def _skip_test_orders(payload):
+    if payload.get("first") == "ignore-deep":
+        raise Ignore("a test order")
 
 
 def _validate(payload):
