@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -190,3 +193,17 @@ def test_handlers_list_without_handlers_says_how_to_add_one():
     result = build([]).test_cli_runner().invoke(args=["handlers", "list"])
     assert result.exit_code == 0
     assert result.output.startswith("no handlers registered")
+
+
+def test_console_script_refuses_a_broken_plugin_naming_it(tmp_path):
+    (tmp_path / "crm_sync.py").write_text("import hubspot_sdk_that_is_not_installed\n")
+    (tmp_path / "webhooks.toml").write_text('plugins = ["crm_sync"]\n')
+    script = Path(sys.executable).with_name("idemhook")
+    env = {**os.environ, "DATABASE_URL": "sqlite:///x.db", "IDEMHOOK_CONFIG": "webhooks.toml"}
+    run = subprocess.run(
+        [str(script), "handlers", "list"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith("Error: plugin 'crm_sync' (from plugins) failed to import: ")
+    assert "hubspot_sdk_that_is_not_installed" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -10,9 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import click
 from flask import Flask
 from flask.cli import FlaskGroup
 
+from ..errors import ConfigError
 from .db import db_cli
 from .handlers import handlers_cli
 from .send import send_command
@@ -34,9 +36,15 @@ def main() -> None:
         sys.path.insert(0, cwd)
     from .. import create_app
 
+    def create() -> Flask:
+        try:
+            return create_app()
+        except ConfigError as exc:  # a start-up error is a message, not a traceback
+            raise click.ClickException(str(exc)) from exc
+
     group = FlaskGroup(
         name="idemhook",
-        create_app=lambda: create_app(),
+        create_app=create,
         help="idemhook: webhook receiver. Commands read DATABASE_URL and IDEMHOOK_CONFIG.",
     )
     group.main(prog_name="idemhook")
