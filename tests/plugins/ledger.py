@@ -7,6 +7,7 @@ does what the payload says: ``{"first": "ignore" | "ignore-deep"}``, ``{"second"
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import text
@@ -48,6 +49,8 @@ def _validate(payload):
 @handler("shop-batch", "order.*")
 def second(event, db):
     _write(db, event, "second")
+    if isinstance(event.payload.get("sleep"), float):
+        time.sleep(event.payload["sleep"])  # hold the claim open to widen races
     action = event.payload.get("second")
     if action == "raise":
         raise RuntimeError("the warehouse API is down")
