@@ -8,6 +8,7 @@ import psycopg2
 import pytest
 import requests
 
+from app.testing import deliver
 from app.testing.postgres import _connect_args
 from tests.plugins.blocker import LOCK_KEY
 from tests.reliability.conftest import FAULT_SOURCES, signed_post, wait_for
@@ -126,3 +127,18 @@ def test_duplicate_waiting_longer_than_the_lock_timeout_answers_503_then_duplica
     assert again.status_code == 200 and again.json()["status"] == "duplicate"
     assert sql("SELECT count(*) FROM test_effects")[0][0] == 1
     assert sql("SELECT duplicate_count FROM processed_events")[0][0] == 1
+
+
+def test_handler_stuck_in_python_past_the_idle_timeout_releases_its_claim(make_app, sql):
+    # PostgreSQL ends a session idle in its transaction for 2x the timeout (at least 1 s).
+    # The receiver cannot tell that from a restart: it retries once, then answers 503.
+    app = make_app(IDEMHOOK_STATEMENT_TIMEOUT_MS=300)
+    client = app.test_client()
+    stuck = deliver(client, "acme", {"id": "py-slow", "type": "contact.x", "sleep": 1.2})
+    assert stuck.status_code == 503 and stuck.json["error"] == "database_unavailable"
+    assert stuck.headers["Retry-After"] == "1"
+    assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    assert sql("SELECT count(*) FROM test_effects")[0][0] == 0
+    # The next delivery gets a fresh connection and is processed.
+    ok = deliver(client, "acme", {"id": "py-fast", "type": "contact.x"})
+    assert ok.status_code == 200 and ok.json["status"] == "processed"
