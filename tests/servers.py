@@ -138,7 +138,9 @@ def gunicorn(
         (tmpdir / "webhooks.toml").write_text(toml(sources))
         # An explicit config file, so the repository's gunicorn.conf.py (PORT, WEB_CONCURRENCY)
         # does not leak into tests.
-        (tmpdir / "gunicorn_test.py").write_text(config + "\n")
+        # No control socket: every gunicorn on the machine would share one default path.
+        # (Older gunicorns ignore the unknown setting.)
+        (tmpdir / "gunicorn_test.py").write_text("control_socket_disable = True\n" + config + "\n")
         log_path = tmpdir / "gunicorn.log"
         port = free_port()
         process_env = {
