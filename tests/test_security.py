@@ -154,6 +154,7 @@ def test_no_secret_signature_or_payload_in_any_log_line_of_a_gunicorn_run(pg_url
     assert "sec-1" in log  # the event log line (IDs are not secret)
     assert "POST /webhooks/acme" in log  # the access log
     assert "DEBUG" in log
+    assert "INSERT INTO processed_events" in log  # SQLAlchemy's statement log was on
     assert_nothing_secret(log, traffic)
 
 
