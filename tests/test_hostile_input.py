@@ -468,6 +468,17 @@ def test_headers_over_the_server_limits_are_refused_by_gunicorn(fresh, sql, extr
 
 
 @pytest.mark.gunicorn
+def test_request_line_over_the_server_limit_is_refused_by_gunicorn(fresh, sql):
+    head = request_head(
+        "/webhooks/" + "a" * 5000,  # gunicorn's request line limit is 4094 bytes
+        {"Content-Type": "application/json", "Content-Length": str(len(EVENT))},
+    )
+    status, _, _ = exchange(fresh, head + EVENT)
+    assert status == 414
+    still_serving(fresh, sql)
+
+
+@pytest.mark.gunicorn
 def test_garbage_instead_of_http_is_refused(fresh, sql):
     status, _, _ = exchange(fresh, b"\x16\x03\x01\x02\x00\x01garbage\r\n\r\n")
     assert status == 400
