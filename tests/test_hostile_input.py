@@ -271,6 +271,18 @@ def test_payload_that_jsonb_refuses_is_stored_faithfully_once(make_app, sql, raw
     assert loads(json.dumps(payload)) == json.loads(raw)
 
 
+def test_nesting_up_to_the_limit_is_accepted(make_app, sql):
+    client = make_app(HOSTILE_SOURCES).test_client()
+    body = nested(MAX_NESTING - 1)  # the event object plus MAX_NESTING - 1 lists
+    answer = client.post(
+        "/webhooks/acme",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Signature": sig(body)},
+    )
+    assert answer.status_code == 200 and answer.json["status"] == "processed"
+    assert sql("SELECT count(*) FROM test_effects")[0][0] == 1
+
+
 # --- Over a real server: the transport matters ------------------------------------------------
 
 
