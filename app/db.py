@@ -64,6 +64,9 @@ def build_engine(url: URL, *, statement_timeout_ms: int, pool_size: int) -> Engi
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=3600,
+        # Statement parameters carry payloads and raw bodies: keep them out of logs and
+        # exception messages, even with sqlalchemy.engine logging turned up.
+        hide_parameters=True,
         json_serializer=dumps,
         json_deserializer=loads,
         connect_args={
@@ -81,6 +84,7 @@ def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
+        hide_parameters=True,
         json_serializer=dumps,
         json_deserializer=loads,
         connect_args={"timeout": busy_timeout_ms / 1000},

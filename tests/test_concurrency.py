@@ -30,11 +30,11 @@ def post_together(barrier, url, body, headers) -> requests.Response:
     return requests.post(url, data=body, headers=headers, timeout=30)
 
 
-def test_concurrent_duplicates_across_workers_apply_once(db_url, sql, make_app, tmp_path):
+def test_concurrent_duplicates_across_workers_apply_once(db_url, sql, make_app):
     make_app()  # empties the tables afterwards
     # Sign with an in-process app built from the same sources as the server.
     signer = create_app({"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": SOURCES})
-    with gunicorn(db_url, SOURCES, tmp_path, workers=4) as base:
+    with gunicorn(SOURCES, db_url, workers=4) as server:
         for n in range(EVENTS):
             # The handler holds its transaction briefly so that the duplicates really
             # arrive while the first delivery is still in flight.
@@ -44,7 +44,9 @@ def test_concurrent_duplicates_across_workers_apply_once(db_url, sql, make_app, 
             barrier = threading.Barrier(DELIVERIES)
             with ThreadPoolExecutor(DELIVERIES) as pool:
                 futures = [
-                    pool.submit(post_together, barrier, f"{base}/webhooks/acme", body, headers)
+                    pool.submit(
+                        post_together, barrier, f"{server.url}/webhooks/acme", body, headers
+                    )
                     for _ in range(DELIVERIES)
                 ]
                 responses = [f.result() for f in futures]
