@@ -14,9 +14,11 @@ from flask import Flask
 from flask.cli import FlaskGroup
 
 from .db import db_cli
+from .events import events_cli
+from .failures import failures_cli
 from .sign import sign_command
 
-COMMANDS = (db_cli, sign_command)
+COMMANDS = (db_cli, sign_command, events_cli, failures_cli)
 
 
 def init_app(app: Flask) -> None:
