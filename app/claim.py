@@ -17,7 +17,6 @@ failure rolls back only its own claim and effects.
 
 from __future__ import annotations
 
-import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,8 +33,6 @@ from .db import Database, is_disconnect
 from .errors import ServiceUnavailable
 from .models import delivery_failures, processed_events
 from .plugins import Event, Registry, result_of
-
-log = logging.getLogger("idemhook.events")
 
 # Header names never copied into delivery_failures.headers.
 _SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
@@ -104,7 +101,10 @@ class Claimer:
         self.database = database
         self.registry = registry
         #: Called after each event with (event, outcome, seconds); logging and metrics.
-        self.observers: list[Observer] = [log_outcome, *observers]
+        self.observers: list[Observer] = list(observers)
+        #: Called with (event, phase, seconds) for phase "claim" (the INSERT, including
+        #: any wait on a concurrent delivery of the same event) and "handlers".
+        self.timers: list[Timer] = []
         self.sessions = sessionmaker(database.engine, class_=ClaimSession, expire_on_commit=False)
         dialect = database.engine.dialect.name
         dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -190,8 +190,13 @@ class Claimer:
         for observer in self.observers:
             observer(event, outcome, seconds)
 
+    def _time(self, event: Event, phase: str, seconds: float) -> None:
+        for timer in self.timers:
+            timer(event, phase, seconds)
+
     def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
         registrations = self.registry.for_event(event.source, event.type)
+        claim_started = time.perf_counter()
         try:
             row = session.execute(
                 self._claim,
@@ -212,6 +217,7 @@ class Claimer:
                     code="event_in_progress",
                 ) from exc
             raise
+        self._time(event, "claim", time.perf_counter() - claim_started)
         if row.duplicate_count:
             return Outcome(event.id, "duplicate", row.result)
         if not registrations:
@@ -221,12 +227,14 @@ class Claimer:
         name = registrations[0].name
         try:
             session.in_handler = True
+            handlers_started = time.perf_counter()
             try:
                 for registration in registrations:
                     name = registration.name
                     results[name] = registration.func(event, session)
             finally:
                 session.in_handler = False
+                self._time(event, "handlers", time.perf_counter() - handlers_started)
             result = result_of(results)
             session.execute(
                 self._finish,
@@ -303,21 +311,4 @@ def _safe_headers(event: Event) -> dict[str, str]:
 
 
 Observer = Callable[[Event, Outcome, float], None]
-
-
-def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
-    """One log line per event; never the payload, headers or signature."""
-    log.info(
-        "%s %s %s %s",
-        event.source,
-        event.id,
-        event.type,
-        outcome.status,
-        extra={
-            "source": event.source,
-            "event_id": event.id,
-            "event_type": event.type,
-            "outcome": outcome.status,
-            "duration_ms": round(seconds * 1000, 2),
-        },
-    )
+Timer = Callable[[Event, str, float], None]
