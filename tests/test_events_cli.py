@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -320,3 +324,23 @@ def test_unreachable_database_is_one_line_without_traceback(db_url, args):
     assert result.output.startswith("Error: cannot reach the database")
     assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_console_script_reports_an_unreachable_database_in_one_line(db_url, tmp_path):
+    config = tmp_path / "webhooks.toml"
+    config.write_text("")
+    url = db_url.set(host="127.0.0.1", port=closed_port())
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "idemhook"), "events", "list", "--since", "2h"],
+        env={
+            **os.environ,
+            "DATABASE_URL": url.render_as_string(hide_password=False),
+            "IDEMHOOK_CONFIG": str(config),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot reach the database")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""

@@ -94,12 +94,23 @@ def test_intake_responses_match_the_spec(client, sql):
 
 def test_intake_unavailable_matches_the_spec(db_url):
     url = db_url.set(host="127.0.0.1", port=closed_port())
-    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": SOURCES})
+    app = create_app(
+        {"DATABASE_URL": url, "IDEMHOOK_CONFIG": SOURCES, "IDEMHOOK_ADMIN_TOKEN": TOKEN}
+    )
     client = app.test_client()
     response = deliver(client, "acme", {"id": "u1", "type": "contact.updated"})
     assert response.status_code == 503
     conforms(response, "/webhooks/{source}", "post")
     conforms(client.get("/readyz"), "/readyz")
+    for url_, path in [
+        ("/events", "/events"),
+        ("/events/stats", "/events/stats"),
+        ("/events/a/b", "/events/{source}/{event_id}"),
+        ("/failures", "/failures"),
+    ]:
+        answer = client.get(url_, headers=AUTH)
+        assert answer.status_code == 503 and answer.json["error"] == "database_unavailable"
+        conforms(answer, path)
 
 
 @pytest.fixture
