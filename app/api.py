@@ -77,7 +77,15 @@ def _args(allowed: set[str]) -> dict[str, str]:
             f"{', '.join(sorted(allowed))}.",
             code="invalid_parameter",
         )
-    return {key: request.args[key] for key in request.args}
+    args = {key: request.args[key] for key in request.args}
+    _no_nul(*args.values())
+    return args
+
+
+def _no_nul(*values: str) -> None:
+    # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the driver.
+    if any("\x00" in value for value in values):
+        raise BadRequest("Parameters must not contain NUL characters.", code="invalid_parameter")
 
 
 def _filters(args: dict[str, str]) -> queries.Filters:
@@ -139,6 +147,7 @@ def event_stats() -> Response:
 @bp.get("/events/<source>/<path:event_id>")
 def show_event(source: str, event_id: str) -> Response:
     _args(set())
+    _no_nul(source, event_id)
     with _session() as session:
         event = queries.get_event(session, source, event_id)
     if event is None:

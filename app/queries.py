@@ -79,7 +79,8 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
         raise QueryError(
             f"{text!r} is neither a duration (2h, 30d) nor an ISO 8601 time (2026-11-01T00:00Z)"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    # UTC throughout: SQLite compares timestamps as text, without their zone.
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +191,10 @@ def get_event(session: Session, source: str, event_id: str) -> dict[str, Any] | 
     row = session.execute(
         select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
     ).first()
-    failures = failures_of(session, source, event_id)
     if row is None:
         return None
     event = _row(row._mapping, EVENT_COLUMNS)
-    event["failures"] = failures
+    event["failures"] = failures_of(session, source, event_id)
     return event
 
 

@@ -117,6 +117,7 @@ def test_keyset_pagination_walks_every_row_once_across_pages(client, sql):
         ("since=yesterday", "invalid_parameter"),
         ("cursor=not-a-cursor", "invalid_cursor"),
         ("souce=acme", "invalid_parameter"),
+        ("source=a%00b", "invalid_parameter"),
     ],
 )
 def test_bad_parameters_are_400_with_a_stable_code(client, query, code):
@@ -139,6 +140,8 @@ def test_show_event_with_failures_and_404(client, sql):
     assert [f["error"] for f in event["failures"]] == [
         "tests.plugins.recorder:record raised RuntimeError: down"
     ]
+    nul = client.get("/events/acme/a%00b", headers=AUTH)
+    assert nul.status_code == 400 and nul.json["error"] == "invalid_parameter"
     missing = client.get("/events/acme/nope", headers=AUTH)
     assert missing.status_code == 404 and missing.json["error"] == "event_not_found"
 

@@ -131,6 +131,11 @@ def test_show_prints_every_column_and_failures(client, runner, sql):
 
     missing = runner.invoke(args=["events", "show", "acme", "nope"])
     assert missing.exit_code == 1 and "no event 'nope'" in missing.output
+    assert "never received, or pruned" in missing.output
+    sql("INSERT INTO test_failures VALUES ('evt_bad', 'CRM down')")
+    deliver(client, "acme", {"id": "evt_bad", "type": "contact.created"})
+    failed = runner.invoke(args=["events", "show", "acme", "evt_bad"])
+    assert failed.exit_code == 1 and "1 failed attempts and no success yet" in failed.output
 
 
 def test_stats_counts_statuses_duplicates_and_failures(client, runner, sql):
@@ -344,3 +349,12 @@ def test_console_script_reports_an_unreachable_database_in_one_line(db_url, tmp_
     assert result.returncode == 1
     assert result.stderr.startswith("Error: cannot reach the database")
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_times_with_an_offset_are_the_same_instant_in_utc():
+    from app.queries import parse_when
+
+    assert parse_when("2026-11-01T02:00+02:00") == datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
+    assert parse_when("2026-11-01T00:00") == parse_when("2026-11-01T00:00Z")
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_when("90m", now) == datetime(2026, 10, 31, 22, 30, tzinfo=UTC)

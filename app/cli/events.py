@@ -46,8 +46,15 @@ def events_show(source: str, event_id: str, as_json: bool) -> None:
     """Show every column of one event, and its failures."""
     with get_db().session() as session:
         event = queries.get_event(session, source, event_id)
+        failures = queries.failures_of(session, source, event_id) if event is None else []
     if event is None:
-        raise click.ClickException(f"no event {event_id!r} from source {source!r}")
+        hint = (
+            f" ({len(failures)} failed attempts and no success yet: see `idemhook failures "
+            f"list --source {source}` or retry with `idemhook failures retry`)"
+            if failures
+            else " (never received, or pruned)"
+        )
+        raise click.ClickException(f"no event {event_id!r} from source {source!r}{hint}")
     if as_json:
         emit_json_lines([event])
         return
