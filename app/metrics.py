@@ -52,6 +52,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.max_types = max_types_per_source
         self._types: dict[str, set[str]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.events = Counter(
             "idemhook_events",
             "Events received, by source, type and outcome.",
@@ -92,16 +93,26 @@ class Metrics:
         seen.add(event_type)
         return event_type
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # .labels() takes a lock and validates on every call; the hot path looks up a dict.
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_event(self, event: Event, outcome: Outcome, seconds: float) -> None:
         """Count one event (a :class:`app.claim.Claimer` observer)."""
-        self.events.labels(
-            event.source, self.type_label(event.source, event.type), outcome.status
-        ).inc()
+        type_ = self.type_label(event.source, event.type)
+        self._child(self.events, event.source, type_, outcome.status).inc()
 
     def observe_phase(self, event: Event, phase: str, seconds: float) -> None:
         """Record the claim or handler time of one event (a Claimer timer)."""
         histogram = self.claim_wait if phase == "claim" else self.handlers
-        histogram.labels(event.source).observe(seconds)
+        self._child(histogram, event.source).observe(seconds)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self._child(self.requests, endpoint, str(status)).observe(seconds)
 
     def attach(self, claimer: Claimer) -> None:
         claimer.observers.append(self.observe_event)
@@ -135,9 +146,7 @@ def _observe_request(response: Response) -> Response:
     if started is not None:
         # The endpoint name, never the path: paths carry sender-chosen IDs.
         endpoint = request.url_rule.endpoint if request.url_rule else "unmatched"
-        _metrics().requests.labels(endpoint, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
+        _metrics().observe_request(endpoint, response.status_code, time.perf_counter() - started)
     return response
 
 
