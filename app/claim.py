@@ -195,8 +195,8 @@ class Claimer:
             timer(event, phase, seconds)
 
     def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
-        registrations = self.registry.for_event(event.source, event.type)
         claim_started = time.perf_counter()
+        registrations = self.registry.for_event(event.source, event.type)
         try:
             row = session.execute(
                 self._claim,

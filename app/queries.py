@@ -440,7 +440,12 @@ def replay(claimer: Claimer, source: str, event_id: str) -> dict[str, Any]:
             session.in_handler = True
             try:
                 for registration in registrations:
-                    results[registration.name] = registration.func(event, session)
+                    value = registration.func(event, session)
+                    if isinstance(value, BaseException):
+                        # An outcome returned rather than raised (a plugin's Reject or
+                        # Ignore): a replay applies handlers fully or not at all.
+                        raise value
+                    results[registration.name] = value
             finally:
                 session.in_handler = False
             now = datetime.now(UTC)
