@@ -233,8 +233,8 @@ class Claimer:
                     name = registration.name
                     results[name] = registration.func(event, session)
             finally:
-                session.in_handler = False
                 self._time(event, "handlers", time.perf_counter() - handlers_started)
+                session.in_handler = False
             result = result_of(results)
             session.execute(
                 self._finish,
