@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
 from .claim import Claimer
@@ -42,4 +43,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     metrics.init_app(app, claimer)
     api.init_app(app)
     cli.init_app(app)
+    proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
+    if proxies:
+        # Only when told: X-Forwarded-* from an untrusted client would let it choose
+        # the URL a signature is checked against.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app,
+            x_for=proxies,
+            x_proto=proxies,
+            x_host=proxies,
+            x_port=proxies,
+            x_prefix=proxies,
+        )
     return app

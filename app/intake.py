@@ -52,22 +52,41 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
             code="unknown_source",
         )
     body = _read_body(source)
-    source.scheme.verify(Delivery(body, request.headers, request.method, request.url))
-    payload = parse_json(body)
+    delivery = Delivery(body, request.headers, request.method, public_url(source))
+    source.scheme.verify(delivery)
+    early = source.scheme.preempt(delivery)
+    if early is not None:
+        return early
+    payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
     outcomes = receiver.claimer.apply(events, body)
-    return respond(source, outcomes)
+    answer = source.scheme.respond(source, outcomes)
+    return answer if answer is not None else respond(source, outcomes)
+
+
+def public_url(source: Source) -> str:
+    """The URL the sender called: the configured public base URL, else the request's own.
+
+    Schemes that sign the URL (HubSpot) need the address the provider used, not
+    the one a reverse proxy forwarded to. X-Forwarded-* is honoured only when
+    IDEMHOOK_TRUSTED_PROXIES says so (ProxyFix in create_app).
+    """
+    base = source.public_url or current_app.config.get("IDEMHOOK_PUBLIC_URL")
+    if not base:
+        return request.url
+    query = request.query_string.decode("latin-1")
+    return base.rstrip("/") + request.path + (f"?{query}" if query else "")
 
 
 def _read_body(source: Source) -> bytes:
-    # Refuse an oversized body before reading it; for chunked or lying requests
-    # Werkzeug stops reading at the limit and raises 413.
-    request.max_content_length = source.max_body_bytes
+    # Refuse an oversized body before reading it: by Content-Length up front, and for a
+    # chunked body by reading at most one byte past the limit.
+    limit = source.max_body_bytes
     length = request.content_length
-    if length is not None and length > source.max_body_bytes:
+    if length is not None and length > limit:
         raise PayloadTooLarge(
             f"The body is {length} bytes; source {source.name!r} accepts at most "
-            f"{source.max_body_bytes} (max_body_bytes)."
+            f"{limit} (max_body_bytes)."
         )
     mimetype = request.mimetype
     if mimetype not in source.content_types:
@@ -75,7 +94,25 @@ def _read_body(source: Source) -> bytes:
             f"Content-Type {mimetype or '(none)'!r} is not accepted here; "
             f"send {' or '.join(source.content_types)}."
         )
-    return request.get_data(cache=False)
+    body = _read_at_most(request.stream, limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"The body is over {limit} bytes, the most source {source.name!r} accepts "
+            "(max_body_bytes)."
+        )
+    return body
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def _reject_constant(name: str) -> Any:
@@ -118,9 +155,9 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
     for item in items:
         if not isinstance(item, dict):
             raise BadRequest("Each event must be a JSON object.", code="invalid_event")
-        event_id = _identifier(source.event_id, item, headers, "event_id", required=True)
+        event_id = _identifier(source.event_id, item, headers, "event_id")
         event_type = (
-            _identifier(source.event_type, item, headers, "event_type", required=True)
+            _identifier(source.event_type, item, headers, "event_type")
             if source.event_type is not None
             else None
         )
@@ -128,7 +165,8 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
     return events
 
 
-def _identifier(locator: Locator, item: Any, headers: Any, key: str, *, required: bool) -> str:
+def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
+    """Read an event ID or type and check it can be stored and compared as-is."""
     value = locator.read(item, headers)
     if value is MISSING or value is None:
         raise BadRequest(

@@ -33,6 +33,12 @@ DEFAULTS: dict[str, Any] = {
     "IDEMHOOK_METRICS_PUBLIC": True,
     # Per-event log lines as "text" or "json".
     "IDEMHOOK_LOG_FORMAT": "text",
+    # Base URL providers call (https://hooks.example.com): shown by `idemhook sources`
+    # and used as the signed URL by schemes that sign it (HubSpot). Empty: the request's own.
+    "IDEMHOOK_PUBLIC_URL": "",
+    # Number of reverse proxies in front whose X-Forwarded-* headers are trusted
+    # (werkzeug ProxyFix). 0: ignore them, as anyone can send them.
+    "IDEMHOOK_TRUSTED_PROXIES": 0,
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -55,6 +61,13 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "(postgresql://user@host/db) or, for a demo, sqlite:///instance/idemhook.db"
         )
     settings["DATABASE_URL"] = normalise_database_url(settings["DATABASE_URL"])
+    if settings["IDEMHOOK_PUBLIC_URL"]:
+        from .sources import check_public_url
+
+        problem = check_public_url(settings["IDEMHOOK_PUBLIC_URL"])
+        if problem:
+            raise ConfigError(f"IDEMHOOK_PUBLIC_URL: {problem}")
+        settings["IDEMHOOK_PUBLIC_URL"] = settings["IDEMHOOK_PUBLIC_URL"].rstrip("/")
     return settings
 
 
@@ -70,7 +83,8 @@ def _cast(key: str, raw: str, default: Any) -> Any:
             value = int(raw)
         except ValueError:
             raise ConfigError(f"{key} must be a whole number, got {raw!r}") from None
-        if value <= 0:
+        # A default of 0 means "off" is valid (IDEMHOOK_TRUSTED_PROXIES); others must be >= 1.
+        if value < 0 or (value == 0 and default != 0):
             raise ConfigError(f"{key} must be positive, got {value}")
         return value
     return raw

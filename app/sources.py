@@ -32,6 +32,7 @@ COMMON_KEYS = frozenset(
         "max_body_bytes",
         "content_types",
         "allow_unverified",
+        "public_url",
     }
 )
 DEFAULT_CONTENT_TYPES = ("application/json",)
@@ -51,6 +52,8 @@ class Source:
     max_batch: int
     max_body_bytes: int
     content_types: tuple[str, ...]
+    #: Base URL the sender calls (overrides IDEMHOOK_PUBLIC_URL for this source).
+    public_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,11 @@ def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> Sour
         for name, table in tables.items()
     }
     return SourcesFile(plugins=tuple(plugins), sources=sources)
+
+
+def parse_source(name: str, table: Any, *, default_max_body: int) -> Source:
+    """Validate one ``[sources.<name>]`` table (``idemhook sources`` checks them one by one)."""
+    return _source(name, table, default_max_body=default_max_body)
 
 
 def _source(name: str, table: Any, *, default_max_body: int) -> Source:
@@ -145,7 +153,30 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         max_batch=_positive_int(settings, "max_batch", DEFAULT_MAX_BATCH, name),
         max_body_bytes=_positive_int(settings, "max_body_bytes", default_max_body, name),
         content_types=_content_types(settings, name),
+        public_url=_public_url(settings, name),
     )
+
+
+def _public_url(settings: Mapping[str, Any], source: str) -> str | None:
+    value = settings.get("public_url")
+    if value is None:
+        return None
+    problem = check_public_url(value)
+    if problem:
+        raise ConfigError(f"[sources.{source}] public_url: {problem}")
+    return value.rstrip("/")
+
+
+def check_public_url(value: Any) -> str | None:
+    """Say what is wrong with a public base URL (``https://host[/prefix]``), or None."""
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        return f"expected a base URL like 'https://hooks.example.com', got {value!r}"
+    if "?" in value or "#" in value or "/webhooks/" in value + "/":
+        return (
+            f"{value!r} must be the base URL only (scheme, host, optional path prefix); "
+            "idemhook appends /webhooks/<source>"
+        )
+    return None
 
 
 def _positive_int(settings: Mapping[str, Any], key: str, default: int, source: str) -> int:

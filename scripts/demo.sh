@@ -8,8 +8,9 @@ export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
 # The demo's secret; a real deployment sets its own (see docs/configuration.md).
 export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
 if [ -z "${DATABASE_URL:-}" ]; then
-  export DATABASE_URL="sqlite:///$PWD/instance/idemhook.db"
-  echo "DATABASE_URL is not set: using the SQLite demo database instance/idemhook.db"
+  instance="${IDEMHOOK_INSTANCE_DIR:-$PWD/instance}"
+  export DATABASE_URL="sqlite:///$instance/idemhook.db"
+  echo "DATABASE_URL is not set: using the SQLite demo database $instance/idemhook.db"
 fi
 
 "$BIN/idemhook" db upgrade

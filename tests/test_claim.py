@@ -144,3 +144,15 @@ def test_payload_that_jsonb_refuses_is_stored_faithfully(client, sql):
     with app.extensions["idemhook.db"].session() as session:
         stored = session.query(ProcessedEvent).one().payload
     assert stored["note"] == "a\x00b" and stored["s"] == "\ud800"
+
+
+def test_handler_that_commits_is_stopped_and_its_effect_rolled_back(make_app, sql):
+    from tests.conftest import SOURCES
+
+    client = make_app({**SOURCES, "plugins": ["tests.plugins.misbehaving"]}).test_client()
+    response = deliver(client, "acme", {"id": "evt_c", "type": "misbehave.commit"})
+    assert response.status_code == 500
+    assert effects(sql, "evt_c") == 0
+    assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    [error] = sql("SELECT error FROM delivery_failures")[0]
+    assert "must not commit" in error

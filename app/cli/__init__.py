@@ -17,8 +17,9 @@ from .db import db_cli
 from .events import events_cli
 from .failures import failures_cli
 from .sign import sign_command
+from .sources import sources_cli
 
-COMMANDS = (db_cli, sign_command, events_cli, failures_cli)
+COMMANDS = (db_cli, sign_command, sources_cli, events_cli, failures_cli)
 
 
 def init_app(app: Flask) -> None:
@@ -39,4 +40,7 @@ def main() -> None:
         create_app=lambda: create_app(),
         help="idemhook: webhook receiver. Commands read DATABASE_URL and IDEMHOOK_CONFIG.",
     )
+    # Also on the group itself, so it runs when a broken source stops the app from
+    # loading: diagnosing that is its job (it loads the app itself when it can).
+    group.add_command(sources_cli)
     group.main(prog_name="idemhook")

@@ -1,6 +1,19 @@
 """Verification schemes, one module each; importing this package registers them all."""
 
-from . import hmac_sha256, none  # noqa: F401  (imported to register)
+from . import (  # noqa: F401  (imported to register)
+    attio,
+    close,
+    github,
+    hmac_sha256,
+    hubspot,
+    idempotency_key,
+    none,
+    pipedrive,
+    salesforce_outbound,
+    shopify,
+    standard_webhooks,
+    stripe,
+)
 from .base import SCHEMES, Delivery, Scheme, register
 
 __all__ = ["SCHEMES", "Delivery", "Scheme", "register"]

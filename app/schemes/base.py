@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from werkzeug.datastructures import Headers
 
 from ..errors import ConfigError, Unauthorized
+
+if TYPE_CHECKING:
+    from flask import Response
+
+    from ..claim import Outcome
+    from ..sources import Source
+
+#: Default freshness window for schemes that sign a timestamp (``tolerance_seconds``).
+DEFAULT_TOLERANCE_SECONDS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,23 @@ class Scheme:
     def sign(self, delivery: Delivery) -> dict[str, str]:
         """Return the headers that make ``delivery`` verify (signed with the first secret)."""
         raise NotImplementedError
+
+    # Hooks for senders that are not "one signed JSON document, answered with JSON".
+    # The intake calls them in this order: verify, preempt, parse, (claim), respond.
+
+    def preempt(self, delivery: Delivery) -> Response | None:
+        """Answer a verified request without claiming it (GitHub's ``ping``); None: go on."""
+        return None
+
+    def parse(self, body: bytes) -> Any:
+        """Turn the verified raw body into the payload events are read from (strict JSON)."""
+        from ..intake import parse_json  # the intake imports this package
+
+        return parse_json(body)
+
+    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Response | None:
+        """Answer in the sender's own protocol (Salesforce's SOAP ack); None: the JSON answer."""
+        return None
 
 
 SCHEMES: dict[str, type[Scheme]] = {}
@@ -122,3 +149,46 @@ def require_header(delivery: Delivery, name: str) -> str:
             code="missing_signature",
         )
     return value
+
+
+def positive_int_option(source: str, config: Mapping[str, Any], key: str, default: int) -> int:
+    """Read a positive whole-number option, raising :class:`ConfigError` naming the key."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"[sources.{source}] {key}: must be a positive whole number")
+    return value
+
+
+def check_freshness(timestamp: str, *, tolerance: int, header: str, unit: int = 1) -> None:
+    """Reject a signed timestamp (``unit`` per second) further than ``tolerance`` s from now.
+
+    Called only after the signature matched, so ``stale_timestamp`` always means
+    "authentic but too old (or from the future)": a replay, or a skewed clock.
+    """
+    try:
+        sent = int(timestamp.strip())
+    except ValueError:
+        raise Unauthorized(
+            f"The {header} header is not a whole number.", code="invalid_signature"
+        ) from None
+    # Whole units throughout: a signed but absurd timestamp must not overflow a float.
+    skew = int(time.time() * unit) - sent
+    if abs(skew) > tolerance * unit:
+        when = "old" if skew > 0 else "in the future"
+        seconds = abs(skew) // unit
+        shown = f"{seconds} s {when}" if seconds < 10**12 else f"absurdly {when}"
+        raise Unauthorized(
+            f"The signed timestamp in {header} is {shown}; this source accepts "
+            f"at most {tolerance} s (tolerance_seconds). Check the server clock, or this is a "
+            "replayed request.",
+            code="stale_timestamp",
+        )
+
+
+def invalid(header: str, hint: str = "") -> Unauthorized:
+    """The error for a signature that does not match (never says which part was wrong)."""
+    return Unauthorized(
+        f"The {header} signature does not match: check that this source's secret is the one "
+        f"the sender signs with{hint}.",
+        code="invalid_signature",
+    )

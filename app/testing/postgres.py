@@ -163,7 +163,12 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def server_url(*, allow_start: bool = True) -> tuple[URL, Cluster | None]:
+LOCAL_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+def server_url(
+    *, allow_start: bool = True, local: str = LOCAL_SERVER
+) -> tuple[URL, Cluster | None]:
     """A reachable PostgreSQL server URL, and the cluster we started for it (if any)."""
     reasons = []
     explicit = os.environ.get("TEST_DATABASE_URL")
@@ -173,11 +178,11 @@ def server_url(*, allow_start: bool = True) -> tuple[URL, Cluster | None]:
         if why is None:
             return url, None
         raise NoPostgres(f"TEST_DATABASE_URL is set but unreachable: {why}")
-    local = make_url("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-    why = _reachable(local)
+    local_url = make_url(local)
+    why = _reachable(local_url)
     if why is None:
-        return local, None
-    reasons.append(f"no server on 127.0.0.1:5432 ({why})")
+        return local_url, None
+    reasons.append(f"no server on {local_url.host}:{local_url.port} ({why})")
     if allow_start:
         bindir = find_bindir()
         if bindir is None:
