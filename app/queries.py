@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
 from .claim import Claimer, ClaimSession, Outcome
-from .intake import events_of, parse_json
+from .intake import events_of
 from .models import delivery_failures, processed_events
 from .plugins import Event, result_of
 from .sources import Source
@@ -520,7 +520,7 @@ def retry_failure(
     headers = Headers(failure.headers or {})
     events = [
         e
-        for e in events_of(src, parse_json(raw_body), headers, datetime.now(UTC))
+        for e in events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
         if e.id == event_id
     ]
     if not events:
