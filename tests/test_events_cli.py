@@ -260,15 +260,24 @@ def test_prune_deletes_in_batches_and_keeps_recent_rows(runner, sql):
     for i in range(5):
         seed(sql, "acme", f"old{i}", ago=timedelta(days=40))
     seed(sql, "acme", "young", ago=timedelta(days=1))
+    for days in (40, 41, 42, 1):
+        sql(
+            "INSERT INTO delivery_failures (source, event_id, error, raw_body, failed_at) "
+            "VALUES ('acme', :e, 'x raised E', '\\x7b7d', now() - make_interval(days => :d))",
+            e=f"failed{days}",
+            d=days,
+        )
 
     dry = runner.invoke(args=["events", "prune", "--older-than", "30d", "--dry-run"])
-    assert dry.exit_code == 0 and "would prune 5 events" in dry.output
+    assert dry.exit_code == 0 and "would prune 5 events and 3 failures" in dry.output
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 6
 
     done = runner.invoke(args=["events", "prune", "--older-than", "30d", "--batch-size", "2"])
     assert done.exit_code == 0, done.output
-    assert "pruned 5 events and 0 failures" in done.output and "in 3 batches" in done.output
+    # 5 events in batches of 2, 2, 1; 3 failures in batches of 2, 1.
+    assert "pruned 5 events and 3 failures" in done.output and "in 5 batches" in done.output
     assert [r[0] for r in sql("SELECT event_id FROM processed_events")] == ["young"]
+    assert [r[0] for r in sql("SELECT event_id FROM delivery_failures")] == ["failed1"]
 
 
 def test_split_retention_drops_payloads_but_keeps_the_dedupe_memory(client, runner, sql):
