@@ -62,7 +62,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise QueryError(f"{text!r} is not a duration: use e.g. 15m, 2h, 30d")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise QueryError(f"{text!r} is too long a duration") from None
 
 
 def parse_when(text: str, now: datetime | None = None) -> datetime:
@@ -72,7 +75,10 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     """
     now = now or datetime.now(UTC)
     if _DURATION.match(text):
-        return now - parse_duration(text)
+        try:
+            return now - parse_duration(text)
+        except OverflowError:
+            raise QueryError(f"{text!r} reaches back before year 1") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -80,7 +86,10 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
             f"{text!r} is neither a duration (2h, 30d) nor an ISO 8601 time (2026-11-01T00:00Z)"
         ) from None
     # UTC throughout: SQLite compares timestamps as text, without their zone.
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    except OverflowError:
+        raise QueryError(f"{text!r} is out of range") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +126,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, row_id = json.loads(raw)
-        if not isinstance(row_id, int) or isinstance(row_id, bool):
+        if not isinstance(row_id, int) or isinstance(row_id, bool) or not 0 <= row_id < 2**63:
             raise TypeError(row_id)
-        return datetime.fromisoformat(at), row_id
+        when = datetime.fromisoformat(at)
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)), row_id
     except (binascii.Error, ValueError, TypeError):
         raise QueryError(
             "The cursor is not one this server handed out; pass the 'next' value unchanged.",

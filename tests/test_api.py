@@ -115,7 +115,15 @@ def test_keyset_pagination_walks_every_row_once_across_pages(client, sql):
         ("limit=many", "invalid_parameter"),
         ("limit=100000", "invalid_parameter"),
         ("since=yesterday", "invalid_parameter"),
+        ("since=99999999999999d", "invalid_parameter"),
+        ("until=999999d", "invalid_parameter"),
+        ("until=0001-01-01T00:00%2B01:00", "invalid_parameter"),
         ("cursor=not-a-cursor", "invalid_cursor"),
+        # A well-formed cursor naming an impossible row: [time, 2**70].
+        (
+            "cursor=WyIyMDI2LTExLTAxVDAwOjAwOjAwWiIsMTE4MDU5MTYyMDcxNzQxMTMwMzQyNF0",
+            "invalid_cursor",
+        ),
         ("souce=acme", "invalid_parameter"),
         ("source=a%00b", "invalid_parameter"),
     ],
