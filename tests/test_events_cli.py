@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from app.testing import deliver
+from app.testing import deliver, postgres
 from tests.conftest import SOURCES
 
 NOW = datetime.now(UTC)
@@ -367,3 +367,27 @@ def test_times_with_an_offset_are_the_same_instant_in_utc():
     assert parse_when("2026-11-01T00:00") == parse_when("2026-11-01T00:00Z")
     now = datetime(2026, 11, 1, tzinfo=UTC)
     assert parse_when("90m", now) == datetime(2026, 10, 31, 22, 30, tzinfo=UTC)
+
+
+def test_database_without_the_schema_says_to_upgrade(pg_server):
+    url = postgres.create_database(pg_server)
+    try:
+        app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": SOURCES})
+        result = app.test_cli_runner().invoke(args=["events", "list"])
+        assert result.exit_code == 1
+        assert "schema is missing or behind" in result.output
+        assert "idemhook db upgrade" in result.output and "Traceback" not in result.output
+        app.extensions["idemhook.db"].engine.dispose()
+    finally:
+        postgres.drop_database(url)
+
+
+def test_a_retry_after_its_claim_was_pruned_is_applied_again(client, runner, sql):
+    # Why docs/querying.md says retention must outlast the providers' retry windows.
+    deliver(client, "acme", {"id": "late", "type": "contact.updated"})
+    sql("UPDATE processed_events SET received_at = now() - interval '31 days'")
+    pruned = runner.invoke(args=["events", "prune", "--older-than", "30d"])
+    assert "pruned 1 events" in pruned.output
+    again = deliver(client, "acme", {"id": "late", "type": "contact.updated"})
+    assert again.json["status"] == "processed"
+    assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'late'")[0][0] == 2
