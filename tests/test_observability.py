@@ -156,7 +156,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.gunicorn
-def test_metrics_add_up_across_gunicorn_workers(pg_url, tmp_path):
+def test_metrics_add_up_and_events_are_logged_across_gunicorn_workers(pg_url, tmp_path):
     config = tmp_path / "webhooks.toml"
     config.write_text(_toml(SOURCES))
     prom_dir = tmp_path / "prom"
@@ -167,6 +167,7 @@ def test_metrics_add_up_across_gunicorn_workers(pg_url, tmp_path):
         "DATABASE_URL": str(pg_url.render_as_string(hide_password=False)),
         "IDEMHOOK_CONFIG": str(config),
         "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
+        "IDEMHOOK_LOG_FORMAT": "json",
     }
     log_file = (tmp_path / "gunicorn.log").open("wb")
     server = subprocess.Popen(
@@ -223,6 +224,14 @@ def test_metrics_add_up_across_gunicorn_workers(pg_url, tmp_path):
         server.terminate()
         server.wait(timeout=10)
         log_file.close()
+    # Under gunicorn too, each event is one JSON line on stderr, from both workers.
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "gunicorn.log").read_text().splitlines()
+        if line.startswith("{") and '"idemhook.events"' in line
+    ]
+    assert sorted(line["event_id"] for line in lines) == ["g0", "g1", "g2", "g3", "g4", "slow"]
+    assert {line["outcome"] for line in lines} == {"processed"}
 
 
 # -- logs ------------------------------------------------------------------------------------
