@@ -13,6 +13,10 @@ that wait and any handler stuck in the database.
 
 A batch runs in one transaction with a savepoint per event, so one event's
 failure rolls back only its own claim and effects.
+
+A handler's ``Reject`` rolls back the event's effects like a failure, then
+records the claim as ``rejected`` (with a permanent ``delivery_failures`` row)
+so that the provider stops retrying and redeliveries are duplicates.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .db import Database, is_disconnect
 from .errors import ServiceUnavailable
 from .models import delivery_failures, processed_events
-from .plugins import Event, Registry, result_of
+from .plugins import Event, Ignore, Registry, Reject, result_of
 
 # Header names never copied into delivery_failures.headers.
 _SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
@@ -40,7 +44,7 @@ _SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token",
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What happened to one event; ``status`` is processed, duplicate, ignored or failed."""
+    """What happened to one event: processed, duplicate, ignored, rejected or failed."""
 
     event_id: str
     status: str
@@ -89,6 +93,16 @@ class _HandlerError(Exception):
         self.handler_name = handler_name
 
 
+class _Rejected(Exception):
+    """A handler returned or raised ``Reject``: roll back its effects, keep the claim."""
+
+    def __init__(self, handler_name: str, reject: Reject) -> None:
+        super().__init__(handler_name)
+        self.handler_name = handler_name
+        self.reason = reject.reason
+        self.reject = reject
+
+
 class Claimer:
     """Applies events exactly once against one database with one handler registry."""
 
@@ -130,6 +144,7 @@ class Claimer:
             update(table)
             .where(table.c.source == bindparam("b_source"), table.c.event_id == bindparam("b_id"))
             .values(
+                status=bindparam("b_status"),
                 result=bindparam("result", type_=table.c.result.type),
                 processed_at=bindparam("processed_at"),
             )
@@ -173,6 +188,11 @@ class Claimer:
                             raise
                         outcome = self._failed(event, exc)
                         self._record_failure(session, event, exc, raw_body)
+                    except _Rejected as exc:
+                        if not nested:
+                            raise
+                        # The savepoint took the claim and the effects; claim it as rejected.
+                        outcome = self._reject(session, event, exc, raw_body)
                     outcomes.append(outcome)
                     self._observe(event, outcome, time.perf_counter() - started)
         except _HandlerError as exc:
@@ -182,6 +202,10 @@ class Claimer:
             outcomes = [self._failed(events[0], exc)]
             self._observe(events[0], outcomes[0], time.perf_counter() - started)
             self._record_failure_apart(events[0], exc, raw_body)
+        except _Rejected as exc:
+            session.close()
+            outcomes = [self._reject_apart(events[0], exc, raw_body)]
+            self._observe(events[0], outcomes[0], time.perf_counter() - started)
         finally:
             session.close()
         return outcomes
@@ -224,6 +248,7 @@ class Claimer:
             return Outcome(event.id, "ignored", None)
 
         results: dict[str, Any] = {}
+        ignored = 0
         name = registrations[0].name
         try:
             session.in_handler = True
@@ -231,23 +256,72 @@ class Claimer:
             try:
                 for registration in registrations:
                     name = registration.name
-                    results[name] = registration.func(event, session)
+                    try:
+                        value = registration.func(event, session)
+                    except (Ignore, Reject) as chosen:  # raised from deep inside a handler
+                        value = chosen
+                    if isinstance(value, Reject):
+                        raise _Rejected(name, value)
+                    if isinstance(value, Ignore):
+                        ignored += 1
+                        value = value.result()
+                    results[name] = value
             finally:
                 self._time(event, "handlers", time.perf_counter() - handlers_started)
                 session.in_handler = False
+            status = "ignored" if ignored == len(registrations) else "processed"
             result = result_of(results)
-            session.execute(
-                self._finish,
-                {
-                    "b_source": event.source,
-                    "b_id": event.id,
-                    "result": result,
-                    "processed_at": datetime.now(UTC),
-                },
-            )
+            self._store(session, event, status, result)
+        except _Rejected:
+            raise
         except Exception as exc:  # anything a plugin raises fails this event, retryably
             raise _HandlerError(name) from exc
-        return Outcome(event.id, "processed", result)
+        return Outcome(event.id, status, result)
+
+    def _store(self, session: Session, event: Event, status: str, result: Any) -> None:
+        session.execute(
+            self._finish,
+            {
+                "b_source": event.source,
+                "b_id": event.id,
+                "b_status": status,
+                "result": result,
+                "processed_at": datetime.now(UTC),
+            },
+        )
+
+    def _reject(self, session: Session, event: Event, exc: _Rejected, raw_body: bytes) -> Outcome:
+        """Claim ``event`` as rejected (its effects are already rolled back)."""
+        row = session.execute(
+            self._claim,
+            {
+                "source": event.source,
+                "event_id": event.id,
+                "event_type": event.type,
+                "status": "rejected",
+                "received_at": event.received_at,
+                "payload": event.payload,
+            },
+        ).one()
+        if row.duplicate_count:  # another delivery claimed it while ours rolled back
+            return Outcome(event.id, "duplicate", row.result)
+        result = exc.reject.result()
+        self._store(session, event, "rejected", result)
+        self._record_failure(session, event, exc, raw_body)
+        return Outcome(event.id, "rejected", result)
+
+    def _reject_apart(self, event: Event, exc: _Rejected, raw_body: bytes) -> Outcome:
+        """Claim a rejected single event in a new transaction (its own one was rolled back)."""
+        session = self.sessions()
+        try:
+            with session.begin():
+                return self._reject(session, event, exc, raw_body)
+        except SQLAlchemyError as db_exc:
+            if is_disconnect(db_exc):
+                raise _unavailable() from db_exc
+            raise
+        finally:
+            session.close()
 
     @staticmethod
     def _failed(event: Event, exc: _HandlerError) -> Outcome:
@@ -257,21 +331,26 @@ class Claimer:
         )
 
     def _record_failure(
-        self, session: Session, event: Event, exc: _HandlerError, raw_body: bytes
+        self, session: Session, event: Event, exc: _HandlerError | _Rejected, raw_body: bytes
     ) -> None:
-        cause = exc.__cause__ or exc
+        if isinstance(exc, _Rejected):
+            cause: BaseException = exc.reject
+            error = f"{exc.handler_name} rejected the event: {exc.reason}"
+        else:
+            cause = exc.__cause__ or exc
+            error = f"{exc.handler_name} raised {type(cause).__name__}: {cause}"
         session.execute(
             insert(delivery_failures),
             {
                 "source": event.source,
                 "event_id": event.id,
                 "event_type": event.type,
-                "error": f"{exc.handler_name} raised {type(cause).__name__}: {cause}"[:4000],
+                "error": error[:4000],
                 "traceback": "".join(traceback.format_exception(cause))[-20000:],
                 "raw_body": raw_body,
                 "payload": event.payload,
                 "headers": _safe_headers(event),
-                "permanent": False,
+                "permanent": isinstance(exc, _Rejected),
                 "failed_at": datetime.now(UTC),
             },
         )

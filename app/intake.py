@@ -201,7 +201,7 @@ def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
 
 
 def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Response, int]:
-    """200 when every event is processed, duplicate or ignored; else 500 (the provider retries)."""
+    """200 when no event failed (processed, duplicate, ignored, rejected); else 500 (retry)."""
     failed = [o for o in outcomes if o.status == "failed"]
     if source.batch is None:
         outcome = outcomes[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -20,6 +21,16 @@ def alembic_config(app: Flask) -> Config:
         raise RuntimeError(f"idemhook's migrations are missing: expected them in {MIGRATIONS}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    # Plugins' own revision folders (app.plugins: IDEMHOOK_MIGRATIONS, idemhook.migrations).
+    registry = app.extensions.get("idemhook.registry")
+    plugin_folders = [str(p) for p in registry.migrations] if registry is not None else []
+    if plugin_folders:
+        locations = [str(MIGRATIONS / "versions"), *plugin_folders]
+        config.set_main_option("path_separator", "os")
+        # ConfigParser interpolates "%": escape it in folder names.
+        config.set_main_option(
+            "version_locations", os.pathsep.join(p.replace("%", "%%") for p in locations)
+        )
     config.attributes["engine"] = get_db(app).engine
     return config
 

@@ -43,7 +43,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 Timestamp = DateTime(timezone=True)
 
-EVENT_STATUSES = ("processed", "ignored")
+EVENT_STATUSES = ("processed", "ignored", "rejected")
 
 
 class Base(DeclarativeBase):

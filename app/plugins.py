@@ -16,6 +16,15 @@ Contract (the full text with examples is ``docs/plugins.md``)::
   row in ``delivery_failures`` and answers 500, so the provider retries and the
   handlers run again from scratch. Work outside the database (an API call) is
   therefore at least once, not exactly once: make it idempotent.
+- Returning (or raising) :class:`Ignore` ``(reason)`` says "not for me": the
+  handler's result is ``{"ignored": reason}``; when every handler that ran
+  ignored the event it is recorded with status ``ignored`` (answered 200).
+- Returning (or raising) :class:`Reject` ``(reason)`` says "this event can never
+  succeed": every handler's work for the event is rolled back, later handlers do
+  not run, the event is recorded with status ``rejected`` and result
+  ``{"rejected": reason}``, a ``delivery_failures`` row with ``permanent = true``
+  is written, and the answer is 200 so the provider stops retrying. A
+  redelivery is a ``duplicate``.
 - Several matching handlers all run, in registration order, in the one
   transaction. With one handler, ``result`` is its return value; with several,
   an object mapping each handler's ``module:qualname`` to its return value.
@@ -23,7 +32,9 @@ Contract (the full text with examples is ``docs/plugins.md``)::
 
 Handlers come from the modules listed in ``plugins`` in the sources file and from
 the ``idemhook.handlers`` entry-point group: one loading path for both, once, at
-start-up.
+start-up. A plugin module may set ``IDEMHOOK_MIGRATIONS`` to the folder of its
+own Alembic revisions; installed plugins may instead register that folder in
+the ``idemhook.migrations`` entry-point group. ``idemhook db upgrade`` applies both.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from os import PathLike
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +55,41 @@ from werkzeug.datastructures import Headers
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "idemhook.handlers"
+MIGRATIONS_GROUP = "idemhook.migrations"
+#: Module attribute naming the folder of a plugin's own Alembic revisions.
+MIGRATIONS_ATTRIBUTE = "IDEMHOOK_MIGRATIONS"
 _MARK = "__idemhook_handlers__"
+
+
+class HandlerOutcome(Exception):
+    """Base of the outcomes a handler may return, or raise from deep inside its helpers."""
+
+    #: Key of the stored result, and the event's status when this outcome decides it.
+    status: str = ""
+
+    def __init__(self, reason: str) -> None:
+        if not isinstance(reason, str) or not reason:
+            raise TypeError(f"{type(self).__name__}(reason): reason must be a non-empty string")
+        super().__init__(reason)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r})"
+
+    def result(self) -> dict[str, str]:
+        return {self.status: self.reason}
+
+
+class Ignore(HandlerOutcome):
+    """The handler chose not to act on this event (answered 200, status ``ignored``)."""
+
+    status = "ignored"
+
+
+class Reject(HandlerOutcome):
+    """The event is permanently bad: roll back, record it as failed for good, answer 200."""
+
+    status = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +119,8 @@ def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], Handl
     def mark(func: HandlerFunc) -> HandlerFunc:
         if not callable(func):
             raise TypeError("@handler decorates a function")
-        func.__dict__.setdefault(_MARK, []).append((source, event_type))
+        # Stacked decorators apply bottom-up; keep the order in which they are written.
+        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type))
         return func
 
     return mark
@@ -101,6 +149,8 @@ class Registry:
 
     def __init__(self, registrations: Iterable[Registration] = ()) -> None:
         self.registrations: list[Registration] = list(registrations)
+        #: Folders of plugins' own Alembic revisions (``idemhook db upgrade`` applies them).
+        self.migrations: list[Path] = []
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
 
     def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
@@ -116,6 +166,13 @@ class Registry:
             if len(self._cache) < 10_000:  # types come from senders: bound the memory
                 self._cache[key] = found
         return found
+
+    def add_registration(self, registration: Registration) -> None:
+        # A module listed in `plugins` and also installed as an entry point (or a
+        # function decorated twice alike) must still run once per event.
+        if registration not in self.registrations:
+            self.registrations.append(registration)
+            self._cache.clear()
 
     def check_sources(self, known: Iterable[str]) -> None:
         known = set(known)
@@ -143,30 +200,82 @@ def collect(obj: Any) -> list[Registration]:
     return found
 
 
-def load(modules: Iterable[str], *, entry_points: Iterable[Any] | None = None) -> Registry:
+def load(
+    modules: Iterable[str],
+    *,
+    entry_points: Iterable[Any] | None = None,
+    migration_entry_points: Iterable[Any] | None = None,
+) -> Registry:
     """Import the configured plugin modules and the entry-point plugins; collect their handlers.
 
-    An import error stops start-up with a message naming the plugin.
+    Any problem (an import error, a handler that cannot take ``(event, db)``, a
+    listed module with no handlers, a missing migrations folder) stops start-up
+    with a message naming the plugin.
     """
     registry = Registry()
     for name in modules:
+        where = f"plugin {name!r} (from plugins)"
         try:
             module = importlib.import_module(name)
         except Exception as exc:  # any failure to import is the plugin's to name
-            raise ConfigError(f"plugin {name!r} (from plugins) failed to import: {exc!r}") from exc
-        registry.registrations.extend(collect(module))
+            raise ConfigError(f"{where} failed to import: {exc!r}") from exc
+        _add(registry, module, where)
     if entry_points is None:
         entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     for ep in entry_points:
-        try:
-            obj = ep.load()
-        except Exception as exc:
-            raise ConfigError(
-                f"plugin {ep.name!r} (entry point {ep.value!r} in {ENTRY_POINT_GROUP}) "
-                f"failed to import: {exc!r}"
-            ) from exc
-        registry.registrations.extend(collect(obj))
+        where = f"plugin {ep.name!r} (entry point {ep.value!r} in {ENTRY_POINT_GROUP})"
+        _add(registry, _load_entry_point(ep, where), where)
+    if migration_entry_points is None:
+        migration_entry_points = importlib.metadata.entry_points(group=MIGRATIONS_GROUP)
+    for ep in migration_entry_points:
+        where = f"plugin {ep.name!r} (entry point {ep.value!r} in {MIGRATIONS_GROUP})"
+        _add_migrations(registry, _load_entry_point(ep, where), where)
     return registry
+
+
+def _load_entry_point(ep: Any, where: str) -> Any:
+    try:
+        return ep.load()
+    except Exception as exc:  # any failure to import is the plugin's to name
+        raise ConfigError(f"{where} failed to import: {exc!r}") from exc
+
+
+def _add(registry: Registry, obj: Any, where: str) -> None:
+    found = collect(obj)
+    for registration in found:
+        try:
+            inspect.signature(registration.func).bind(None, None)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: handler {registration.name} must accept (event, db)"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it be called
+            pass
+        registry.add_registration(registration)
+    migrations = getattr(obj, MIGRATIONS_ATTRIBUTE, None) if isinstance(obj, ModuleType) else None
+    if migrations is not None:
+        _add_migrations(registry, migrations, where)
+    if not found and migrations is None:
+        raise ConfigError(
+            f"{where} registers no handlers: decorate its functions with "
+            "@handler(source, event_type) (from app.plugins)"
+        )
+
+
+def _add_migrations(registry: Registry, location: Any, where: str) -> None:
+    """Add a plugin's revision folder: a path, or a package whose folder holds the revisions."""
+    if isinstance(location, ModuleType):
+        paths = list(getattr(location, "__path__", []))
+        folder = Path(paths[0]) if paths else Path(location.__file__ or ".").parent
+    elif isinstance(location, str | PathLike):
+        folder = Path(location)
+    else:
+        raise ConfigError(f"{where}: migrations must be a folder path or a package")
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: migrations folder {folder} does not exist")
+    if folder not in registry.migrations:
+        registry.migrations.append(folder)
 
 
 def result_of(results: Mapping[str, Any]) -> Any:

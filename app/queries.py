@@ -34,7 +34,7 @@ from werkzeug.datastructures import Headers
 from .claim import Claimer, ClaimSession, Outcome
 from .intake import events_of
 from .models import delivery_failures, processed_events
-from .plugins import Event, result_of
+from .plugins import Event, Ignore, Reject, result_of
 from .sources import Source
 
 EVENTS = processed_events
@@ -447,14 +447,21 @@ def replay(claimer: Claimer, source: str, event_id: str) -> dict[str, Any]:
                 raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
             event = Event(source, event_id, row.event_type, row.payload, Headers(), row.received_at)
             results: dict[str, Any] = {}
+            ignored = 0
             session.in_handler = True
             try:
+                # The outcomes of app.plugins, as in the claim: Ignore is a result, Reject
+                # (returned or raised) aborts the replay, rolling back every handler's work.
                 for registration in registrations:
-                    value = registration.func(event, session)
-                    if isinstance(value, BaseException):
-                        # An outcome returned rather than raised (a plugin's Reject or
-                        # Ignore): a replay applies handlers fully or not at all.
+                    try:
+                        value = registration.func(event, session)
+                    except Ignore as chosen:
+                        value = chosen
+                    if isinstance(value, Reject):
                         raise value
+                    if isinstance(value, Ignore):
+                        ignored += 1
+                        value = value.result()
                     results[registration.name] = value
             finally:
                 session.in_handler = False
@@ -465,7 +472,7 @@ def replay(claimer: Claimer, source: str, event_id: str) -> dict[str, Any]:
                 .where(EVENTS.c.id == row.id)
                 .values(
                     result=result,
-                    status="processed",
+                    status="ignored" if ignored == len(registrations) else "processed",
                     processed_at=now,
                     replayed_at=now,
                     replay_count=EVENTS.c.replay_count + 1,

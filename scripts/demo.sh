@@ -7,6 +7,7 @@ PORT="${PORT:-8000}"
 export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
 # The demo's secret; a real deployment sets its own (see docs/configuration.md).
 export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
+export HUBSPOT_CLIENT_SECRET="${HUBSPOT_CLIENT_SECRET:-demo-hubspot-secret-not-for-production}"
 if [ -z "${DATABASE_URL:-}" ]; then
   instance="${IDEMHOOK_INSTANCE_DIR:-$PWD/instance}"
   export DATABASE_URL="sqlite:///$instance/idemhook.db"
@@ -24,5 +25,12 @@ echo "Serving on http://127.0.0.1:$PORT. Send a signed test event (paste it twic
 echo "second answer is \"duplicate\" and the handler does not run again):"
 echo
 "$BIN/idemhook" sign demo "$event" --url "http://127.0.0.1:$PORT"
+echo
+echo "The example CRM plugin (docs/plugins.md) fills the contacts table from HubSpot events;"
+echo "in another terminal, from this directory:"
+echo
+printf '  export IDEMHOOK_CONFIG=%q DATABASE_URL=%q DEMO_WEBHOOK_SECRET=%q HUBSPOT_CLIENT_SECRET=%q\n' \
+  "$IDEMHOOK_CONFIG" "$DATABASE_URL" "$DEMO_WEBHOOK_SECRET" "$HUBSPOT_CLIENT_SECRET"
+echo "  $BIN/idemhook send hubspot examples/crm/events/contact_creation.json --url http://127.0.0.1:$PORT"
 echo
 exec "$BIN/gunicorn" --bind "127.0.0.1:$PORT" --workers 2 --access-logfile - 'app:create_app()'

@@ -44,16 +44,17 @@ SOURCES = {
 TABLES = ("processed_events", "delivery_failures", "test_effects", "test_failures")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The test kit's fixtures come from its pytest11 entry point; an install that
+    # predates it (no `make install` since) still finds them.
+    if not config.pluginmanager.has_plugin("idemhook"):
+        config.pluginmanager.import_plugin("app.testing.pytest_plugin")
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[URL]:
-    """A reachable PostgreSQL server (found, or a throwaway cluster we start)."""
-    try:
-        url, cluster = postgres.server_url()
-    except postgres.NoPostgres as exc:
-        pytest.exit(str(exc), returncode=3)
-    yield url
-    if cluster is not None:
-        cluster.destroy()
+def pg_server(idemhook_pg_server: URL) -> URL:
+    """A reachable PostgreSQL server: the test kit's (found, or a throwaway cluster)."""
+    return idemhook_pg_server
 
 
 def _migrate(url: URL | str) -> None:

@@ -15,6 +15,7 @@ import pytest
 from app import create_app
 from app.testing import deliver, postgres
 from tests.conftest import SOURCES
+from tests.test_plugins import LEDGER, ledger
 
 NOW = datetime.now(UTC)
 
@@ -391,3 +392,30 @@ def test_a_retry_after_its_claim_was_pruned_is_applied_again(client, runner, sql
     again = deliver(client, "acme", {"id": "late", "type": "contact.updated"})
     assert again.json["status"] == "processed"
     assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'late'")[0][0] == 2
+
+
+def test_replay_honours_the_handler_outcomes(idemhook):
+    kit = idemhook(LEDGER)
+    runner = kit.app.test_cli_runner()
+    assert kit.deliver("shop", {"id": "r1", "type": "order.paid"}).json["status"] == "processed"
+
+    def replay():
+        return runner.invoke(args=["events", "replay", "shop", "r1", "--force", "--json"])
+
+    # The stored payload now makes `second` reject: the replay is refused, nothing changes.
+    kit.sql('UPDATE processed_events SET payload = payload || \'{"second": "reject"}\'')
+    rejected = replay()
+    assert rejected.exit_code == 1
+    assert "a handler rejected the event (unknown currency); nothing was changed" in rejected.output
+    assert ledger(kit, "r1") == ["audit", "first", "second"]
+    assert kit.row("shop", "r1").replay_count == 0
+
+    # Ignore (returned, or raised deep inside) is a result like any other.
+    kit.sql(
+        "UPDATE processed_events SET payload = payload || "
+        '\'{"first": "ignore-deep", "second": "ignore"}\''
+    )
+    [event] = [json.loads(line) for line in replay().output.splitlines()]
+    assert event["status"] == "processed" and event["replay_count"] == 1
+    assert event["result"]["tests.plugins.ledger:first"] == {"ignored": "a test order"}
+    assert event["result"]["tests.plugins.ledger:second"] == {"ignored": "second ignores it"}

@@ -10,16 +10,28 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import click
 from flask import Flask
 from flask.cli import FlaskGroup
 
+from ..errors import ConfigError
 from .db import db_cli
 from .events import events_cli
 from .failures import failures_cli
+from .handlers import handlers_cli
+from .send import send_command
 from .sign import sign_command
 from .sources import sources_cli
 
-COMMANDS = (db_cli, sign_command, sources_cli, events_cli, failures_cli)
+COMMANDS = (
+    db_cli,
+    sign_command,
+    sources_cli,
+    handlers_cli,
+    send_command,
+    events_cli,
+    failures_cli,
+)
 
 
 def init_app(app: Flask) -> None:
@@ -35,9 +47,15 @@ def main() -> None:
         sys.path.insert(0, cwd)
     from .. import create_app
 
+    def create() -> Flask:
+        try:
+            return create_app()
+        except ConfigError as exc:  # a start-up error is a message, not a traceback
+            raise click.ClickException(str(exc)) from exc
+
     group = FlaskGroup(
         name="idemhook",
-        create_app=lambda: create_app(),
+        create_app=create,
         help="idemhook: webhook receiver. Commands read DATABASE_URL and IDEMHOOK_CONFIG.",
     )
     # Also on the group itself, so it runs when a broken source stops the app from

@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import queries
 from ..db import get_db
+from ..plugins import Reject
 from .common import DatabaseGroup, emit_json_lines, emit_table, filter_options
 
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
@@ -118,6 +119,10 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
         event = queries.replay(claimer, source, event_id)
     except queries.ActionRefused as exc:
         raise click.ClickException(str(exc)) from None
+    except Reject as exc:
+        raise click.ClickException(
+            f"a handler rejected the event ({exc.reason}); nothing was changed"
+        ) from None
     except DBAPIError:
         raise  # the group turns a lost database into one line
     except Exception as exc:  # anything a handler raises: everything was rolled back

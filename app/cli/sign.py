@@ -6,11 +6,22 @@ import shlex
 
 import click
 from flask import current_app
+from flask.cli import with_appcontext
 
-from ..schemes import Delivery
+from ..signing import find_source, signed_request, webhook_url
+from ..sources import Source
+
+
+def source_argument(name: str) -> Source:
+    """The configured source ``name``, or a usage error listing the configured ones."""
+    try:
+        return find_source(current_app, name)
+    except KeyError as exc:
+        raise click.BadParameter(exc.args[0], param_hint="SOURCE") from None
 
 
 @click.command("sign")
+@with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"), default="-")
 @click.option(
@@ -18,14 +29,9 @@ from ..schemes import Delivery
 )
 def sign_command(source: str, payload: click.utils.LazyFile, url: str) -> None:
     """Print a curl command that POSTs PAYLOAD (a JSON file, - for stdin) signed for SOURCE."""
-    receiver = current_app.extensions["idemhook.receiver"]
-    if source not in receiver.sources:
-        raise click.BadParameter(f"no source named {source!r}", param_hint="SOURCE")
-    src = receiver.sources[source]
-    body = payload.read()
-    target = f"{url.rstrip('/')}/webhooks/{source}"
-    headers = {"Content-Type": src.content_types[0]}
-    headers.update(src.scheme.sign(Delivery(body, method="POST", url=target)))
+    src = source_argument(source)
+    target = webhook_url(url, source)
+    body, headers = signed_request(src, payload.read(), url=target)
     parts = ["curl", "-sS", "-X", "POST", target]
     for name, value in headers.items():
         parts += ["-H", f"{name}: {value}"]

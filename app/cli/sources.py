@@ -49,8 +49,8 @@ def _context() -> tuple[Mapping[str, Any], Registry | None]:
         try:
             app = info.load_app()
             return app.config, app.extensions.get("idemhook.registry")
-        except ConfigError:
-            pass  # diagnosed source by source below
+        except (ConfigError, click.ClickException):
+            pass  # a start-up error (main() wraps it for the console): diagnosed below
     try:
         return settings_module.load(), None
     except ConfigError as exc:

@@ -1,5 +1,11 @@
-"""Test kit for idemhook and its plugin authors (see docs/plugins.md)."""
+"""Test kit for idemhook and its plugin authors (see docs/plugins.md).
+
+``deliver``/``signed`` sign a request as a source's scheme requires; :class:`Kit`
+wraps a receiver under test with row assertions; the pytest plugin
+(``app.testing.pytest_plugin``, enabled on install) provides the ``idemhook`` fixture.
+"""
 
 from .kit import deliver, signed
+from .receiver import ANY, Kit
 
-__all__ = ["deliver", "signed"]
+__all__ = ["ANY", "Kit", "deliver", "signed"]

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from ..schemes import Delivery
-from ..sources import Source
+from ..signing import encode, find_source, signed_request, webhook_url
 
-
-def _source(app: Flask, name: str) -> Source:
-    sources = app.extensions["idemhook.receiver"].sources
-    if name not in sources:
-        raise KeyError(f"no source named {name!r}; configured: {sorted(sources)}")
-    return sources[name]
-
-
-def encode(payload: Any) -> bytes:
-    """The body for ``payload``: bytes as they are, anything else as JSON."""
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    return json.dumps(payload).encode("utf-8")
+__all__ = ["deliver", "encode", "signed"]
 
 
 def signed(
@@ -38,14 +22,8 @@ def signed(
     base_url: str = "http://localhost",
 ) -> tuple[str, bytes, dict[str, str]]:
     """Return ``(url, body, headers)`` of a request that ``source``'s scheme accepts."""
-    src = _source(app, source)
-    body = encode(payload)
-    url = f"{base_url.rstrip('/')}/webhooks/{source}"
-    all_headers = {"Content-Type": src.content_types[0], **(headers or {})}
-    from werkzeug.datastructures import Headers
-
-    delivery = Delivery(body, Headers(all_headers), "POST", url)
-    all_headers.update(src.scheme.sign(delivery))
+    url = webhook_url(base_url, source)
+    body, all_headers = signed_request(find_source(app, source), payload, headers, url=url)
     return url, body, all_headers
 
 

@@ -203,14 +203,19 @@ def server_url(
     )
 
 
-def create_database(server: URL, prefix: str = "idemhook_test") -> URL:
-    """Create a new, empty database on ``server`` and return its URL."""
+def create_database(
+    server: URL, prefix: str = "idemhook_test", *, template: URL | None = None
+) -> URL:
+    """Create a new database on ``server`` (empty, or a copy of ``template``); return its URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template.database))
     conn = psycopg2.connect(**_connect_args(server))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            cur.execute(statement)
     finally:
         conn.close()
     return server.set(database=name)

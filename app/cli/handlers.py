@@ -1,0 +1,38 @@
+"""``idemhook handlers``: which handler runs for which source and event type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+handlers_cli = AppGroup("handlers", help="Inspect the registered event handlers.")
+
+
+@handlers_cli.command("list")
+def handlers_list() -> None:
+    """Print every source, type pattern and handler (module:function), in run order."""
+    registry = current_app.extensions["idemhook.registry"]
+    rows = [("SOURCE", "TYPE", "HANDLER")]
+    rows += [(r.source, r.pattern, r.name) for r in registry.registrations]
+    if len(rows) == 1:
+        click.echo(
+            "no handlers registered: list plugin modules in `plugins` in the sources file "
+            "or install a package with an idemhook.handlers entry point"
+        )
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        for source, pattern, name in rows:
+            click.echo(f"{source:<{widths[0]}}  {pattern:<{widths[1]}}  {name}")
+    for folder in registry.migrations:
+        click.echo(f"plugin migrations: {_shown(folder)}")
+
+
+def _shown(folder: Path) -> str:
+    """The folder relative to the working directory when it is inside it."""
+    try:
+        return str(folder.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
