@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import cli, db, errors, health, intake, plugins, settings, sources
+from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
 from .claim import Claimer
 
 log = logging.getLogger("idemhook")
@@ -35,9 +35,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["idemhook.registry"] = registry
 
     errors.init_app(app)
+    logs.init_app(app)
     database = db.init_app(app)
-    intake.init_app(app, intake.Receiver(loaded.sources, Claimer(database, registry)))
+    claimer = Claimer(database, registry, observers=[logs.log_outcome])
+    intake.init_app(app, intake.Receiver(loaded.sources, claimer))
     health.init_app(app)
+    metrics.init_app(app, claimer)
+    api.init_app(app)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

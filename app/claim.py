@@ -21,7 +21,6 @@ so that the provider stops retrying and redeliveries are duplicates.
 
 from __future__ import annotations
 
-import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,8 +37,6 @@ from .db import Database, is_disconnect
 from .errors import ServiceUnavailable
 from .models import delivery_failures, processed_events
 from .plugins import Event, Ignore, Registry, Reject, result_of
-
-log = logging.getLogger("idemhook.events")
 
 # Header names never copied into delivery_failures.headers.
 _SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
@@ -118,7 +115,10 @@ class Claimer:
         self.database = database
         self.registry = registry
         #: Called after each event with (event, outcome, seconds); logging and metrics.
-        self.observers: list[Observer] = [log_outcome, *observers]
+        self.observers: list[Observer] = list(observers)
+        #: Called with (event, phase, seconds) for phase "claim" (the INSERT, including
+        #: any wait on a concurrent delivery of the same event) and "handlers".
+        self.timers: list[Timer] = []
         self.sessions = sessionmaker(database.engine, class_=ClaimSession, expire_on_commit=False)
         dialect = database.engine.dialect.name
         dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -214,7 +214,12 @@ class Claimer:
         for observer in self.observers:
             observer(event, outcome, seconds)
 
+    def _time(self, event: Event, phase: str, seconds: float) -> None:
+        for timer in self.timers:
+            timer(event, phase, seconds)
+
     def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
+        claim_started = time.perf_counter()
         registrations = self.registry.for_event(event.source, event.type)
         try:
             row = session.execute(
@@ -236,6 +241,7 @@ class Claimer:
                     code="event_in_progress",
                 ) from exc
             raise
+        self._time(event, "claim", time.perf_counter() - claim_started)
         if row.duplicate_count:
             return Outcome(event.id, "duplicate", row.result)
         if not registrations:
@@ -246,6 +252,7 @@ class Claimer:
         name = registrations[0].name
         try:
             session.in_handler = True
+            handlers_started = time.perf_counter()
             try:
                 for registration in registrations:
                     name = registration.name
@@ -260,6 +267,7 @@ class Claimer:
                         value = value.result()
                     results[name] = value
             finally:
+                self._time(event, "handlers", time.perf_counter() - handlers_started)
                 session.in_handler = False
             status = "ignored" if ignored == len(registrations) else "processed"
             result = result_of(results)
@@ -382,21 +390,4 @@ def _safe_headers(event: Event) -> dict[str, str]:
 
 
 Observer = Callable[[Event, Outcome, float], None]
-
-
-def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
-    """One log line per event; never the payload, headers or signature."""
-    log.info(
-        "%s %s %s %s",
-        event.source,
-        event.id,
-        event.type,
-        outcome.status,
-        extra={
-            "source": event.source,
-            "event_id": event.id,
-            "event_type": event.type,
-            "outcome": outcome.status,
-            "duration_ms": round(seconds * 1000, 2),
-        },
-    )
+Timer = Callable[[Event, str, float], None]

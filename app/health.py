@@ -21,7 +21,10 @@ def readyz():
         applied = migrate.current(current_app)
     except SQLAlchemyError:
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
-    heads = current_app.extensions.setdefault("idemhook.heads", migrate.heads(current_app))
+    # The code's heads never change while it runs: read the migration scripts once.
+    heads = current_app.extensions.get("idemhook.heads")
+    if heads is None:
+        heads = current_app.extensions["idemhook.heads"] = migrate.heads(current_app)
     if applied != heads:
         return jsonify(
             {

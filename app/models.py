@@ -66,14 +66,16 @@ class ProcessedEvent(Base):
     result: Mapped[Any | None] = mapped_column(JSONType)
     duplicate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
+    replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),
         CheckConstraint(f"status IN {EVENT_STATUSES!r}", name="status"),
         # "Recent events of a source (and type)" and "events per type per hour".
         Index(None, "source", "event_type", "received_at"),
-        # Pruning and "everything since T" across sources.
-        Index(None, "received_at"),
+        # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
+        Index(None, "received_at", "id"),
     )
 
 
@@ -96,7 +98,7 @@ class DeliveryFailure(Base):
 
     __table_args__ = (
         Index(None, "source", "event_id"),
-        Index(None, "failed_at"),
+        Index(None, "failed_at", "id"),
     )
 
 

@@ -27,6 +27,12 @@ DEFAULTS: dict[str, Any] = {
     "IDEMHOOK_STATEMENT_TIMEOUT_MS": 2000,
     # Connections kept per worker process.
     "IDEMHOOK_POOL_SIZE": 4,
+    # Bearer token of the read API (GET /events, /failures); unset: the API answers 404.
+    "IDEMHOOK_ADMIN_TOKEN": None,
+    # Whether GET /metrics answers without the admin token (when one is set).
+    "IDEMHOOK_METRICS_PUBLIC": True,
+    # Per-event log lines as "text" or "json".
+    "IDEMHOOK_LOG_FORMAT": "text",
     # Base URL providers call (https://hooks.example.com): shown by `idemhook sources`
     # and used as the signed URL by schemes that sign it (HubSpot). Empty: the request's own.
     "IDEMHOOK_PUBLIC_URL": "",
@@ -34,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     # (werkzeug ProxyFix). 0: ignore them, as anyone can send them.
     "IDEMHOOK_TRUSTED_PROXIES": 0,
 }
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -63,6 +72,12 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _cast(key: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
     if isinstance(default, int):
         try:
             value = int(raw)

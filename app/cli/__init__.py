@@ -16,12 +16,22 @@ from flask.cli import FlaskGroup
 
 from ..errors import ConfigError
 from .db import db_cli
+from .events import events_cli
+from .failures import failures_cli
 from .handlers import handlers_cli
 from .send import send_command
 from .sign import sign_command
 from .sources import sources_cli
 
-COMMANDS = (db_cli, sign_command, sources_cli, handlers_cli, send_command)
+COMMANDS = (
+    db_cli,
+    sign_command,
+    sources_cli,
+    handlers_cli,
+    send_command,
+    events_cli,
+    failures_cli,
+)
 
 
 def init_app(app: Flask) -> None:

@@ -1,0 +1,171 @@
+"""The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``.
+
+Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
+answers 404), and then only for ``Authorization: Bearer <token>``. The token is
+checked before anything else, so a caller without it learns nothing, not even
+whether an event exists. Queries are those of the CLI (:mod:`app.queries`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from . import queries
+from .db import get_db, is_disconnect
+from .errors import BadRequest, ConfigError, NotFound, ServiceUnavailable, Unauthorized
+
+bp = Blueprint("api", __name__)
+
+_LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
+_EVENT_PARAMS = _LIST_PARAMS | {"status"}
+_FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
+_STATS_PARAMS = {"source", "type", "since", "until", "by"}
+
+
+def require_admin_token() -> None:
+    """Raise 404 when no admin token is configured, 401 unless the request carries it."""
+    token = current_app.config.get("IDEMHOOK_ADMIN_TOKEN")
+    if not token:
+        raise NotFound(
+            "Not found. (The read API is off until IDEMHOOK_ADMIN_TOKEN is set.)",
+            code="not_found",
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Compare digests so neither the content nor the length of the token leaks in timing.
+    expected = hashlib.sha256(str(token).encode()).digest()
+    offered = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, expected)):
+        error = Unauthorized(
+            "Send the admin token as 'Authorization: Bearer <IDEMHOOK_ADMIN_TOKEN>'.",
+            code="unauthorized",
+        )
+        error.headers["WWW-Authenticate"] = 'Bearer realm="idemhook"'
+        raise error
+
+
+@bp.before_request
+def _authorize() -> None:
+    require_admin_token()
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    try:
+        with get_db().session() as session:
+            yield session
+    except SQLAlchemyError as exc:
+        if is_disconnect(exc):
+            raise ServiceUnavailable(
+                "The database is unavailable; retry shortly.", code="database_unavailable"
+            ) from exc
+        raise
+
+
+def _args(allowed: set[str]) -> dict[str, str]:
+    unknown = sorted(set(request.args) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"Unknown query parameter {unknown[0]!r}; this endpoint accepts "
+            f"{', '.join(sorted(allowed))}.",
+            code="invalid_parameter",
+        )
+    args = {key: request.args[key] for key in request.args}
+    _no_nul(*args.values())
+    return args
+
+
+def _no_nul(*values: str) -> None:
+    # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the driver.
+    if any("\x00" in value for value in values):
+        raise BadRequest("Parameters must not contain NUL characters.", code="invalid_parameter")
+
+
+def _filters(args: dict[str, str]) -> queries.Filters:
+    try:
+        since = queries.parse_when(args["since"]) if "since" in args else None
+        until = queries.parse_when(args["until"]) if "until" in args else None
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    pending = args.get("pending", "false").lower()
+    if pending not in ("true", "false", "1", "0"):
+        raise BadRequest("pending must be true or false.", code="invalid_parameter")
+    return queries.Filters(
+        source=args.get("source"),
+        type=args.get("type"),
+        status=args.get("status"),
+        since=since,
+        until=until,
+        pending=pending in ("true", "1"),
+    )
+
+
+def _limit(args: dict[str, str]) -> int:
+    raw = args.get("limit", str(queries.DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= queries.MAX_LIMIT:
+        raise BadRequest(
+            f"limit must be a whole number from 1 to {queries.MAX_LIMIT}, got {raw!r}.",
+            code="invalid_parameter",
+        )
+    return int(raw)
+
+
+def _page(lister: Any, key: str, allowed: set[str]) -> Response:
+    args = _args(allowed)
+    filters, limit = _filters(args), _limit(args)
+    try:
+        with _session() as session:
+            rows, next_cursor = lister(session, filters, limit, args.get("cursor") or None)
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({key: rows, "next": next_cursor})
+
+
+@bp.get("/events")
+def list_events() -> Response:
+    return _page(queries.list_events, "events", _EVENT_PARAMS)
+
+
+@bp.get("/events/stats")
+def event_stats() -> Response:
+    args = _args(_STATS_PARAMS)
+    filters = _filters(args)
+    try:
+        with _session() as session:
+            return jsonify(queries.stats(session, filters, args.get("by", "type")))
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+
+
+@bp.get("/events/<source>/<path:event_id>")
+def show_event(source: str, event_id: str) -> Response:
+    _args(set())
+    _no_nul(source, event_id)
+    with _session() as session:
+        event = queries.get_event(session, source, event_id)
+    if event is None:
+        raise NotFound(
+            f"No event {event_id!r} from source {source!r} is recorded "
+            "(never received, failed, or pruned).",
+            code="event_not_found",
+        )
+    return jsonify(event)
+
+
+@bp.get("/failures")
+def list_failures() -> Response:
+    return _page(queries.list_failures, "failures", _FAILURE_PARAMS)
+
+
+def init_app(app: Flask) -> None:
+    token = app.config.get("IDEMHOOK_ADMIN_TOKEN")
+    if token is not None and token != "" and len(str(token)) < 16:
+        raise ConfigError("IDEMHOOK_ADMIN_TOKEN must be at least 16 characters long")
+    app.register_blueprint(bp)

@@ -1,0 +1,93 @@
+"""One structured log line per event, as text or JSON (``IDEMHOOK_LOG_FORMAT``).
+
+Each line carries source, event_id, event_type, outcome and duration_ms, and
+nothing else from the request: never a payload, a header, a signature or a
+secret. Lines go to stderr through the ``idemhook`` logger, which gunicorn
+leaves alone, so they appear under gunicorn, ``flask run`` and the CLI alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+
+from .claim import Outcome
+from .errors import ConfigError
+from .plugins import Event
+
+log = logging.getLogger("idemhook.events")
+
+FORMATS = ("text", "json")
+#: The fields of an event line, in order.
+FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms")
+
+
+def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
+    """Log one line for ``event`` (a :class:`app.claim.Claimer` observer)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "outcome": outcome.status,
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    log.info(
+        "%s",
+        " ".join(f"{k}={_text(v)}" for k, v in fields.items()),
+        extra=fields,
+    )
+
+
+def _text(value: Any) -> str:
+    # IDs and types come from senders: quote anything that could forge or split a line.
+    text = "-" if value is None else str(value)
+    if not text or any(c.isspace() or not c.isprintable() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the event fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = [f for f in FIELDS if hasattr(record, f)]
+        if fields:
+            body.update({f: getattr(record, f) for f in fields})
+        else:
+            body["message"] = record.getMessage()
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class _Handler(logging.StreamHandler):
+    """idemhook's own stderr handler, installed once per process."""
+
+
+def init_app(app: Flask) -> None:
+    """Install the stderr handler with the configured format (once per process)."""
+    fmt = str(app.config["IDEMHOOK_LOG_FORMAT"]).lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"IDEMHOOK_LOG_FORMAT must be text or json, got {fmt!r}")
+    logger = logging.getLogger("idemhook")
+    handler = next((h for h in logger.handlers if isinstance(h, _Handler)), None)
+    if handler is None:
+        handler = _Handler()
+        logger.addHandler(handler)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)

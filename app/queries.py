@@ -1,0 +1,564 @@
+"""Reading and maintaining the event tables: one implementation for the CLI and the read API.
+
+Filters, keyset pagination, stats, prune, replay and failure retry live here so
+that ``idemhook events ...`` and ``GET /events`` cannot disagree. Timestamps in
+results are ISO 8601 strings in UTC; rows are plain dicts keyed by column name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    Select,
+    and_,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import Headers
+
+from .claim import Claimer, ClaimSession, Outcome
+from .intake import events_of
+from .models import delivery_failures, processed_events
+from .plugins import Event, Ignore, Reject, result_of
+from .sources import Source
+
+EVENTS = processed_events
+FAILURES = delivery_failures
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+#: Longest retry window of the providers we document (Stripe and Close: 3 days).
+LONGEST_RETRY_WINDOW = timedelta(days=3)
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class QueryError(ValueError):
+    """A filter, cursor or request the caller must fix; ``code`` is a stable error code."""
+
+    def __init__(self, message: str, code: str = "invalid_parameter") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``30d``, ``2h``, ``15m``, ``90s`` or ``1w``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise QueryError(f"{text!r} is not a duration: use e.g. 15m, 2h, 30d")
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise QueryError(f"{text!r} is too long a duration") from None
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """Parse a point in time: a duration ago (``2h``) or ISO 8601 (``2026-11-01T00:00Z``).
+
+    A time without a zone is taken as UTC.
+    """
+    now = now or datetime.now(UTC)
+    if _DURATION.match(text):
+        try:
+            return now - parse_duration(text)
+        except OverflowError:
+            raise QueryError(f"{text!r} reaches back before year 1") from None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise QueryError(
+            f"{text!r} is neither a duration (2h, 30d) nor an ISO 8601 time (2026-11-01T00:00Z)"
+        ) from None
+    # UTC throughout: SQLite compares timestamps as text, without their zone.
+    try:
+        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    except OverflowError:
+        raise QueryError(f"{text!r} is out of range") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """What a listing is narrowed to; ``None`` means any."""
+
+    source: str | None = None
+    type: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    #: Failures only: just those whose event has not been applied since.
+    pending: bool = False
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- cursors ---------------------------------------------------------------------------------
+
+
+def encode_cursor(at: datetime, row_id: int) -> str:
+    """An opaque cursor naming the last row of a page (its sort key)."""
+    raw = json.dumps([iso(at), row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at, row_id = json.loads(raw)
+        if not isinstance(row_id, int) or isinstance(row_id, bool) or not 0 <= row_id < 2**63:
+            raise TypeError(row_id)
+        when = datetime.fromisoformat(at)
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)), row_id
+    except (binascii.Error, ValueError, TypeError):
+        raise QueryError(
+            "The cursor is not one this server handed out; pass the 'next' value unchanged.",
+            code="invalid_cursor",
+        ) from None
+
+
+def _page(
+    session: Session,
+    query: Select,
+    at_column: Any,
+    id_column: Any,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Any], str | None]:
+    """Newest first by (at, id); one row more than asked tells whether a next page exists."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    if cursor:
+        at, row_id = decode_cursor(cursor)
+        query = query.where(or_(at_column < at, and_(at_column == at, id_column < row_id)))
+    rows = session.execute(
+        query.order_by(at_column.desc(), id_column.desc()).limit(limit + 1)
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1]._mapping if rows and more else None
+    next_cursor = encode_cursor(last[at_column.name], last[id_column.name]) if last else None
+    return rows, next_cursor
+
+
+# -- processed events ------------------------------------------------------------------------
+
+#: Every column of processed_events; listings leave the payload out (``show`` has it).
+EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
+LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name != "payload")
+_TIMES = {"received_at", "processed_at", "last_seen_at", "replayed_at", "failed_at"}
+
+
+def _row(mapping: Any, columns: tuple[str, ...]) -> dict[str, Any]:
+    return {name: iso(mapping[name]) if name in _TIMES else mapping[name] for name in columns}
+
+
+def _event_filters(query: Select, filters: Filters) -> Select:
+    if filters.source is not None:
+        query = query.where(EVENTS.c.source == filters.source)
+    if filters.type is not None:
+        query = query.where(EVENTS.c.event_type == filters.type)
+    if filters.status is not None:
+        query = query.where(EVENTS.c.status == filters.status)
+    if filters.since is not None:
+        query = query.where(EVENTS.c.received_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(EVENTS.c.received_at < filters.until)
+    return query
+
+
+def list_events(
+    session: Session, filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of events, newest first, and the cursor of the next page (or None)."""
+    query = _event_filters(select(*(EVENTS.c[name] for name in LIST_COLUMNS)), filters)
+    rows, next_cursor = _page(session, query, EVENTS.c.received_at, EVENTS.c.id, limit, cursor)
+    return [_row(r._mapping, LIST_COLUMNS) for r in rows], next_cursor
+
+
+def get_event(session: Session, source: str, event_id: str) -> dict[str, Any] | None:
+    """The whole row of one event with its failures (oldest first), or None."""
+    row = session.execute(
+        select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
+    ).first()
+    if row is None:
+        return None
+    event = _row(row._mapping, EVENT_COLUMNS)
+    event["failures"] = failures_of(session, source, event_id)
+    return event
+
+
+FAILURE_COLUMNS = (
+    "id",
+    "source",
+    "event_id",
+    "event_type",
+    "error",
+    "permanent",
+    "failed_at",
+)
+
+
+def failures_of(session: Session, source: str, event_id: str) -> list[dict[str, Any]]:
+    """Every recorded failure of one event, traceback included, oldest first."""
+    rows = session.execute(
+        select(*(FAILURES.c[n] for n in FAILURE_COLUMNS), FAILURES.c.traceback)
+        .where(FAILURES.c.source == source, FAILURES.c.event_id == event_id)
+        .order_by(FAILURES.c.failed_at, FAILURES.c.id)
+    ).all()
+    return [_row(r._mapping, (*FAILURE_COLUMNS, "traceback")) for r in rows]
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def _applied_since_failure() -> Any:
+    """SQL: the failed event has a claim row now.
+
+    A failure rolls its claim back, and a delivery that finds a claim is a
+    duplicate rather than a failure; so a claim row for a failed event can only
+    come from a later delivery (or retry) that succeeded.
+    """
+    return exists().where(
+        EVENTS.c.source == FAILURES.c.source,
+        EVENTS.c.event_id == FAILURES.c.event_id,
+    )
+
+
+def _failure_filters(query: Select, filters: Filters) -> Select:
+    if filters.source is not None:
+        query = query.where(FAILURES.c.source == filters.source)
+    if filters.type is not None:
+        query = query.where(FAILURES.c.event_type == filters.type)
+    if filters.since is not None:
+        query = query.where(FAILURES.c.failed_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(FAILURES.c.failed_at < filters.until)
+    if filters.pending:
+        query = query.where(~_applied_since_failure())
+    return query
+
+
+def list_failures(
+    session: Session, filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of failures, newest first; ``resolved`` tells whether the event applied since."""
+    resolved = _applied_since_failure().label("resolved")
+    query = _failure_filters(select(*(FAILURES.c[n] for n in FAILURE_COLUMNS), resolved), filters)
+    rows, next_cursor = _page(session, query, FAILURES.c.failed_at, FAILURES.c.id, limit, cursor)
+    return [_row(r._mapping, (*FAILURE_COLUMNS, "resolved")) for r in rows], next_cursor
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+STATS_BY = ("type", "source", "hour")
+
+
+def _bucket(session: Session, table: Any, by: str, at_column: Any) -> Any:
+    if by == "type":
+        return func.coalesce(table.c.event_type, literal(""))
+    if by == "source":
+        return table.c.source
+    if session.get_bind().dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%dT%H:00:00Z", at_column)
+    return func.to_char(
+        func.date_trunc("hour", func.timezone("UTC", at_column)), 'YYYY-MM-DD"T"HH24":00:00Z"'
+    )
+
+
+def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any]:
+    """Counts per group: events by status, duplicates received, failures recorded."""
+    if by not in STATS_BY:
+        raise QueryError(f"by must be one of {', '.join(STATS_BY)}, got {by!r}")
+    key = _bucket(session, EVENTS, by, EVENTS.c.received_at).label("key")
+    event_rows = session.execute(
+        _event_filters(
+            select(
+                key,
+                EVENTS.c.status,
+                func.count().label("events"),
+                func.coalesce(func.sum(EVENTS.c.duplicate_count), 0).label("duplicates"),
+            ),
+            filters,
+        ).group_by(key, EVENTS.c.status)
+    ).all()
+    fkey = _bucket(session, FAILURES, by, FAILURES.c.failed_at).label("key")
+    failure_filters = Filters(
+        source=filters.source, type=filters.type, since=filters.since, until=filters.until
+    )
+    failure_rows = session.execute(
+        _failure_filters(select(fkey, func.count().label("failures")), failure_filters).group_by(
+            fkey
+        )
+    ).all()
+
+    groups: dict[str, dict[str, Any]] = {}
+
+    def group(name: str) -> dict[str, Any]:
+        return groups.setdefault(
+            name, {"key": name, "events": 0, "by_status": {}, "duplicates": 0, "failures": 0}
+        )
+
+    for row in event_rows:
+        entry = group(row.key)
+        entry["events"] += row.events
+        entry["duplicates"] += int(row.duplicates)
+        entry["by_status"][row.status] = row.events
+    for row in failure_rows:
+        group(row.key)["failures"] += row.failures
+    ordered = sorted(groups.values(), key=lambda g: g["key"], reverse=by == "hour")
+    by_status: dict[str, int] = {}
+    for g in ordered:
+        for status, count in g["by_status"].items():
+            by_status[status] = by_status.get(status, 0) + count
+    totals = {
+        "events": sum(g["events"] for g in ordered),
+        "by_status": by_status,
+        "duplicates": sum(g["duplicates"] for g in ordered),
+        "failures": sum(g["failures"] for g in ordered),
+    }
+    return {
+        "by": by,
+        "since": iso(filters.since),
+        "until": iso(filters.until),
+        "groups": ordered,
+        "totals": totals,
+    }
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PruneReport:
+    """What a prune did (or, with ``dry_run``, would do)."""
+
+    cutoff: datetime
+    payloads_only: bool
+    dry_run: bool
+    events: int = 0
+    failures: int = 0
+    batches: int = 0
+
+
+def prune(
+    engine: Engine,
+    older_than: timedelta,
+    *,
+    payloads_only: bool = False,
+    dry_run: bool = False,
+    batch_size: int = 5000,
+    now: datetime | None = None,
+) -> PruneReport:
+    """Delete (or strip the payloads of) rows older than ``older_than``, one batch per commit.
+
+    Each batch is a short transaction over at most ``batch_size`` rows picked by
+    the ``received_at``/``failed_at`` indexes, so a large prune never holds locks
+    for long and concurrent intake keeps flowing between batches.
+    """
+    if batch_size < 1:
+        raise QueryError("batch size must be at least 1")
+    cutoff = (now or datetime.now(UTC)) - older_than
+    report = PruneReport(cutoff, payloads_only, dry_run)
+    targets = (
+        (EVENTS, EVENTS.c.received_at, "events"),
+        (FAILURES, FAILURES.c.failed_at, "failures"),
+    )
+    for table, at_column, counter in targets:
+        old = at_column < cutoff
+        if payloads_only:
+            old = and_(old, table.c.payload.is_not(None))
+            changes: dict[str, Any] = {"payload": None}
+            if table is FAILURES:
+                # The raw body is the payload too (and what a retry replays).
+                changes["raw_body"] = b""
+        if dry_run:
+            with engine.connect() as conn:
+                count = conn.execute(select(func.count()).select_from(table).where(old)).scalar()
+            setattr(report, counter, int(count or 0))
+            continue
+        while True:
+            batch = select(table.c.id).where(old).limit(batch_size).scalar_subquery()
+            if payloads_only:
+                statement: Any = update(table).where(table.c.id.in_(batch)).values(changes)
+            else:
+                statement = delete(table).where(table.c.id.in_(batch))
+            with engine.begin() as conn:
+                done = conn.execute(statement).rowcount
+            if not done:
+                break
+            setattr(report, counter, getattr(report, counter) + done)
+            report.batches += 1
+            if done < batch_size:
+                break
+    return report
+
+
+# -- replay and retry ------------------------------------------------------------------------
+
+
+class ActionRefused(Exception):
+    """Replay or retry cannot run for this event; the message says why."""
+
+
+def replay(claimer: Claimer, source: str, event_id: str) -> dict[str, Any]:
+    """Run the handlers again for an already recorded event, in one transaction.
+
+    The row is locked (``FOR UPDATE``) so that a concurrent replay or delivery
+    waits; handlers see the stored payload; the new result, ``replayed_at`` and
+    ``replay_count`` are written in the same transaction as the handlers' work.
+    A handler error rolls all of it back and is raised.
+    """
+    session: ClaimSession = claimer.sessions()
+    try:
+        with session.begin():
+            query = select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = session.execute(query).first()
+            if row is None:
+                raise ActionRefused(f"no event {event_id!r} from source {source!r}")
+            if row.payload is None:
+                raise ActionRefused(
+                    f"event {event_id!r} has no stored payload (pruned with --payloads-only)"
+                )
+            registrations = claimer.registry.for_event(source, row.event_type)
+            if not registrations:
+                raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
+            event = Event(source, event_id, row.event_type, row.payload, Headers(), row.received_at)
+            results: dict[str, Any] = {}
+            ignored = 0
+            session.in_handler = True
+            try:
+                # The outcomes of app.plugins, as in the claim: Ignore is a result, Reject
+                # (returned or raised) aborts the replay, rolling back every handler's work.
+                for registration in registrations:
+                    try:
+                        value = registration.func(event, session)
+                    except Ignore as chosen:
+                        value = chosen
+                    if isinstance(value, Reject):
+                        raise value
+                    if isinstance(value, Ignore):
+                        ignored += 1
+                        value = value.result()
+                    results[registration.name] = value
+            finally:
+                session.in_handler = False
+            now = datetime.now(UTC)
+            result = result_of(results)
+            session.execute(
+                update(EVENTS)
+                .where(EVENTS.c.id == row.id)
+                .values(
+                    result=result,
+                    status="ignored" if ignored == len(registrations) else "processed",
+                    processed_at=now,
+                    replayed_at=now,
+                    replay_count=EVENTS.c.replay_count + 1,
+                )
+            )
+    finally:
+        session.close()
+    with claimer.database.session() as reader:
+        event_row = get_event(reader, source, event_id)
+    assert event_row is not None
+    return event_row
+
+
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    """The outcome of retrying one failed event: a claim outcome or why it was skipped."""
+
+    source: str
+    event_id: str
+    status: str
+    detail: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "event_id": self.event_id,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+def retry_failure(
+    claimer: Claimer, sources: dict[str, Source], source: str, event_id: str
+) -> RetryResult:
+    """Re-run the latest failed delivery of an event through the normal claim path.
+
+    The stored raw body and headers are parsed exactly as on receipt (the
+    signature was verified then and is not stored, so it is not checked again).
+    An event that has been applied since is skipped: claiming it again would only
+    count a duplicate.
+    """
+    with claimer.database.session() as session:
+        failure = session.execute(
+            select(FAILURES.c.raw_body, FAILURES.c.headers, FAILURES.c.failed_at)
+            .where(FAILURES.c.source == source, FAILURES.c.event_id == event_id)
+            .order_by(FAILURES.c.failed_at.desc(), FAILURES.c.id.desc())
+            .limit(1)
+        ).first()
+        if failure is None:
+            raise ActionRefused(f"no recorded failure of event {event_id!r} from {source!r}")
+        applied = session.execute(
+            select(EVENTS.c.status).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
+        ).scalar()
+    if applied is not None:
+        return RetryResult(source, event_id, "skipped", f"already recorded as {applied}")
+    src = sources.get(source)
+    if src is None:
+        raise ActionRefused(f"source {source!r} is no longer configured")
+    raw_body = bytes(failure.raw_body)
+    if not raw_body:
+        raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")
+    headers = Headers(failure.headers or {})
+    events = [
+        e
+        for e in events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
+        if e.id == event_id
+    ]
+    if not events:
+        raise ActionRefused(f"the stored body no longer yields event {event_id!r}")
+    outcome: Outcome = claimer.apply(events[:1], raw_body)[0]
+    detail = outcome.error if outcome.status == "failed" else outcome.result
+    return RetryResult(source, event_id, outcome.status, detail)
+
+
+def pending_failures(session: Session, filters: Filters) -> Iterator[tuple[str, str]]:
+    """Distinct (source, event_id) of failures not applied since, oldest first."""
+    pending = Filters(
+        source=filters.source,
+        type=filters.type,
+        since=filters.since,
+        until=filters.until,
+        pending=True,
+    )
+    first_failed = func.min(FAILURES.c.failed_at)
+    query = _failure_filters(select(FAILURES.c.source, FAILURES.c.event_id), pending).group_by(
+        FAILURES.c.source, FAILURES.c.event_id
+    )
+    for row in session.execute(query.order_by(first_failed)).all():
+        yield row.source, row.event_id

@@ -1,0 +1,280 @@
+"""Health, readiness, metrics and per-event logs, as an operator sees them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import create_app, logs, migrate
+from app.errors import ConfigError
+from app.testing import deliver, postgres
+from tests.conftest import SECRET, SOURCES
+from tests.test_api import AUTH, TOKEN
+from tests.test_events_cli import closed_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def samples(text: str, name: str) -> dict[tuple, float]:
+    """Samples of metric ``name`` keyed by their sorted label items."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text, name).get(tuple(sorted(labels.items())), 0.0)
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+def test_healthz_and_readyz_when_all_is_well(client):
+    assert client.get("/healthz").json == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json["revision"] == sorted(migrate.heads(client.application))
+
+
+def test_readyz_fails_when_the_database_is_down(db_url):
+    app = create_app(
+        {"DATABASE_URL": db_url.set(host="127.0.0.1", port=closed_port()), "IDEMHOOK_CONFIG": {}}
+    )
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200  # the process is up
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json["database"] == "unreachable"
+
+
+def test_readyz_fails_while_migrations_are_behind(pg_server):
+    url = postgres.create_database(pg_server)
+    try:
+        app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}})
+        migrate.upgrade(app, "0001")
+        ready = app.test_client().get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json["database"] == "migrations behind"
+        assert ready.json["applied"] == ["0001"]
+        assert ready.json["expected"] == sorted(migrate.heads(app)) != ["0001"]
+        migrate.upgrade(app)
+        assert app.test_client().get("/readyz").status_code == 200
+        migrate.downgrade(app, "0001")  # the downgrades work too
+        assert migrate.current(app) == {"0001"}
+        assert app.test_client().get("/readyz").status_code == 503
+        app.extensions["idemhook.db"].engine.dispose()
+    finally:
+        postgres.drop_database(url)
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_count_events_by_outcome_and_time_claims_and_handlers(client, sql):
+    before = client.get("/metrics").get_data(as_text=True)
+    deliver(client, "acme", {"id": "m1", "type": "contact.updated"})
+    deliver(client, "acme", {"id": "m1", "type": "contact.updated"})
+    deliver(client, "acme", {"id": "m2", "type": "invoice.paid"})
+    sql("INSERT INTO test_failures VALUES ('m3', 'down')")
+    deliver(client, "acme", {"id": "m3", "type": "contact.updated"})
+    client.post("/webhooks/acme", data=b"{}", headers={"Content-Type": "application/json"})
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    after = response.get_data(as_text=True)
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    events = "idemhook_events_total"
+    assert moved(events, source="acme", type="contact.updated", outcome="processed") == 1
+    assert moved(events, source="acme", type="contact.updated", outcome="duplicate") == 1
+    assert moved(events, source="acme", type="invoice.paid", outcome="ignored") == 1
+    assert moved(events, source="acme", type="contact.updated", outcome="failed") == 1
+    # Handlers ran for m1 and m3; every delivery that reached the claim was timed.
+    assert moved("idemhook_handler_duration_seconds_count", source="acme") == 2
+    assert moved("idemhook_claim_wait_seconds_count", source="acme") == 4
+    requests_ = "idemhook_request_duration_seconds_count"
+    assert moved(requests_, endpoint="intake.receive", status="200") == 3
+    assert moved(requests_, endpoint="intake.receive", status="500") == 1
+    assert moved(requests_, endpoint="intake.receive", status="401") == 1
+
+
+def test_event_type_labels_are_bounded_per_source(client):
+    client.application.extensions["idemhook.metrics"].max_types = 2
+    for i in range(5):
+        deliver(client, "acme", {"id": f"t{i}", "type": f"kind.{i}"})
+    text = client.get("/metrics").get_data(as_text=True)
+    types = {dict(k)["type"] for k in samples(text, "idemhook_events_total")}
+    assert types == {"kind.0", "kind.1", "other"}
+    assert value(text, "idemhook_events_total", source="acme", type="other", outcome="ignored") == 3
+
+
+def test_metrics_can_require_the_admin_token(make_app):
+    client = make_app(IDEMHOOK_ADMIN_TOKEN=TOKEN, IDEMHOOK_METRICS_PUBLIC=False).test_client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=AUTH).status_code == 200
+    public = make_app(IDEMHOOK_ADMIN_TOKEN=TOKEN).test_client()
+    assert public.get("/metrics").status_code == 200
+
+
+def test_metrics_public_setting_is_read_from_the_environment(monkeypatch, db_url):
+    monkeypatch.setenv("IDEMHOOK_METRICS_PUBLIC", "false")
+    app = create_app({"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": {}})
+    assert app.config["IDEMHOOK_METRICS_PUBLIC"] is False
+    monkeypatch.setenv("IDEMHOOK_METRICS_PUBLIC", "maybe")
+    with pytest.raises(ConfigError, match="IDEMHOOK_METRICS_PUBLIC"):
+        create_app({"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": {}})
+
+
+def _toml(sources: dict) -> str:
+    """The test sources as a sources file (flat values only, as the fixture has)."""
+    lines = [f"plugins = {json.dumps(sources['plugins'])}"]
+    for name, keys in sources["sources"].items():
+        lines.append(f"[sources.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.gunicorn
+def test_metrics_add_up_and_events_are_logged_across_gunicorn_workers(pg_url, tmp_path):
+    config = tmp_path / "webhooks.toml"
+    config.write_text(_toml(SOURCES))
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": str(pg_url.render_as_string(hide_password=False)),
+        "IDEMHOOK_CONFIG": str(config),
+        "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
+        "IDEMHOOK_LOG_FORMAT": "json",
+    }
+    log_file = (tmp_path / "gunicorn.log").open("wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "app:create_app()",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (
+                "gunicorn did not start: " + (tmp_path / "gunicorn.log").read_text()[-2000:]
+            )
+            time.sleep(0.2)
+        time.sleep(1)  # let the second worker finish booting
+        # Keep one worker busy so the other answers the rest: counts live in two processes.
+        busy = threading.Thread(
+            target=requests.post,
+            args=(f"{base}/webhooks/open",),
+            kwargs={"json": {"sleep": 1.0}, "headers": {"X-Event-Id": "slow"}, "timeout": 10},
+        )
+        busy.start()
+        time.sleep(0.2)
+        for i in range(5):
+            sent = requests.post(
+                f"{base}/webhooks/open", json={"n": i}, headers={"X-Event-Id": f"g{i}"}, timeout=5
+            )
+            assert sent.status_code == 200
+        busy.join()
+        for _ in range(4):  # whichever worker answers, it reports both workers' counts
+            text = requests.get(f"{base}/metrics", timeout=5).text
+            assert (
+                value(text, "idemhook_events_total", source="open", type="", outcome="processed")
+                == 6
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log_file.close()
+    # Under gunicorn too, each event is one JSON line on stderr, from both workers.
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "gunicorn.log").read_text().splitlines()
+        if line.startswith("{") and '"idemhook.events"' in line
+    ]
+    assert sorted(line["event_id"] for line in lines) == ["g0", "g1", "g2", "g3", "g4", "slow"]
+    assert {line["outcome"] for line in lines} == {"processed"}
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def _lines(caplog, app) -> list[str]:
+    handler = next(
+        h for h in logging.getLogger("idemhook").handlers if isinstance(h, logs._Handler)
+    )
+    return [handler.format(r) for r in caplog.records if r.name == "idemhook.events"]
+
+
+def test_one_json_line_per_event_without_payload_or_signature(make_app, caplog):
+    app = make_app(IDEMHOOK_LOG_FORMAT="json")
+    client = app.test_client()
+    caplog.set_level(logging.INFO, logger="idemhook")
+    secret_value = "card-4242-4242"
+    response = deliver(client, "acme", {"id": "l1", "type": "contact.updated", "pan": secret_value})
+    deliver(client, "acme", {"id": "l1", "type": "contact.updated", "pan": secret_value})
+    [first, second] = _lines(caplog, app)
+    record = json.loads(first)
+    assert {k: record[k] for k in ("source", "event_id", "event_type", "outcome")} == {
+        "source": "acme",
+        "event_id": "l1",
+        "event_type": "contact.updated",
+        "outcome": "processed",
+    }
+    assert isinstance(record["duration_ms"], float) and record["level"] == "info"
+    assert json.loads(second)["outcome"] == "duplicate"
+    signature = next(v for k, v in response.request.headers.items() if "ignature" in k)
+    for line in (first, second):
+        assert secret_value not in line and SECRET not in line and signature not in line
+
+
+def test_text_lines_cannot_be_split_by_a_hostile_event_id(make_app, caplog):
+    app = make_app(IDEMHOOK_LOG_FORMAT="text")
+    caplog.set_level(logging.INFO, logger="idemhook")
+    deliver(app.test_client(), "acme", {"id": "x\nFAKE outcome=processed", "type": "a b"})
+    [line] = _lines(caplog, app)
+    assert "\n" not in line
+    assert 'event_id="x\\nFAKE outcome=processed"' in line and "outcome=ignored" in line
+
+
+def test_unknown_log_format_is_refused(make_app):
+    with pytest.raises(ConfigError, match="IDEMHOOK_LOG_FORMAT"):
+        make_app(IDEMHOOK_LOG_FORMAT="xml")
