@@ -253,11 +253,12 @@ def test_the_sql_check_catches_formatting():
     assert not _formatted_sql(ast.parse('f"PRAGMA busy_timeout={int(ms)}"').body[0].value)  # type: ignore[attr-defined]
 
 
-def test_signatures_are_never_compared_with_equality():
+def test_signatures_and_tokens_are_never_compared_with_equality():
     # Verification must use matches_any / hmac.compare_digest: == leaks timing.
-    suspicious = ("sig", "digest", "mac", "token", "secret", "expected", "given")
+    suspicious = ("sig", "digest", "mac", "token", "secret", "expected", "given", "offered")
     offenders = []
-    for path in sorted((APP / "schemes").glob("*.py")):
+    checked = [*sorted((APP / "schemes").glob("*.py")), APP / "api.py", APP / "metrics.py"]
+    for path in checked:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and any(
                 isinstance(op, ast.Eq | ast.NotEq) for op in node.ops
