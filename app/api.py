@@ -166,6 +166,6 @@ def list_failures() -> Response:
 
 def init_app(app: Flask) -> None:
     token = app.config.get("IDEMHOOK_ADMIN_TOKEN")
-    if token is not None and token != "" and len(str(token)) < 16:
+    if token and len(str(token)) < 16:
         raise ConfigError("IDEMHOOK_ADMIN_TOKEN must be at least 16 characters long")
     app.register_blueprint(bp)
