@@ -173,17 +173,23 @@ def _row(mapping: Any, columns: tuple[str, ...]) -> dict[str, Any]:
     return {name: iso(mapping[name]) if name in _TIMES else mapping[name] for name in columns}
 
 
-def _event_filters(query: Select, filters: Filters) -> Select:
+def _common_filters(query: Select, filters: Filters, table: Any, time_column: Any) -> Select:
+    """Source, type and time window: the filters both tables share."""
     if filters.source is not None:
-        query = query.where(EVENTS.c.source == filters.source)
+        query = query.where(table.c.source == filters.source)
     if filters.type is not None:
-        query = query.where(EVENTS.c.event_type == filters.type)
+        query = query.where(table.c.event_type == filters.type)
+    if filters.since is not None:
+        query = query.where(time_column >= filters.since)
+    if filters.until is not None:
+        query = query.where(time_column < filters.until)
+    return query
+
+
+def _event_filters(query: Select, filters: Filters) -> Select:
+    query = _common_filters(query, filters, EVENTS, EVENTS.c.received_at)
     if filters.status is not None:
         query = query.where(EVENTS.c.status == filters.status)
-    if filters.since is not None:
-        query = query.where(EVENTS.c.received_at >= filters.since)
-    if filters.until is not None:
-        query = query.where(EVENTS.c.received_at < filters.until)
     return query
 
 
@@ -246,14 +252,7 @@ def _applied_since_failure() -> Any:
 
 
 def _failure_filters(query: Select, filters: Filters) -> Select:
-    if filters.source is not None:
-        query = query.where(FAILURES.c.source == filters.source)
-    if filters.type is not None:
-        query = query.where(FAILURES.c.event_type == filters.type)
-    if filters.since is not None:
-        query = query.where(FAILURES.c.failed_at >= filters.since)
-    if filters.until is not None:
-        query = query.where(FAILURES.c.failed_at < filters.until)
+    query = _common_filters(query, filters, FAILURES, FAILURES.c.failed_at)
     if filters.pending:
         query = query.where(~_applied_since_failure())
     return query
