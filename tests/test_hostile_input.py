@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import requests
 
-from app.intake import MAX_ID_LENGTH, MAX_NESTING
+from app.intake import MAX_ID_LENGTH
+from app.parsing import MAX_NESTING
 from tests.conftest import SECRET, SOURCES
 from tests.reliability.conftest import signed_post, truncate
 from tests.servers import gunicorn

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from werkzeug.datastructures import Headers
 
 from ..errors import ConfigError, Unauthorized
+from ..parsing import parse_json
 
 if TYPE_CHECKING:
     from flask import Response
@@ -78,8 +79,6 @@ class Scheme:
 
     def parse(self, body: bytes) -> Any:
         """Turn the verified raw body into the payload events are read from (strict JSON)."""
-        from ..intake import parse_json  # the intake imports this package
-
         return parse_json(body)
 
     def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Response | None:
