@@ -65,6 +65,8 @@ class Plan:
     rss_segment_seconds: float = 10
     paced_fraction: float = 0.7
     gunicorn: tuple[str, ...] = ()
+    #: Scenario names to run (development); empty: all of them.
+    only: tuple[str, ...] = ()
 
 
 FULL = Plan()
@@ -338,6 +340,8 @@ class Bench:
     ) -> dict[str, Any]:
         """Run ``name`` for every round on both servers (ABBA order) and keep the medians."""
         plan = self.plan
+        if plan.only and name not in plan.only:
+            return {}
         per_request = batch or 1
         # Enough fresh requests for the fastest plausible run, so none is sent twice.
         capacity = rate or self.results.get("capacity_rps", 3000) * 2.5
@@ -438,8 +442,8 @@ class Bench:
         log(f"warm-up: {warm[0]:.0f} / {warm[1]:.0f} req/s")
 
         new = self.scenario("new", "single", new_ids, label="all new events")
-        peak = new["median"]["receiver"]["rps"]
-        self.results["capacity_rps"] = max(peak, new["median"]["baseline"]["rps"])
+        peak = new["median"]["receiver"]["rps"] if new else warm[0]
+        self.results["capacity_rps"] = max(peak, new["median"]["baseline"]["rps"] if new else 0)
 
         dup_ids = new_ids(plan.duplicates_pool)
         self.prime(dup_ids)
@@ -474,6 +478,8 @@ class Bench:
             label=f"{plan.paced_fraction:.0%} of peak, constant rate",
         )
         for rows in plan.prefill:
+            if plan.only and f"rows_{rows}" not in plan.only:
+                continue
             took = self.fill_to(rows)
             log(f"processed_events filled to {rows:,} synthetic rows in {took:.0f}s")
             self.scenario(
@@ -482,10 +488,11 @@ class Bench:
                 new_ids,
                 label=f"all new, {human(rows)} rows in the table",
             )
-        self.rss_run()
+        if not plan.only or "rss" in plan.only:
+            self.rss_run()
         self.results["seconds"] = round(time.monotonic() - started, 1)
         self.results["loadavg_end"] = os.getloadavg()
-        self.results["targets"] = targets(self.results)
+        self.results["targets"] = [] if plan.only else targets(self.results)
         self.save()
         return self.results
 
@@ -618,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="A/B rounds per scenario")
     parser.add_argument("--seconds", type=float, help="length of each wrk run")
     parser.add_argument("--gunicorn", default="", help="extra gunicorn arguments for both servers")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (development)")
     parser.add_argument("--docs", action="store_true", help="regenerate docs/performance.md")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -625,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, rounds=args.rounds)
     if args.seconds:
         plan = replace(plan, seconds=args.seconds)
+    if args.only:
+        plan = replace(plan, only=tuple(args.only.split(",")))
     if args.gunicorn:
         plan = replace(plan, gunicorn=plan.gunicorn + tuple(shlex.split(args.gunicorn)))
     out = args.out or RESULTS / ("quick" if args.quick else "full")
