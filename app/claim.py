@@ -216,6 +216,10 @@ class Claimer:
         """
         outcomes: list[Outcome] = []
         observed: list[tuple[Event, Outcome, float]] = []
+        # A savepoint-free batch on PostgreSQL stores all results in one statement at the end.
+        finished: list[dict[str, Any]] | None = (
+            [] if len(events) > 1 and not savepoints and self._finish_sql is not None else None
+        )
         connection = self.database.engine.connect()
         session = self.sessions(bind=connection, join_transaction_mode="rollback_only")
         try:
@@ -225,9 +229,11 @@ class Claimer:
                     if savepoints:
                         outcome = self._claim_in_savepoint(connection, event, raw_body)
                     else:
-                        outcome = self._claim_one(session, event)
+                        outcome = self._claim_one(session, event, finished)
                     outcomes.append(outcome)
                     observed.append((event, outcome, time.perf_counter() - started))
+                if finished:
+                    self._finish_all(connection, finished)
         finally:
             session.close()
             connection.close()
@@ -258,7 +264,26 @@ class Claimer:
         for observer in self.observers:
             observer(event, outcome, seconds)
 
-    def _claim_one(self, session: ClaimSession, event: Event) -> Outcome:
+    def _finish_all(self, connection: Connection, finished: list[dict[str, Any]]) -> None:
+        """Store the results of a batch's processed events with one UPDATE ... FROM VALUES."""
+        rows = ", ".join(["(%s, %s, %s::jsonb, %s::timestamptz)"] * len(finished))
+        params: list[Any] = []
+        for item in finished:
+            params += [item["b_source"], item["b_id"], item["result"], item["processed_at"]]
+        connection.exec_driver_sql(
+            f"UPDATE {processed_events.name} AS p SET result = v.result, "
+            f"processed_at = v.processed_at FROM (VALUES {rows}) "
+            "AS v(source, event_id, result, processed_at) "
+            "WHERE p.source = v.source AND p.event_id = v.event_id",
+            tuple(params),
+        )
+
+    def _claim_one(
+        self,
+        session: ClaimSession,
+        event: Event,
+        finished: list[dict[str, Any]] | None = None,
+    ) -> Outcome:
         registrations = self.registry.for_event(event.source, event.type)
         claim = {
             "source": event.source,
@@ -282,6 +307,10 @@ class Claimer:
                 ) from exc
             raise
         if row.duplicate_count:
+            if finished:  # a repeat inside this batch: its original's result is not stored yet
+                for item in finished:
+                    if item["b_id"] == event.id:
+                        return Outcome(event.id, "duplicate", item["value"])
             return Outcome(event.id, "duplicate", row.result)
         if not registrations:
             return Outcome(event.id, "ignored", None)
@@ -305,7 +334,10 @@ class Claimer:
                 "result": result,
                 "processed_at": datetime.now(UTC),
             }
-            if self._finish_sql is not None:
+            if finished is not None:
+                finish["result"] = dumps(result)  # serialise now: a bad result fails this event
+                finished.append({**finish, "value": result})
+            elif self._finish_sql is not None:
                 self._finish_sql.execute(session, finish)
             else:
                 session.execute(self._finish, finish)

@@ -1,0 +1,82 @@
+"""The claim's fast paths (docs/performance.md) keep the claim's visible behaviour.
+
+A batch first runs without savepoints and stores all results in one statement;
+handlers share a session that the receiver never commits, so pending ORM changes
+must still be written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy.orm import registry as orm_registry
+
+from app.plugins import handler
+from app.testing import deliver
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request, pg_url, sqlite_url):
+    """Both supported backends."""
+    return pg_url if request.param == "postgresql" else sqlite_url
+
+
+def as_json(value):
+    return json.loads(value) if isinstance(value, str) else value  # SQLite returns the text
+
+
+def test_batch_stores_every_result_and_a_repeat_answers_its_original(client, sql):
+    batch = [{"id": f"f{i}", "type": "contact.updated"} for i in range(3)]
+    batch.append({"id": "f1", "type": "contact.updated"})
+
+    response = deliver(client, "batched", batch)
+
+    assert response.status_code == 200
+    assert [(e["event_id"], e["status"], e["result"]) for e in response.json["events"]] == [
+        ("f0", "processed", {"applied": "f0"}),
+        ("f1", "processed", {"applied": "f1"}),
+        ("f2", "processed", {"applied": "f2"}),
+        ("f1", "duplicate", {"applied": "f1"}),
+    ]
+    rows = sql(
+        "SELECT event_id, result, processed_at IS NOT NULL, duplicate_count "
+        "FROM processed_events ORDER BY event_id"
+    )
+    assert [(r[0], as_json(r[1]), bool(r[2]), r[3]) for r in rows] == [
+        ("f0", {"applied": "f0"}, True, 0),
+        ("f1", {"applied": "f1"}, True, 1),
+        ("f2", {"applied": "f2"}, True, 0),
+    ]
+
+
+def test_handlers_pending_orm_changes_are_written(make_app, sql):
+    metadata = MetaData()
+    effects = Table(
+        "test_effects",
+        metadata,
+        Column("source", String(64), primary_key=True),
+        Column("event_id", String(255), primary_key=True),
+    )
+
+    class Effect:
+        def __init__(self, source: str, event_id: str) -> None:
+            self.source, self.event_id = source, event_id
+
+    orm_registry().map_imperatively(Effect, effects)
+
+    @handler("acme", "*")
+    def add_effect(event, db):
+        db.add(Effect(event.source, event.id))  # never flushed by the handler itself
+        return "added"
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", add_effect)
+
+    response = deliver(app.test_client(), "acme", {"id": "orm1", "type": "contact.updated"})
+
+    assert response.status_code == 200 and response.json["result"] == "added"
+    assert sql("SELECT source, event_id FROM test_effects") == [("acme", "orm1")]
