@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,10 +93,10 @@ class Server:
                 pids.append(int(entry.name))
         return sorted(pids)
 
-    def cpu_seconds(self) -> float:
-        """User+system CPU used so far by the workers (to compare CPU per request)."""
+    def cpu_seconds(self, extra_pids: Sequence[int] = ()) -> float:
+        """User+system CPU used so far by the workers (and ``extra_pids``), in seconds."""
         total = 0
-        for pid in self.worker_pids():
+        for pid in [*self.worker_pids(), *extra_pids]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
