@@ -187,7 +187,7 @@ class Bench:
             "gunicorn_conf": gunicorn_settings(),
             "gunicorn_args": list(self.plan.gunicorn),
             "workers": workers,
-            "pool_size": os.environ.get("IDEMHOOK_POOL_SIZE", "(gunicorn.conf.py default)"),
+            "pool_size": os.environ.get("IDEMHOOK_POOL_SIZE", "one connection per thread"),
             "wrk": f"{self.wrk} -t2 -c{self.plan.connections} (Lua script bench/wrk.lua)",
             "plan": asdict(self.plan),
         }
