@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", action="store_true", help="profile batches of 100")
     parser.add_argument("--server", default="receiver", choices=("receiver", "baseline"))
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--gil", action="store_true", help="only threads holding the GIL (CPU, not waits)"
+    )
     args = parser.parse_args(argv)
     out = RESULTS / "profile"
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.wrk, server.url + PATHS[(args.server, kind)], requests, seconds=1, connections=4
         )
         raw = out / f"{args.server}-{kind}.txt"
-        spy = [py_spy, "record", "--pid", str(worker), "--duration", str(args.seconds), "--rate"]
+        spy = [py_spy, "record", "--pid", str(worker), "--duration", str(args.seconds)]
+        if args.gil:
+            spy.append("--gil")
+        spy.append("--rate")
         jobs = [
             subprocess.Popen(
                 [*spy, "250", "--format", "raw", "-o", str(raw)],

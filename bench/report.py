@@ -20,9 +20,10 @@ DOCS = ROOT / "docs"
 
 def table(results: dict[str, Any]) -> str:
     rows = [
-        "| scenario | receiver req/s | baseline req/s | ratio | receiver p50 / p99 ms "
-        "| baseline p50 / p99 ms | worker CPU ms/request (receiver / baseline) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | receiver req/s | baseline req/s | ratio | CPU-cost ratio "
+        "| receiver p50 / p99 ms | baseline p50 / p99 ms "
+        "| CPU ms/request, worker + database (receiver; baseline) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for sc in results["scenarios"].values():
         a, b = sc["median"]["receiver"], sc["median"]["baseline"]
@@ -34,11 +35,32 @@ def table(results: dict[str, Any]) -> str:
             a_rate, b_rate = f"{a['rps']:.0f}", f"{b['rps']:.0f}"
         label = sc["label"] + (f" ({sc['rate']} req/s offered)" if sc["rate"] else "")
         rows.append(
-            f"| {label} | {a_rate} | {b_rate} | {sc['ratio_rps']} "
+            f"| {label} | {a_rate} | {b_rate} | {sc['ratio_rps']} | {sc.get('ratio_cpu')} "
             f"| {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} "
-            f"| {a['cpu_ms_per_request']:.2f} / {b['cpu_ms_per_request']:.2f} |"
+            f"| {cpu(a)}; {cpu(b)} |"
         )
     return "\n".join(rows)
+
+
+def wrk_share(results: dict[str, Any]) -> str:
+    """How much CPU the load generator itself used, per run (it shares the machine)."""
+    shares = sorted(
+        run["wrk_cpu_s"] / run["seconds"]
+        for sc in results["scenarios"].values()
+        for runs in sc["runs"].values()
+        for run in runs
+        if run["seconds"]
+    )
+    if not shares:
+        return "no runs"
+    return (
+        f"wrk used {shares[len(shares) // 2]:.0%} of one core in the median run "
+        f"(at most {shares[-1]:.0%}) of the machine's {results['machine']['cores']}"
+    )
+
+
+def cpu(median: dict[str, Any]) -> str:
+    return f"{median['cpu_ms_per_request']:.2f} + {median.get('db_cpu_ms_per_request', 0):.2f}"
 
 
 def target_table(results: dict[str, Any]) -> str:
@@ -73,7 +95,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     top.set_ylabel("events/s (median)")
     top.set_title("idemhook receiver vs bare baseline, same gunicorn settings")
     top.legend()
-    bottom.set_ylabel("p99 latency, ms (median)")
+    bottom.set_ylabel("p99 latency, ms (median, log scale)")
+    bottom.set_yscale("log")
     bottom.axhline(25, color="#d62728", linewidth=0.8, linestyle="--")
     bottom.set_xticks(list(x))
     bottom.set_xticklabels(labels, fontsize=8)
@@ -103,10 +126,12 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
             f"{plan['rounds']} rounds in ABBA order. Started {results['started']}, "
             f"took {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}."
         ),
+        "wrk": wrk_share(results),
         "table": table(results),
         "targets": target_table(results),
         "rss": ", ".join(
-            f"{s['events']:,} events: {max(s['rss_mb']):.1f} MB" for s in results["rss"]["samples"]
+            f"{s['events']:,} events: {max(s['rss_mb']):.1f} MB"
+            for s in sparse(results["rss"]["samples"])
         ),
     }
     text = TEMPLATE.read_text()
@@ -115,6 +140,14 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
     page = docs / "performance.md"
     page.write_text(text)
     return page
+
+
+def sparse(samples: list[Any], keep: int = 5) -> list[Any]:
+    """At most ``keep`` samples, evenly spread, always the first and the last."""
+    if len(samples) <= keep:
+        return samples
+    step = (len(samples) - 1) / (keep - 1)
+    return [samples[round(i * step)] for i in range(keep)]
 
 
 def fmt_load(load: list[float]) -> str:

@@ -370,6 +370,8 @@ class Bench:
         per_request = batch or 1
         # Enough fresh requests for the fastest plausible run, so none is sent twice.
         capacity = rate or self.results.get("capacity_rps", 3000) * 2.5
+        if batch:
+            capacity *= 8  # batches carry several times more events per second than singles
         needed = int(capacity * plan.seconds / per_request) + 200
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVERS}
         for rnd in range(plan.rounds):
