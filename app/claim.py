@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, insert, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -116,6 +116,41 @@ class _DriverStatement:
         return connection.exec_driver_sql(prefix + self.sql, {**self.fixed, **params})
 
 
+class _ClaimRow(NamedTuple):
+    duplicate_count: int
+    status: str
+    result: Any
+
+
+def _raw_execute(connection: Connection, sql: str, params: Any) -> tuple[Any, ...] | None:
+    """Run ``sql`` on the DBAPI cursor itself; errors come out as SQLAlchemy's would.
+
+    For the pipelined path's few fixed statements, SQLAlchemy's execution context and
+    result objects cost more CPU than the statements' own Python work
+    (docs/performance.md). A lost connection is invalidated as SQLAlchemy would do,
+    so ``is_disconnect`` and the retry in ``Claimer.apply`` behave the same.
+    """
+    dbapi_connection = connection.connection.dbapi_connection
+    dialect = connection.dialect
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone() if cursor.description else None
+    except dialect.loaded_dbapi.Error as exc:
+        invalidated = dialect.is_disconnect(exc, dbapi_connection, None)
+        if invalidated:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,  # never a payload in an error message or a log
+            connection_invalidated=invalidated,
+            dialect=dialect,
+        ) from exc
+
+
 class _Pipelined:
     """A PostgreSQL transaction whose BEGIN and COMMIT travel with its first and last statement.
 
@@ -127,9 +162,10 @@ class _Pipelined:
     duplicate counts in a crash loses no event (docs/performance.md).
     """
 
-    __slots__ = ("begin", "finished", "committed")
+    __slots__ = ("connection", "begin", "finished", "committed")
 
-    def __init__(self) -> None:
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         self.begin = "BEGIN; "
         self.finished: list[dict[str, Any]] = []
         self.committed = False
@@ -240,7 +276,7 @@ class Claimer:
         if self._claim_sql is not None and not savepoints:
             raw = connection.connection.dbapi_connection
             raw.autocommit = True  # BEGIN and COMMIT are ours to send (see _Pipelined)
-            tx = _Pipelined()
+            tx = _Pipelined(connection)
         session = self.sessions(bind=connection, join_transaction_mode="rollback_only")
         try:
             with connection.begin():
@@ -292,8 +328,8 @@ class Claimer:
         if len(finished) == 1:
             assert self._finish_sql is not None
             item = {k: v for k, v in finished[0].items() if k != "value"}
-            connection.exec_driver_sql(
-                self._finish_sql.sql + "; COMMIT", {**self._finish_sql.fixed, **item}
+            _raw_execute(
+                connection, self._finish_sql.sql + "; COMMIT", {**self._finish_sql.fixed, **item}
             )
         elif finished:
             # A batch: every result in one UPDATE ... FROM VALUES.
@@ -301,7 +337,8 @@ class Claimer:
             params: list[Any] = []
             for item in finished:
                 params += [item["b_source"], item["b_id"], item["result"], item["processed_at"]]
-            connection.exec_driver_sql(
+            _raw_execute(
+                connection,
                 f"UPDATE {processed_events.name} AS p SET result = v.result, "
                 f"processed_at = v.processed_at FROM (VALUES {rows}) "
                 "AS v(source, event_id, result, processed_at) "
@@ -309,9 +346,9 @@ class Claimer:
                 tuple(params),
             )
         elif all(outcome.status == "duplicate" for outcome in outcomes):
-            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF; COMMIT")
+            _raw_execute(connection, "SET LOCAL synchronous_commit TO OFF; COMMIT", None)
         else:
-            connection.exec_driver_sql("COMMIT")
+            _raw_execute(connection, "COMMIT", None)
         tx.committed = True
 
     @staticmethod
@@ -321,10 +358,9 @@ class Claimer:
             return  # the pool discards it
         if not tx.committed and not tx.begin:
             try:
-                connection.exec_driver_sql("ROLLBACK")
+                _raw_execute(connection, "ROLLBACK", None)
             except SQLAlchemyError:
                 return  # invalidated by the failure: the pool discards it
-            connection.rollback()  # end the logical transaction that statement began
         raw.autocommit = False
 
     def _claim_one(
@@ -346,7 +382,13 @@ class Claimer:
             if tx is not None:
                 assert self._claim_sql is not None
                 begin, tx.begin = tx.begin, ""
-                row = self._claim_sql.execute(session, claim, begin).one()
+                for key in self._claim_sql.json_params:
+                    claim[key] = dumps(claim[key])
+                found = _raw_execute(
+                    tx.connection, begin + self._claim_sql.sql, {**self._claim_sql.fixed, **claim}
+                )
+                assert found is not None  # RETURNING always answers one row
+                row = _ClaimRow(*found)
             elif self._claim_sql is not None:
                 row = self._claim_sql.execute(session, claim).one()
             else:

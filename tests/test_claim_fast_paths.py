@@ -80,3 +80,30 @@ def test_handlers_pending_orm_changes_are_written(make_app, sql):
 
     assert response.status_code == 200 and response.json["result"] == "added"
     assert sql("SELECT source, event_id FROM test_effects") == [("acme", "orm1")]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_lost_connections_are_replaced_and_the_delivery_retried(client, sql):
+    def kill_receiver_connections():
+        sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'idemhook'"
+        )
+
+    assert deliver(client, "acme", {"id": "k1", "type": "contact.updated"}).status_code == 200
+    kill_receiver_connections()
+    single = deliver(client, "acme", {"id": "k2", "type": "contact.updated"})
+    kill_receiver_connections()
+    batch = deliver(client, "batched", [{"id": "k3", "type": "x"}, {"id": "k4", "type": "x"}])
+    kill_receiver_connections()
+    duplicate = deliver(client, "acme", {"id": "k2", "type": "contact.updated"})
+
+    assert (single.status_code, single.json["status"]) == (200, "processed")
+    assert batch.status_code == 200
+    assert [e["status"] for e in batch.json["events"]] == ["processed", "processed"]
+    assert (duplicate.status_code, duplicate.json["status"]) == (200, "duplicate")
+    assert [effects(sql, f"k{i}") for i in range(1, 5)] == [1, 1, 1, 1]
+
+
+def effects(sql, event_id):
+    return sql("SELECT count(*) FROM test_effects WHERE event_id = :e", e=event_id)[0][0]
