@@ -42,6 +42,17 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def summary(results: dict[str, Any]) -> str:
+    new = results["scenarios"]["new"]
+    met = sum(check["met"] for check in results["targets"])
+    return (
+        f"In this run: all-new single events at {new['median']['receiver']['rps']:.0f} req/s "
+        f"(receiver) against {new['median']['baseline']['rps']:.0f} (baseline), a ratio of "
+        f"{new['ratio_rps']} (CPU-cost ratio {new['ratio_cpu']}); {met} of "
+        f"{len(results['targets'])} targets met (see Targets)."
+    )
+
+
 def wrk_share(results: dict[str, Any]) -> str:
     """How much CPU the load generator itself used, per run (it shares the machine)."""
     shares = sorted(
@@ -127,6 +138,7 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
             f"took {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}."
         ),
         "wrk": wrk_share(results),
+        "summary": summary(results),
         "table": table(results),
         "targets": target_table(results),
         "rss": ", ".join(
@@ -163,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "bench" / "results" / "full" / "results.json",
     )
     args = parser.parse_args(argv)
-    print(write(json.loads(args.results.read_text())))
+    from .run import finalise
+
+    print(write(finalise(json.loads(args.results.read_text()))))
     return 0
 
 

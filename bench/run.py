@@ -122,8 +122,9 @@ def log(message: str) -> None:
 class Bench:
     """One benchmark run: a fresh database, two servers, the scenarios, the results."""
 
-    def __init__(self, plan: Plan, out: Path) -> None:
+    def __init__(self, plan: Plan, out: Path, server: URL | None = None) -> None:
         self.plan = plan
+        self.server = server  # a PostgreSQL server URL; found or started when None
         self.out = out
         self.work = Path(tempfile.mkdtemp(prefix="idemhook-bench-"))
         self.wrk = ensure_wrk()
@@ -136,7 +137,9 @@ class Bench:
 
     # -- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        server_url, self.cluster = postgres.server_url()
+        server_url = self.server
+        if server_url is None:
+            server_url, self.cluster = postgres.server_url()
         self.db_url = postgres.create_database(server_url, prefix="idemhook_bench")
         log(f"database {self.db_url.database}: migrating")
         app = create_app({"DATABASE_URL": self.db_url, "IDEMHOOK_CONFIG": {}})
@@ -395,24 +398,12 @@ class Bench:
                     f"p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms, CPU/request "
                     f"{run['worker_cpu_ms_per_request']} + {run['db_cpu_ms_per_request']} ms"
                 )
-        summary = {s: summarise(runs[s], per_request) for s in SERVERS}
         result = {
             "label": label,
             "events_per_request": per_request,
             "rate": rate or None,
             "runs": runs,
-            "median": summary,
-            "ratio_rps": ratio(summary["receiver"]["rps"], summary["baseline"]["rps"]),
-            # Baseline CPU / receiver CPU (workers + their database backends) per request:
-            # what the throughput ratio would be on a machine with nothing else running.
-            "ratio_cpu": ratio(
-                summary["baseline"]["total_cpu_ms_per_request"],
-                summary["receiver"]["total_cpu_ms_per_request"],
-            ),
-            "ratios_by_round": [
-                ratio(a["rps"], b["rps"])
-                for a, b in zip(runs["receiver"], runs["baseline"], strict=True)
-            ],
+            **figures(runs, per_request),
         }
         self.results["scenarios"][name] = result
         self.save()
@@ -529,6 +520,37 @@ class Bench:
         self.results["targets"] = [] if plan.only else targets(self.results)
         self.save()
         return self.results
+
+
+def figures(runs: dict[str, list[dict[str, Any]]], per_request: int) -> dict[str, Any]:
+    """Medians per server and the receiver/baseline ratios of one scenario's runs."""
+    summary = {s: summarise(runs[s], per_request) for s in SERVERS}
+    by_round = [
+        ratio(a["rps"], b["rps"]) for a, b in zip(runs["receiver"], runs["baseline"], strict=True)
+    ]
+    return {
+        "median": summary,
+        # The median of the per-round ratios: each round runs A and B back to back, so its
+        # ratio is the least disturbed by the machine's other load.
+        "ratio_rps": round(statistics.median(r for r in by_round if r is not None), 3),
+        "ratios_by_round": by_round,
+        "ratio_of_medians": ratio(summary["receiver"]["rps"], summary["baseline"]["rps"]),
+        # Baseline CPU / receiver CPU (workers + their database backends) per request:
+        # what the throughput ratio would be on a machine with nothing else running.
+        "ratio_cpu": ratio(
+            summary["baseline"]["total_cpu_ms_per_request"],
+            summary["receiver"]["total_cpu_ms_per_request"],
+        ),
+    }
+
+
+def finalise(results: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every scenario's figures and the targets from the stored runs."""
+    for scenario in results["scenarios"].values():
+        scenario.update(figures(scenario["runs"], scenario["events_per_request"]))
+    if "rss" in results and "new" in results["scenarios"]:
+        results["targets"] = targets(results)
+    return results
 
 
 def summarise(runs: list[dict[str, Any]], per_request: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gunicorn
 
 
 def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
-    bench = Bench(SMOKE, tmp_path / "results")
+    bench = Bench(SMOKE, tmp_path / "results", server=pg_server)
     try:
         bench.setup()
         results = bench.run()
