@@ -579,6 +579,7 @@ def ratio(a: float, b: float) -> float | None:
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the figure measured for it."""
     sc = results["scenarios"]
+    plan = results["settings"]["plan"]
 
     def rec(name: str, key: str = "rps") -> float:
         return sc[name]["median"]["receiver"][key]
@@ -600,7 +601,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{rec('duplicates'):.0f} vs {rec('new'):.0f} req/s",
         ),
         (
-            "Batch of 100: events/s >= 3 x single-event rate",
+            f"Batch of {plan['batch']}: events/s >= 3 x single-event rate",
             ratio(rec("batch", "events_per_s"), rec("new")),
             3.0,
             f"{rec('batch', 'events_per_s'):.0f} events/s vs {rec('new'):.0f} req/s",
@@ -620,7 +621,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"p99 {rec('paced', 'p99_ms'):.1f} ms at {sc['paced']['rate']} req/s",
         ),
         (
-            "Worker RSS < 100 MB after 100,000 events, not growing",
+            f"Worker RSS < 100 MB after {plan['rss_events']:,} events, not growing",
             rss["max_rss_mb"],
             100.0,
             f"max {rss['max_rss_mb']} MB after {rss['events']:,} events, "
