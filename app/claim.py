@@ -289,7 +289,15 @@ class Claimer:
                     outcomes.append(outcome)
                     observed.append((event, outcome, time.perf_counter() - started))
                 if tx is not None:
-                    self._commit(connection, tx, outcomes)
+                    try:
+                        self._commit(connection, tx, outcomes)
+                    except DBAPIError as exc:
+                        if is_disconnect(exc) or not tx.finished:
+                            raise
+                        # PostgreSQL refused a stored result (JSONB has no Infinity): the
+                        # handler's fault, as when the result was stored right after it ran.
+                        # A batch then reruns with savepoints, which names the event.
+                        raise _HandlerError(tx.finished[-1]["handler"]) from exc
         finally:
             session.close()
             if tx is not None:
@@ -327,7 +335,7 @@ class Claimer:
         finished = tx.finished
         if len(finished) == 1:
             assert self._finish_sql is not None
-            item = {k: v for k, v in finished[0].items() if k != "value"}
+            item = {k: v for k, v in finished[0].items() if k not in ("value", "handler")}
             _raw_execute(
                 connection, self._finish_sql.sql + "; COMMIT", {**self._finish_sql.fixed, **item}
             )
@@ -431,7 +439,7 @@ class Claimer:
             }
             if tx is not None:
                 finish["result"] = dumps(result)  # serialise now: a bad result fails this event
-                tx.finished.append({**finish, "value": result})
+                tx.finished.append({**finish, "value": result, "handler": name})
             elif self._finish_sql is not None:
                 self._finish_sql.execute(session, finish)
             else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy import Column, MetaData, String, Table, text
 from sqlalchemy.orm import registry as orm_registry
 
 from app.plugins import handler
@@ -107,3 +107,44 @@ def test_lost_connections_are_replaced_and_the_delivery_retried(client, sql):
 
 def effects(sql, event_id):
     return sql("SELECT count(*) FROM test_effects WHERE event_id = :e", e=event_id)[0][0]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_app, sql):
+    @handler("acme", "*")
+    def infinite(event, db):
+        db.execute(
+            text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e)"),
+            {"s": event.source, "e": event.id},
+        )
+        if event.id.startswith("inf"):
+            return {"ratio": float("inf")}  # JSON text "Infinity": JSONB refuses it
+        return {"ratio": 1.0}
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", infinite)
+
+    response = deliver(app.test_client(), "acme", {"id": "inf1", "type": "contact.updated"})
+
+    assert response.status_code == 500
+    assert response.json["error"] == "handler_failed"
+    assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    assert effects(sql, "inf1") == 0
+    failures = sql("SELECT event_id, error FROM delivery_failures")
+    assert [f[0] for f in failures] == ["inf1"]
+    assert "infinite raised DataError" in failures[0][1]
+
+    registry.add("batched", "*", infinite)
+    batch = deliver(
+        app.test_client(), "batched", [{"id": i, "type": "x"} for i in ("ok1", "inf2", "ok2")]
+    )
+
+    assert batch.status_code == 500
+    assert [(e["event_id"], e["status"]) for e in batch.json["events"]] == [
+        ("ok1", "processed"),
+        ("inf2", "failed"),
+        ("ok2", "processed"),
+    ]
+    assert [effects(sql, e) for e in ("ok1", "inf2", "ok2")] == [1, 0, 1]
