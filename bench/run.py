@@ -612,7 +612,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             0.90,
             f"{rec(rows_max):.0f} vs {rec('new'):.0f} req/s "
             f"(baseline: {sc[rows_max]['median']['baseline']['rps']:.0f} vs "
-            f"{sc['new']['median']['baseline']['rps']:.0f})",
+            f"{sc['new']['median']['baseline']['rps']:.0f}); receiver CPU/request "
+            f"{rec(rows_max, 'total_cpu_ms_per_request'):.2f} vs "
+            f"{rec('new', 'total_cpu_ms_per_request'):.2f} ms",
         ),
         (
             "p99 at 70% of peak < 25 ms",
