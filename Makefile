@@ -22,8 +22,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The receiver against the bare baseline (docs/performance.md); BENCH_ARGS=--quick for a
+# half-minute run. Installs wrk from Debian's packages if it is missing.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.run --docs $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check app tests migrations
+	$(BIN)/ruff check app tests migrations bench
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

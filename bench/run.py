@@ -1,0 +1,722 @@
+"""Run the benchmark: ``python -m bench.run [--quick] [--out DIR] [--no-docs]``.
+
+Receiver (A) and baseline (B) run side by side under identical gunicorn settings
+(``gunicorn.conf.py``, plus ``--gunicorn ARGS`` for both). Each scenario runs
+several rounds in ABBA order (A B, then B A, ...) so that drift in the machine's
+load hits both alike; the figures are medians over rounds, and the ratios are
+receiver/baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from app import create_app, migrate
+from app.testing import postgres
+
+from . import handler
+from .load import BenchError, drive, ensure_wrk, new_ids, write_requests
+from .servers import ROOT, Server
+
+SECRET = "bench-secret-not-for-production"
+RESULTS = ROOT / "bench" / "results"
+SERVERS = ("receiver", "baseline")
+#: URL path (= source name) per server and kind of request.
+PATHS = {
+    ("receiver", "single"): "/webhooks/bench",
+    ("receiver", "batch"): "/webhooks/bench_batch",
+    ("baseline", "single"): "/webhooks/baseline",
+    ("baseline", "batch"): "/webhooks/baseline_batch",
+}
+#: application_name of each server's database connections (the receiver's is set in app.db).
+APPLICATION_NAMES = {"receiver": "idemhook", "baseline": "idemhook_bench_baseline"}
+SOURCE_OF = {key: path.rsplit("/", 1)[1] for key, path in PATHS.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run; ``QUICK`` is for development and the smoke test."""
+
+    rounds: int = 3
+    seconds: float = 6
+    warmup_seconds: float = 3
+    connections: int = 16
+    batch: int = 100
+    duplicates_pool: int = 5_000
+    prefill: tuple[int, ...] = (1_000_000, 10_000_000)
+    rss_events: int = 100_000
+    rss_segment_seconds: float = 10
+    paced_fraction: float = 0.7
+    gunicorn: tuple[str, ...] = ()
+    #: Scenario names to run (development); empty: all of them.
+    only: tuple[str, ...] = ()
+
+
+FULL = Plan()
+QUICK = Plan(
+    rounds=1,
+    seconds=1,
+    warmup_seconds=1,
+    connections=4,
+    batch=20,
+    duplicates_pool=200,
+    prefill=(5_000, 20_000),
+    rss_events=1_000,
+    rss_segment_seconds=1,
+    gunicorn=("--workers", "1"),
+)
+
+SOURCES_TOML = f"""\
+plugins = ["bench.handler"]
+
+[sources.bench]
+scheme = "hmac-sha256"
+secret = "{SECRET}"
+event_id = "body:id"
+event_type = "body:type"
+
+[sources.bench_batch]
+scheme = "hmac-sha256"
+secret = "{SECRET}"
+event_id = "body:id"
+event_type = "body:type"
+batch = "array"
+max_batch = 100
+"""
+
+FILL_SQL = """
+INSERT INTO processed_events (source, event_id, event_type, status, received_at,
+    processed_at, payload, result, duplicate_count, last_seen_at)
+SELECT (ARRAY['bench', 'baseline'])[g %% 2 + 1], md5(g::text), 'contact.propertyChange',
+    'processed', now() - g * interval '1 ms', now() - g * interval '1 ms',
+    jsonb_build_object('id', md5(g::text), 'type', 'contact.propertyChange',
+        'account', g %% 10000 + 1, 'objectId', g, 'portalId', 62515),
+    jsonb_build_object('account', g %% 10000 + 1), 0, now() - g * interval '1 ms'
+FROM generate_series(%(start)s, %(stop)s) AS g
+"""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """One benchmark run: a fresh database, two servers, the scenarios, the results."""
+
+    def __init__(self, plan: Plan, out: Path, server: URL | None = None) -> None:
+        self.plan = plan
+        self.server = server  # a PostgreSQL server URL; found or started when None
+        self.out = out
+        self.work = Path(tempfile.mkdtemp(prefix="idemhook-bench-"))
+        self.wrk = ensure_wrk()
+        self.secret = SECRET.encode()
+        self.results: dict[str, Any] = {"scenarios": {}}
+        self.filled = 0
+        self.cluster: postgres.Cluster | None = None
+        self.db_url: URL | None = None
+        self.servers: dict[str, Server] = {}
+
+    # -- set-up -------------------------------------------------------------------------
+    def setup(self) -> None:
+        server_url = self.server
+        if server_url is None:
+            server_url, self.cluster = postgres.server_url()
+        self.db_url = postgres.create_database(server_url, prefix="idemhook_bench")
+        log(f"database {self.db_url.database}: migrating")
+        app = create_app({"DATABASE_URL": self.db_url, "IDEMHOOK_CONFIG": {}})
+        migrate.upgrade(app)
+        engine = app.extensions["idemhook.db"].engine
+        with engine.begin() as conn:
+            for ddl in handler.TABLE_DDL:
+                conn.execute(text(ddl))
+        engine.dispose()
+
+        sources = self.work / "webhooks.toml"
+        sources.write_text(SOURCES_TOML)
+        url = self.db_url.render_as_string(hide_password=False)
+        dsn = " ".join(
+            f"{k}={v}"
+            for k, v in {
+                "host": self.db_url.host,
+                "port": self.db_url.port or 5432,
+                "user": self.db_url.username,
+                "password": self.db_url.password,
+                "dbname": self.db_url.database,
+                "application_name": APPLICATION_NAMES["baseline"],
+            }.items()
+            if v
+        )
+        common = {"BENCH_SECRET": SECRET, "PYTHONDONTWRITEBYTECODE": "1"}
+        self.servers = {
+            "receiver": Server(
+                "receiver",
+                "app:create_app()",
+                {**common, "DATABASE_URL": url, "IDEMHOOK_CONFIG": str(sources)},
+                self.work / "receiver.log",
+            ),
+            "baseline": Server(
+                "baseline",
+                "bench.baseline:create_app()",
+                {**common, "BENCH_DSN": dsn},
+                self.work / "baseline.log",
+            ),
+        }
+        for server in self.servers.values():
+            server.start(list(self.plan.gunicorn))
+        workers = self._workers()
+        for server in self.servers.values():
+            server.wait_ready(workers)
+        self.results["machine"] = machine_info(self.wrk, self._sql_one("SELECT version()"))
+        self.results["settings"] = {
+            "gunicorn_conf": gunicorn_settings(),
+            "gunicorn_args": list(self.plan.gunicorn),
+            "workers": workers,
+            "pool_size": os.environ.get("IDEMHOOK_POOL_SIZE", "one connection per thread"),
+            "wrk": f"{self.wrk} -t2 -c{self.plan.connections} (Lua script bench/wrk.lua)",
+            "plan": asdict(self.plan),
+        }
+
+    def _workers(self) -> int:
+        args = list(self.plan.gunicorn)
+        for flag in ("--workers", "-w"):
+            if flag in args:
+                return int(args[args.index(flag) + 1])
+        return int(os.environ.get("WEB_CONCURRENCY", "0") or 0) or gunicorn_settings()["workers"]
+
+    def teardown(self, keep_db: bool = False) -> None:
+        for server in self.servers.values():
+            server.stop()
+        for name in ("receiver", "baseline"):
+            logfile = self.work / f"{name}.log"
+            if logfile.exists():
+                (self.out / f"{name}.log").write_bytes(logfile.read_bytes()[-200_000:])
+        if self.db_url is not None and not keep_db:
+            postgres.drop_database(self.db_url)
+        if self.cluster is not None:
+            self.cluster.destroy()
+        for path in self.work.iterdir():
+            path.unlink()
+        self.work.rmdir()
+
+    # -- database helpers ---------------------------------------------------------------
+    def _connect(self) -> psycopg2.extensions.connection:
+        assert self.db_url is not None
+        return psycopg2.connect(
+            host=self.db_url.host,
+            port=self.db_url.port or 5432,
+            user=self.db_url.username,
+            password=self.db_url.password,
+            dbname=self.db_url.database,
+        )
+
+    def _sql_one(self, statement: str, params: Any = None) -> Any:
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchone()[0] if cur.description else None
+        finally:
+            conn.close()
+
+    def _backends(self, server: str) -> list[int]:
+        """PostgreSQL backend pids serving ``server`` (by application_name)."""
+        name = APPLICATION_NAMES[server]
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = %s",
+                    (name,),
+                )
+                return [row[0] for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def prime(self, ids: list[str]) -> None:
+        """Record ``ids`` as processed for both servers' sources (the duplicates' originals)."""
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                for server in SERVERS:
+                    source = SOURCE_OF[(server, "single")]
+                    cur.executemany(
+                        "INSERT INTO processed_events (source, event_id, event_type, status, "
+                        "received_at, processed_at, payload, result, duplicate_count, "
+                        "last_seen_at) VALUES (%s, %s, 'contact.propertyChange', 'processed', "
+                        "now(), now(), '{}', '{\"account\": 1}', 0, now()) ON CONFLICT DO NOTHING",
+                        [(source, i) for i in ids],
+                    )
+        finally:
+            conn.close()
+
+    def fill_to(self, rows: int) -> float:
+        """Add synthetic rows until ``rows`` have been filled; return the seconds it took."""
+        started = time.monotonic()
+        add = rows - self.filled
+        if add <= 0:
+            return 0.0
+        conn = self._connect()
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET maintenance_work_mem = '512MB'")
+                cur.execute("SET synchronous_commit = off")
+                bulk = add >= 200_000
+                indexes: list[str] = []
+                if bulk:
+                    # Building the indexes once after the load is several times faster than
+                    # maintaining them row by row; the definitions are read back from the
+                    # catalog, so the migrated schema is restored exactly.
+                    cur.execute(
+                        "SELECT indexname, indexdef FROM pg_indexes "
+                        "WHERE tablename = 'processed_events' AND indexname LIKE 'ix_%%'"
+                    )
+                    found = cur.fetchall()
+                    indexes = [definition for _, definition in found]
+                    for name, _ in found:
+                        cur.execute(f'DROP INDEX "{name}"')
+                step = 1_000_000
+                for start in range(self.filled + 1, rows + 1, step):
+                    stop = min(start + step - 1, rows)
+                    cur.execute(FILL_SQL, {"start": start, "stop": stop})
+                for definition in indexes:
+                    cur.execute(definition)
+                cur.execute("VACUUM ANALYZE processed_events")
+        finally:
+            conn.close()
+        self.filled = rows
+        return time.monotonic() - started
+
+    # -- measuring ----------------------------------------------------------------------
+    def _file(self, tag: str, ids: list[str], batch: int = 0) -> Path:
+        path = self.work / f"{tag}.txt"
+        write_requests(path, self.secret, ids, batch=batch)
+        return path
+
+    def _one(
+        self,
+        server: str,
+        kind: str,
+        path: Path,
+        *,
+        seconds: float,
+        connections: int,
+        rate: float = 0,
+        expect_new: bool = True,
+    ) -> dict[str, Any]:
+        srv = self.servers[server]
+        backends = self._backends(server)
+        cpu_before = srv.cpu_seconds()
+        db_before = srv.cpu_seconds(backends) - cpu_before
+        run = drive(
+            self.wrk,
+            srv.url + PATHS[(server, kind)],
+            path,
+            seconds=seconds,
+            connections=connections,
+            rate=rate,
+        )
+        cpu = srv.cpu_seconds() - cpu_before
+        db_cpu = srv.cpu_seconds(backends) - cpu - cpu_before - db_before
+        errors = sum(run.errors.values())
+        if run.errors["status"] or run.errors["timeout"]:
+            raise BenchError(f"{server} answered errors: {run.errors}; see {srv.log}")
+        if expect_new and run.wrapped:
+            log(f"warning: {server} ran out of fresh requests (wrapped {run.wrapped}x)")
+        result = run.to_dict()
+        result["socket_errors"] = errors
+        result["worker_cpu_ms_per_request"] = (
+            round(cpu * 1000 / run.requests, 3) if run.requests else None
+        )
+        # Only backends connected before the run are counted (pools are warm by then).
+        result["db_cpu_ms_per_request"] = (
+            round(db_cpu * 1000 / run.requests, 3) if run.requests else None
+        )
+        return result
+
+    def scenario(
+        self,
+        name: str,
+        kind: str,
+        make_ids: Callable[[int], list[str]],
+        *,
+        batch: int = 0,
+        rate: float = 0,
+        connections: int | None = None,
+        expect_new: bool = True,
+        label: str,
+    ) -> dict[str, Any]:
+        """Run ``name`` for every round on both servers (ABBA order) and keep the medians."""
+        plan = self.plan
+        if plan.only and name not in plan.only:
+            return {}
+        per_request = batch or 1
+        # Enough fresh requests for the fastest plausible run, so none is sent twice.
+        capacity = rate or self.results.get("capacity_rps", 3000) * 2.5
+        if batch:
+            capacity *= 8  # batches carry several times more events per second than singles
+        needed = int(capacity * plan.seconds / per_request) + 200
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVERS}
+        for rnd in range(plan.rounds):
+            order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
+            for server in order:
+                ids = make_ids(needed * per_request)
+                path = self._file(f"{name}-{server}-{rnd}", ids, batch=batch)
+                run = self._one(
+                    server,
+                    kind,
+                    path,
+                    seconds=plan.seconds,
+                    connections=connections or plan.connections,
+                    rate=rate,
+                    expect_new=expect_new,
+                )
+                path.unlink()
+                runs[server].append(run)
+                log(
+                    f"{name} round {rnd + 1}/{plan.rounds} {server}: {run['rps']:.0f} req/s "
+                    f"p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms, CPU/request "
+                    f"{run['worker_cpu_ms_per_request']} + {run['db_cpu_ms_per_request']} ms"
+                )
+        result = {
+            "label": label,
+            "events_per_request": per_request,
+            "rate": rate or None,
+            "runs": runs,
+            **figures(runs, per_request),
+        }
+        self.results["scenarios"][name] = result
+        self.save()
+        return result
+
+    def rss_run(self) -> dict[str, Any]:
+        """Send ``rss_events`` single events to the receiver, sampling worker RSS as it goes."""
+        plan = self.plan
+        srv = self.servers["receiver"]
+        samples = [{"events": 0, "rss_mb": srv.rss_mb()}]
+        sent = 0
+        capacity = self.results.get("capacity_rps", 3000) * 2.5
+        while sent < plan.rss_events:
+            ids = new_ids(int(capacity * plan.rss_segment_seconds) + 200)
+            path = self._file(f"rss-{sent}", ids)
+            run = self._one(
+                "receiver",
+                "single",
+                path,
+                seconds=plan.rss_segment_seconds,
+                connections=plan.connections,
+            )
+            path.unlink()
+            sent += run["requests"]
+            samples.append({"events": sent, "rss_mb": srv.rss_mb()})
+            log(f"rss: {sent} events, worker RSS {fmt_mb(samples[-1]['rss_mb'])}")
+        first_after_warm = samples[1]["rss_mb"]
+        last = samples[-1]["rss_mb"]
+        result = {
+            "events": sent,
+            "samples": samples,
+            "max_rss_mb": round(max(last), 1),
+            "growth_mb": round(max(last) - max(first_after_warm), 1),
+        }
+        self.results["rss"] = result
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+
+    # -- the whole run ------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        started = time.monotonic()
+        self.results["started"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.results["loadavg_start"] = os.getloadavg()
+        self.results["quick"] = plan != FULL
+
+        # Warm-up: imports, connection pools, caches; also sizes the request files.
+        warm = [3000.0, 3000.0]  # a guess that sizes the request files when not warming up
+        for i, server in enumerate(SERVERS if plan.warmup_seconds else ()):
+            ids = new_ids(int(5000 * plan.warmup_seconds))
+            path = self._file(f"warmup-{server}", ids)
+            run = self._one(
+                server, "single", path, seconds=plan.warmup_seconds, connections=plan.connections
+            )
+            warm[i] = run["rps"]
+        self.results["capacity_rps"] = max(warm)
+        log(f"warm-up: {warm[0]:.0f} / {warm[1]:.0f} req/s")
+
+        new = self.scenario("new", "single", new_ids, label="all new events")
+        peak = new["median"]["receiver"]["rps"] if new else warm[0]
+        self.results["capacity_rps"] = max(peak, new["median"]["baseline"]["rps"] if new else 0)
+
+        dup_ids = new_ids(plan.duplicates_pool)
+        self.prime(dup_ids)
+        self.scenario(
+            "duplicates",
+            "single",
+            lambda n: [dup_ids[i % len(dup_ids)] for i in range(n)],
+            expect_new=False,
+            label="all duplicates",
+        )
+        rng = random.Random(6)
+        self.scenario(
+            "dup10",
+            "single",
+            lambda n: [rng.choice(dup_ids) if i % 10 == 9 else x for i, x in enumerate(new_ids(n))],
+            expect_new=False,
+            label="10% duplicates",
+        )
+        self.scenario(
+            "batch",
+            "batch",
+            new_ids,
+            batch=plan.batch,
+            label=f"batches of {plan.batch} (events/s)",
+        )
+        self.scenario(
+            "paced",
+            "single",
+            new_ids,
+            rate=round(peak * plan.paced_fraction),
+            connections=plan.connections * 2,
+            label=f"{plan.paced_fraction:.0%} of peak, constant rate",
+        )
+        for rows in plan.prefill:
+            if plan.only and f"rows_{rows}" not in plan.only:
+                continue
+            took = self.fill_to(rows)
+            log(f"processed_events filled to {rows:,} synthetic rows in {took:.0f}s")
+            self.scenario(
+                f"rows_{rows}",
+                "single",
+                new_ids,
+                label=f"all new, {human(rows)} rows in the table",
+            )
+        if not plan.only or "rss" in plan.only:
+            self.rss_run()
+        self.results["seconds"] = round(time.monotonic() - started, 1)
+        self.results["loadavg_end"] = os.getloadavg()
+        self.results["targets"] = [] if plan.only else targets(self.results)
+        self.save()
+        return self.results
+
+
+def figures(runs: dict[str, list[dict[str, Any]]], per_request: int) -> dict[str, Any]:
+    """Medians per server and the receiver/baseline ratios of one scenario's runs."""
+    summary = {s: summarise(runs[s], per_request) for s in SERVERS}
+    by_round = [
+        ratio(a["rps"], b["rps"]) for a, b in zip(runs["receiver"], runs["baseline"], strict=True)
+    ]
+    return {
+        "median": summary,
+        # The median of the per-round ratios: each round runs A and B back to back, so its
+        # ratio is the least disturbed by the machine's other load.
+        "ratio_rps": round(statistics.median(r for r in by_round if r is not None), 3),
+        "ratios_by_round": by_round,
+        "ratio_of_medians": ratio(summary["receiver"]["rps"], summary["baseline"]["rps"]),
+        # Baseline CPU / receiver CPU (workers + their database backends) per request:
+        # what the throughput ratio would be on a machine with nothing else running.
+        "ratio_cpu": ratio(
+            summary["baseline"]["total_cpu_ms_per_request"],
+            summary["receiver"]["total_cpu_ms_per_request"],
+        ),
+    }
+
+
+def finalise(results: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every scenario's figures and the targets from the stored runs."""
+    for scenario in results["scenarios"].values():
+        scenario.update(figures(scenario["runs"], scenario["events_per_request"]))
+    if "rss" in results and "new" in results["scenarios"]:
+        results["targets"] = targets(results)
+    return results
+
+
+def summarise(runs: list[dict[str, Any]], per_request: int) -> dict[str, Any]:
+    def med(key: str) -> float:
+        values = [r[key] for r in runs if r[key] is not None]
+        return round(statistics.median(values), 3) if values else 0.0
+
+    rps = med("rps")
+    return {
+        "rps": rps,
+        "events_per_s": round(rps * per_request, 1),
+        "p50_ms": med("p50_ms"),
+        "p99_ms": med("p99_ms"),
+        "cpu_ms_per_request": med("worker_cpu_ms_per_request"),
+        "db_cpu_ms_per_request": med("db_cpu_ms_per_request"),
+        "total_cpu_ms_per_request": round(
+            med("worker_cpu_ms_per_request") + med("db_cpu_ms_per_request"), 3
+        ),
+    }
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue with the figure measured for it."""
+    sc = results["scenarios"]
+    plan = results["settings"]["plan"]
+
+    def rec(name: str, key: str = "rps") -> float:
+        return sc[name]["median"]["receiver"][key]
+
+    rows_max = max((k for k in sc if k.startswith("rows_")), key=lambda k: int(k[5:]))
+    rss = results["rss"]
+    out = [
+        (
+            "Receiver >= 0.90 x baseline req/s, all new events",
+            sc["new"]["ratio_rps"],
+            0.90,
+            f"ratio {sc['new']['ratio_rps']} (per round: {sc['new']['ratios_by_round']}); "
+            f"CPU-cost ratio {sc['new']['ratio_cpu']}",
+        ),
+        (
+            "Duplicates cost no more than new events",
+            ratio(rec("duplicates"), rec("new")),
+            1.0,
+            f"{rec('duplicates'):.0f} vs {rec('new'):.0f} req/s",
+        ),
+        (
+            f"Batch of {plan['batch']}: events/s >= 3 x single-event rate",
+            ratio(rec("batch", "events_per_s"), rec("new")),
+            3.0,
+            f"{rec('batch', 'events_per_s'):.0f} events/s vs {rec('new'):.0f} req/s",
+        ),
+        (
+            f"With {human(int(rows_max[5:]))} rows: >= 0.90 x empty-table req/s",
+            ratio(rec(rows_max), rec("new")),
+            0.90,
+            f"{rec(rows_max):.0f} vs {rec('new'):.0f} req/s "
+            f"(baseline: {sc[rows_max]['median']['baseline']['rps']:.0f} vs "
+            f"{sc['new']['median']['baseline']['rps']:.0f}); receiver CPU/request "
+            f"{rec(rows_max, 'total_cpu_ms_per_request'):.2f} vs "
+            f"{rec('new', 'total_cpu_ms_per_request'):.2f} ms",
+        ),
+        (
+            "p99 at 70% of peak < 25 ms",
+            rec("paced", "p99_ms"),
+            25.0,
+            f"p99 {rec('paced', 'p99_ms'):.1f} ms at {sc['paced']['rate']} req/s",
+        ),
+        (
+            f"Worker RSS < 100 MB after {plan['rss_events']:,} events, not growing",
+            rss["max_rss_mb"],
+            100.0,
+            f"max {rss['max_rss_mb']} MB after {rss['events']:,} events, "
+            f"growth {rss['growth_mb']} MB since the first sample",
+        ),
+    ]
+    checks = []
+    for i, (what, value, bound, detail) in enumerate(out):
+        upper = i in (4, 5)  # p99 and RSS are upper bounds
+        met = value is not None and (value < bound if upper else value >= bound)
+        checks.append(
+            {"target": what, "value": value, "bound": bound, "met": met, "detail": detail}
+        )
+    return checks
+
+
+def machine_info(wrk: str, pg_version: str) -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "postgresql": pg_version.split(" on ")[0],
+        "wrk": wrk_version.split(" Copyright")[0],
+    }
+
+
+def gunicorn_settings() -> dict[str, Any]:
+    """The values gunicorn.conf.py sets (in this environment)."""
+    namespace: dict[str, Any] = {}
+    exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), namespace)
+    keys = ("workers", "worker_class", "threads", "keepalive", "timeout")
+    return {k: namespace[k] for k in keys if k in namespace}
+
+
+def human(rows: int) -> str:
+    if rows >= 1_000_000:
+        return f"{rows / 1_000_000:g}M"
+    if rows >= 1_000:
+        return f"{rows / 1_000:g}k"
+    return str(rows)
+
+
+def fmt_mb(sizes: list[float]) -> str:
+    return ", ".join(f"{s:.1f}" for s in sizes) + " MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes (dev, tests)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument("--rounds", type=int, help="A/B rounds per scenario")
+    parser.add_argument("--seconds", type=float, help="length of each wrk run")
+    parser.add_argument("--gunicorn", default="", help="extra gunicorn arguments for both servers")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (development)")
+    parser.add_argument("--docs", action="store_true", help="regenerate docs/performance.md")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
+    if args.seconds:
+        plan = replace(plan, seconds=args.seconds)
+    if args.only:
+        plan = replace(plan, only=tuple(args.only.split(",")))
+    if args.gunicorn:
+        plan = replace(plan, gunicorn=plan.gunicorn + tuple(shlex.split(args.gunicorn)))
+    out = args.out or RESULTS / ("quick" if args.quick else "full")
+    bench = Bench(plan, out)
+    try:
+        bench.setup()
+        results = bench.run()
+    finally:
+        bench.teardown()
+    for check in results["targets"]:
+        log(f"{'MET ' if check['met'] else 'MISS'} {check['target']}: {check['detail']}")
+    log(f"{results['seconds']:.0f}s; results in {out / 'results.json'}")
+    if args.docs:
+        from . import report
+
+        report.write(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

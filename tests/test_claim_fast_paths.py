@@ -1,0 +1,150 @@
+"""The claim's fast paths (docs/performance.md) keep the claim's visible behaviour.
+
+A batch first runs without savepoints and stores all results in one statement;
+handlers share a session that the receiver never commits, so pending ORM changes
+must still be written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import Column, MetaData, String, Table, text
+from sqlalchemy.orm import registry as orm_registry
+
+from app.plugins import handler
+from app.testing import deliver
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request, pg_url, sqlite_url):
+    """Both supported backends."""
+    return pg_url if request.param == "postgresql" else sqlite_url
+
+
+def as_json(value):
+    return json.loads(value) if isinstance(value, str) else value  # SQLite returns the text
+
+
+def test_batch_stores_every_result_and_a_repeat_answers_its_original(client, sql):
+    batch = [{"id": f"f{i}", "type": "contact.updated"} for i in range(3)]
+    batch.append({"id": "f1", "type": "contact.updated"})
+
+    response = deliver(client, "batched", batch)
+
+    assert response.status_code == 200
+    assert [(e["event_id"], e["status"], e["result"]) for e in response.json["events"]] == [
+        ("f0", "processed", {"applied": "f0"}),
+        ("f1", "processed", {"applied": "f1"}),
+        ("f2", "processed", {"applied": "f2"}),
+        ("f1", "duplicate", {"applied": "f1"}),
+    ]
+    rows = sql(
+        "SELECT event_id, result, processed_at IS NOT NULL, duplicate_count "
+        "FROM processed_events ORDER BY event_id"
+    )
+    assert [(r[0], as_json(r[1]), bool(r[2]), r[3]) for r in rows] == [
+        ("f0", {"applied": "f0"}, True, 0),
+        ("f1", {"applied": "f1"}, True, 1),
+        ("f2", {"applied": "f2"}, True, 0),
+    ]
+
+
+def test_handlers_pending_orm_changes_are_written(make_app, sql):
+    metadata = MetaData()
+    effects = Table(
+        "test_effects",
+        metadata,
+        Column("source", String(64), primary_key=True),
+        Column("event_id", String(255), primary_key=True),
+    )
+
+    class Effect:
+        def __init__(self, source: str, event_id: str) -> None:
+            self.source, self.event_id = source, event_id
+
+    orm_registry().map_imperatively(Effect, effects)
+
+    @handler("acme", "*")
+    def add_effect(event, db):
+        db.add(Effect(event.source, event.id))  # never flushed by the handler itself
+        return "added"
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", add_effect)
+
+    response = deliver(app.test_client(), "acme", {"id": "orm1", "type": "contact.updated"})
+
+    assert response.status_code == 200 and response.json["result"] == "added"
+    assert sql("SELECT source, event_id FROM test_effects") == [("acme", "orm1")]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_lost_connections_are_replaced_and_the_delivery_retried(client, sql):
+    def kill_receiver_connections():
+        sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'idemhook'"
+        )
+
+    assert deliver(client, "acme", {"id": "k1", "type": "contact.updated"}).status_code == 200
+    kill_receiver_connections()
+    single = deliver(client, "acme", {"id": "k2", "type": "contact.updated"})
+    kill_receiver_connections()
+    batch = deliver(client, "batched", [{"id": "k3", "type": "x"}, {"id": "k4", "type": "x"}])
+    kill_receiver_connections()
+    duplicate = deliver(client, "acme", {"id": "k2", "type": "contact.updated"})
+
+    assert (single.status_code, single.json["status"]) == (200, "processed")
+    assert batch.status_code == 200
+    assert [e["status"] for e in batch.json["events"]] == ["processed", "processed"]
+    assert (duplicate.status_code, duplicate.json["status"]) == (200, "duplicate")
+    assert [effects(sql, f"k{i}") for i in range(1, 5)] == [1, 1, 1, 1]
+
+
+def effects(sql, event_id):
+    return sql("SELECT count(*) FROM test_effects WHERE event_id = :e", e=event_id)[0][0]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_app, sql):
+    @handler("acme", "*")
+    def infinite(event, db):
+        db.execute(
+            text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e)"),
+            {"s": event.source, "e": event.id},
+        )
+        if event.id.startswith("inf"):
+            return {"ratio": float("inf")}  # JSON text "Infinity": JSONB refuses it
+        return {"ratio": 1.0}
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", infinite)
+
+    response = deliver(app.test_client(), "acme", {"id": "inf1", "type": "contact.updated"})
+
+    assert response.status_code == 500
+    assert response.json["error"] == "handler_failed"
+    assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    assert effects(sql, "inf1") == 0
+    failures = sql("SELECT event_id, error FROM delivery_failures")
+    assert [f[0] for f in failures] == ["inf1"]
+    assert "infinite raised DataError" in failures[0][1]
+
+    registry.add("batched", "*", infinite)
+    batch = deliver(
+        app.test_client(), "batched", [{"id": i, "type": "x"} for i in ("ok1", "inf2", "ok2")]
+    )
+
+    assert batch.status_code == 500
+    assert [(e["event_id"], e["status"]) for e in batch.json["events"]] == [
+        ("ok1", "processed"),
+        ("inf2", "failed"),
+        ("ok2", "processed"),
+    ]
+    assert [effects(sql, e) for e in ("ok1", "inf2", "ok2")] == [1, 0, 1]
