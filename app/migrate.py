@@ -43,8 +43,34 @@ def downgrade(app: Flask, revision: str) -> None:
     command.downgrade(alembic_config(app), revision)
 
 
+def scripts(app: Flask) -> ScriptDirectory:
+    """The migration scripts this code ships (read once per app: they never change)."""
+    found = app.extensions.get("idemhook.scripts")
+    if found is None:
+        found = app.extensions["idemhook.scripts"] = ScriptDirectory.from_config(
+            alembic_config(app)
+        )
+    return found
+
+
 def heads(app: Flask) -> set[str]:
-    return set(ScriptDirectory.from_config(alembic_config(app)).get_heads())
+    return set(scripts(app).get_heads())
+
+
+def compare(app: Flask, applied: set[str]) -> tuple[set[str], set[str]]:
+    """Return (our revisions the database lacks, applied revisions this code does not know).
+
+    Unknown applied revisions mean a newer release has migrated the database (a
+    rolling deploy); their history is not in this code's scripts, so what they
+    build on cannot be checked here: the caller treats that as "ahead", not "behind".
+    """
+    script = scripts(app)
+    known = {rev.revision for rev in script.walk_revisions()}
+    unknown = applied - known
+    covered: set[str] = set()
+    for revision in applied & known:
+        covered |= {rev.revision for rev in script.iterate_revisions(revision, "base")}
+    return heads(app) - covered, unknown
 
 
 def current(app: Flask) -> set[str]:
