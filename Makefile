@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install system-deps run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +16,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# System packages: wrk (Debian's package), the load generator of the benchmark and of its
+# smoke test. Installed with apt-get when missing and we are root; otherwise a clear error.
+system-deps: $(STAMP)
+	@$(BIN)/python -c "from bench.load import ensure_wrk; ensure_wrk()"
+
 run: $(STAMP)
 	@bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The receiver against the bare baseline (docs/performance.md); BENCH_ARGS=--quick for a
 # half-minute run. Installs wrk from Debian's packages if it is missing.
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run --docs $(BENCH_ARGS)
 
