@@ -148,3 +148,47 @@ def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_a
         ("ok2", "processed"),
     ]
     assert [effects(sql, e) for e in ("ok1", "inf2", "ok2")] == [1, 0, 1]
+
+
+def test_batch_stores_ignore_per_event_and_a_repeat_answers_it(idemhook):
+    from tests.test_plugins import IGNORING, ledger
+
+    kit = idemhook(IGNORING)
+    batch = [
+        {"id": "i1", "type": "order.paid", "first": "ignore"},
+        {"id": "i2", "type": "order.paid"},
+        {"id": "i1", "type": "order.paid", "first": "ignore"},
+    ]
+
+    response = kit.deliver("shop-batch", batch)
+
+    assert response.status_code == 200
+    assert [(e["event_id"], e["status"], e["result"]) for e in response.json["events"]] == [
+        ("i1", "ignored", {"ignored": "first ignores it"}),
+        ("i2", "processed", {"first": "i2"}),
+        ("i1", "duplicate", {"ignored": "first ignores it"}),
+    ]
+    kit.assert_ignored("shop-batch", "i1", reason="first ignores it", duplicates=1)
+    assert ledger(kit, "i1") == ["first"]
+    assert ledger(kit, "i2") == ["first"]
+
+
+def test_batch_reports_each_event_once_to_metrics_even_after_a_failure(client, sql):
+    from tests.test_observability import value
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    sql("INSERT INTO test_failures VALUES ('n1', 'down')")
+    before = client.get("/metrics").get_data(as_text=True)
+    batch = [{"id": f"n{i}", "type": "contact.updated"} for i in range(3)]
+    assert deliver(client, "batched", batch).status_code == 500  # n1 failed, reruns with savepoints
+    assert deliver(client, "batched", [{"id": "n3", "type": "x"}, {"id": "n4", "type": "x"}])
+    after = client.get("/metrics").get_data(as_text=True)
+
+    events = "idemhook_events_total"
+    assert moved(events, source="batched", type="contact.updated", outcome="processed") == 2
+    assert moved(events, source="batched", type="contact.updated", outcome="failed") == 1
+    assert moved(events, source="batched", type="x", outcome="processed") == 2
+    assert moved("idemhook_claim_wait_seconds_count", source="batched") == 5
+    assert moved("idemhook_handler_duration_seconds_count", source="batched") == 5
