@@ -187,8 +187,11 @@ class Claimer:
         except SQLAlchemyError as exc:
             if not is_disconnect(exc):
                 raise
-        # The connection died (database restart): nothing was committed, or the
-        # commit landed and the retry will find duplicates. Either way retrying is safe.
+        # The connection died before any handler ran (a pooled connection that did not
+        # survive a database restart) or at the commit: nothing was committed, or the
+        # commit landed and the retry finds duplicates. Either way retrying is safe.
+        # A connection lost while handlers ran is answered 503 at once (see above):
+        # running them again in the same request would only double their outside effects.
         try:
             return self._apply(events, raw_body)
         except SQLAlchemyError as exc:
@@ -226,7 +229,8 @@ class Claimer:
                 self._skip_flush_wait_if_only_duplicates(session, outcomes)
         except _HandlerError as exc:
             if is_disconnect(exc.__cause__):
-                raise exc.__cause__ from None  # let apply() retry or answer 503
+                # Handlers already ran: answer 503 rather than run them again here.
+                raise _unavailable() from exc.__cause__
             raise _RetryWithSavepoints from exc
         except _Rejected as exc:
             raise _RetryWithSavepoints from exc
@@ -277,7 +281,8 @@ class Claimer:
         except _HandlerError as exc:
             session.close()
             if is_disconnect(exc.__cause__):
-                raise exc.__cause__ from None  # let apply() retry or answer 503
+                # Handlers already ran: answer 503 rather than run them again here.
+                raise _unavailable() from exc.__cause__
             outcomes = [self._failed(events[0], exc)]
             self._observe(events[0], outcomes[0], time.perf_counter() - started)
             self._record_failure_apart(events[0], exc, raw_body)
