@@ -51,7 +51,8 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
             code="unknown_source",
         )
     body = _read_body(source)
-    delivery = Delivery(body, request.headers, request.method, public_url(source))
+    url = public_url(source) if source.scheme.signs_url else ""
+    delivery = Delivery(body, request.headers, request.method, url)
     source.scheme.verify(delivery)
     early = source.scheme.preempt(delivery)
     if early is not None:

@@ -42,6 +42,7 @@ class Delivery:
     body: bytes
     headers: Headers = field(default_factory=Headers)
     method: str = "POST"
+    #: The URL the sender called; on intake, filled in only for schemes with ``signs_url``.
     url: str = ""
 
 
@@ -55,6 +56,9 @@ class Scheme:
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Whether the scheme needs ``secret``.
     needs_secret: ClassVar[bool] = True
+    #: Whether the signature covers the URL the sender called (``Delivery.url``). Only
+    #: then does the intake work the URL out; most schemes sign the body alone.
+    signs_url: ClassVar[bool] = False
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         self.source = source

@@ -56,6 +56,7 @@ class HubSpot(Scheme):
     """HubSpot app webhooks; the secret is the app's client secret."""
 
     option_keys = frozenset({"tolerance_seconds", "signature_version"})
+    signs_url = True
     defaults = {
         "event_id": ["body:portalId", "body:subscriptionId", "body:eventId", "body:occurredAt"],
         "event_type": "body:subscriptionType",
