@@ -21,14 +21,16 @@ from sqlalchemy.orm import Session, sessionmaker
 RAW_JSON_KEY = "$idemhook_raw_json"
 
 
-def dumps(value: Any) -> str:
+def dumps(value: Any, *, strict: bool = False) -> str:
     """Serialise JSON for storage, wrapping what JSONB would refuse instead of failing.
 
     JSONB rejects ``\\u0000`` and lone UTF-16 surrogates. Such a value is stored
     as ``{"$idemhook_raw_json": "<its exact JSON text>"}`` so that nothing is lost
     and the provider is not made to retry forever (see docs/querying.md).
+    ``strict``: NaN and infinities raise ``ValueError`` (they are not JSON, and
+    JSONB refuses them): a handler result that holds one fails its event.
     """
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=not strict)
     if "\\u0000" in text:
         return _wrap(value)
     try:
@@ -84,6 +86,8 @@ def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
+        # Named parameters, as the claim's precompiled statements pass them (app.claim).
+        paramstyle="named",
         hide_parameters=True,
         json_serializer=dumps,
         json_deserializer=loads,

@@ -109,8 +109,8 @@ def effects(sql, event_id):
     return sql("SELECT count(*) FROM test_effects WHERE event_id = :e", e=event_id)[0][0]
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_app, sql):
+@pytest.mark.parametrize("db_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_result_json_cannot_hold_fails_the_event_like_a_handler_error(make_app, sql):
     @handler("acme", "*")
     def infinite(event, db):
         db.execute(
@@ -118,7 +118,7 @@ def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_a
             {"s": event.source, "e": event.id},
         )
         if event.id.startswith("inf"):
-            return {"ratio": float("inf")}  # JSON text "Infinity": JSONB refuses it
+            return {"ratio": float("inf")}  # not JSON (JSONB refuses "Infinity")
         return {"ratio": 1.0}
 
     app = make_app()
@@ -134,7 +134,7 @@ def test_a_result_postgresql_refuses_fails_the_event_like_a_handler_error(make_a
     assert effects(sql, "inf1") == 0
     failures = sql("SELECT event_id, error FROM delivery_failures")
     assert [f[0] for f in failures] == ["inf1"]
-    assert "infinite raised DataError" in failures[0][1]
+    assert "infinite raised ValueError: Out of range float values are not JSON" in failures[0][1]
 
     registry.add("batched", "*", infinite)
     batch = deliver(
