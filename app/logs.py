@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,12 +45,14 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
     )
 
 
+#: A value written bare: printable ASCII but space, '"' and '='. Anything else is quoted.
+_BARE = re.compile(r"[!#-<>-~]+")
+
+
 def _text(value: Any) -> str:
     # IDs and types come from senders: quote anything that could forge or split a line.
     text = "-" if value is None else str(value)
-    if not text or any(c.isspace() or not c.isprintable() or c in '"=' for c in text):
-        return json.dumps(text)
-    return text
+    return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):
