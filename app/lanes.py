@@ -21,6 +21,7 @@ transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`app.db`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ class Lane:
         assert dbapi_connection is not None
         self.cursor = dbapi_connection.cursor()
         self.opened = time.monotonic()
+        self.pid = os.getpid()
         self._dialect = connection.dialect
         self._transaction: RootTransaction | None = None
         self._server_open = False  # PostgreSQL: our BEGIN has been sent
@@ -107,10 +109,13 @@ class Lane:
                 except DBAPIError:
                     pass  # the connection is gone; the server has rolled back already
 
-    def close(self) -> None:
+    def close(self, *, hard: bool = False) -> None:
+        """Give the connection back to the pool; ``hard``: close it for good."""
         try:
             self.session.close()
         finally:
+            if hard:
+                self.connection.invalidate()
             self.connection.close()
 
     def _wrap(self, exc: Exception, sql: str, params: Any) -> DBAPIError:
@@ -154,14 +159,19 @@ class Lanes:
         generation = self._generation
         try:
             lane = self._idle.pop()  # atomic: threads never share a lane
+            if lane.pid != os.getpid():
+                # Inherited through a fork: the parent's socket, never ours to use or close.
+                self._idle.clear()
+                lane = self._open()
         except IndexError:
             lane = self._open()
         try:
             yield lane
         finally:
-            if (
+            if generation != self._generation:
+                lane.close(hard=True)  # the engine was disposed meanwhile
+            elif (
                 lane.usable
-                and generation == self._generation
                 and len(self._idle) < self.keep
                 and time.monotonic() - lane.opened < RECYCLE_SECONDS
             ):
@@ -170,13 +180,19 @@ class Lanes:
                 lane.close()
 
     def close(self) -> None:
-        """Close every idle lane (lanes in use are closed when they are given back)."""
+        """Close every idle lane's connection (lanes in use: when they are given back).
+
+        Lanes inherited from a parent process (``Engine.dispose(close=False)`` after
+        a fork) are forgotten, never closed: their sockets are the parent's.
+        """
         self._generation += 1
         while self._idle:
             try:
-                self._idle.pop().close()
+                lane = self._idle.pop()
             except IndexError:
                 break
+            if lane.pid == os.getpid():
+                lane.close(hard=True)
 
     def _on_dispose(self, _engine: Engine) -> None:
         self.close()

@@ -1,0 +1,146 @@
+"""Claim lanes (app/lanes.py): a kept connection must leave each claim exactly as it found it.
+
+A lane's connection, cursor and handler session serve one claim after another.
+What a user would notice if that went wrong: an event applied on a connection
+left inside a transaction (its effects never committed, or committed by the
+next event), ORM objects of one event seen by the next, a failure whose
+rollback undid nothing, or connections that outlive ``Engine.dispose()``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import Column, MetaData, String, Table, create_engine, text
+from sqlalchemy.orm import registry as orm_registry
+
+from app.plugins import handler
+from app.testing import deliver
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request, pg_url, sqlite_url):
+    return pg_url if request.param == "postgresql" else sqlite_url
+
+
+def _only(app, func):
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", func)
+    return app.extensions["idemhook.receiver"].claimer
+
+
+def _effects(sql):
+    return sorted(row[0] for row in sql("SELECT event_id FROM test_effects"))
+
+
+def test_one_lane_serves_event_after_event_through_failures(make_app, sql):
+    @handler("acme", "*")
+    def write_then_maybe_fail(event, db):
+        db.execute(
+            text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e)"),
+            {"s": event.source, "e": event.id},
+        )
+        if event.payload.get("fail"):
+            raise RuntimeError("boom")
+        return {"ok": event.id}
+
+    app = make_app()
+    claimer = _only(app, write_then_maybe_fail)
+    client = app.test_client()
+
+    answers = [
+        deliver(client, "acme", {"id": "l1", "type": "t"}).status_code,
+        deliver(client, "acme", {"id": "l2", "type": "t", "fail": True}).status_code,
+        deliver(client, "acme", {"id": "l3", "type": "t"}).status_code,
+        deliver(client, "acme", {"id": "l1", "type": "t"}).json["status"],
+    ]
+
+    assert answers == [200, 500, 200, "duplicate"]
+    # One connection did all of it, and what failed left nothing behind.
+    assert len(claimer.lanes._idle) == 1
+    assert _effects(sql) == ["l1", "l3"]
+    assert [r[0] for r in sql("SELECT event_id FROM processed_events ORDER BY 1")] == ["l1", "l3"]
+    assert [r[0] for r in sql("SELECT event_id FROM delivery_failures")] == ["l2"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_idle_lane_is_outside_any_transaction(make_app, sql, pg_url):
+    @handler("acme", "*")
+    def fail(event, db):
+        db.execute(text("SELECT 1"))
+        raise RuntimeError("boom")
+
+    app = make_app()
+    _only(app, fail)
+    assert deliver(app.test_client(), "acme", {"id": "t1", "type": "t"}).status_code == 500
+
+    # Seen from another connection: the kept one is idle, not "idle in transaction".
+    states = sql(
+        "SELECT state FROM pg_stat_activity "
+        "WHERE application_name = 'idemhook' AND datname = current_database() "
+        "AND pid <> pg_backend_pid()"
+    )
+    assert states and {s[0] for s in states} == {"idle"}
+
+
+def test_orm_objects_of_one_event_are_not_seen_by_the_next(make_app, sql):
+    metadata = MetaData()
+    effects = Table(
+        "test_effects",
+        metadata,
+        Column("source", String(64), primary_key=True),
+        Column("event_id", String(255), primary_key=True),
+    )
+
+    class Effect:
+        def __init__(self, source: str, event_id: str) -> None:
+            self.source, self.event_id = source, event_id
+
+    orm_registry().map_imperatively(Effect, effects)
+    seen: list[int] = []
+
+    @handler("acme", "*")
+    def add_effect(event, db):
+        seen.append(len(db.identity_map) + len(db.new))
+        db.add(Effect(event.source, event.id))
+        return None
+
+    app = make_app()
+    _only(app, add_effect)
+    client = app.test_client()
+    for i in range(3):
+        assert deliver(client, "acme", {"id": f"o{i}", "type": "t"}).status_code == 200
+
+    assert seen == [0, 0, 0]
+    assert _effects(sql) == ["o0", "o1", "o2"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_dispose_closes_the_kept_connections(make_app, pg_url):
+    app = make_app(DATABASE_URL=pg_url)
+    client = app.test_client()
+    assert deliver(client, "acme", {"id": "d1", "type": "contact.updated"}).status_code == 200
+    watcher = create_engine(pg_url)
+    claimer = app.extensions["idemhook.receiver"].claimer
+    [lane] = claimer.lanes._idle
+    pid = lane.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    count = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid").bindparams(pid=pid)
+    try:
+        with watcher.connect() as conn:
+            before = conn.execute(count).scalar_one()
+            conn.commit()  # pg_stat_activity is read once per transaction
+            app.extensions["idemhook.db"].engine.dispose()
+            for _ in range(100):  # the backend exits moments after its client hangs up
+                after = conn.execute(count).scalar_one()
+                conn.commit()
+                if not after:
+                    break
+                time.sleep(0.05)
+    finally:
+        watcher.dispose()
+
+    assert (before, after) == (1, 0)
+    # The app keeps serving after a dispose: a new lane is opened.
+    assert deliver(client, "acme", {"id": "d2", "type": "contact.updated"}).status_code == 200
