@@ -1,0 +1,226 @@
+"""Instructions per request, counted: ``python -m bench.instructions [--requests 200]``.
+
+Runs each app's WSGI stack in a process under valgrind's callgrind and counts
+the user-space instructions it executes per request, between two switches
+made around the measured loop (``callgrind_control``). Unlike a timing, the
+count is the same from one run to the next whatever else the machine is doing
+(within about 0.5 %), so it shows what a change buys where wall-clock figures
+on a shared two-core machine cannot. It counts the worker's own work only: not
+the kernel's, not gunicorn's HTTP parsing, not PostgreSQL's.
+
+Variants (``--variants``):
+
+- ``baseline``: ``bench/baseline.py``.
+- ``receiver``: the receiver, everything on (the event log line goes to /dev/null).
+- ``no-log``: without the event log line.
+- ``no-metrics``: without the metrics observers and request timer.
+- ``no-handler-sql``: the handler returns its result without running its UPDATE.
+- ``intake-only``: without logging and metrics, and a claim that does nothing:
+  Flask, routing, verification, parsing and the answer.
+
+The differences between variants are the costs of the parts (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+from .load import event, new_ids, sign
+from .run import SECRET, SOURCES_TOML
+
+VARIANTS = ("baseline", "receiver", "no-log", "no-metrics", "no-handler-sql", "intake-only")
+WARMUP = 50
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", nargs=2, metavar=("URL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        url, variant = args.child
+        run_child(url, variant, args.requests, toggle=True)
+        return 0
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind is not installed: apt-get install valgrind", file=sys.stderr)
+        return 2
+    from app.testing import postgres
+
+    server, cluster = postgres.server_url()
+    url = prepare(server)
+    try:
+        counts: dict[str, int] = {}
+        for variant in args.variants.split(","):
+            counts[variant] = count(url, variant, args.requests)
+            print(f"{variant:>15}: {counts[variant]:>10,} instructions/request", flush=True)
+        if "baseline" in counts and "receiver" in counts:
+            print(f"receiver/baseline: {counts['receiver'] / counts['baseline']:.2f}")
+    finally:
+        postgres.drop_database(url)
+        if cluster is not None:
+            cluster.stop()
+    return 0
+
+
+def prepare(server: Any) -> Any:
+    """A fresh database migrated by the real migrations, with the bench's table."""
+    from sqlalchemy import text
+
+    from app import create_app, migrate
+    from app.testing import postgres
+
+    from . import handler
+
+    url = postgres.create_database(server, prefix="idemhook_instr")
+    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
+    migrate.upgrade(app)
+    engine = app.extensions["idemhook.db"].engine
+    with engine.begin() as conn:
+        for ddl in handler.TABLE_DDL:
+            conn.execute(text(ddl))
+    engine.dispose()
+    return url
+
+
+def count(url: Any, variant: str, requests: int) -> int:
+    """Instructions per request of ``variant`` (one process under callgrind)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--requests",
+            str(requests),
+            "--child",
+            url.render_as_string(hide_password=False),
+            variant,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{variant}: {done.stderr[-2000:]}")
+        with open(out) as f:
+            totals = re.search(r"^totals: (\d+)", f.read(), re.MULTILINE)
+    if totals is None:
+        raise RuntimeError(f"{variant}: callgrind wrote no totals")
+    return int(totals.group(1)) // requests
+
+
+def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
+    """Send ``requests`` fresh events through ``variant``; return CPU seconds per request.
+
+    ``toggle``: switch callgrind's instrumentation on and off around the loop.
+    """
+    import time
+
+    from werkzeug.test import EnvironBuilder
+
+    app, path = build(url, variant)
+    secret = SECRET.encode()
+
+    def environs(n: int) -> list[dict[str, Any]]:
+        out = []
+        for i, eid in enumerate(new_ids(n)):
+            body = json.dumps(event(eid, i), separators=(",", ":")).encode()
+            headers = {"Content-Type": "application/json", "X-Signature": sign(secret, body)}
+            builder = EnvironBuilder(path=path, method="POST", data=body, headers=headers)
+            out.append(builder.get_environ())
+        return out
+
+    def send(batch: list[dict[str, Any]]) -> None:
+        for environ in batch:
+            status: list[str] = []
+            body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+            if not status[0].startswith("200"):  # noqa: B023 (read before the next request)
+                raise RuntimeError(f"{variant}: {status[0]} {body[:300]!r}")
+
+    send(environs(WARMUP))
+    measured = environs(requests)
+    if toggle:
+        _instrument("on")
+    started = time.process_time()
+    send(measured)
+    cpu = time.process_time() - started
+    if toggle:
+        _instrument("off")
+    return cpu / requests
+
+
+def _instrument(state: str) -> None:
+    subprocess.run(
+        ["callgrind_control", "--instr=" + state, str(os.getpid())],
+        check=True,
+        capture_output=True,
+    )
+
+
+def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
+    """The WSGI callable and path of ``variant`` (see the module docstring)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if variant == "baseline":
+        os.environ["BENCH_DSN"] = (
+            f"host={parsed.host} port={parsed.port or 5432} "
+            f"user={parsed.username} dbname={parsed.database}"
+        )
+        os.environ["BENCH_SECRET"] = SECRET
+        from .baseline import create_app as create_baseline
+
+        return create_baseline().wsgi_app, "/webhooks/baseline"
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+
+    from app import create_app
+    from app.claim import Outcome
+
+    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
+    idemhook_log = logging.getLogger("idemhook")
+    for log_handler in idemhook_log.handlers:
+        if isinstance(log_handler, logging.StreamHandler):
+            log_handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the app)
+    claimer = app.extensions["idemhook.receiver"].claimer
+    if variant in ("no-log", "intake-only"):
+        idemhook_log.setLevel(logging.WARNING)
+    if variant in ("no-metrics", "intake-only"):
+        from app import metrics as metrics_module
+
+        metrics = app.extensions["idemhook.metrics"]
+        claimer.observers.remove(metrics.observe_event)
+        claimer.timers.remove(metrics.observe_phase)
+        app.before_request_funcs[None].remove(metrics_module._start_timer)
+        app.after_request_funcs[None].remove(metrics_module._observe_request)
+    if variant == "no-handler-sql":
+        registry = claimer.registry
+        for i, registration in enumerate(registry.registrations):
+            registry.registrations[i] = type(registration)(
+                registration.source, registration.pattern, _no_sql
+            )
+        registry._cache.clear()
+    if variant == "intake-only":
+        claimer.apply = lambda events, body: [Outcome(events[0].id, "processed", None)]
+    return app.wsgi_app, "/webhooks/bench"
+
+
+def _no_sql(event: Any, db: Any) -> dict[str, int]:
+    return {"account": int(event.payload["account"])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
