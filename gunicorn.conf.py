@@ -4,6 +4,7 @@ Measured choices are explained in docs/performance.md ("Server settings, and
 why"); every value can be overridden on the command line or with GUNICORN_CMD_ARGS.
 """
 
+import gc
 import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -26,3 +27,12 @@ def post_fork(server, worker):
     # Runs in the worker before the app is built; a thread never waits for a connection
     # and no connection sits idle (the pool may still overflow to twice this).
     os.environ.setdefault("IDEMHOOK_POOL_SIZE", str(server.cfg.threads))
+
+
+def post_worker_init(worker):
+    """Keep the objects made at start-up out of the worker's garbage collections."""
+    # Modules, the app, SQLAlchemy's and Flask's structures: about 90,000 objects that live
+    # as long as the worker. A full collection walks them all (about 40 ms here), a pause
+    # that every request in flight waits out; frozen, they are never walked again.
+    # Measured on the p99 at 70 % of peak in docs/performance.md.
+    gc.freeze()

@@ -20,6 +20,13 @@ failure rolls back only its own claim and effects: the database ends up exactly
 as if savepoints had been used throughout. (The other events' handlers then run
 twice, the first run rolled back, as in any redelivery.)
 
+Every claim runs on a lane (:mod:`app.lanes`): a kept connection with its
+cursor and the handlers' session. The claim's own statements are compiled once
+from Core (:class:`_Statements`) and run on the cursor; on PostgreSQL ``BEGIN``
+travels with the claim ``INSERT`` and ``COMMIT`` with the statement that stores
+the results, so a single new event costs three round trips: the claim, the
+handler's statements, the result with the commit.
+
 A handler's ``Reject`` rolls back the event's effects like a failure, then
 records the claim as ``rejected`` (with a permanent ``delivery_failures`` row)
 so that the provider stops retrying and redeliveries are duplicates.
@@ -125,12 +132,12 @@ class _Rejected(Exception):
 
 @dataclass(slots=True)
 class _Deferred:
-    """What the savepoint-free batch pass keeps back until the whole batch has succeeded.
+    """What the savepoint-free pass keeps back until its transaction commits.
 
-    ``stored``: each processed or ignored event's result row, written in one
-    statement at the end (:meth:`Claimer._store_all`). ``timings`` and
-    ``observed``: timer and observer calls, made only if the pass commits, so
-    a pass that falls back to savepoints is not reported twice.
+    ``stored``: each processed or ignored event's result row, written by one
+    statement sent with the COMMIT (:meth:`_Statements.store`; PostgreSQL).
+    ``timings`` and ``observed``: timer and observer calls, made only if the
+    pass commits, so a batch that falls back to savepoints is not reported twice.
     """
 
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -569,12 +576,7 @@ class _Statements:
             column("result", String),  # JSON text
             column("processed_at", DateTime(timezone=True)),
             name="v",
-        ).data(
-            [
-                tuple(bindparam(f"{name}_{i}") for name in STORE_COLUMNS)
-                for i in range(count)
-            ]
-        )
+        ).data([tuple(bindparam(f"{name}_{i}") for name in STORE_COLUMNS) for i in range(count)])
         statement = (
             update(table)
             .where(table.c.id == rows.c.id)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -152,6 +153,9 @@ class Lanes:
         self._generation = 0
         self._pipelined = engine.dialect.name == "postgresql"
         event.listen(engine, "engine_disposed", self._on_dispose)
+        # At exit, or when the app is dropped, the kept connections go back to the pool
+        # (which closes them) instead of being reclaimed, with a warning, by the collector.
+        weakref.finalize(self, _give_back, self._idle, os.getpid())
 
     @contextmanager
     def lane(self) -> Iterator[Lane]:
@@ -206,3 +210,13 @@ class Lanes:
         except BaseException:
             connection.close()
             raise
+
+
+def _give_back(idle: list[Lane], pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child: the lanes are the parent's
+    while idle:
+        try:
+            idle.pop().close()
+        except Exception:  # noqa: BLE001 (at exit: the database may be gone already)
+            pass

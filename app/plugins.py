@@ -11,7 +11,8 @@ Contract (the full text with examples is ``docs/plugins.md``)::
 
 - ``event`` is an :class:`Event`; ``db`` is a SQLAlchemy ``Session`` inside the
   claim's transaction. Never commit, roll back or close it: the receiver commits
-  the claim and every handler's work together, or none of it.
+  the claim and every handler's work together, or none of it. Use it only during
+  the call: it is emptied and handed to later events on the same connection.
 - Raising rolls back the claim and all handlers' work for this event, records a
   row in ``delivery_failures`` and answers 500, so the provider retries and the
   handlers run again from scratch. Work outside the database (an API call) is

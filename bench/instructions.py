@@ -17,6 +17,7 @@ Variants (``--variants``):
 - ``no-handler-sql``: the handler returns its result without running its UPDATE.
 - ``intake-only``: without logging and metrics, and a claim that does nothing:
   Flask, routing, verification, parsing and the answer.
+- ``baseline-batch``, ``receiver-batch``: batches of 100 events (counted per event).
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -39,7 +40,18 @@ from typing import Any
 from .load import event, new_ids, sign
 from .run import SECRET, SOURCES_TOML
 
-VARIANTS = ("baseline", "receiver", "no-log", "no-metrics", "no-handler-sql", "intake-only")
+VARIANTS = (
+    "baseline",
+    "receiver",
+    "no-log",
+    "no-metrics",
+    "no-handler-sql",
+    "intake-only",
+    "baseline-batch",
+    "receiver-batch",
+)
+#: Events per request of the ``-batch`` variants (their counts are per event).
+BATCH = 100
 WARMUP = 50
 
 
@@ -64,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         counts: dict[str, int] = {}
         for variant in args.variants.split(","):
             counts[variant] = count(url, variant, args.requests)
-            print(f"{variant:>15}: {counts[variant]:>10,} instructions/request", flush=True)
-        if "baseline" in counts and "receiver" in counts:
-            print(f"receiver/baseline: {counts['receiver'] / counts['baseline']:.2f}")
+            unit = "event" if variant.endswith("-batch") else "request"
+            print(f"{variant:>15}: {counts[variant]:>10,} instructions/{unit}", flush=True)
+        for suffix in ("", "-batch"):
+            if f"baseline{suffix}" in counts and f"receiver{suffix}" in counts:
+                ratio = counts[f"receiver{suffix}"] / counts[f"baseline{suffix}"]
+                print(f"receiver{suffix}/baseline{suffix}: {ratio:.2f}")
     finally:
         postgres.drop_database(url)
         if cluster is not None:
@@ -119,7 +134,8 @@ def count(url: Any, variant: str, requests: int) -> int:
             totals = re.search(r"^totals: (\d+)", f.read(), re.MULTILINE)
     if totals is None:
         raise RuntimeError(f"{variant}: callgrind wrote no totals")
-    return int(totals.group(1)) // requests
+    per = requests * BATCH if variant.endswith("-batch") else requests
+    return int(totals.group(1)) // per
 
 
 def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
@@ -133,22 +149,32 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
     app, path = build(url, variant)
     secret = SECRET.encode()
+    size = BATCH if variant.endswith("-batch") else 0
 
     def environs(n: int) -> list[dict[str, Any]]:
         out = []
         for i, eid in enumerate(new_ids(n)):
-            body = json.dumps(event(eid, i), separators=(",", ":")).encode()
+            if size:
+                ids = new_ids(size)
+                document: Any = [event(bid, i * size + j) for j, bid in enumerate(ids)]
+            else:
+                document = event(eid, i)
+            body = json.dumps(document, separators=(",", ":")).encode()
             headers = {"Content-Type": "application/json", "X-Signature": sign(secret, body)}
             builder = EnvironBuilder(path=path, method="POST", data=body, headers=headers)
             out.append(builder.get_environ())
         return out
 
     def send(batch: list[dict[str, Any]]) -> None:
+        status: list[str] = []
+
+        def start_response(line: str, headers: Any, exc_info: Any = None) -> None:
+            status.append(line)
+
         for environ in batch:
-            status: list[str] = []
-            body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
-            if not status[0].startswith("200"):  # noqa: B023 (read before the next request)
-                raise RuntimeError(f"{variant}: {status[0]} {body[:300]!r}")
+            body = b"".join(app(environ, start_response))
+            if not status[-1].startswith("200"):
+                raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
     measured = environs(requests)
@@ -175,7 +201,7 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    if variant == "baseline":
+    if variant.startswith("baseline"):
         os.environ["BENCH_DSN"] = (
             f"host={parsed.host} port={parsed.port or 5432} "
             f"user={parsed.username} dbname={parsed.database}"
@@ -183,7 +209,8 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
         os.environ["BENCH_SECRET"] = SECRET
         from .baseline import create_app as create_baseline
 
-        return create_baseline().wsgi_app, "/webhooks/baseline"
+        suffix = "_batch" if variant.endswith("-batch") else ""
+        return create_baseline().wsgi_app, "/webhooks/baseline" + suffix
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
 
@@ -191,13 +218,10 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
     from app.claim import Outcome
 
     app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
-    idemhook_log = logging.getLogger("idemhook")
-    for log_handler in idemhook_log.handlers:
-        if isinstance(log_handler, logging.StreamHandler):
-            log_handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the app)
+    idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
-    if variant in ("no-log", "intake-only"):
-        idemhook_log.setLevel(logging.WARNING)
+    quiet = variant in ("no-log", "intake-only")
+    idemhook_log.setLevel(logging.WARNING if quiet else logging.INFO)
     if variant in ("no-metrics", "intake-only"):
         from app import metrics as metrics_module
 
@@ -215,7 +239,9 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
         registry._cache.clear()
     if variant == "intake-only":
         claimer.apply = lambda events, body: [Outcome(events[0].id, "processed", None)]
-    return app.wsgi_app, "/webhooks/bench"
+    return app.wsgi_app, "/webhooks/bench_batch" if variant.endswith(
+        "-batch"
+    ) else "/webhooks/bench"
 
 
 def _no_sql(event: Any, db: Any) -> dict[str, int]:

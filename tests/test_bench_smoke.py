@@ -53,3 +53,77 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert "{{" not in text
     assert "| all new events |" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, caplog):
+    """Each variant of ``bench.instructions`` serves events (without valgrind here).
+
+    What a variant switches off must really be off, or the parts' prices in
+    docs/performance.md would be wrong: the log line, the metrics, the handler's SQL.
+    """
+    import logging
+
+    from sqlalchemy import create_engine, text
+
+    from app.testing import postgres
+    from bench import instructions
+    from bench.load import event, sign
+    from bench.run import SECRET
+
+    url = instructions.prepare(pg_server)
+    rendered = url.render_as_string(hide_password=False)
+    engine = create_engine(url)
+
+    def updates() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT sum(events) FROM bench_accounts")).scalar_one()
+
+    def observed(variant: str) -> tuple[bool, bool]:
+        """(logged, counted in /metrics) for one event through ``variant``."""
+        wsgi, path = instructions.build(rendered, variant)
+        client = wsgi.__self__.test_client()
+        body = json.dumps(event(f"smoke-{variant}", 1)).encode()
+        caplog.clear()  # records reach it through the root logger, at the variant's level
+        answer = client.post(
+            path,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Signature": sign(SECRET.encode(), body),
+            },
+        )
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        metrics = client.get("/metrics").get_data(as_text=True)
+        counted = any(
+            line.startswith("idemhook_events_total{")
+            and 'outcome="processed"' in line
+            and line.endswith(" 1.0")
+            for line in metrics.splitlines()
+        )
+        return f"smoke-{variant}" in caplog.text, counted
+
+    level = logging.getLogger("idemhook").level
+    try:
+        moved = {}
+        for variant in instructions.VARIANTS:
+            before = updates()
+            instructions.run_child(rendered, variant, 3, toggle=False)
+            moved[variant] = updates() - before
+        served = 3 + instructions.WARMUP
+        assert moved == {
+            "baseline": served,
+            "receiver": served,
+            "no-log": served,
+            "no-metrics": served,
+            "no-handler-sql": 0,
+            "intake-only": 0,
+            "baseline-batch": served * instructions.BATCH,
+            "receiver-batch": served * instructions.BATCH,
+        }
+        assert observed("receiver") == (True, True)
+        assert observed("no-log") == (False, True)
+        assert observed("no-metrics") == (True, False)
+    finally:
+        logging.getLogger("idemhook").setLevel(level)
+        engine.dispose()
+        postgres.drop_database(url)
