@@ -152,10 +152,12 @@ class Lanes:
         self._idle: list[Lane] = []
         self._generation = 0
         self._pipelined = engine.dialect.name == "postgresql"
-        event.listen(engine, "engine_disposed", self._on_dispose)
+        # Both hooks hold the idle lanes, never this object: a lane's connection holds the
+        # engine, so a strong reference from the engine back here would keep all of it alive.
+        event.listen(engine, "engine_disposed", _closer(weakref.ref(self)))
         # At exit, or when the app is dropped, the kept connections go back to the pool
         # (which closes them) instead of being reclaimed, with a warning, by the collector.
-        weakref.finalize(self, _give_back, self._idle, os.getpid())
+        weakref.finalize(self, _give_back, self._idle)
 
     @contextmanager
     def lane(self) -> Iterator[Lane]:
@@ -198,9 +200,6 @@ class Lanes:
             if lane.pid == os.getpid():
                 lane.close(hard=True)
 
-    def _on_dispose(self, _engine: Engine) -> None:
-        self.close()
-
     def _open(self) -> Lane:
         connection = self.engine.connect()
         try:
@@ -212,11 +211,20 @@ class Lanes:
             raise
 
 
-def _give_back(idle: list[Lane], pid: int) -> None:
-    if os.getpid() != pid:
-        return  # a forked child: the lanes are the parent's
+def _closer(lanes: weakref.ref[Lanes]) -> Callable[[Engine], None]:
+    def on_dispose(_engine: Engine) -> None:
+        alive = lanes()
+        if alive is not None:
+            alive.close()
+
+    return on_dispose
+
+
+def _give_back(idle: list[Lane]) -> None:
     while idle:
         try:
-            idle.pop().close()
+            lane = idle.pop()
+            if lane.pid == os.getpid():  # never a parent's lane, inherited through a fork
+                lane.close()
         except Exception:  # noqa: BLE001 (at exit: the database may be gone already)
             pass

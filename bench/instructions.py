@@ -85,28 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         postgres.drop_database(url)
         if cluster is not None:
-            cluster.stop()
+            cluster.destroy()
     return 0
 
 
 def prepare(server: Any) -> Any:
     """A fresh database migrated by the real migrations, with the bench's table."""
-    from sqlalchemy import text
+    from .run import prepare_database
 
-    from app import create_app, migrate
-    from app.testing import postgres
-
-    from . import handler
-
-    url = postgres.create_database(server, prefix="idemhook_instr")
-    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
-    migrate.upgrade(app)
-    engine = app.extensions["idemhook.db"].engine
-    with engine.begin() as conn:
-        for ddl in handler.TABLE_DDL:
-            conn.execute(text(ddl))
-    engine.dispose()
-    return url
+    return prepare_database(server, prefix="idemhook_instr")
 
 
 def count(url: Any, variant: str, requests: int) -> int:

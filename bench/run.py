@@ -119,6 +119,20 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def prepare_database(server_url: Any, *, prefix: str) -> Any:
+    """A fresh database built by the real migrations, with the handler's 10,000-row table."""
+    url = postgres.create_database(server_url, prefix=prefix)
+    log(f"database {url.database}: migrating")
+    app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}})
+    migrate.upgrade(app)
+    engine = app.extensions["idemhook.db"].engine
+    with engine.begin() as conn:
+        for ddl in handler.TABLE_DDL:
+            conn.execute(text(ddl))
+    engine.dispose()
+    return url
+
+
 class Bench:
     """One benchmark run: a fresh database, two servers, the scenarios, the results."""
 
@@ -140,15 +154,7 @@ class Bench:
         server_url = self.server
         if server_url is None:
             server_url, self.cluster = postgres.server_url()
-        self.db_url = postgres.create_database(server_url, prefix="idemhook_bench")
-        log(f"database {self.db_url.database}: migrating")
-        app = create_app({"DATABASE_URL": self.db_url, "IDEMHOOK_CONFIG": {}})
-        migrate.upgrade(app)
-        engine = app.extensions["idemhook.db"].engine
-        with engine.begin() as conn:
-            for ddl in handler.TABLE_DDL:
-                conn.execute(text(ddl))
-        engine.dispose()
+        self.db_url = prepare_database(server_url, prefix="idemhook_bench")
 
         sources = self.work / "webhooks.toml"
         sources.write_text(SOURCES_TOML)

@@ -144,3 +144,36 @@ def test_dispose_closes_the_kept_connections(make_app, pg_url):
     assert (before, after) == (1, 0)
     # The app keeps serving after a dispose: a new lane is opened.
     assert deliver(client, "acme", {"id": "d2", "type": "contact.updated"}).status_code == 200
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_app_dropped_without_dispose_gives_its_connections_back(make_app, pg_url):
+    # make_app only empties the tables afterwards: an app it built would be kept alive.
+    import gc
+
+    from app import create_app
+    from tests.conftest import SOURCES
+
+    app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})
+    assert deliver(app.test_client(), "acme", {"id": "g1", "type": "t"}).status_code == 200
+    [lane] = app.extensions["idemhook.receiver"].claimer.lanes._idle
+    pid = lane.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    del app, lane
+    # Collected, the kept connection goes back to its pool and is closed with it, rather
+    # than being reclaimed with SQLAlchemy's "non-checked-in connection" warning (an error
+    # under this suite's warning filter).
+    gc.collect()
+    watcher = create_engine(pg_url)
+    try:
+        with watcher.connect() as conn:
+            for _ in range(100):
+                alive = conn.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                ).scalar_one()
+                conn.commit()
+                if not alive:
+                    break
+                time.sleep(0.05)
+    finally:
+        watcher.dispose()
+    assert alive == 0
