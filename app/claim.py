@@ -623,10 +623,6 @@ def _pool_size(engine: Any) -> int:
     return size() if callable(size) else 4
 
 
-def _without(params: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != key}
-
-
 def _is_timeout(exc: DBAPIError) -> bool:
     # 55P03 lock_not_available, 57014 query_canceled (statement_timeout).
     return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")

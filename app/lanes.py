@@ -192,13 +192,7 @@ class Lanes:
         a fork) are forgotten, never closed: their sockets are the parent's.
         """
         self._generation += 1
-        while self._idle:
-            try:
-                lane = self._idle.pop()
-            except IndexError:
-                break
-            if lane.pid == os.getpid():
-                lane.close(hard=True)
+        _drain(self._idle, hard=True)
 
     def _open(self) -> Lane:
         connection = self.engine.connect()
@@ -221,10 +215,18 @@ def _closer(lanes: weakref.ref[Lanes]) -> Callable[[Engine], None]:
 
 
 def _give_back(idle: list[Lane]) -> None:
+    try:
+        _drain(idle, hard=False)
+    except Exception:  # noqa: BLE001 (at exit: the database may be gone already)
+        pass
+
+
+def _drain(idle: list[Lane], *, hard: bool) -> None:
+    """Close the lanes in ``idle``; a lane inherited through a fork is only forgotten."""
     while idle:
         try:
             lane = idle.pop()
-            if lane.pid == os.getpid():  # never a parent's lane, inherited through a fork
-                lane.close()
-        except Exception:  # noqa: BLE001 (at exit: the database may be gone already)
-            pass
+        except IndexError:  # another thread took the last one
+            break
+        if lane.pid == os.getpid():
+            lane.close(hard=hard)

@@ -13,14 +13,11 @@ import json
 import os
 import time
 
-from sqlalchemy import text
-
-from app import create_app, migrate
+from app import create_app
 from app.testing import postgres
 
-from . import handler
 from .load import event, new_ids, sign
-from .run import SECRET, SOURCES_TOML
+from .run import SECRET, SOURCES_TOML, prepare_database
 
 
 def measure(client, path: str, bodies: list[tuple[bytes, str]]) -> float:
@@ -40,16 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     server, cluster = postgres.server_url()
-    url = postgres.create_database(server, prefix="idemhook_micro")
+    url = prepare_database(server, prefix="idemhook_micro")
     try:
         import tomllib
 
         sources = tomllib.loads(SOURCES_TOML)
         receiver = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": sources})
-        migrate.upgrade(receiver)
-        with receiver.extensions["idemhook.db"].engine.begin() as conn:
-            for ddl in handler.TABLE_DDL:
-                conn.execute(text(ddl))
         os.environ["BENCH_DSN"] = (
             f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
         )

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, text
-from sqlalchemy.orm import registry as orm_registry
+from sqlalchemy import text
 
 from app.plugins import handler
 from app.testing import deliver
+from tests.orm_effects import mapped_effect
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -52,19 +52,7 @@ def test_batch_stores_every_result_and_a_repeat_answers_its_original(client, sql
 
 
 def test_handlers_pending_orm_changes_are_written(make_app, sql):
-    metadata = MetaData()
-    effects = Table(
-        "test_effects",
-        metadata,
-        Column("source", String(64), primary_key=True),
-        Column("event_id", String(255), primary_key=True),
-    )
-
-    class Effect:
-        def __init__(self, source: str, event_id: str) -> None:
-            self.source, self.event_id = source, event_id
-
-    orm_registry().map_imperatively(Effect, effects)
+    Effect = mapped_effect()
 
     @handler("acme", "*")
     def add_effect(event, db):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, create_engine, text
-from sqlalchemy.orm import registry as orm_registry
+from sqlalchemy import create_engine, text
 
 from app.plugins import handler
 from app.testing import deliver
+from tests.orm_effects import mapped_effect
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -86,19 +86,7 @@ def test_an_idle_lane_is_outside_any_transaction(make_app, sql, pg_url):
 
 
 def test_orm_objects_of_one_event_are_not_seen_by_the_next(make_app, sql):
-    metadata = MetaData()
-    effects = Table(
-        "test_effects",
-        metadata,
-        Column("source", String(64), primary_key=True),
-        Column("event_id", String(255), primary_key=True),
-    )
-
-    class Effect:
-        def __init__(self, source: str, event_id: str) -> None:
-            self.source, self.event_id = source, event_id
-
-    orm_registry().map_imperatively(Effect, effects)
+    Effect = mapped_effect()
     seen: list[int] = []
 
     @handler("acme", "*")
