@@ -37,7 +37,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     logs.init_app(app)
     database = db.init_app(app)
-    claimer = Claimer(database, registry, observers=[logs.log_outcome])
+    claimer = Claimer(
+        database,
+        registry,
+        observers=[logs.log_outcome],
+        handler_timeout_ms=app.config["IDEMHOOK_HANDLER_TIMEOUT_MS"],
+    )
     intake.init_app(app, intake.Receiver(loaded.sources, claimer))
     health.init_app(app)
     metrics.init_app(app, claimer)

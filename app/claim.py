@@ -1,152 +1,75 @@
 """The claim: record an event's ID and apply its handlers in one transaction.
 
-For each event: ``INSERT ... ON CONFLICT (source, event_id) DO UPDATE SET
-duplicate_count = duplicate_count + 1`` with ``RETURNING``. A returned
-``duplicate_count`` of 0 means this transaction inserted the row: run the
-handlers in the same transaction, store their result, commit. Anything else
-means the event was already applied: the duplicate is counted and nothing runs.
+For each event of a delivery, in one transaction on a lane (:mod:`app.lanes`):
 
-A concurrent duplicate blocks on the unique index until the first transaction
-ends: after a commit it is a duplicate, after a rollback it inserts and runs.
-The per-statement and lock timeouts (``IDEMHOOK_STATEMENT_TIMEOUT_MS``) bound
-that wait and any handler stuck in the database.
+1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (:mod:`app.statements`).
+   A returned ``duplicate_count`` above 0 means the event was already applied: the
+   duplicate is counted and nothing runs. A concurrent duplicate waits on the
+   unique index until the first transaction ends (bounded by the lock timeout:
+   ``503 event_in_progress``).
+2. **run handlers** (:func:`app.dispatch.run_handlers`, the one handler path).
+3. **store** the result: sent with the COMMIT, one statement for the whole delivery.
+4. **commit**.
 
-A batch runs in one transaction. It is first tried optimistically, without
-savepoints, storing every event's result in one statement at the end (the
-savepoints and per-event result ``UPDATE`` were most of a batch's round trips,
-see docs/performance.md). If any handler fails or rejects, that pass is rolled
-back whole and the batch runs again with a savepoint per event, so one event's
-failure rolls back only its own claim and effects: the database ends up exactly
-as if savepoints had been used throughout. (The other events' handlers then run
-twice, the first run rolled back, as in any redelivery.)
+Each event runs inside a savepoint (``SAVEPOINT``/``RELEASE`` travel in the
+round trip of its claim on PostgreSQL), so a handler's failure or ``Reject``
+rolls back that event alone: a failed event is answered 500 and recorded in
+``delivery_failures``; a rejected one is claimed as ``rejected``. No handler
+ever runs twice in one delivery: the transaction is tried again only when its
+connection was lost before any handler started (a kept connection that did not
+survive a database restart). A connection lost later is answered from a fresh
+connection's look at the claims: committed, they are duplicates; not, ``503``.
 
-Every claim runs on a lane (:mod:`app.lanes`): a kept connection with its
-cursor and the handlers' session. The claim's own statements are compiled once
-from Core (:class:`_Statements`) and run on the cursor; on PostgreSQL ``BEGIN``
-travels with the claim ``INSERT`` and ``COMMIT`` with the statement that stores
-the results, so a single new event costs three round trips: the claim, the
-handler's statements, the result with the commit.
-
-A handler's ``Reject`` rolls back the event's effects like a failure, then
-records the claim as ``rejected`` (with a permanent ``delivery_failures`` row)
-so that the provider stops retrying and redeliveries are duplicates.
+The whole claim runs on a claim thread watched by the request
+(:mod:`app.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
+is answered ``503 handler_timeout`` and its transaction never commits.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-import traceback
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    Integer,
-    String,
-    bindparam,
-    cast,
-    column,
-    insert,
-    literal_column,
-    update,
-    values,
-)
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import sessionmaker
 
-from .db import Database, dumps, is_disconnect
+from . import failures
+from .db import Database, is_disconnect
+from .dispatch import ClaimSession, HandlerRun, run_handlers
 from .errors import ServiceUnavailable
-from .lanes import Lane, Lanes
-from .models import delivery_failures, processed_events
-from .plugins import Event, Ignore, Registry, Reject, result_of
+from .lanes import Lane
+from .models import processed_events
+from .outcome import Outcome, Status
+from .plugins import Event, Registry
+from .statements import ClaimStatements
+from .watchdog import Job, Watchdog
 
-# Header names never copied into delivery_failures.headers.
-_SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
+__all__ = ["ClaimSession", "Claimer", "Outcome", "Status"]
 
+log = logging.getLogger("idemhook.claim")
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one event: processed, duplicate, ignored, rejected or failed."""
-
-    event_id: str
-    status: str
-    result: Any = None
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"event_id": self.event_id, "status": self.status}
-        if self.status == "failed":
-            body["error"] = self.error
-        else:
-            body["result"] = self.result
-        return body
-
-
-class ClaimSession(Session):
-    """The session handlers get: it refuses to end the claim's transaction for them."""
-
-    in_handler = False
-
-    def _refuse(self, what: str) -> None:
-        if self.in_handler:
-            raise RuntimeError(
-                f"a handler must not {what} the session: the receiver commits the claim and "
-                "every handler's work together (see app.plugins)"
-            )
-
-    def commit(self) -> None:
-        self._refuse("commit")
-        super().commit()
-
-    def rollback(self) -> None:
-        self._refuse("roll back")
-        super().rollback()
-
-    def close(self) -> None:
-        self._refuse("close")
-        super().close()
-
-
-class _HandlerError(Exception):
-    """A handler (or storing its result) raised; ``__cause__`` is what it raised."""
-
-    def __init__(self, handler_name: str) -> None:
-        super().__init__(handler_name)
-        self.handler_name = handler_name
-
-
-class _Rejected(Exception):
-    """A handler returned or raised ``Reject``: roll back its effects, keep the claim."""
-
-    def __init__(self, handler_name: str, reject: Reject) -> None:
-        super().__init__(handler_name)
-        self.handler_name = handler_name
-        self.reason = reject.reason
-        self.reject = reject
+Observer = Callable[[Event, Outcome, float], None]
+Timer = Callable[[Event, str, float], None]
 
 
 @dataclass(slots=True)
-class _Deferred:
-    """What the savepoint-free pass keeps back until its transaction commits.
+class _Transaction:
+    """What one claim transaction has done so far, kept until it commits."""
 
-    ``stored``: each processed or ignored event's result row, written by one
-    statement sent with the COMMIT (:meth:`_Statements.store`; PostgreSQL).
-    ``timings`` and ``observed``: timer and observer calls, made only if the
-    pass commits, so a batch that falls back to savepoints is not reported twice.
-    """
-
+    outcomes: list[Outcome] = field(default_factory=list)
+    #: Result rows of applied events, stored by one statement sent with the COMMIT.
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)
-    timings: list[tuple[Event, str, float]] = field(default_factory=list)
+    #: ``delivery_failures`` rows, written after the transaction ends.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Observer and timer calls, made once the transaction's fate is known.
     observed: list[tuple[Event, Outcome, float]] = field(default_factory=list)
-
-
-class _RetryWithSavepoints(Exception):
-    """The savepoint-free batch pass failed on one event: rerun the batch with savepoints."""
+    timings: list[tuple[Event, str, float]] = field(default_factory=list)
+    #: What PostgreSQL answered a COMMIT it refused.
+    refused: DBAPIError | None = None
 
 
 class Claimer:
@@ -157,6 +80,8 @@ class Claimer:
         database: Database,
         registry: Registry,
         observers: Sequence[Observer] = (),
+        *,
+        handler_timeout_ms: int = 4000,
     ) -> None:
         self.database = database
         self.registry = registry
@@ -166,143 +91,160 @@ class Claimer:
         #: any wait on a concurrent delivery of the same event) and "handlers".
         self.timers: list[Timer] = []
         engine = database.engine
-        #: Sessions outside the claim (replay); the claim itself runs on lanes.
+        #: Sessions outside the claim (replay).
         self.sessions = sessionmaker(engine, class_=ClaimSession, expire_on_commit=False)
-        self.lanes = Lanes(
-            engine,
-            lambda connection: ClaimSession(bind=connection, expire_on_commit=False),
-            keep=_pool_size(engine),
-        )
-        self._statements = _Statements(engine.dialect)
+        self.statements = ClaimStatements(engine.dialect)
+        self.watchdog = Watchdog(handler_timeout_ms, threads=2 * database.lanes.keep + 4)
         self._postgresql = engine.dialect.name == "postgresql"
 
+    # -- the straight line ---------------------------------------------------------------------
+
     def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
-        """Claim and handle ``events``; retry once on a lost connection, else 503."""
+        """Claim and handle ``events``; answer when done, or 503 when a handler overruns."""
+        return self.watchdog.run(
+            lambda job: self._apply(events, raw_body, job),
+            on_overrun=lambda job: self._overran(job, raw_body),
+        )
+
+    def _apply(self, events: Sequence[Event], raw_body: bytes, job: Job) -> list[Outcome]:
         try:
-            return self._apply(events, raw_body)
-        except ServiceUnavailable:
-            raise
-        except SQLAlchemyError as exc:
-            if not is_disconnect(exc):
+            return self._transaction(events, raw_body, job)
+        except DBAPIError as exc:
+            if job.abandoned:
+                return []  # answered already (handler_timeout); nothing of it was kept
+            if not is_disconnect(exc) or job.handlers_ran:
+                if is_disconnect(exc):
+                    return self._after_lost_connection(events, exc)
                 raise
-        # The connection died before any handler ran (a pooled connection that did not
-        # survive a database restart) or at the commit: nothing was committed, or the
-        # commit landed and the retry finds duplicates. Either way retrying is safe.
-        # A connection lost while handlers ran is answered 503 at once (see above):
-        # running them again in the same request would only double their outside effects.
+        # Lost before any handler started: a kept connection that did not survive a
+        # database restart (every idle lane is retired with it). Safe to try once more.
         try:
-            return self._apply(events, raw_body)
-        except SQLAlchemyError as exc:
+            return self._transaction(events, raw_body, job)
+        except DBAPIError as exc:
             if is_disconnect(exc):
-                raise _unavailable() from exc
+                return self._after_lost_connection(events, exc)
             raise
 
-    def _apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
-        with self.lanes.lane() as lane:
+    def _transaction(self, events: Sequence[Event], raw_body: bytes, job: Job) -> list[Outcome]:
+        tx = _Transaction()
+        with self.database.lanes.lane() as lane:
+            lane.begin()
             try:
-                return self._apply_without_savepoints(lane, events, raw_body)
-            except _RetryWithSavepoints:
-                pass  # rolled back whole: nothing it did remains or was reported
-            return self._apply_with_savepoints(lane, events, raw_body)
+                for event in events:
+                    if job.abandoned:
+                        lane.rollback()
+                        return []
+                    tx.outcomes.append(self._event(lane, event, job, tx, raw_body))
+                self._commit(lane, job, tx)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+        if job.abandoned:
+            return []  # the request has been answered; nothing of this claim was kept
+        if tx.refused is not None:
+            tx = self._commit_failed(events, tx, raw_body, tx.refused)
+        failures.record(self.database.engine, tx.failures)
+        self._report(tx)
+        return tx.outcomes
 
-    def _apply_without_savepoints(
-        self, lane: Lane, events: Sequence[Event], raw_body: bytes
-    ) -> list[Outcome]:
-        """Claim the events in one transaction without savepoints.
+    # -- one event -----------------------------------------------------------------------------
 
-        A single event's failure or rejection is final here (its own transaction
-        is rolled back and the failure recorded apart). A batch raises
-        ``_RetryWithSavepoints`` instead, leaving that event to the savepoint pass.
-        Per event of a batch that saves ``SAVEPOINT``, ``RELEASE`` and the result
-        ``UPDATE``; the results are stored by one statement, sent with the COMMIT.
-        """
-        batch = len(events) > 1
+    def _event(
+        self, lane: Lane, event: Event, job: Job, tx: _Transaction, raw_body: bytes
+    ) -> Outcome:
+        """Claim ``event`` and run its handlers inside its own savepoint."""
         started = time.perf_counter()
-        deferred = _Deferred()
-        outcomes: list[Outcome] = []
-        lane.begin()
-        try:
-            for event in events:
-                event_started = time.perf_counter()
-                outcome = self._claim_one(lane, event, deferred)
-                outcomes.append(outcome)
-                deferred.observed.append((event, outcome, time.perf_counter() - event_started))
-            lane.commit(*self._closing_statement(outcomes, list(deferred.stored.values())))
-        except BaseException as exc:
-            lane.rollback()
-            lane.session.close()
-            if isinstance(exc, _HandlerError):
-                if is_disconnect(exc.__cause__):
-                    # Handlers already ran: answer 503 rather than run them again here.
-                    raise _unavailable() from exc.__cause__
-                if batch:
-                    raise _RetryWithSavepoints from exc
-                self._report_timings(deferred)  # a single event: this was its only pass
-                event = events[0]
-                outcome = self._failed(event, exc)
-                self._observe(event, outcome, time.perf_counter() - started)
-                self._apart(lane, self._record_failure, event, exc, raw_body)
-                return [outcome]
-            if isinstance(exc, _Rejected):
-                if batch:
-                    raise _RetryWithSavepoints from exc
-                self._report_timings(deferred)
-                outcome = self._apart(lane, self._reject, events[0], exc, raw_body)
-                self._observe(events[0], outcome, time.perf_counter() - started)
-                return [outcome]
-            if isinstance(exc, DBAPIError) and batch and not is_disconnect(exc):
-                # A statement PostgreSQL refused: typically a handler that swallowed an
-                # error and left the transaction aborted. The savepoint pass finds the
-                # event at fault and fails only it.
-                raise _RetryWithSavepoints from exc
-            raise
-        finally:
-            lane.session.close()
-        self._report_timings(deferred)
-        for observed in deferred.observed:
-            self._observe(*observed)
-        return outcomes
+        registrations = self.registry.for_event(event.source, event.type)
+        lane.savepoint()
+        row = self._claim(lane, event, Status.PROCESSED if registrations else Status.IGNORED)
+        tx.timings.append((event, "claim", time.perf_counter() - started))
+        if row.duplicates:
+            pending = tx.stored.get(event.id)  # a repeat inside this delivery
+            result = pending["value"] if pending is not None else row.result
+            return self._done(tx, event, Outcome(event.id, Status.DUPLICATE, result), started)
+        if not registrations:
+            return self._done(tx, event, Outcome(event.id, Status.IGNORED), started)
 
-    def _apply_with_savepoints(
-        self, lane: Lane, events: Sequence[Event], raw_body: bytes
-    ) -> list[Outcome]:
-        """Claim a batch with a savepoint per event: a failure rolls back only its event."""
-        outcomes: list[Outcome] = []
-        lane.begin()
-        try:
-            lane.ensure_begun()
-            for event in events:
-                started = time.perf_counter()
-                savepoint = lane.connection.begin_nested()
-                try:
-                    outcome = self._claim_one(lane, event)
-                    if lane.session.in_transaction():
-                        lane.session.commit()  # releases the session's own savepoint
-                    savepoint.commit()
-                except (_HandlerError, _Rejected) as exc:
-                    lane.session.close()
-                    if isinstance(exc, _HandlerError) and is_disconnect(exc.__cause__):
-                        raise _unavailable() from exc.__cause__
-                    savepoint.rollback()
-                    if isinstance(exc, _HandlerError):
-                        outcome = self._failed(event, exc)
-                        self._record_failure(lane, event, exc, raw_body)
-                    else:
-                        # The savepoint took the claim and the effects; claim it as rejected.
-                        outcome = self._reject(lane, event, exc, raw_body)
-                outcomes.append(outcome)
-                self._observe(event, outcome, time.perf_counter() - started)
-            lane.commit(*self._closing_statement(outcomes, []))
-        except BaseException:
-            lane.rollback()
-            raise
-        finally:
-            lane.session.close()
-        return outcomes
+        job.handlers_started(event)
+        handlers_started = time.perf_counter()
+        run = run_handlers(registrations, event, lane.session)
+        job.handlers_ended()
+        tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the lost connection, handled by _apply
 
-    def _closing_statement(
-        self, outcomes: list[Outcome], stored: list[dict[str, Any]]
-    ) -> tuple[str | None, dict[str, Any] | None]:
+        if run.status in (Status.PROCESSED, Status.IGNORED):
+            stored = self.statements.result_row(row.id, run.status, run.stored or "null")
+            if self._postgresql:
+                tx.stored[event.id] = {**stored, "value": run.result}
+            else:
+                lane.execute(self.statements.finish_sql, stored)
+            return self._done(tx, event, Outcome(event.id, run.status, run.result), started)
+
+        # Failed or rejected: undo this event's claim and effects, keep the others'.
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        if run.status is Status.REJECTED:
+            outcome = self._claim_rejected(lane, event, run)
+            if outcome.status is Status.REJECTED:
+                tx.failures.append(_failure(event, run, raw_body))
+        else:
+            outcome = _failed_outcome(event, run)
+            tx.failures.append(_failure(event, run, raw_body))
+        return self._done(tx, event, outcome, started)
+
+    def _claim(self, lane: Lane, event: Event, status: Status) -> Any:
+        params = self.statements.claim_params(event, status, failures.safe_headers(event.headers))
+        try:
+            row = lane.execute(self.statements.claim_sql, params).fetchone()
+        except DBAPIError as exc:
+            if _is_timeout(exc) and not is_disconnect(exc):
+                raise ServiceUnavailable(
+                    f"Event {event.id!r} is being processed by another delivery right now; "
+                    "retry shortly.",
+                    code="event_in_progress",
+                ) from exc
+            raise
+        return self.statements.claim_row(row)
+
+    def _claim_rejected(self, lane: Lane, event: Event, run: HandlerRun) -> Outcome:
+        """Claim ``event`` as rejected (its effects are already rolled back)."""
+        row = self._claim(lane, event, Status.REJECTED)
+        if row.duplicates:  # another delivery claimed it while ours rolled back
+            return Outcome(event.id, Status.DUPLICATE, row.result)
+        stored = self.statements.result_row(row.id, Status.REJECTED, _json(run.result))
+        lane.execute(self.statements.finish_sql, stored)
+        return Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
+
+    @staticmethod
+    def _done(tx: _Transaction, event: Event, outcome: Outcome, started: float) -> Outcome:
+        tx.observed.append((event, outcome, time.perf_counter() - started))
+        return outcome
+
+    # -- the end of the transaction ------------------------------------------------------------
+
+    def _commit(self, lane: Lane, job: Job, tx: _Transaction) -> None:
+        """Store the results and commit (``tx.refused``: what PostgreSQL refused).
+
+        A lost connection is raised (the caller looks up what committed); an
+        abandoned claim (its handler overran) is rolled back instead.
+        """
+        sql, params = self._closing_statement(tx)
+        if not job.may_commit():
+            lane.rollback()
+            return
+        try:
+            lane.commit(sql, params)
+        except DBAPIError as exc:
+            if is_disconnect(exc):
+                raise
+            lane.rollback()
+            tx.refused = exc
+        finally:
+            job.commit_done()
+
+    def _closing_statement(self, tx: _Transaction) -> tuple[str | None, dict[str, Any] | None]:
         """The statement sent with the COMMIT: the results to store, or none.
 
         A transaction that only counted duplicates changes nothing but
@@ -312,315 +254,105 @@ class Claimer:
         event, a result or a failure (docs/guarantees.md), and the duplicate path
         no longer waits for a disk flush.
         """
-        if stored:
-            return self._statements.store(stored)
-        if self._postgresql and outcomes and all(o.status == "duplicate" for o in outcomes):
+        if tx.stored:
+            return self.statements.store(list(tx.stored.values()))
+        if self._postgresql and all(o.status is Status.DUPLICATE for o in tx.outcomes):
             return "SET LOCAL synchronous_commit TO OFF", None
         return None, None
 
-    def _apart(self, lane: Lane, write: Callable[..., Any], *args: Any) -> Any:
-        """Run ``write`` in a transaction of its own (the event's own one was rolled back)."""
-        lane.begin()
-        try:
-            lane.ensure_begun()
-            result = write(lane, *args)
-            lane.commit()
-            return result
-        except SQLAlchemyError as db_exc:
-            lane.rollback()
-            if is_disconnect(db_exc):
-                raise _unavailable() from db_exc
-            raise
-        except BaseException:
-            lane.rollback()
-            raise
+    def _commit_failed(
+        self, events: Sequence[Event], tx: _Transaction, raw_body: bytes, error: DBAPIError
+    ) -> _Transaction:
+        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
 
-    def _report_timings(self, deferred: _Deferred) -> None:
-        for timing in deferred.timings:
-            self._time(*timing)
-
-    def _observe(self, event: Event, outcome: Outcome, seconds: float) -> None:
-        for observer in self.observers:
-            observer(event, outcome, seconds)
-
-    def _time(
-        self, event: Event, phase: str, seconds: float, deferred: _Deferred | None = None
-    ) -> None:
-        if deferred is not None:
-            deferred.timings.append((event, phase, seconds))
-            return
-        for timer in self.timers:
-            timer(event, phase, seconds)
-
-    def _claim_row(self, lane: Lane, event: Event, status: str) -> tuple[Any, ...]:
-        """Run the claim statement; return (id, duplicate_count, status, result)."""
-        try:
-            return self._statements.claim(lane, event, status)
-        except DBAPIError as exc:
-            if _is_timeout(exc) and not is_disconnect(exc):
-                raise ServiceUnavailable(
-                    f"Event {event.id!r} is being processed by another delivery right now; "
-                    "retry shortly.",
-                    code="event_in_progress",
-                ) from exc
-            raise
-
-    def _claim_one(self, lane: Lane, event: Event, deferred: _Deferred | None = None) -> Outcome:
-        """Claim ``event`` and run its handlers; ``deferred``: store the result at the commit."""
-        claim_started = time.perf_counter()
-        registrations = self.registry.for_event(event.source, event.type)
-        row_id, duplicates, _status, stored_result = self._claim_row(
-            lane, event, "processed" if registrations else "ignored"
-        )
-        self._time(event, "claim", time.perf_counter() - claim_started, deferred)
-        if duplicates:
-            if deferred is not None and event.id in deferred.stored:
-                # A repeat inside this batch: its original's result is not stored yet.
-                return Outcome(event.id, "duplicate", deferred.stored[event.id]["value"])
-            return Outcome(event.id, "duplicate", stored_result)
-        if not registrations:
-            return Outcome(event.id, "ignored", None)
-
-        session = lane.session
-        results: dict[str, Any] = {}
-        ignored = 0
-        name = registrations[0].name
-        try:
-            session.in_handler = True
-            handlers_started = time.perf_counter()
-            try:
-                for registration in registrations:
-                    name = registration.name
-                    try:
-                        value = registration.func(event, session)
-                    except (Ignore, Reject) as chosen:  # raised from deep inside a handler
-                        value = chosen
-                    if isinstance(value, Reject):
-                        raise _Rejected(name, value)
-                    if isinstance(value, Ignore):
-                        ignored += 1
-                        value = value.result()
-                    results[name] = value
-            finally:
-                self._time(event, "handlers", time.perf_counter() - handlers_started, deferred)
-                session.in_handler = False
-            status = "ignored" if ignored == len(registrations) else "processed"
-            result = result_of(results)
-            # Serialised now, so a result that JSON cannot hold fails its own event.
-            stored = self._statements.result_row(row_id, status, result)
-            if session.in_transaction():
-                session.flush()  # the handlers' ORM writes: a failure here is this event's
-            if deferred is None or not self._postgresql:
-                self._statements.store_one(lane, stored)
-            else:  # sent with the COMMIT (one statement for a whole batch)
-                deferred.stored[event.id] = stored
-        except _Rejected:
-            raise
-        except Exception as exc:  # anything a plugin raises fails this event, retryably
-            raise _HandlerError(name) from exc
-        return Outcome(event.id, status, result)
-
-    def _reject(self, lane: Lane, event: Event, exc: _Rejected, raw_body: bytes) -> Outcome:
-        """Claim ``event`` as rejected (its effects are already rolled back)."""
-        row_id, duplicates, _status, stored_result = self._claim_row(lane, event, "rejected")
-        if duplicates:  # another delivery claimed it while ours rolled back
-            return Outcome(event.id, "duplicate", stored_result)
-        result = exc.reject.result()
-        self._statements.store_one(lane, self._statements.result_row(row_id, "rejected", result))
-        self._record_failure(lane, event, exc, raw_body)
-        return Outcome(event.id, "rejected", result)
-
-    @staticmethod
-    def _failed(event: Event, exc: _HandlerError) -> Outcome:
-        cause = exc.__cause__
-        return Outcome(
-            event.id, "failed", error=f"{exc.handler_name} raised {type(cause).__name__}"
-        )
-
-    def _record_failure(
-        self, lane: Lane, event: Event, exc: _HandlerError | _Rejected, raw_body: bytes
-    ) -> None:
-        if isinstance(exc, _Rejected):
-            cause: BaseException = exc.reject
-            error = f"{exc.handler_name} rejected the event: {exc.reason}"
-        else:
-            cause = exc.__cause__ or exc
-            error = f"{exc.handler_name} raised {type(cause).__name__}: {cause}"
-        lane.connection.execute(
-            insert(delivery_failures),
-            {
-                "source": event.source,
-                "event_id": event.id,
-                "event_type": event.type,
-                "error": error[:4000],
-                "traceback": "".join(traceback.format_exception(cause))[-20000:],
-                "raw_body": raw_body,
-                "payload": event.payload,
-                "headers": _safe_headers(event),
-                "permanent": isinstance(exc, _Rejected),
-                "failed_at": datetime.now(UTC),
-            },
-        )
-
-
-class _Statements:
-    """The claim's statements, built from Core and compiled once for one dialect.
-
-    They run on a lane's DBAPI cursor (:mod:`app.lanes`), so values are passed
-    the way SQLAlchemy's own types would pass them: JSON as text serialised by
-    :func:`app.db.dumps`, timestamps through the dialect's bind processor.
-    """
-
-    def __init__(self, dialect: Any) -> None:
-        self.dialect = dialect
-        table = processed_events
-        dialect_insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-        stmt = dialect_insert(table).values(
-            source=bindparam("source", type_=String),
-            event_id=bindparam("event_id", type_=String),
-            event_type=bindparam("event_type", type_=String),
-            status=bindparam("status", type_=String),
-            received_at=bindparam("received_at", type_=String),
-            payload=bindparam("payload", type_=String),
-            duplicate_count=literal_column("0"),
-            replay_count=literal_column("0"),
-            last_seen_at=bindparam("received_at", type_=String),
-        )
-        claim = stmt.on_conflict_do_update(
-            index_elements=[table.c.source, table.c.event_id],
-            set_={
-                "duplicate_count": table.c.duplicate_count + literal_column("1"),
-                "last_seen_at": stmt.excluded.last_seen_at,
-            },
-        ).returning(table.c.id, table.c.duplicate_count, table.c.status, table.c.result)
-        self.claim_sql = self._compile(claim)
-        finish = (
-            update(table)
-            .where(table.c.id == bindparam("row_id", type_=Integer))
-            .values(
-                status=bindparam("status", type_=String),
-                result=bindparam("result", type_=String),
-                processed_at=bindparam("processed_at", type_=String),
-            )
-        )
-        self.finish_sql = self._compile(finish)
-        self._timestamp = _processor(table.c.received_at.type, dialect, bind=True)
-        self._result = _processor(table.c.result.type, dialect, bind=False)
-        self._store_many: dict[int, str] = {}  # see store_many_sql
-
-    def _compile(self, statement: Any, names: Collection[str] = frozenset()) -> str:
-        compiled = statement.compile(dialect=self.dialect)
-        # Every value is passed at run time by name: a literal or a column default
-        # compiled in as a parameter would be missing from what the cursor is given.
-        unnamed = [name for name in compiled.params if name not in (names or _PARAMETERS)]
-        assert not unnamed, f"parameters {unnamed} would not be passed: {compiled}"
-        return str(compiled)
-
-    def claim(self, lane: Lane, event: Event, status: str) -> tuple[Any, ...]:
-        received_at = self._timestamp(event.received_at)
-        row = lane.execute(
-            self.claim_sql,
-            {
-                "source": event.source,
-                "event_id": event.id,
-                "event_type": event.type,
-                "status": status,
-                "received_at": received_at,
-                "payload": dumps(event.payload),
-            },
-        ).fetchone()
-        row_id, duplicates, stored_status, result = row
-        return row_id, duplicates, stored_status, self._result(result)
-
-    def result_row(self, row_id: int, status: str, result: Any) -> dict[str, Any]:
-        """The parameters that store one event's result (``value``: the result itself)."""
-        return {
-            "row_id": row_id,
-            "status": status,
-            "result": dumps(result, strict=True),
-            "processed_at": self._timestamp(datetime.now(UTC)),
-            "value": result,
-        }
-
-    def store_one(self, lane: Lane, stored: dict[str, Any]) -> None:
-        lane.execute(self.finish_sql, stored)
-
-    def store(self, stored: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-        """One statement that stores every result in ``stored`` (PostgreSQL), and its parameters."""
-        if len(stored) == 1:
-            return self.finish_sql, stored[0]
-        params: dict[str, Any] = {}
-        for i, row in enumerate(stored):
-            params.update(
-                {
-                    f"id_{i}": row["row_id"],
-                    f"status_{i}": row["status"],
-                    f"result_{i}": row["result"],
-                    f"processed_at_{i}": row["processed_at"],
-                }
-            )
-        return self.store_many_sql(len(stored)), params
-
-    def store_many_sql(self, count: int) -> str:
-        """``UPDATE ... FROM (VALUES ...)`` for ``count`` rows, compiled once per size.
-
-        Compiling a fresh 100-row ``VALUES`` for every batch cost about a third
-        of the time this statement saves. At most ``max_batch`` sizes are kept.
+        Nothing of the transaction remains: every event it claimed failed, and
+        each gets a ``delivery_failures`` row naming the commit's error.
         """
-        if count in self._store_many:
-            return self._store_many[count]
+        failed = _Transaction()
+        for event, outcome in zip(events, tx.outcomes, strict=True):
+            if outcome.status is Status.DUPLICATE:
+                failed.outcomes.append(outcome)
+                continue
+            run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+            failed.outcomes.append(_failed_outcome(event, run))
+            failed.failures.append(_failure(event, run, raw_body))
+        failed.observed = [(e, o, 0.0) for e, o in zip(events, failed.outcomes, strict=True)]
+        failed.timings = tx.timings
+        return failed
+
+    def _after_lost_connection(self, events: Sequence[Event], lost: DBAPIError) -> list[Outcome]:
+        """The connection died at or after the handlers: never run them again here.
+
+        Look at the claims on a fresh connection: committed (our COMMIT landed
+        before the connection died, or another delivery applied them since), they
+        are answered as the duplicates they now are; otherwise 503.
+        """
+        keys = [(e.source, e.id) for e in events]
         table = processed_events
-        rows = values(
-            column("id", BigInteger),
-            column("status", String),
-            column("result", String),  # JSON text
-            column("processed_at", DateTime(timezone=True)),
-            name="v",
-        ).data([tuple(bindparam(f"{name}_{i}") for name in STORE_COLUMNS) for i in range(count)])
-        statement = (
-            update(table)
-            .where(table.c.id == rows.c.id)
-            .values(
-                status=rows.c.status,
-                result=cast(rows.c.result, JSONB),
-                processed_at=rows.c.processed_at,
-            )
+        try:
+            with self.database.engine.connect() as conn:
+                found = dict(
+                    conn.execute(
+                        select(table.c.event_id, table.c.result).where(
+                            tuple_(table.c.source, table.c.event_id).in_(keys)
+                        )
+                    ).all()
+                )
+        except DBAPIError as exc:
+            raise _unavailable() from exc
+        if all(e.id in found for e in events):
+            return [Outcome(e.id, Status.DUPLICATE, found[e.id]) for e in events]
+        raise _unavailable() from lost
+
+    def _overran(self, job: Job, raw_body: bytes) -> None:
+        """Record the handler that overran (called by the request thread, once)."""
+        event = job.event
+        limit = round(self.watchdog.limit * 1000)
+        error = TimeoutError(
+            f"the handlers ran longer than IDEMHOOK_HANDLER_TIMEOUT_MS ({limit} ms); the "
+            "delivery was answered 503 handler_timeout and its transaction rolled back"
         )
-        names = {f"{name}_{i}" for name in STORE_COLUMNS for i in range(count)}
-        sql = self._store_many[count] = self._compile(statement, names)
-        return sql
+        run = HandlerRun(Status.FAILED, handler="handlers", error=error)
+        outcome = _failed_outcome(event, run)
+        failures.record(self.database.engine, [_failure(event, run, raw_body)])
+        for observer in self.observers:
+            observer(event, outcome, self.watchdog.limit)
+
+    def _report(self, tx: _Transaction) -> None:
+        for timing in tx.timings:
+            for timer in self.timers:
+                timer(*timing)
+        for observed in tx.observed:
+            for observer in self.observers:
+                observer(*observed)
 
 
-#: The columns of the VALUES list that stores a batch's results.
-STORE_COLUMNS = ("id", "status", "result", "processed_at")
-#: Every parameter name the claim's statements take (see _Statements._compile).
-_PARAMETERS = {
-    "source",
-    "event_id",
-    "event_type",
-    "status",
-    "received_at",
-    "payload",
-    "row_id",
-    "result",
-    "processed_at",
-}
+def _failure(event: Event, run: HandlerRun, raw_body: bytes) -> dict[str, Any]:
+    if run.error is None:  # pragma: no cover (failed and rejected runs carry their error)
+        raise ValueError("a failed handler run without its error")
+    return failures.failure_row(
+        event,
+        error=run.error_text,
+        cause=run.error,
+        raw_body=raw_body,
+        permanent=run.status is Status.REJECTED,
+    )
 
 
-def _processor(type_: Any, dialect: Any, *, bind: bool) -> Callable[[Any], Any]:
-    """The dialect's bind or result processor for ``type_``, or the identity."""
-    impl = type_.dialect_impl(dialect)
-    found = impl.bind_processor(dialect) if bind else impl.result_processor(dialect, None)
-    return found or _identity
+def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
+    return Outcome(
+        event.id,
+        Status.FAILED,
+        error=run.summary,
+        handler=run.handler,
+        error_type=type(run.error).__name__,
+    )
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _json(value: Any) -> str:
+    from .db import dumps
 
-
-def _pool_size(engine: Any) -> int:
-    size = getattr(engine.pool, "size", None)
-    return size() if callable(size) else 4
+    return dumps(value, strict=True)
 
 
 def _is_timeout(exc: DBAPIError) -> bool:
@@ -633,15 +365,3 @@ def _unavailable() -> ServiceUnavailable:
         "The database is unavailable; nothing was recorded. Retry shortly.",
         code="database_unavailable",
     )
-
-
-def _safe_headers(event: Event) -> dict[str, str]:
-    return {
-        name: value
-        for name, value in event.headers.items()
-        if not any(part in name.lower() for part in _SECRET_HEADER_PARTS)
-    }
-
-
-Observer = Callable[[Event, Outcome, float], None]
-Timer = Callable[[Event, str, float], None]

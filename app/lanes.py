@@ -2,20 +2,31 @@
 
 A lane is one database connection checked out of the engine's pool once and
 then reused by one claim at a time, together with a DBAPI cursor for the
-claim's own statements and the :class:`~app.claim.ClaimSession` that handlers
-get. Checking a connection out of the pool, building a Session and running the
-claim's statements through SQLAlchemy cost the receiver more CPU than the
-whole bare-minimum request it is measured against (docs/performance.md, "What
-each optimisation bought"); a lane pays for them once per connection instead
-of once per event.
+claim's own statements and the :class:`~app.dispatch.ClaimSession` that
+handlers get. Checking a connection out of the pool, building a Session and
+running the claim's statements through SQLAlchemy cost the receiver more CPU
+than the whole bare-minimum request it is measured against (docs/performance.md,
+"What each optimisation bought"); a lane pays for them once per connection
+instead of once per event.
 
 The transaction's verbs are the claim's own on PostgreSQL: the connection is in
-autocommit mode at the driver, ``BEGIN`` travels with the claim ``INSERT`` and
-``COMMIT`` with the statement that stores the result, so an event costs the
-round trips of its statements and no more. SQLAlchemy's transaction on the
-connection is bookkeeping there: the handler session joins it, and its begin,
-commit and rollback send nothing. On SQLite (the demo) SQLAlchemy's
-transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`app.db`).
+autocommit mode at the driver, ``BEGIN`` and the ``SET LOCAL`` timeouts travel
+with the claim ``INSERT``, and ``COMMIT`` with the statement that stores the
+result, so an event costs the round trips of its statements and no more, and
+nothing outlives the transaction (transaction-mode poolers). SQLAlchemy's
+transaction on the connection is bookkeeping there: the handler session joins
+it, and its begin, commit and rollback send nothing. On SQLite (the demo)
+SQLAlchemy's transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`app.db`).
+
+A lost connection anywhere (a lane's statement, a handler's, any other query
+of the engine) retires every idle lane, as SQLAlchemy's pool retires every
+connection older than a disconnect: after a database restart one delivery per
+worker meets a dead connection, before any handler ran, and is retried on a
+fresh one (:mod:`app.claim`).
+
+The claim's statements go to the cursor directly unless someone listens to the
+engine's cursor events (OpenTelemetry's SQLAlchemy instrumentation, a test):
+then they go through ``Connection.exec_driver_sql`` so that every listener sees them.
 """
 
 from __future__ import annotations
@@ -24,55 +35,105 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+
+from . import db
+
+if TYPE_CHECKING:
+    from .dispatch import ClaimSession
 
 #: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
 statement_log = logging.getLogger("sqlalchemy.engine.Engine")
 
 #: A lane's connection is replaced after this long, as the pool's ``pool_recycle`` would.
 RECYCLE_SECONDS = 3600
+#: The savepoint each event of a claim runs in, and its verbs.
+SAVEPOINT = "SAVEPOINT idemhook_event"
+RELEASE = "RELEASE SAVEPOINT idemhook_event"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT idemhook_event"
 
 
 class Lane:
     """One connection, its cursor and its handler session; used by one claim at a time."""
 
-    def __init__(self, connection: Connection, session: Session, pipelined: bool) -> None:
+    def __init__(self, lanes: Lanes, connection: Connection, session: ClaimSession) -> None:
         self.connection = connection
         self.session = session
-        self.pipelined = pipelined
+        self.pipelined = lanes.pipelined
+        self._begin = lanes.begin_sql
+        self._lanes = weakref.ref(lanes)
         dbapi_connection = connection.connection.dbapi_connection
-        assert dbapi_connection is not None
+        if dbapi_connection is None:
+            raise RuntimeError("a lane needs a live DBAPI connection")
         self.cursor = dbapi_connection.cursor()
         self.opened = time.monotonic()
         self.pid = os.getpid()
+        self.generation = lanes.generation
         self._dialect = connection.dialect
         self._transaction: RootTransaction | None = None
         self._server_open = False  # PostgreSQL: our BEGIN has been sent
+        self._savepoint = False  # this transaction has an event savepoint
+        self._pending = ""  # PostgreSQL: savepoint statements that leave with the next one
 
     @property
     def usable(self) -> bool:
         return not self.connection.invalidated and not self.connection.closed
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the server may hold an open transaction of ours."""
+        return self._transaction is not None
+
     def begin(self) -> None:
         """Start a transaction; on PostgreSQL its BEGIN leaves with the first statement."""
         self._transaction = self.connection.begin()
         self._server_open = False
+        self._savepoint = False
+        self._pending = ""
+
+    def savepoint(self) -> None:
+        """Start the next event's savepoint (on PostgreSQL: with the next statement).
+
+        The previous event's savepoint is released first, so a delivery holds
+        one savepoint at a time however many events it has.
+        """
+        release, self._savepoint = self._savepoint, True
+        if self.pipelined:
+            self._pending = (RELEASE + "; " if release else "") + SAVEPOINT + "; "
+            return
+        if release:
+            self.execute(RELEASE)
+        self.execute(SAVEPOINT)
+
+    def rollback_to_savepoint(self) -> None:
+        """Undo everything since :meth:`savepoint`; the transaction goes on."""
+        self._pending = ""
+        self.execute(ROLLBACK_TO)
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Run ``sql`` on the lane's cursor (in the transaction); return the cursor."""
-        if self.pipelined and not self._server_open:
-            sql = "BEGIN; " + sql
-            self._server_open = True
+        """Run ``sql`` on the lane (in the transaction); return something with ``fetchone``."""
+        if self.pipelined:
+            if not self._server_open:
+                sql = self._begin + self._pending + sql
+                self._server_open = True
+            elif self._pending:
+                sql = self._pending + sql
+            self._pending = ""
+        if self.connection.dispatch.before_cursor_execute:
+            # Listeners (tracing) see the statement through SQLAlchemy's own path.
+            return self.connection.exec_driver_sql(sql, dict(params or {}))
         if statement_log.isEnabledFor(logging.INFO):
             statement_log.info("%s\n[claim lane; parameters hidden]", sql)
         try:
-            self.cursor.execute(sql, params)
+            if params is None:
+                self.cursor.execute(sql)
+            else:
+                self.cursor.execute(sql, params)
         except self._dialect.loaded_dbapi.Error as exc:
             raise self._wrap(exc, sql, params) from exc
         return self.cursor
@@ -104,6 +165,7 @@ class Lane:
         except self._dialect.loaded_dbapi.Error as exc:
             self._wrap(exc, "ROLLBACK", None)  # invalidates the connection if it is gone
         finally:
+            self._server_open = False
             if transaction is not None and transaction.is_active:
                 try:
                     transaction.rollback()
@@ -115,15 +177,19 @@ class Lane:
         try:
             self.session.close()
         finally:
-            if hard:
+            if hard and not self.connection.invalidated:
                 self.connection.invalidate()
             self.connection.close()
 
     def _wrap(self, exc: Exception, sql: str, params: Any) -> DBAPIError:
-        """The DBAPIError SQLAlchemy would raise; a lost connection is invalidated."""
+        """The DBAPIError SQLAlchemy would raise; a lost connection retires every idle lane."""
         disconnect = self._dialect.is_disconnect(exc, self.connection.connection, self.cursor)
-        if disconnect and not self.connection.invalidated:
-            self.connection.invalidate(exc)
+        if disconnect:
+            if not self.connection.invalidated:
+                self.connection.invalidate(exc)
+            lanes = self._lanes()
+            if lanes is not None:
+                lanes.retire()
         wrapped = DBAPIError.instance(
             sql,
             params,
@@ -133,28 +199,35 @@ class Lane:
             connection_invalidated=disconnect,
             dialect=self._dialect,
         )
-        assert isinstance(wrapped, DBAPIError)
+        if not isinstance(wrapped, DBAPIError):  # pragma: no cover (DBAPI errors only)
+            raise TypeError(f"not a DBAPI error: {exc!r}")
         return wrapped
 
 
 class Lanes:
     """The idle lanes of one engine: taken by a claim, given back when it ends.
 
-    At most ``keep`` idle lanes are kept (the pool size: one per worker thread);
-    a lane whose connection was lost, or that is older than ``RECYCLE_SECONDS``,
-    is closed instead of kept. ``Engine.dispose()`` closes the idle lanes too.
+    At most ``keep`` idle lanes are kept (the pool size: one per worker thread;
+    0 in session-pooler mode, where each claim's connection goes straight back).
+    A lane whose connection was lost, that is older than ``RECYCLE_SECONDS``, or
+    that predates a disconnect seen anywhere on the engine (:meth:`retire`) is
+    closed instead of kept. ``Engine.dispose()`` closes the idle lanes too.
     """
 
-    def __init__(self, engine: Engine, make_session: Callable[[Connection], Session], keep: int):
+    def __init__(self, engine: Engine, keep: int, timeouts: db.Timeouts | None = None) -> None:
         self.engine = engine
         self.keep = keep
-        self._make_session = make_session
+        self.pipelined = engine.dialect.name == "postgresql"
+        #: What the first statement of each transaction is prefixed with (PostgreSQL).
+        self.begin_sql = "BEGIN; " + (f"{timeouts.sql}; " if timeouts else "")
+        #: Bumped by every disconnect and dispose: lanes of older generations are closed.
+        self.generation = 0
         self._idle: list[Lane] = []
-        self._generation = 0
-        self._pipelined = engine.dialect.name == "postgresql"
-        # Both hooks hold the idle lanes, never this object: a lane's connection holds the
-        # engine, so a strong reference from the engine back here would keep all of it alive.
-        event.listen(engine, "engine_disposed", _closer(weakref.ref(self)))
+        # The hooks hold this object weakly: a lane's connection holds the engine, so a
+        # strong reference from the engine back here would keep all of it alive.
+        me = weakref.ref(self)
+        event.listen(engine, "engine_disposed", lambda _engine: _call(me, "close"))
+        event.listen(engine, "handle_error", lambda context: _on_error(me, context))
         # At exit, or when the app is dropped, the kept connections go back to the pool
         # (which closes them) instead of being reclaimed, with a warning, by the collector.
         weakref.finalize(self, _give_back, self._idle)
@@ -162,56 +235,72 @@ class Lanes:
     @contextmanager
     def lane(self) -> Iterator[Lane]:
         """A lane for one claim (its transaction is the caller's to begin and end)."""
-        generation = self._generation
-        try:
-            lane = self._idle.pop()  # atomic: threads never share a lane
-            if lane.pid != os.getpid():
-                # Inherited through a fork: the parent's socket, never ours to use or close.
-                self._idle.clear()
-                lane = self._open()
-        except IndexError:
-            lane = self._open()
+        lane = self._take()
         try:
             yield lane
         finally:
-            if generation != self._generation:
-                lane.close(hard=True)  # the engine was disposed meanwhile
-            elif (
-                lane.usable
-                and len(self._idle) < self.keep
-                and time.monotonic() - lane.opened < RECYCLE_SECONDS
-            ):
-                self._idle.append(lane)
-            else:
-                lane.close()
+            self._give(lane)
 
-    def close(self) -> None:
-        """Close every idle lane's connection (lanes in use: when they are given back).
+    def _take(self) -> Lane:
+        while True:
+            try:
+                lane = self._idle.pop()  # atomic: threads never share a lane
+            except IndexError:
+                return self._open()
+            if lane.pid != os.getpid():
+                # Inherited through a fork (app.db points its socket at /dev/null).
+                db._inherited.append(lane)
+                continue
+            if lane.generation != self.generation or not lane.usable:
+                lane.close(hard=True)
+                continue
+            return lane
 
-        Lanes inherited from a parent process (``Engine.dispose(close=False)`` after
-        a fork) are forgotten, never closed: their sockets are the parent's.
-        """
-        self._generation += 1
+    def _give(self, lane: Lane) -> None:
+        if lane.in_transaction:  # the caller's error path did not end it: never reuse it
+            lane.rollback()
+        if lane.generation != self.generation or not lane.usable:
+            lane.close(hard=True)
+        elif len(self._idle) < self.keep and time.monotonic() - lane.opened < RECYCLE_SECONDS:
+            self._idle.append(lane)
+        else:
+            lane.close()
+
+    def retire(self) -> None:
+        """Close every idle lane: a disconnect means the others are probably dead too."""
+        self.generation += 1
         _drain(self._idle, hard=True)
 
+    def close(self) -> None:
+        """Close every idle lane's connection (lanes in use: when they are given back)."""
+        self.retire()
+
     def _open(self) -> Lane:
+        from .dispatch import ClaimSession
+
         connection = self.engine.connect()
         try:
-            if self._pipelined:
-                connection.execution_options(isolation_level="AUTOCOMMIT")
-            return Lane(connection, self._make_session(connection), self._pipelined)
+            options: dict[str, Any] = {db.LANE_OPTION: True}
+            if self.pipelined:
+                options["isolation_level"] = "AUTOCOMMIT"
+            connection = connection.execution_options(**options)
+            session = ClaimSession(bind=connection, expire_on_commit=False)
+            return Lane(self, connection, session)
         except BaseException:
             connection.close()
             raise
 
 
-def _closer(lanes: weakref.ref[Lanes]) -> Callable[[Engine], None]:
-    def on_dispose(_engine: Engine) -> None:
-        alive = lanes()
-        if alive is not None:
-            alive.close()
+def _call(ref: weakref.ref[Lanes], method: str) -> None:
+    alive = ref()
+    if alive is not None:
+        getattr(alive, method)()
 
-    return on_dispose
+
+def _on_error(ref: weakref.ref[Lanes], context: Any) -> None:
+    # Any statement of the engine (a handler's, the read API's) that met a lost connection.
+    if context.is_disconnect:
+        _call(ref, "retire")
 
 
 def _give_back(idle: list[Lane]) -> None:
@@ -230,3 +319,5 @@ def _drain(idle: list[Lane], *, hard: bool) -> None:
             break
         if lane.pid == os.getpid():
             lane.close(hard=hard)
+        else:
+            db._inherited.append(lane)

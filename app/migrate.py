@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import Flask
 
-from .db import get_db
+from .db import get_db, migration_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -31,7 +31,7 @@ def alembic_config(app: Flask) -> Config:
         config.set_main_option(
             "version_locations", os.pathsep.join(p.replace("%", "%%") for p in locations)
         )
-    config.attributes["engine"] = get_db(app).engine
+    config.attributes["engine"] = migration_engine(app)
     return config
 
 

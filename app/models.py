@@ -28,6 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .outcome import STORED_STATUSES
+
 # Stable constraint names that migrations can refer to (Alembic's naming docs).
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -43,7 +45,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 Timestamp = DateTime(timezone=True)
 
-EVENT_STATUSES = ("processed", "ignored", "rejected")
+EVENT_STATUSES = tuple(str(status) for status in STORED_STATUSES)
 
 
 class Base(DeclarativeBase):
@@ -63,6 +65,8 @@ class ProcessedEvent(Base):
     received_at: Mapped[datetime] = mapped_column(Timestamp)
     processed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     payload: Mapped[Any | None] = mapped_column(JSONType)
+    #: The delivery's headers without those that carry secrets (replays see these).
+    headers: Mapped[Any | None] = mapped_column(JSONType)
     result: Mapped[Any | None] = mapped_column(JSONType)
     duplicate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp)

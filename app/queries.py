@@ -1,7 +1,8 @@
-"""Reading and maintaining the event tables: one implementation for the CLI and the read API.
+"""Reading the event tables: one implementation for the CLI and the read API.
 
-Filters, keyset pagination, stats, prune, replay and failure retry live here so
-that ``idemhook events ...`` and ``GET /events`` cannot disagree. Timestamps in
+Filters, keyset pagination and stats live here so that ``idemhook events ...``
+and ``GET /events`` cannot disagree (pruning is :mod:`app.retention`, replay
+:mod:`app.replay`, failure retry :mod:`app.failures`). Timestamps in
 results are ISO 8601 strings in UTC; rows are plain dicts keyed by column name.
 """
 
@@ -11,31 +12,22 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Engine,
     Select,
     and_,
-    delete,
     exists,
     func,
     literal,
     or_,
     select,
-    update,
 )
 from sqlalchemy.orm import Session
-from werkzeug.datastructures import Headers
 
-from .claim import Claimer, ClaimSession, Outcome
-from .intake import events_of
 from .models import delivery_failures, processed_events
-from .plugins import Event, Ignore, Reject, result_of
-from .sources import Source
 
 EVENTS = processed_events
 FAILURES = delivery_failures
@@ -163,9 +155,9 @@ def _page(
 
 # -- processed events ------------------------------------------------------------------------
 
-#: Every column of processed_events; listings leave the payload out (``show`` has it).
+#: Every column of processed_events; listings leave payload and headers out (``show`` has them).
 EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
-LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name != "payload")
+LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name not in ("payload", "headers"))
 _TIMES = {"received_at", "processed_at", "last_seen_at", "replayed_at", "failed_at"}
 
 
@@ -251,7 +243,7 @@ def _applied_since_failure() -> Any:
     )
 
 
-def _failure_filters(query: Select, filters: Filters) -> Select:
+def failure_filters(query: Select, filters: Filters) -> Select:
     query = _common_filters(query, filters, FAILURES, FAILURES.c.failed_at)
     if filters.pending:
         query = query.where(~_applied_since_failure())
@@ -263,7 +255,7 @@ def list_failures(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of failures, newest first; ``resolved`` tells whether the event applied since."""
     resolved = _applied_since_failure().label("resolved")
-    query = _failure_filters(select(*(FAILURES.c[n] for n in FAILURE_COLUMNS), resolved), filters)
+    query = failure_filters(select(*(FAILURES.c[n] for n in FAILURE_COLUMNS), resolved), filters)
     rows, next_cursor = _page(session, query, FAILURES.c.failed_at, FAILURES.c.id, limit, cursor)
     return [_row(r._mapping, (*FAILURE_COLUMNS, "resolved")) for r in rows], next_cursor
 
@@ -302,11 +294,11 @@ def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any
         ).group_by(key, EVENTS.c.status)
     ).all()
     fkey = _bucket(session, FAILURES, by, FAILURES.c.failed_at).label("key")
-    failure_filters = Filters(
+    window = Filters(
         source=filters.source, type=filters.type, since=filters.since, until=filters.until
     )
     failure_rows = session.execute(
-        _failure_filters(select(fkey, func.count().label("failures")), failure_filters).group_by(
+        failure_filters(select(fkey, func.count().label("failures")), window).group_by(
             fkey
         )
     ).all()
@@ -343,221 +335,3 @@ def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any
         "groups": ordered,
         "totals": totals,
     }
-
-
-# -- prune -----------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class PruneReport:
-    """What a prune did (or, with ``dry_run``, would do)."""
-
-    cutoff: datetime
-    payloads_only: bool
-    dry_run: bool
-    events: int = 0
-    failures: int = 0
-    batches: int = 0
-
-
-def prune(
-    engine: Engine,
-    older_than: timedelta,
-    *,
-    payloads_only: bool = False,
-    dry_run: bool = False,
-    batch_size: int = 5000,
-    now: datetime | None = None,
-) -> PruneReport:
-    """Delete (or strip the payloads of) rows older than ``older_than``, one batch per commit.
-
-    Each batch is a short transaction over at most ``batch_size`` rows picked by
-    the ``received_at``/``failed_at`` indexes, so a large prune never holds locks
-    for long and concurrent intake keeps flowing between batches.
-    """
-    if batch_size < 1:
-        raise QueryError("batch size must be at least 1")
-    cutoff = (now or datetime.now(UTC)) - older_than
-    report = PruneReport(cutoff, payloads_only, dry_run)
-    targets = (
-        (EVENTS, EVENTS.c.received_at, "events"),
-        (FAILURES, FAILURES.c.failed_at, "failures"),
-    )
-    for table, at_column, counter in targets:
-        old = at_column < cutoff
-        if payloads_only:
-            old = and_(old, table.c.payload.is_not(None))
-            changes: dict[str, Any] = {"payload": None}
-            if table is FAILURES:
-                # The raw body is the payload too (and what a retry replays).
-                changes["raw_body"] = b""
-        if dry_run:
-            with engine.connect() as conn:
-                count = conn.execute(select(func.count()).select_from(table).where(old)).scalar()
-            setattr(report, counter, int(count or 0))
-            continue
-        while True:
-            batch = select(table.c.id).where(old).limit(batch_size).scalar_subquery()
-            if payloads_only:
-                statement: Any = update(table).where(table.c.id.in_(batch)).values(changes)
-            else:
-                statement = delete(table).where(table.c.id.in_(batch))
-            with engine.begin() as conn:
-                done = conn.execute(statement).rowcount
-            if not done:
-                break
-            setattr(report, counter, getattr(report, counter) + done)
-            report.batches += 1
-            if done < batch_size:
-                break
-    return report
-
-
-# -- replay and retry ------------------------------------------------------------------------
-
-
-class ActionRefused(Exception):
-    """Replay or retry cannot run for this event; the message says why."""
-
-
-def replay(claimer: Claimer, source: str, event_id: str) -> dict[str, Any]:
-    """Run the handlers again for an already recorded event, in one transaction.
-
-    The row is locked (``FOR UPDATE``) so that a concurrent replay or delivery
-    waits; handlers see the stored payload; the new result, ``replayed_at`` and
-    ``replay_count`` are written in the same transaction as the handlers' work.
-    A handler error rolls all of it back and is raised.
-    """
-    session: ClaimSession = claimer.sessions()
-    try:
-        with session.begin():
-            query = select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = session.execute(query).first()
-            if row is None:
-                raise ActionRefused(f"no event {event_id!r} from source {source!r}")
-            if row.payload is None:
-                raise ActionRefused(
-                    f"event {event_id!r} has no stored payload (pruned with --payloads-only)"
-                )
-            registrations = claimer.registry.for_event(source, row.event_type)
-            if not registrations:
-                raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
-            event = Event(source, event_id, row.event_type, row.payload, Headers(), row.received_at)
-            results: dict[str, Any] = {}
-            ignored = 0
-            session.in_handler = True
-            try:
-                # The outcomes of app.plugins, as in the claim: Ignore is a result, Reject
-                # (returned or raised) aborts the replay, rolling back every handler's work.
-                for registration in registrations:
-                    try:
-                        value = registration.func(event, session)
-                    except Ignore as chosen:
-                        value = chosen
-                    if isinstance(value, Reject):
-                        raise value
-                    if isinstance(value, Ignore):
-                        ignored += 1
-                        value = value.result()
-                    results[registration.name] = value
-            finally:
-                session.in_handler = False
-            now = datetime.now(UTC)
-            result = result_of(results)
-            session.execute(
-                update(EVENTS)
-                .where(EVENTS.c.id == row.id)
-                .values(
-                    result=result,
-                    status="ignored" if ignored == len(registrations) else "processed",
-                    processed_at=now,
-                    replayed_at=now,
-                    replay_count=EVENTS.c.replay_count + 1,
-                )
-            )
-    finally:
-        session.close()
-    with claimer.database.session() as reader:
-        event_row = get_event(reader, source, event_id)
-    assert event_row is not None
-    return event_row
-
-
-@dataclass(frozen=True, slots=True)
-class RetryResult:
-    """The outcome of retrying one failed event: a claim outcome or why it was skipped."""
-
-    source: str
-    event_id: str
-    status: str
-    detail: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "event_id": self.event_id,
-            "status": self.status,
-            "detail": self.detail,
-        }
-
-
-def retry_failure(
-    claimer: Claimer, sources: dict[str, Source], source: str, event_id: str
-) -> RetryResult:
-    """Re-run the latest failed delivery of an event through the normal claim path.
-
-    The stored raw body and headers are parsed exactly as on receipt (the
-    signature was verified then and is not stored, so it is not checked again).
-    An event that has been applied since is skipped: claiming it again would only
-    count a duplicate.
-    """
-    with claimer.database.session() as session:
-        failure = session.execute(
-            select(FAILURES.c.raw_body, FAILURES.c.headers, FAILURES.c.failed_at)
-            .where(FAILURES.c.source == source, FAILURES.c.event_id == event_id)
-            .order_by(FAILURES.c.failed_at.desc(), FAILURES.c.id.desc())
-            .limit(1)
-        ).first()
-        if failure is None:
-            raise ActionRefused(f"no recorded failure of event {event_id!r} from {source!r}")
-        applied = session.execute(
-            select(EVENTS.c.status).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
-        ).scalar()
-    if applied is not None:
-        return RetryResult(source, event_id, "skipped", f"already recorded as {applied}")
-    src = sources.get(source)
-    if src is None:
-        raise ActionRefused(f"source {source!r} is no longer configured")
-    raw_body = bytes(failure.raw_body)
-    if not raw_body:
-        raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")
-    headers = Headers(failure.headers or {})
-    events = [
-        e
-        for e in events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
-        if e.id == event_id
-    ]
-    if not events:
-        raise ActionRefused(f"the stored body no longer yields event {event_id!r}")
-    outcome: Outcome = claimer.apply(events[:1], raw_body)[0]
-    detail = outcome.error if outcome.status == "failed" else outcome.result
-    return RetryResult(source, event_id, outcome.status, detail)
-
-
-def pending_failures(session: Session, filters: Filters) -> Iterator[tuple[str, str]]:
-    """Distinct (source, event_id) of failures not applied since, oldest first."""
-    pending = Filters(
-        source=filters.source,
-        type=filters.type,
-        since=filters.since,
-        until=filters.until,
-        pending=True,
-    )
-    first_failed = func.min(FAILURES.c.failed_at)
-    query = _failure_filters(select(FAILURES.c.source, FAILURES.c.event_id), pending).group_by(
-        FAILURES.c.source, FAILURES.c.event_id
-    )
-    for row in session.execute(query.order_by(first_failed)).all():
-        yield row.source, row.event_id

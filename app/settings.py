@@ -15,6 +15,9 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
 
+#: IDEMHOOK_POOL_MODE values (app.db).
+POOL_MODES = ("keep", "session-pooler")
+
 DEFAULTS: dict[str, Any] = {
     # Required; no default so that we never silently use another database.
     "DATABASE_URL": None,
@@ -22,11 +25,20 @@ DEFAULTS: dict[str, Any] = {
     "IDEMHOOK_CONFIG": "webhooks.toml",
     # Largest accepted request body, unless a source sets max_body_bytes.
     "IDEMHOOK_MAX_BODY_BYTES": 1024 * 1024,
-    # Per-statement and lock-wait bound for the claim transaction (PostgreSQL);
+    # Per-statement and lock-wait bound for every transaction (PostgreSQL, SET LOCAL);
     # busy-wait bound on SQLite. Well under the 5 s that HubSpot and Shopify wait.
     "IDEMHOOK_STATEMENT_TIMEOUT_MS": 2000,
+    # Longest one event's handlers may run before the delivery is answered 503
+    # handler_timeout and rolled back. 0: twice IDEMHOOK_STATEMENT_TIMEOUT_MS.
+    "IDEMHOOK_HANDLER_TIMEOUT_MS": 0,
     # Connections kept per worker process.
     "IDEMHOOK_POOL_SIZE": 4,
+    # "keep": keep connections (direct, or a transaction-mode pooler such as PgBouncer's
+    # pool_mode = transaction); "session-pooler": hold one only while a delivery uses it.
+    "IDEMHOOK_POOL_MODE": "keep",
+    # Direct database URL for `idemhook db` commands (managed databases hand out a
+    # pooled and a direct URL); empty: DATABASE_URL.
+    "IDEMHOOK_MIGRATION_DATABASE_URL": "",
     # Bearer token of the read API (GET /events, /failures); unset: the API answers 404.
     "IDEMHOOK_ADMIN_TOKEN": None,
     # Whether GET /metrics answers without the admin token (when one is set).
@@ -61,6 +73,18 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "(postgresql://user@host/db) or, for a demo, sqlite:///instance/idemhook.db"
         )
     settings["DATABASE_URL"] = normalise_database_url(settings["DATABASE_URL"])
+    if settings["IDEMHOOK_MIGRATION_DATABASE_URL"]:
+        settings["IDEMHOOK_MIGRATION_DATABASE_URL"] = normalise_database_url(
+            settings["IDEMHOOK_MIGRATION_DATABASE_URL"], key="IDEMHOOK_MIGRATION_DATABASE_URL"
+        )
+    if not settings["IDEMHOOK_HANDLER_TIMEOUT_MS"]:
+        settings["IDEMHOOK_HANDLER_TIMEOUT_MS"] = 2 * int(settings["IDEMHOOK_STATEMENT_TIMEOUT_MS"])
+    mode = settings["IDEMHOOK_POOL_MODE"]
+    if mode not in POOL_MODES:
+        raise ConfigError(
+            f"IDEMHOOK_POOL_MODE must be {' or '.join(POOL_MODES)}, got {mode!r} "
+            "(docs/operations.md, 'Behind a connection pooler')"
+        )
     if settings["IDEMHOOK_PUBLIC_URL"]:
         from .sources import check_public_url
 
@@ -90,24 +114,32 @@ def _cast(key: str, raw: str, default: Any) -> Any:
     return raw
 
 
-def normalise_database_url(url: str | URL) -> URL:
+def normalise_database_url(url: str | URL, *, key: str = "DATABASE_URL") -> URL:
     """Map ``postgres://`` and bare ``postgresql://`` to the psycopg2 driver we ship.
 
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and has never
-    accepted Heroku's ``postgres://``. A URL that names a driver keeps it.
+    accepted Heroku's ``postgres://``. Any other PostgreSQL driver is refused
+    here, at start-up: the claim speaks psycopg2's protocol (several statements
+    in one round trip), which psycopg 3 and the others refuse on every delivery.
     """
     if isinstance(url, str) and url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"DATABASE_URL is not a database URL: {_redact(str(url))}") from None
+        raise ConfigError(f"{key} is not a database URL: {_redact(str(url))}") from None
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg2")
-    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite"):
         raise ConfigError(
-            f"DATABASE_URL names {parsed.get_backend_name()!r}; "
-            "idemhook supports PostgreSQL (production) and SQLite (demo)"
+            f"{key} names {backend!r}; idemhook supports PostgreSQL (production) and SQLite (demo)"
+        )
+    if backend == "postgresql" and parsed.get_driver_name() != "psycopg2":
+        raise ConfigError(
+            f"{key} names the driver {parsed.get_driver_name()!r} "
+            f"({parsed.drivername}://); idemhook runs on psycopg2, which it installs: "
+            "write postgresql:// or postgresql+psycopg2:// instead"
         )
     return parsed
 

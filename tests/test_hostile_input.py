@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.intake import MAX_ID_LENGTH
+from app.events import MAX_ID_LENGTH
 from app.parsing import MAX_NESTING
 from tests.conftest import SECRET, SOURCES
 from tests.reliability.conftest import signed_post, truncate

@@ -59,7 +59,7 @@ def test_one_lane_serves_event_after_event_through_failures(make_app, sql):
 
     assert answers == [200, 500, 200, "duplicate"]
     # One connection did all of it, and what failed left nothing behind.
-    assert len(claimer.lanes._idle) == 1
+    assert len(claimer.database.lanes._idle) == 1
     assert _effects(sql) == ["l1", "l3"]
     assert [r[0] for r in sql("SELECT event_id FROM processed_events ORDER BY 1")] == ["l1", "l3"]
     assert [r[0] for r in sql("SELECT event_id FROM delivery_failures")] == ["l2"]
@@ -112,7 +112,7 @@ def test_dispose_closes_the_kept_connections(make_app, pg_url):
     assert deliver(client, "acme", {"id": "d1", "type": "contact.updated"}).status_code == 200
     watcher = create_engine(pg_url)
     claimer = app.extensions["idemhook.receiver"].claimer
-    [lane] = claimer.lanes._idle
+    [lane] = claimer.database.lanes._idle
     pid = lane.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     count = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid").bindparams(pid=pid)
     try:
@@ -144,7 +144,7 @@ def test_an_app_dropped_without_dispose_gives_its_connections_back(make_app, pg_
 
     app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})
     assert deliver(app.test_client(), "acme", {"id": "g1", "type": "t"}).status_code == 200
-    [lane] = app.extensions["idemhook.receiver"].claimer.lanes._idle
+    [lane] = app.extensions["idemhook.receiver"].claimer.database.lanes._idle
     pid = lane.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     del app, lane
     # Collected, the kept connection goes back to its pool and is closed with it, rather

@@ -15,7 +15,6 @@ from app.settings import normalise_database_url
         ("postgres://u:p@db.example/app", "postgresql+psycopg2"),
         ("postgresql://u:p@db.example/app", "postgresql+psycopg2"),
         ("postgresql+psycopg2://u@db.example/app", "postgresql+psycopg2"),
-        ("postgresql+psycopg://u@db.example/app", "postgresql+psycopg"),
         ("sqlite:///instance/idemhook.db", "sqlite"),
     ],
 )
@@ -23,6 +22,18 @@ def test_database_urls_are_normalised_to_the_shipped_driver(given, driver):
     url = normalise_database_url(given)
     assert url.drivername == driver
     assert url.database in ("app", "instance/idemhook.db")
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg", "pg8000"])
+def test_other_postgresql_drivers_are_refused_at_start_up_naming_the_supported_one(driver):
+    # psycopg 3 (SQLAlchemy 2.1's default) starts and answers /readyz, then refuses the
+    # claim's several-statements-per-round-trip on every delivery: refuse it up front.
+    with pytest.raises(ConfigError) as info:
+        url = f"postgresql+{driver}://u:secret@db.example/app"
+        create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}})
+    message = str(info.value)
+    assert f"postgresql+{driver}" in message and "postgresql+psycopg2://" in message
+    assert "secret" not in message
 
 
 def test_missing_database_url_stops_start_up(monkeypatch):

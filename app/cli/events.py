@@ -6,11 +6,9 @@ import json
 
 import click
 from flask import current_app
-from sqlalchemy.exc import DBAPIError
 
-from .. import queries
+from .. import queries, replay, retention
 from ..db import get_db
-from ..plugins import Reject
 from .common import DatabaseGroup, emit_json_lines, emit_table, filter_options
 
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
@@ -116,19 +114,11 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
         )
     claimer = current_app.extensions["idemhook.receiver"].claimer
     try:
-        event = queries.replay(claimer, source, event_id)
-    except queries.ActionRefused as exc:
+        event = replay.replay(claimer, source, event_id)
+    except replay.ActionRefused as exc:
         raise click.ClickException(str(exc)) from None
-    except Reject as exc:
-        raise click.ClickException(
-            f"a handler rejected the event ({exc.reason}); nothing was changed"
-        ) from None
-    except DBAPIError:
-        raise  # the group turns a lost database into one line
-    except Exception as exc:  # anything a handler raises: everything was rolled back
-        raise click.ClickException(
-            f"a handler raised {type(exc).__name__}: {exc}; nothing was changed"
-        ) from None
+    except replay.ReplayFailed as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         emit_json_lines([event])
     else:
@@ -170,7 +160,7 @@ def events_prune(older_than: str, payloads_only: bool, dry_run: bool, batch_size
             "(see docs/querying.md)",
             err=True,
         )
-    report = queries.prune(
+    report = retention.prune(
         get_db().engine,
         age,
         payloads_only=payloads_only,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from flask import current_app
 
-from .. import queries
+from .. import failures, queries
 from ..db import get_db
 from ..errors import IdemhookError
 from .common import DatabaseGroup, emit_json_lines, emit_table, filter_options
@@ -61,18 +61,18 @@ def failures_retry(source, event_id, retry_all, since, only_source, as_json) -> 
             raise click.BadParameter(str(exc), param_hint="--since") from None
         filters = queries.Filters(source=only_source, since=since_at)
         with get_db().session() as session:
-            targets = list(queries.pending_failures(session, filters))
+            targets = list(failures.pending_failures(session, filters))
     else:
         targets = [(source, event_id)]
     results = []
     for target_source, target_id in targets:
         try:
-            result = queries.retry_failure(
+            result = failures.retry_failure(
                 receiver.claimer, receiver.sources, target_source, target_id
             )
-        except (queries.ActionRefused, IdemhookError) as exc:
+        except (failures.ActionRefused, IdemhookError) as exc:
             message = getattr(exc, "message", None) or str(exc)
-            result = queries.RetryResult(target_source, target_id, "refused", message)
+            result = failures.RetryResult(target_source, target_id, "refused", message)
         results.append(result)
         if as_json:
             emit_json_lines([result.to_dict()])

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import threading
+import time
 
 import psycopg2
 import pytest
 import requests
 
-from app.testing import deliver
 from app.testing.postgres import _connect_args
+from tests.conftest import SECRET
 from tests.plugins.blocker import LOCK_KEY
-from tests.reliability.conftest import FAULT_SOURCES, signed_post, wait_for
+from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for
 from tests.servers import gunicorn
 
 pytestmark = [pytest.mark.fault, pytest.mark.gunicorn]
@@ -129,16 +133,108 @@ def test_duplicate_waiting_longer_than_the_lock_timeout_answers_503_then_duplica
     assert sql("SELECT duplicate_count FROM processed_events")[0][0] == 1
 
 
-def test_handler_stuck_in_python_past_the_idle_timeout_releases_its_claim(make_app, sql):
-    # PostgreSQL ends a session idle in its transaction for 2x the timeout (at least 1 s).
-    # The receiver cannot tell that from a restart: it retries once, then answers 503.
-    app = make_app(IDEMHOOK_STATEMENT_TIMEOUT_MS=300)
-    client = app.test_client()
-    stuck = deliver(client, "acme", {"id": "py-slow", "type": "contact.x", "sleep": 1.2})
-    assert stuck.status_code == 503 and stuck.json["error"] == "database_unavailable"
-    assert stuck.headers["Retry-After"] == "1"
+OUTSIDE_SOURCES = {
+    "plugins": [*FAULT_SOURCES["plugins"], "tests.plugins.outside"],
+    "sources": {
+        **FAULT_SOURCES["sources"],
+        "outside": {"scheme": "hmac-sha256", "secret": SECRET, "event_id": "body:id"},
+    },
+}
+#: The statement timeout of the never-twice tests; the handler sleeps 3 x this long.
+NEVER_TWICE_TIMEOUT_MS = 1000
+
+
+@pytest.fixture(scope="module")
+def outside_server(pg_url):
+    """The shipped gunicorn settings with a 1 s statement timeout (handler timeout: 2 s)."""
+    with gunicorn(
+        OUTSIDE_SOURCES,
+        pg_url,
+        workers=2,
+        env={"IDEMHOOK_STATEMENT_TIMEOUT_MS": str(NEVER_TWICE_TIMEOUT_MS)},
+    ) as server:
+        yield server
+
+
+def _attempt(server, payload, attempt):
+    body = json.dumps(payload).encode()
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    started = time.monotonic()
+    answer = requests.post(
+        f"{server.url}/webhooks/outside",
+        data=body,
+        headers={
+            "Content-Type": "application/json",
+            "X-Signature": f"sha256={signature}",
+            "X-Attempt": str(attempt),
+        },
+        timeout=GUARD_SECONDS,
+    )
+    return answer, time.monotonic() - started
+
+
+def _redeliver_until_applied(server, payload, first_attempt):
+    """Redeliver like a provider: every non-2xx is retried, until one is answered 2xx."""
+    attempt = first_attempt
+    deadline = time.monotonic() + GUARD_SECONDS
+    while time.monotonic() < deadline:
+        attempt += 1
+        answer, _ = _attempt(server, payload, attempt)
+        if answer.ok:
+            return answer, attempt
+    pytest.fail("the provider's retries were never applied")
+
+
+def test_handler_busy_in_python_past_the_timeouts_runs_once_per_request(
+    outside_server, clean_db, sql, tmp_path
+):
+    # The handler's last SQL comes first, then 3 s in Python (an e-mail API that hangs):
+    # three times the statement timeout, longer than the handler timeout (2 x) and than
+    # PostgreSQL's idle-in-transaction timeout, which ends the session under it.
+    calls = tmp_path / "calls.txt"
+    payload = {"id": "py-slow", "file": str(calls), "sleep": 3 * NEVER_TWICE_TIMEOUT_MS / 1000}
+    first, seconds = _attempt(outside_server, payload, 1)
+
+    assert first.status_code in (200, 503), first.text
+    if first.status_code == 503:
+        assert first.json()["error"] == "handler_timeout"
+        assert first.headers["Retry-After"] == "1"
+    # Answered before the provider's own deadline, not after the handler finished.
+    assert seconds < 2.5 * NEVER_TWICE_TIMEOUT_MS / 1000
+    # The overrun is on record for the on-call engineer.
+    [failure] = sql("SELECT event_id, error FROM delivery_failures")
+    assert failure.event_id == "py-slow" and "IDEMHOOK_HANDLER_TIMEOUT_MS" in failure.error
+
+    retried, last_attempt = _redeliver_until_applied(outside_server, payload, 1)
+    assert retried.json()["status"] in ("processed", "duplicate")
+    wait_for(lambda: calls.read_text().count("\n") >= 2, "the retry's outside call")
+    lines = calls.read_text().split()
+    # The outside effect ran at most once per request, and exactly once for the first.
+    assert len(lines) == len(set(lines)) and lines[0] == "1"
+    assert set(lines) <= {str(n) for n in range(1, last_attempt + 1)}
+    # The database effect was applied once, with its claim.
+    assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'py-slow'")[0][0] == 1
+    assert sql("SELECT status FROM processed_events WHERE event_id = 'py-slow'") == [
+        ("processed",)
+    ]
+
+
+def test_connection_lost_while_a_handler_runs_is_answered_503_without_running_it_again(
+    outside_server, clean_db, sql, tmp_path
+):
+    # The handler's own session is ended under it (as a failover or a killed backend
+    # would): before this issue the claim took that for a stale connection and ran the
+    # handler a second time in the same request.
+    calls = tmp_path / "calls.txt"
+    payload = {"id": "killed", "file": str(calls), "kill": True}
+    first, _ = _attempt(outside_server, payload, 1)
+
+    assert first.status_code == 503, first.text
+    assert first.json()["error"] == "database_unavailable"
+    assert calls.read_text().split() == ["1"]
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
-    assert sql("SELECT count(*) FROM test_effects")[0][0] == 0
-    # The next delivery gets a fresh connection and is processed.
-    ok = deliver(client, "acme", {"id": "py-fast", "type": "contact.x"})
-    assert ok.status_code == 200 and ok.json["status"] == "processed"
+
+    retried, _ = _redeliver_until_applied(outside_server, payload, 1)
+    assert retried.json()["status"] == "processed"
+    assert calls.read_text().split() == ["1", "2"]
+    assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'killed'")[0][0] == 1

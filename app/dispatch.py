@@ -1,0 +1,116 @@
+"""The one path that runs a delivery's handlers, wherever they run.
+
+The live claim (:mod:`app.claim`), ``events replay`` (:mod:`app.replay`),
+``failures retry`` (through the claim) and the test kit (through the
+receiver) all end in :func:`run_handlers`, so the contract of docs/plugins.md
+(the event, the session, ``Ignore``, ``Reject``, results and errors) cannot
+drift between them. It returns what happened as a :class:`HandlerRun`; it
+never commits, rolls back or records anything: that is its caller's
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from .db import dumps
+from .outcome import Status
+from .plugins import Event, Ignore, Registration, Reject, result_of
+
+
+class ClaimSession(Session):
+    """The session handlers get: it refuses to end the claim's transaction for them."""
+
+    in_handler = False
+
+    def _refuse(self, what: str) -> None:
+        if self.in_handler:
+            raise RuntimeError(
+                f"a handler must not {what} the session: the receiver commits the claim and "
+                "every handler's work together (see docs/plugins.md)"
+            )
+
+    def commit(self) -> None:
+        self._refuse("commit")
+        super().commit()
+
+    def rollback(self) -> None:
+        self._refuse("roll back")
+        super().rollback()
+
+    def close(self) -> None:
+        self._refuse("close")
+        super().close()
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerRun:
+    """What a delivery's handlers did to one event.
+
+    ``status`` is ``processed``, ``ignored``, ``rejected`` or ``failed``.
+    ``result`` is what to store (``{"rejected": reason}`` for a rejection);
+    ``stored`` its JSON text. ``handler`` names the handler that rejected or
+    failed, ``error`` is what it raised (or the ``Reject`` it returned).
+    """
+
+    status: Status
+    result: Any = None
+    stored: str | None = None
+    handler: str | None = None
+    error: BaseException | None = None
+
+    @property
+    def error_text(self) -> str:
+        """The failure as recorded in ``delivery_failures.error``."""
+        if self.status is Status.REJECTED:
+            reason = self.error.reason if isinstance(self.error, Reject) else ""
+            return f"{self.handler} rejected the event: {reason}"
+        return f"{self.handler} raised {type(self.error).__name__}: {self.error}"
+
+    @property
+    def summary(self) -> str:
+        """The failure as answered: handler and exception class, never the message."""
+        return f"{self.handler} raised {type(self.error).__name__}"
+
+
+def run_handlers(
+    registrations: Sequence[Registration], event: Event, session: ClaimSession
+) -> HandlerRun:
+    """Run ``registrations`` for ``event`` in ``session``'s transaction, in order.
+
+    A handler's ``Reject`` (returned or raised) stops the run; an exception
+    fails it. After the handlers, their ORM writes are flushed and the result
+    is serialised, so a write PostgreSQL refuses or a result JSON cannot hold
+    fails this event rather than the transaction's commit.
+    """
+    results: dict[str, Any] = {}
+    ignored = 0
+    name = registrations[0].name if registrations else None
+    session.in_handler = True
+    try:
+        for registration in registrations:
+            name = registration.name
+            try:
+                value = registration.func(event, session)
+            except (Ignore, Reject) as chosen:  # raised from deep inside a handler
+                value = chosen
+            if isinstance(value, Reject):
+                return HandlerRun(Status.REJECTED, value.result(), handler=name, error=value)
+            if isinstance(value, Ignore):
+                ignored += 1
+                value = value.result()
+            results[name] = value
+        result = result_of(results)
+        stored = dumps(result, strict=True)
+        if session.in_transaction():
+            session.flush()
+    except Exception as exc:  # anything a plugin raises fails this event, retryably
+        return HandlerRun(Status.FAILED, handler=name, error=exc)
+    finally:
+        session.in_handler = False
+    status = Status.IGNORED if ignored == len(registrations) else Status.PROCESSED
+    return HandlerRun(status, result, stored)

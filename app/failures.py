@@ -1,0 +1,165 @@
+"""``delivery_failures``: recording a failed attempt, and retrying failed events.
+
+A failure row is written in a transaction of its own, after the claim's
+transaction has ended (rolled back, or committed with a rejection), so it
+survives whatever happened to the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import Headers
+
+from .events import events_of
+from .models import delivery_failures, processed_events
+from .plugins import Event
+from .queries import Filters, failure_filters
+from .sources import Source
+
+log = logging.getLogger("idemhook.claim")
+
+# Header names never stored (in delivery_failures.headers or processed_events.headers).
+_SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
+
+
+def safe_headers(headers: Any) -> dict[str, str]:
+    """``headers`` without the ones that may carry a secret or a signature."""
+    return {
+        name: value
+        for name, value in headers.items()
+        if not any(part in name.lower() for part in _SECRET_HEADER_PARTS)
+    }
+
+
+def failure_row(
+    event: Event, *, error: str, cause: BaseException, raw_body: bytes, permanent: bool
+) -> dict[str, Any]:
+    """The ``delivery_failures`` row of one failed (or rejected) attempt at ``event``."""
+    return {
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "error": error[:4000],
+        "traceback": "".join(traceback.format_exception(cause))[-20000:],
+        "raw_body": raw_body,
+        "payload": event.payload,
+        "headers": safe_headers(event.headers),
+        "permanent": permanent,
+        "failed_at": datetime.now(UTC),
+    }
+
+
+def record(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` in a transaction of their own.
+
+    Losing a failure row must never change the answer: the event's own
+    outcome is already decided. A database error is logged, not raised.
+    """
+    if not rows:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(delivery_failures), rows)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "could not record %d delivery failure(s): %s", len(rows), type(exc).__name__
+        )
+
+
+# -- retry -----------------------------------------------------------------------------------
+
+
+class ActionRefused(Exception):
+    """Replay or retry cannot run for this event; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    """The outcome of retrying one failed event: a claim outcome or why it was skipped."""
+
+    source: str
+    event_id: str
+    status: str
+    detail: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "event_id": self.event_id,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+def retry_failure(
+    claimer: Any, sources: dict[str, Source], source: str, event_id: str
+) -> RetryResult:
+    """Re-run the latest failed delivery of an event through the live claim.
+
+    The stored raw body and headers are parsed exactly as on receipt (the
+    signature was verified then and is not stored, so it is not checked again),
+    and the event goes through :meth:`app.claim.Claimer.apply` like a delivery.
+    An event that has been applied since is skipped: claiming it again would only
+    count a duplicate.
+    """
+    failures, events = delivery_failures, processed_events
+    with claimer.database.session() as session:
+        failure = session.execute(
+            select(failures.c.raw_body, failures.c.headers, failures.c.failed_at)
+            .where(failures.c.source == source, failures.c.event_id == event_id)
+            .order_by(failures.c.failed_at.desc(), failures.c.id.desc())
+            .limit(1)
+        ).first()
+        if failure is None:
+            raise ActionRefused(f"no recorded failure of event {event_id!r} from {source!r}")
+        applied = session.execute(
+            select(events.c.status).where(
+                events.c.source == source, events.c.event_id == event_id
+            )
+        ).scalar()
+    if applied is not None:
+        return RetryResult(source, event_id, "skipped", f"already recorded as {applied}")
+    src = sources.get(source)
+    if src is None:
+        raise ActionRefused(f"source {source!r} is no longer configured")
+    raw_body = bytes(failure.raw_body)
+    if not raw_body:
+        raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")
+    headers = Headers(failure.headers or {})
+    found = [
+        e
+        for e in events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
+        if e.id == event_id
+    ]
+    if not found:
+        raise ActionRefused(f"the stored body no longer yields event {event_id!r}")
+    outcome = claimer.apply(found[:1], raw_body)[0]
+    detail = outcome.error if outcome.status == "failed" else outcome.result
+    return RetryResult(source, event_id, str(outcome.status), detail)
+
+
+def pending_failures(session: Session, filters: Filters) -> Iterator[tuple[str, str]]:
+    """Distinct (source, event_id) of failures not applied since, oldest first."""
+    failures = delivery_failures
+    pending = Filters(
+        source=filters.source,
+        type=filters.type,
+        since=filters.since,
+        until=filters.until,
+        pending=True,
+    )
+    first_failed = func.min(failures.c.failed_at)
+    query = failure_filters(select(failures.c.source, failures.c.event_id), pending).group_by(
+        failures.c.source, failures.c.event_id
+    )
+    for row in session.execute(query.order_by(first_failed)).all():
+        yield row.source, row.event_id

@@ -1,0 +1,50 @@
+"""What happened to one event: the statuses, and the outcome the intake answers with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """An event's status: in ``processed_events.status`` and in every answer."""
+
+    #: New event: its handlers ran and committed with its claim.
+    PROCESSED = "processed"
+    #: New event with no matching handler, or whose handlers all returned ``Ignore``.
+    IGNORED = "ignored"
+    #: A handler returned or raised ``Reject``: recorded for good, effects rolled back.
+    REJECTED = "rejected"
+    #: Already applied: nothing ran (answers only, never stored).
+    DUPLICATE = "duplicate"
+    #: A handler raised, or its transaction could not commit (answers only, never stored).
+    FAILED = "failed"
+
+
+#: The statuses a claim row can hold (the table's check constraint).
+STORED_STATUSES = (Status.PROCESSED, Status.IGNORED, Status.REJECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one event of a delivery."""
+
+    event_id: str
+    status: Status
+    result: Any = None
+    #: ``failed``: what went wrong, naming the handler and the exception's class
+    #: (never the exception's message, which may hold payload data).
+    error: str | None = None
+    #: ``failed`` and ``rejected``: the handler at fault (``module:qualname``).
+    handler: str | None = None
+    #: ``failed``: the class of the exception.
+    error_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"event_id": self.event_id, "status": str(self.status)}
+        if self.status is Status.FAILED:
+            body["error"] = self.error
+        else:
+            body["result"] = self.result
+        return body

@@ -1,0 +1,89 @@
+"""``events replay``: run an event's handlers again, on demand, through the one handler path."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from werkzeug.datastructures import Headers
+
+from .dispatch import ClaimSession, run_handlers
+from .failures import ActionRefused
+from .models import processed_events
+from .outcome import Status
+from .plugins import Event
+from .queries import get_event
+
+
+class ReplayFailed(Exception):
+    """A handler raised or rejected during a replay; nothing it did was kept."""
+
+    def __init__(self, message: str, status: Status) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
+    """Run the handlers again for an already recorded event, in one transaction.
+
+    The row is locked (``FOR UPDATE``) so that a concurrent replay or delivery
+    waits. Handlers see the event as the live delivery did: the stored payload,
+    the stored headers (those that may carry secrets are never stored) and the
+    original ``received_at``. The new result, ``replayed_at`` and
+    ``replay_count`` are written in the same transaction as the handlers' work.
+    A handler that raises or rejects rolls all of it back and
+    :class:`ReplayFailed` is raised: the stored row stays as it was.
+    """
+    events = processed_events
+    session: ClaimSession = claimer.sessions()
+    session.begin()
+    try:
+        query = select(events).where(events.c.source == source, events.c.event_id == event_id)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = session.execute(query).first()
+        if row is None:
+            raise ActionRefused(f"no event {event_id!r} from source {source!r}")
+        if row.payload is None:
+            raise ActionRefused(
+                f"event {event_id!r} has no stored payload (pruned with --payloads-only)"
+            )
+        registrations = claimer.registry.for_event(source, row.event_type)
+        if not registrations:
+            raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
+        headers = Headers(row.headers or {})
+        event = Event(source, event_id, row.event_type, row.payload, headers, row.received_at)
+        run = run_handlers(registrations, event, session)
+        if run.status is Status.REJECTED:
+            raise ReplayFailed(
+                f"a handler rejected the event ({run.result['rejected']}); nothing was changed "
+                f"({run.handler})",
+                run.status,
+            )
+        if run.status is Status.FAILED:
+            raise ReplayFailed(
+                f"a handler raised {type(run.error).__name__}: {run.error}; nothing was changed "
+                f"({run.handler})",
+                run.status,
+            )
+        now = datetime.now(UTC)
+        session.execute(
+            update(events)
+            .where(events.c.id == row.id)
+            .values(
+                result=run.result,
+                status=str(run.status),
+                processed_at=now,
+                replayed_at=now,
+                replay_count=events.c.replay_count + 1,
+            )
+        )
+        session.commit()
+    finally:
+        session.close()  # rolls back whatever did not commit
+    with claimer.database.session() as reader:
+        event_row = get_event(reader, source, event_id)
+    if event_row is None:
+        raise ActionRefused(f"event {event_id!r} was deleted while it was replayed")
+    return event_row
