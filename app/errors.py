@@ -2,16 +2,29 @@
 
 Every error carries an HTTP ``status_code`` and a stable machine-readable
 ``code``; :func:`init_app` renders each one (and Werkzeug's own HTTP errors) as
-``{"error": code, "message": text}``. The codes are a public contract listed in
-``docs/http.md``: add new ones, never rename.
+``{"error": code, "message": text}``. Any other exception raised while serving a
+request is a bug: it is answered ``500 internal_error`` and logged once, with its
+traceback, on the ``idemhook.errors`` logger. The codes are a public contract
+listed in ``docs/http.md``: add new ones, never rename.
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("idemhook.errors")
+
+#: The message of every ``internal_error``: the same for all, as the exception's own
+#: text may quote the request (a payload key, a value that failed to convert).
+INTERNAL_MESSAGE = (
+    "The receiver failed unexpectedly; its log holds the traceback (logger idemhook.errors). "
+    "Retrying is safe: an event that was applied is answered as a duplicate."
+)
 
 
 class ConfigError(Exception):
@@ -77,13 +90,19 @@ class ServiceUnavailable(IdemhookError):
         self.headers["Retry-After"] = "1"
 
 
-# Werkzeug raises these itself (routing, request size); give them stable codes.
+# Werkzeug raises these itself (routing, reading the body); give them stable codes.
+# Flask turns an exception that escapes every handler (one raised in an after_request
+# hook or in an error handler) into a 500, answered internal_error too. Any status not
+# listed, which nothing in idemhook is known to produce, is answered with the catch-all
+# http_error: a client then still reads the status, and a code of another status would
+# mislead it.
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    500: "internal_error",
 }
 
 
@@ -102,6 +121,8 @@ def _render_http(error: HTTPException):
     }
     if code == 413:
         body["message"] = "The request body is larger than this endpoint accepts."
+    elif code == 500:
+        body["message"] = INTERNAL_MESSAGE
     response = jsonify(body)
     response.status_code = code
     if code == 405 and error.valid_methods:  # type: ignore[attr-defined]
@@ -109,6 +130,63 @@ def _render_http(error: HTTPException):
     return response
 
 
+def _render_unexpected(error: Exception):
+    """Answer 500 internal_error for an exception no other handler takes; log it once."""
+    # The rule, not the path: a path is sender-chosen text (IDs, even newlines).
+    rule = request.url_rule.rule if request.url_rule is not None else "(no route)"
+    log.error(
+        "unexpected %s in %s %s, answered 500 internal_error\n%s",
+        _name(error),
+        request.method,
+        rule,
+        traceback_without_messages(error),
+    )
+    return render(IdemhookError(INTERNAL_MESSAGE))
+
+
+def traceback_without_messages(error: BaseException) -> str:
+    """``error``'s traceback, causes first as Python prints it, each exception named by class.
+
+    The messages are left out: they may quote the request (a payload key, a value that
+    failed to convert, PostgreSQL's DETAIL line), and logs never carry payloads. The
+    frames and a PostgreSQL error's SQLSTATE are enough to find the bug.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current = error
+    while True:
+        seen.add(id(current))
+        frames = "".join(traceback.format_tb(current.__traceback__))
+        sqlstate = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
+        withheld = f"SQLSTATE {sqlstate}, message not logged" if sqlstate else "message not logged"
+        parts.append(f"Traceback (most recent call last):\n{frames}{_name(current)} ({withheld})")
+        if current.__cause__ is not None:
+            link, following = _CAUSE, current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            link, following = _CONTEXT, current.__context__
+        else:
+            break
+        if id(following) in seen:
+            break
+        parts.append(link)
+        current = following
+    return "\n".join(reversed(parts))
+
+
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n"
+
+
+def _name(error: BaseException) -> str:
+    cls = type(error)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def init_app(app: Flask) -> None:
     app.register_error_handler(IdemhookError, render)
     app.register_error_handler(HTTPException, _render_http)
+    # Flask picks the most specific handler, so this one gets only what the two above
+    # do not, in tests (TESTING) as in production.
+    app.register_error_handler(Exception, _render_unexpected)

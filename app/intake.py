@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from .claim import Claimer, Outcome
 from .errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
 from .events import events_of
-from .schemes import Delivery
+from .schemes import Delivery, Reply
 from .sources import Source
 
 bp = Blueprint("intake", __name__)
@@ -52,12 +52,12 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
     source.scheme.verify(delivery)
     early = source.scheme.preempt(delivery)
     if early is not None:
-        return early
+        return render_reply(early)
     payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
     outcomes = receiver.claimer.apply(events, body)
     answer = source.scheme.respond(source, outcomes)
-    return answer if answer is not None else respond(source, outcomes)
+    return render_reply(answer) if answer is not None else respond(source, outcomes)
 
 
 def public_url(source: Source) -> str:
@@ -121,3 +121,15 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
             events=events,
         )
     return jsonify({"status": "ok", "events": events})
+
+
+def render_reply(reply: Reply) -> Response:
+    """The HTTP response for a scheme's own answer (bytes as they are, else JSON)."""
+    if isinstance(reply.body, bytes):
+        response = Response(reply.body, reply.status, content_type=reply.content_type)
+    else:
+        response = jsonify(reply.body)
+        response.status_code = reply.status
+        response.content_type = reply.content_type
+    response.headers.extend(reply.headers)
+    return response

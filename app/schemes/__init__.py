@@ -14,6 +14,6 @@ from . import (  # noqa: F401  (imported to register)
     standard_webhooks,
     stripe,
 )
-from .base import SCHEMES, Delivery, Scheme, register
+from .base import SCHEMES, Delivery, Reply, Scheme, register
 
-__all__ = ["SCHEMES", "Delivery", "Scheme", "register"]
+__all__ = ["SCHEMES", "Delivery", "Reply", "Scheme", "register"]

@@ -26,8 +26,6 @@ from ..errors import ConfigError, Unauthorized
 from ..parsing import parse_json
 
 if TYPE_CHECKING:
-    from flask import Response
-
     from ..claim import Outcome
     from ..sources import Source
 
@@ -44,6 +42,22 @@ class Delivery:
     method: str = "POST"
     #: The URL the sender called; on intake, filled in only for schemes with ``signs_url``.
     url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer in the sender's own protocol; the intake turns it into the HTTP response.
+
+    Schemes return this plain value rather than a Flask response, so that they stay
+    free of the web framework and can be tested as functions.
+    """
+
+    status: int
+    #: Bytes are sent as they are; any other value is encoded as JSON, as every JSON
+    #: answer of the app is (so a str is sent as a JSON string, not as text).
+    body: Any
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Scheme:
@@ -77,7 +91,7 @@ class Scheme:
     # Hooks for senders that are not "one signed JSON document, answered with JSON".
     # The intake calls them in this order: verify, preempt, parse, (claim), respond.
 
-    def preempt(self, delivery: Delivery) -> Response | None:
+    def preempt(self, delivery: Delivery) -> Reply | None:
         """Answer a verified request without claiming it (GitHub's ``ping``); None: go on."""
         return None
 
@@ -85,7 +99,7 @@ class Scheme:
         """Turn the verified raw body into the payload events are read from (strict JSON)."""
         return parse_json(body)
 
-    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Response | None:
+    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Reply | None:
         """Answer in the sender's own protocol (Salesforce's SOAP ack); None: the JSON answer."""
         return None
 

@@ -7,9 +7,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, jsonify
-
-from .base import Delivery, Scheme, invalid, matches_any, register, require_header
+from .base import Delivery, Reply, Scheme, invalid, matches_any, register, require_header
 
 HEADER = "X-Hub-Signature-256"
 
@@ -40,7 +38,7 @@ class GitHub(Scheme):
     def sign(self, delivery: Delivery) -> dict[str, str]:
         return {HEADER: self._digests(delivery.body)[0]}
 
-    def preempt(self, delivery: Delivery) -> Response | None:
+    def preempt(self, delivery: Delivery) -> Reply | None:
         if delivery.headers.get("X-GitHub-Event") == "ping":
-            return jsonify({"status": "pong", "source": self.source})
+            return Reply(200, {"status": "pong", "source": self.source})
         return None

@@ -27,10 +27,9 @@ from xml.sax.saxutils import escape
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
-from flask import Response
 
 from ..errors import BadRequest, ConfigError, Unauthorized
-from .base import Delivery, Scheme, matches_any, register
+from .base import Delivery, Reply, Scheme, matches_any, register
 
 if TYPE_CHECKING:
     from ..claim import Outcome
@@ -42,12 +41,13 @@ SOBJECT_NS = "urn:sobject.enterprise.soap.sforce.com"
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 _ENVELOPE_FIELDS = ("OrganizationId", "ActionId", "EnterpriseUrl", "PartnerUrl")
 
+XML = "text/xml; charset=utf-8"
 ACK = (
     '<?xml version="1.0" encoding="UTF-8"?>'
     f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body>'
     f'<notificationsResponse xmlns="{OUTBOUND_NS}"><Ack>true</Ack></notificationsResponse>'
     "</soapenv:Body></soapenv:Envelope>"
-)
+).encode()
 
 
 def _local(tag: str) -> str:
@@ -131,13 +131,13 @@ def envelope(
     return "".join(parts).encode("utf-8")
 
 
-def soap_fault(message: str) -> str:
+def soap_fault(message: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body><soapenv:Fault>'
         f"<faultcode>soapenv:Server</faultcode><faultstring>{escape(message)}</faultstring>"
         "</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
-    )
+    ).encode()
 
 
 @register("salesforce-outbound")
@@ -180,12 +180,12 @@ class SalesforceOutbound(Scheme):
     def parse(self, body: bytes) -> Any:
         return parse_message(body)
 
-    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Response | None:
+    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Reply | None:
         failed = [o for o in outcomes if o.status == "failed"]
         if failed:
             text = (
                 f"{len(failed)} of {len(outcomes)} notifications failed "
                 f"(first: {failed[0].event_id}); resend to retry them."
             )
-            return Response(soap_fault(text), status=500, content_type="text/xml; charset=utf-8")
-        return Response(ACK, status=200, content_type="text/xml; charset=utf-8")
+            return Reply(500, soap_fault(text), XML)
+        return Reply(200, ACK, XML)

@@ -279,6 +279,40 @@ def test_salesforce_handler_failure_is_a_soap_fault_and_the_resend_completes(pcl
     assert effects(sql, "salesforce") == [n["Id"] for n in NOTIFICATIONS]
 
 
+SOAP_OPEN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body>'
+)
+SOAP_CLOSE = b"</soapenv:Body></soapenv:Envelope>"
+
+
+def test_scheme_answers_are_exact_on_the_wire(pclient, sql) -> None:
+    # Providers parse these answers byte for byte (Salesforce's SOAP client above all).
+    ping = deliver(
+        pclient, "github", {"zen": "x"}, {"X-GitHub-Event": "ping", "X-GitHub-Delivery": "p-1"}
+    )
+    assert (ping.status_code, ping.headers["Content-Type"]) == (200, "application/json")
+    assert ping.data == b'{"source":"github","status":"pong"}\n'
+
+    failing = NOTIFICATIONS[1]["Id"]
+    sql("INSERT INTO test_failures (event_id, reason) VALUES (:e, 'crm down')", e=failing)
+    fault = deliver(pclient, "salesforce", envelope(ORG, NOTIFICATIONS))
+    assert (fault.status_code, fault.headers["Content-Type"]) == (500, "text/xml; charset=utf-8")
+    assert fault.data == (
+        SOAP_OPEN + b"<soapenv:Fault><faultcode>soapenv:Server</faultcode><faultstring>"
+        b"1 of 3 notifications failed (first: 04l000000000002AAA); resend to retry them."
+        b"</faultstring></soapenv:Fault>" + SOAP_CLOSE
+    )
+
+    sql("DELETE FROM test_failures")
+    ack = deliver(pclient, "salesforce", envelope(ORG, NOTIFICATIONS))
+    assert (ack.status_code, ack.headers["Content-Type"]) == (200, "text/xml; charset=utf-8")
+    assert ack.data == (
+        SOAP_OPEN + b'<notificationsResponse xmlns="http://soap.sforce.com/2005/09/outbound">'
+        b"<Ack>true</Ack></notificationsResponse>" + SOAP_CLOSE
+    )
+
+
 def test_salesforce_from_another_org_is_refused(pclient, sql) -> None:
     response = deliver(pclient, "salesforce", envelope("00D000000000002EAA", NOTIFICATIONS))
     assert response.status_code == 401
