@@ -3,7 +3,8 @@
 Each line carries source, event_id, event_type, outcome and duration_ms (and,
 for a failed or rejected event, the handler and, if it raised, the exception's
 class), and nothing else from the request: never a payload, a header, a
-signature, a secret or an exception's message (which may quote the payload). Lines go to stderr through the ``idemhook`` logger, which gunicorn
+signature, a secret or an exception's message (which may quote the payload).
+Lines go to stderr through the ``idemhook`` logger, which gunicorn
 leaves alone, so they appear under gunicorn, ``flask run`` and the CLI alike.
 """
 
