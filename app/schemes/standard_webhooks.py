@@ -37,23 +37,24 @@ class StandardWebhooks(Scheme):
 
     option_keys = frozenset({"tolerance_seconds"})
     defaults = {"event_id": "header:webhook-id", "event_type": "body:type"}
+    secret_prefix = "whsec_"
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         super().__init__(source, config)
         self.tolerance = positive_int_option(
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
-        keys = []
-        for secret in self.secrets:
-            raw = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
-            try:
-                keys.append(base64.b64decode(raw, validate=True))
-            except (binascii.Error, ValueError):
-                raise ConfigError(
-                    f"[sources.{source}] secret: not a Standard Webhooks secret "
-                    "(expected whsec_ followed by base64, as the provider shows it)"
-                ) from None
-        self._keys = tuple(keys)
+
+    def secret_key(self, secret: str) -> bytes:
+        raw = secret.removeprefix(self.secret_prefix)
+        try:
+            # Unpadded base64 is accepted, as the reference libraries re-pad it.
+            return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                f"[sources.{self.source}] secret: not a Standard Webhooks secret "
+                "(expected whsec_ followed by base64, as the provider shows it)"
+            ) from None
 
     def _headers(self, delivery: Delivery) -> tuple[str, str, str, str]:
         for prefix in PREFIXES:
@@ -76,7 +77,7 @@ class StandardWebhooks(Scheme):
         signed = f"{msg_id}.{timestamp}.".encode() + body
         return [
             base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-            for key in self._keys
+            for key in self.keys
         ]
 
     def verify(self, delivery: Delivery) -> None:
