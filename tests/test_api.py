@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.errors import ConfigError
-from app.testing import deliver
+from idemhook.testing import deliver
 from tests.test_events_cli import NOW, seed, timedelta
 
 TOKEN = "s3cret-admin-token-0123456789"

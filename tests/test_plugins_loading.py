@@ -97,7 +97,7 @@ def test_module_without_handlers_stops_start_up(modules):
 def test_handler_with_the_wrong_signature_stops_start_up(modules):
     modules(
         one_arg="""
-        from app.plugins import handler
+        from idemhook import handler
 
         @handler("shop", "order.paid")
         def paid(event):
@@ -111,7 +111,7 @@ def test_handler_with_the_wrong_signature_stops_start_up(modules):
 def test_handler_for_an_unknown_source_stops_start_up(modules):
     modules(
         typo="""
-        from app.plugins import handler
+        from idemhook import handler
 
         @handler("shpo", "order.paid")
         def paid(event, db):

@@ -24,7 +24,6 @@ from ..errors import ConfigError
 from ..plugins import Registry
 from ..schemes import SCHEMES
 
-
 #: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
 MIN_SECRET_BYTES = 16
 

@@ -1,4 +1,4 @@
-"""pytest fixtures for handler authors: ``idemhook``, ``idemhook_pg_server``, ``idemhook_templates``.
+"""pytest fixtures for handler authors: ``idemhook``, ``idemhook_pg_server``, and the templates.
 
 Registered through the ``pytest11`` entry point when idemhook is installed, so a
 test only names the fixture. What each one gives is in docs/plugins.md.

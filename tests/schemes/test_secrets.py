@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import standardwebhooks
-from idemhook.testing import deliver
 
 from app import create_app
 from app.errors import ConfigError
 from app.schemes import SCHEMES
+from idemhook.testing import deliver
 from tests.servers import toml
 
 from .conftest import PROVIDER_SOURCES
