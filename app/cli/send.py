@@ -9,6 +9,7 @@ import click
 from flask.cli import with_appcontext
 
 from ..signing import signed_request, webhook_url
+from .common import needs_sources
 from .sign import source_argument
 
 
@@ -22,6 +23,7 @@ def _header(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
     return headers
 
 
+@needs_sources
 @click.command("send")
 @with_appcontext
 @click.argument("source")

@@ -10,6 +10,7 @@ from flask.cli import with_appcontext
 
 from ..signing import find_source, signed_request, webhook_url
 from ..sources import Source
+from .common import needs_sources
 
 
 def source_argument(name: str) -> Source:
@@ -20,6 +21,7 @@ def source_argument(name: str) -> Source:
         raise click.BadParameter(exc.args[0], param_hint="SOURCE") from None
 
 
+@needs_sources
 @click.command("sign")
 @with_appcontext
 @click.argument("source")

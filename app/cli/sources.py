@@ -23,6 +23,7 @@ from .. import sources as sources_module
 from ..errors import ConfigError
 from ..plugins import Registry
 from ..schemes import SCHEMES
+from .common import ConfigMissing
 
 #: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
 MIN_SECRET_BYTES = 16
@@ -57,7 +58,7 @@ def _context() -> tuple[Mapping[str, Any], Registry | None]:
     try:
         return settings_module.load(), None
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise ConfigMissing(str(exc)) from None
 
 
 def _tables(config: Any) -> Mapping[str, Any]:
