@@ -6,9 +6,10 @@ import urllib.error
 import urllib.request
 
 import click
+from flask import current_app
 from flask.cli import with_appcontext
 
-from ..signing import signed_request, webhook_url
+from ..signing import signed_request, signing_url, webhook_url
 from .common import needs_sources
 from .sign import source_argument
 
@@ -49,7 +50,8 @@ def send_command(
     """
     src = source_argument(source)
     target = webhook_url(url, source)
-    body, all_headers = signed_request(src, payload.read(), headers, url=target)
+    signed_over = signing_url(current_app, src, target)
+    body, all_headers = signed_request(src, payload.read(), headers, url=signed_over)
     request = urllib.request.Request(target, data=body, headers=all_headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
