@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, Unauthorized
+from ..locators import AnyHeader
 from .base import (
     DEFAULT_TOLERANCE_SECONDS,
     Delivery,
@@ -36,7 +37,13 @@ class StandardWebhooks(Scheme):
     """v1 = base64 HMAC-SHA256(key = base64-decode(secret minus ``whsec_``), ``id.ts.body``)."""
 
     option_keys = frozenset({"tolerance_seconds"})
-    defaults = {"event_id": "header:webhook-id", "event_type": "body:type"}
+    #: The header families looked for, in this order (the first with an ``-id`` header wins,
+    #: for the signature and for the event ID alike).
+    families: tuple[str, ...] = PREFIXES
+    defaults = {
+        "event_id": AnyHeader(("webhook-id", "svix-id")),
+        "event_type": "body:type",
+    }
     secret_prefix = "whsec_"
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
@@ -57,12 +64,12 @@ class StandardWebhooks(Scheme):
             ) from None
 
     def _headers(self, delivery: Delivery) -> tuple[str, str, str, str]:
-        for prefix in PREFIXES:
+        for prefix in self.families:
             msg_id = delivery.headers.get(f"{prefix}-id")
             if msg_id is not None:
                 break
         else:
-            prefix, msg_id = PREFIXES[0], None
+            prefix, msg_id = self.families[0], None
         timestamp = delivery.headers.get(f"{prefix}-timestamp")
         signature = delivery.headers.get(f"{prefix}-signature")
         for name, value in (("id", msg_id), ("timestamp", timestamp), ("signature", signature)):
@@ -108,9 +115,10 @@ class StandardWebhooks(Scheme):
 
 @register("svix")
 class Svix(StandardWebhooks):
-    """Svix: the Standard Webhooks scheme with the ``svix-*`` header names."""
+    """Svix: the Standard Webhooks scheme with the ``svix-*`` header names first."""
 
-    defaults = {"event_id": "header:svix-id", "event_type": "body:type"}
+    families = ("svix", "webhook")
+    defaults = {"event_id": AnyHeader(("svix-id", "webhook-id")), "event_type": "body:type"}
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         headers = super().sign(delivery)
