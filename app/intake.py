@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from .claim import Claimer, Outcome
 from .errors import BadRequest, HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
-from .locators import MISSING, Locator
+from .locators import MISSING, Composite, Locator
 from .plugins import Event
 from .schemes import Delivery
 from .sources import Source
@@ -141,8 +141,9 @@ def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
     """Read an event ID or type and check it can be stored and compared as-is."""
     value = locator.read(item, headers)
     if value is MISSING or value is None:
+        where = locator.missing(item, headers) if isinstance(locator, Composite) else locator
         raise BadRequest(
-            f"The {key.replace('_', ' ')} is missing: expected it at {locator}.",
+            f"The {key.replace('_', ' ')} is missing: expected it at {where}.",
             code=f"missing_{key}",
         )
     if isinstance(value, int) and not isinstance(value, bool):
@@ -186,9 +187,20 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
         return jsonify(outcome.to_dict())
     events = [o.to_dict() for o in outcomes]
     if failed:
-        raise HandlerFailed(
-            f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so a "
-            "redelivery of the whole batch applies only the failed ones.",
-            events=events,
-        )
+        if len(outcomes) == 1:
+            message = (
+                f"A handler failed for event {failed[0].event_id!r} ({failed[0].error}); "
+                "nothing was recorded and a redelivery will run it again."
+            )
+        elif len(failed) == len(outcomes):
+            message = (
+                f"All {len(outcomes)} events failed; nothing was recorded and a redelivery "
+                "of the batch runs them all again."
+            )
+        else:
+            message = (
+                f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so "
+                "a redelivery of the whole batch applies only the failed ones."
+            )
+        raise HandlerFailed(message, events=events)
     return jsonify({"status": "ok", "events": events})

@@ -140,6 +140,14 @@ class Composite:
             texts.append(text)
         return self.separator.join(texts)
 
+    def missing(self, payload: Any, headers: Headers) -> str:
+        """Say which part is missing, for the error about a missing value."""
+        for index, part in enumerate(self.parts, start=1):
+            value = part.read(payload, headers)
+            if value is MISSING or value is None:
+                return f"{part} (part {index} of {self})"
+        return str(self)
+
     def __str__(self) -> str:
         return "[" + ", ".join(str(p) for p in self.parts) + "]"
 
