@@ -65,3 +65,10 @@ def test_examples_and_docs_never_import_the_service_package() -> None:
         if APP_IMPORT.search(path.read_text()):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_the_readme_never_sends_a_newcomer_into_app_or_scripts() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"(?<![\w/.-])(app|scripts)/", readme)
+    for link in re.findall(r"\]\(([^)#]+)", readme):
+        assert (ROOT / link).exists(), link

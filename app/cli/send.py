@@ -25,7 +25,7 @@ def _header(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
 
 
 @needs_sources
-@click.command("send")
+@click.command("send", short_help="Sign a JSON file and POST it to a running receiver.")
 @with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"))

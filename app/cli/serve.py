@@ -15,6 +15,7 @@ TARGET = "app:create_app()"
 
 @click.command(
     "serve",
+    short_help="The production server: gunicorn with idemhook's settings.",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @click.argument("gunicorn_args", nargs=-1, type=click.UNPROCESSED)

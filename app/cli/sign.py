@@ -22,7 +22,7 @@ def source_argument(name: str) -> Source:
 
 
 @needs_sources
-@click.command("sign")
+@click.command("sign", short_help="Print a curl command that posts a signed JSON file.")
 @with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"), default="-")

@@ -173,7 +173,11 @@ def _show(reports: list[Report]) -> None:
             click.echo(f"  warning    {warning}")
 
 
-@click.group("sources", invoke_without_command=True)
+@click.group(
+    "sources",
+    invoke_without_command=True,
+    short_help="What to register at each provider; `check` for a release phase.",
+)
 @click.pass_context
 def sources_cli(ctx: click.Context) -> None:
     """List the configured sources: the URL to register, scheme, ID, type, secret status."""
