@@ -19,7 +19,8 @@ from sqlalchemy import text
 
 from app import create_app, logs, migrate
 from app.errors import ConfigError
-from app.testing import deliver, postgres
+from app.testing import postgres
+from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import closed_port

@@ -120,7 +120,7 @@ def test_send_and_sign_refuse_an_unknown_source(tmp_path):
 def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook, tmp_path):
     import requests
 
-    from app.testing import signed
+    from idemhook.testing import signed
 
     kit = idemhook(LEDGER)
     config = tmp_path / "webhooks.toml"
