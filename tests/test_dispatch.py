@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
-from app.plugins import handler
-from app.testing import deliver
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 from tests.plugins import recorder, witness
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from app.plugins import Reject, handler
+from idemhook import Reject, handler
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_deferred (id INTEGER NOT NULL, "
