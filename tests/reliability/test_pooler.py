@@ -36,7 +36,7 @@ from tests.plugins.probe import SETTINGS
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for
 from tests.servers import Server, gunicorn, toml
 
-pytestmark = [pytest.mark.fault, pytest.mark.gunicorn]
+pytestmark = pytest.mark.fault
 
 #: PgBouncer's server connections to the database: fewer than the receivers' threads.
 SERVER_POOL = 3
@@ -133,6 +133,7 @@ def _assert_applied_once(answers: list[requests.Response], sql) -> None:
 # -- transaction mode ----------------------------------------------------------------------
 
 
+@pytest.mark.gunicorn
 def test_storm_through_a_transaction_pooler_smaller_than_the_receivers_applies_each_once(
     bouncer, instances, clean_db, sql
 ):
@@ -151,6 +152,7 @@ def test_storm_through_a_transaction_pooler_smaller_than_the_receivers_applies_e
     )
 
 
+@pytest.mark.gunicorn
 def test_handlers_behind_a_transaction_pooler_run_under_the_configured_timeouts(
     bouncer, instances, clean_db, pg_url
 ):
@@ -190,6 +192,7 @@ def _show(url: URL) -> dict[str, str]:
         conn.close()
 
 
+@pytest.mark.gunicorn
 def test_stuck_handlers_behind_a_transaction_pooler_are_cut_off_while_others_flow(
     bouncer, instances, clean_db, sql, tmp_path
 ):
@@ -363,6 +366,7 @@ def test_db_upgrade_uses_the_migration_url_when_the_pooled_one_cannot_migrate(
 # -- session mode --------------------------------------------------------------------------
 
 
+@pytest.mark.gunicorn
 def test_storm_through_a_session_pooler_with_the_session_pooler_setting_never_starves(
     pg_server, pg_url, clean_db, sql
 ):
