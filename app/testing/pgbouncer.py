@@ -37,6 +37,9 @@ from sqlalchemy.engine import URL
 #: Guard against a PgBouncer that hangs starting or stopping; never a performance bound.
 START_TIMEOUT = 30.0
 
+#: The admin console's listings the tests read.
+_SHOW = {name: f"SHOW {name}" for name in ("POOLS", "CLIENTS", "SERVERS", "STATS")}
+
 #: Where Debian's package puts the binary, for a PATH without the sbin directories.
 _KNOWN_PATHS = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
 
@@ -132,12 +135,15 @@ class PgBouncer:
         }
 
     def show(self, what: str) -> list[dict[str, object]]:
-        """Rows of ``SHOW <what>`` on the admin console (``POOLS``, ``CLIENTS``, ``SERVERS``)."""
+        """Rows of ``SHOW <what>`` on the admin console: ``POOLS``, ``CLIENTS`` or ``SERVERS``."""
+        statement = _SHOW.get(what.upper())
+        if statement is None:
+            raise ValueError(f"SHOW {what!r}: expected one of {', '.join(_SHOW)}")
         conn = psycopg2.connect(**self.admin_dsn)
         conn.autocommit = True  # the console refuses transactions
         try:
             with conn.cursor() as cur:
-                cur.execute(f"SHOW {what}")
+                cur.execute(statement)
                 names = [column.name for column in cur.description or ()]
                 return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         finally:
