@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System packages: wrk (Debian's package), the load generator of the benchmark and of its
-# smoke test. Installed with apt-get when missing and we are root; otherwise a clear error.
+# System packages (Debian's): wrk, the load generator of the benchmark and of its smoke
+# test, and pgbouncer, the connection pooler the pooler tests run the receiver behind.
+# Installed with apt-get when missing and we are root; otherwise a clear error.
 system-deps: $(STAMP)
 	@$(BIN)/python -c "from bench.load import ensure_wrk; ensure_wrk()"
+	@$(BIN)/python -c "from app.testing.pgbouncer import ensure_pgbouncer; ensure_pgbouncer()"
 
 run: $(STAMP)
 	@bash scripts/demo.sh

@@ -52,6 +52,7 @@ def create_app(
         registry,
         observers=[logs.log_outcome],
         handler_timeout_ms=app.config["IDEMHOOK_HANDLER_TIMEOUT_MS"],
+        claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
     intake.init_app(app, intake.Receiver(loaded.sources, claimer))
     health.init_app(app)

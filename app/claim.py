@@ -84,6 +84,7 @@ class Claimer:
         observers: Sequence[Observer] = (),
         *,
         handler_timeout_ms: int = 4000,
+        claim_threads: int = 8,
     ) -> None:
         self.database = database
         self.registry = registry
@@ -96,7 +97,9 @@ class Claimer:
         #: Sessions outside the claim (replay).
         self.sessions = sessionmaker(engine, class_=ClaimSession, expire_on_commit=False)
         self.statements = ClaimStatements(engine.dialect)
-        self.watchdog = Watchdog(handler_timeout_ms, threads=2 * database.lanes.keep + 4)
+        #: At most as many claim threads as the pool has connections (size + overflow),
+        #: so a claim never waits for a connection behind handlers that overran.
+        self.watchdog = Watchdog(handler_timeout_ms, threads=claim_threads)
         self._postgresql = engine.dialect.name == "postgresql"
 
     # -- the straight line ---------------------------------------------------------------------
