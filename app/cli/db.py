@@ -39,7 +39,7 @@ def _migrating(run: Callable[[], None]) -> None:
         else "DATABASE_URL"
     )
     url = current_app.config[key]
-    click.echo(f"migrating over {key} ({url.render_as_string(hide_password=True)})")
+    click.echo(f"migrating over {key} ({url.render_as_string(hide_password=True)})", err=True)
     try:
         run()
     except DBAPIError as exc:
