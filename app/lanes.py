@@ -79,6 +79,7 @@ class Lane:
         self._server_open = False  # PostgreSQL: our BEGIN has been sent
         self._savepoint = False  # this transaction has an event savepoint
         self._pending = ""  # PostgreSQL: savepoint statements that leave with the next one
+        self._traced = False
 
     @property
     def usable(self) -> bool:
@@ -95,6 +96,8 @@ class Lane:
         self._server_open = False
         self._savepoint = False
         self._pending = ""
+        # Listeners (tracing) see the claim's statements through SQLAlchemy's own path.
+        self._traced = bool(self.connection.dispatch.before_cursor_execute)
 
     def savepoint(self) -> None:
         """Start the next event's savepoint (on PostgreSQL: with the next statement).
@@ -124,8 +127,7 @@ class Lane:
             elif self._pending:
                 sql = self._pending + sql
             self._pending = ""
-        if self.connection.dispatch.before_cursor_execute:
-            # Listeners (tracing) see the statement through SQLAlchemy's own path.
+        if self._traced:
             return self.connection.exec_driver_sql(sql, dict(params or {}))
         if statement_log.isEnabledFor(logging.INFO):
             statement_log.info("%s\n[claim lane; parameters hidden]", sql)

@@ -17,6 +17,7 @@ Variants (``--variants``):
 - ``no-handler-sql``: the handler returns its result without running its UPDATE.
 - ``intake-only``: without logging and metrics, and a claim that does nothing:
   Flask, routing, verification, parsing and the answer.
+- ``no-watchdog``: the claim runs on the request thread, without a handler deadline.
 - ``baseline-batch``, ``receiver-batch``: batches of 100 events (counted per event).
 
 The differences between variants are the costs of the parts (docs/performance.md).
@@ -47,6 +48,7 @@ VARIANTS = (
     "no-metrics",
     "no-handler-sql",
     "intake-only",
+    "no-watchdog",
     "baseline-batch",
     "receiver-batch",
 )
@@ -226,6 +228,11 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
         registry._cache.clear()
     if variant == "intake-only":
         claimer.apply = lambda events, body: [Outcome(events[0].id, "processed", None)]
+    if variant == "no-watchdog":
+        from app.watchdog import Job
+
+        claimer.watchdog.run = lambda work, on_overrun: work(Job())
+
     return app.wsgi_app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
     ) else "/webhooks/bench"

@@ -117,6 +117,7 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
             "no-metrics": served,
             "no-handler-sql": 0,
             "intake-only": 0,
+            "no-watchdog": served,
             "baseline-batch": served * instructions.BATCH,
             "receiver-batch": served * instructions.BATCH,
         }
