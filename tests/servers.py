@@ -136,14 +136,14 @@ class Server:
         return int(self.settings["threads"])
 
     def worker_pids(self) -> list[int]:
-        """PIDs of the master's live worker processes."""
+        """PIDs of the master's live worker processes (not one that has exited)."""
         pids: list[int] = []
         for task in Path(f"/proc/{self.pid}/task").glob("*"):
             try:
                 pids += [int(p) for p in (task / "children").read_text().split()]
             except FileNotFoundError:
                 continue
-        return sorted(pids)
+        return sorted(pid for pid in pids if _alive(pid))
 
     def log(self) -> str:
         """Everything the server wrote to stderr/stdout so far."""
@@ -192,6 +192,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)  # its own session: workers too
                 self.process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed worker stays a zombie until gunicorn reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def toml(config: Mapping[str, Any]) -> str:
