@@ -28,6 +28,7 @@ the clone too, imports it from here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
-    @property
+    @functools.cached_property
     def settings(self) -> dict[str, Any]:
         """What gunicorn resolved: ``workers``, ``threads``, ``worker_class``, ``preload_app``."""
         if self.state is None:
@@ -201,6 +202,31 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pin_sessions(
+    server: Server, per_worker: int, ask: Callable[[requests.Session], int]
+) -> dict[int, list[requests.Session]]:
+    """``per_worker`` kept-alive HTTP connections to each worker of ``server``.
+
+    gunicorn's workers share one listening socket, so a new connection goes to
+    whichever worker accepts it first; a kept-alive one stays with that worker.
+    ``ask(session)`` sends a request on ``session`` and returns the pid of the
+    worker that answered (a handler's answer says it: ``tests.plugins.whoami``).
+    Close the sessions when done.
+    """
+    pinned: dict[int, list[requests.Session]] = {pid: [] for pid in server.worker_pids()}
+    deadline = time.monotonic() + START_TIMEOUT
+    while any(len(sessions) < per_worker for sessions in pinned.values()):
+        if time.monotonic() > deadline:
+            raise ServerError(f"could not reach every worker: {pinned}")
+        session = requests.Session()
+        sessions = pinned.get(ask(session))
+        if sessions is not None and len(sessions) < per_worker:
+            sessions.append(session)
+        else:
+            session.close()
+    return pinned
 
 
 def toml(config: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from app.testing.postgres import Cluster, _connect_args, create_database, find_b
 from tests.conftest import SOURCES, _migrate
 from tests.plugins.whoami import LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, WHOAMI_SOURCES, signed_post, wait_for
-from tests.servers import Server, gunicorn
+from tests.servers import Server, gunicorn, pin_sessions
 
 pytestmark = [pytest.mark.fault, pytest.mark.gunicorn]
 
@@ -155,13 +156,20 @@ def test_database_restart_under_load_loses_nothing_and_applies_nothing_twice(own
     assert claimed == expected
 
 
-def _sql(url: URL, statement: str, **params: object) -> list:
+def _sql(url: URL, statement: str) -> list:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(text(statement), params).all()
+            return conn.execute(text(statement)).all()
     finally:
         engine.dispose()
+
+
+#: Claims waiting for the whoami handler's lock.
+WAITING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+)
 
 
 def keep_connections(server: Server, url: URL) -> dict[int, set[int]]:
@@ -172,26 +180,26 @@ def keep_connections(server: Server, url: URL) -> dict[int, set[int]]:
     connections that are idle now, as pg_stat_activity shows them.
     """
     workers = server.worker_pids()
-    # A kept-alive HTTP connection stays with the worker that accepted it, and the
-    # whoami handler names that worker: pin `threads` connections to every worker.
-    pinned: dict[int, list[requests.Session]] = defaultdict(list)
     backends: dict[int, set[int]] = defaultdict(set)
-    spare: list[requests.Session] = []
-    deadline = time.monotonic() + GUARD_SECONDS
-    n = 0
-    while any(len(pinned[w]) < server.threads for w in workers):
-        assert time.monotonic() < deadline, f"could not reach every worker: {dict(pinned)}"
-        session = requests.Session()
-        n += 1
-        result = signed_post(server.url, "whoami", {"id": f"pin-{n}"}, session=session).json()
-        worker = result["result"]["worker"]
-        backends[worker].add(result["result"]["backend"])
-        (pinned[worker] if len(pinned[worker]) < server.threads else spare).append(session)
+
+    def ask(session: requests.Session) -> int:
+        answer = signed_post(server.url, "whoami", {"id": f"pin-{uuid.uuid4()}"}, session=session)
+        result = answer.json()["result"]
+        backends[result["worker"]].add(result["backend"])
+        return result["worker"]
+
+    pinned = pin_sessions(server, server.threads, ask)
 
     # Every claim waits for the lock the test holds, so all of them are open at once,
     # each on a connection of its own.
     holder = psycopg2.connect(**_connect_args(url))
     holder.autocommit = True
+
+    def waiting() -> int:
+        with holder.cursor() as cur:
+            cur.execute(WAITING)
+            return cur.fetchone()[0]
+
     try:
         with holder.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
@@ -204,22 +212,14 @@ def keep_connections(server: Server, url: URL) -> dict[int, set[int]]:
                 for i, (_, s) in enumerate(sends)
             ]
             wait_for(
-                lambda: (
-                    _sql(
-                        url,
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                    )[0][0]
-                    == len(sends)
-                ),
-                "every thread of every worker to hold a claim open",
+                lambda: waiting() == len(sends), "every thread of every worker to hold a claim open"
             )
             with holder.cursor() as cur:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
             answers = [f.result() for f in futures]
     finally:
         holder.close()
-        for session in [*spare, *(s for sessions in pinned.values() for s in sessions)]:
+        for session in (s for sessions in pinned.values() for s in sessions):
             session.close()
     for (worker, _), answer in zip(sends, answers, strict=True):
         assert answer.status_code == 200, answer.text
