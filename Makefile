@@ -34,7 +34,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run --docs $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests migrations bench
+	$(BIN)/ruff check app idemhook tests migrations bench examples
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

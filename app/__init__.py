@@ -21,10 +21,20 @@ from .claim import Claimer
 log = logging.getLogger("idemhook")
 
 
-def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the receiver: settings, sources, plugins, database, routes, CLI."""
+def create_app(
+    test_config: Mapping[str, Any] | None = None, *, database_only: bool = False
+) -> Flask:
+    """Build the receiver: settings, sources, plugins, database, routes, CLI.
+
+    ``database_only``: settings, database and CLI alone, for the commands that only
+    read the tables; no sources file is read, no plugin imported, no secret needed.
+    """
     app = Flask(__name__)
     app.config.update(settings.load(test_config))
+    if database_only:
+        db.init_app(app)
+        cli.init_app(app)
+        return app
     config = app.config["IDEMHOOK_CONFIG"]
     if config == settings.DEFAULTS["IDEMHOOK_CONFIG"] and not Path(config).exists():
         log.warning("no %s in %s: serving no sources (set IDEMHOOK_CONFIG)", config, Path.cwd())

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from . import failures
-from .db import Database, is_disconnect
+from .db import Database, dumps, is_disconnect
 from .dispatch import ClaimSession, HandlerRun, run_handlers
 from .errors import ServiceUnavailable
 from .lanes import Lane
@@ -70,6 +70,8 @@ class _Transaction:
     timings: list[tuple[Event, str, float]] = field(default_factory=list)
     #: What PostgreSQL answered a COMMIT it refused.
     refused: DBAPIError | None = None
+    #: The delivery's headers as stored with each claim (JSON; one request, one value).
+    headers: str = "{}"
 
 
 class Claimer:
@@ -126,7 +128,7 @@ class Claimer:
             raise
 
     def _transaction(self, events: Sequence[Event], raw_body: bytes, job: Job) -> list[Outcome]:
-        tx = _Transaction()
+        tx = _Transaction(headers=dumps(failures.safe_headers(events[0].headers)))
         with self.database.lanes.lane() as lane:
             lane.begin()
             try:
@@ -157,7 +159,8 @@ class Claimer:
         started = time.perf_counter()
         registrations = self.registry.for_event(event.source, event.type)
         lane.savepoint()
-        row = self._claim(lane, event, Status.PROCESSED if registrations else Status.IGNORED)
+        status = Status.PROCESSED if registrations else Status.IGNORED
+        row = self._claim(lane, event, status, tx.headers)
         tx.timings.append((event, "claim", time.perf_counter() - started))
         if row.duplicates:
             pending = tx.stored.get(event.id)  # a repeat inside this delivery
@@ -186,7 +189,7 @@ class Claimer:
         lane.session.close()
         lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
-            outcome = self._claim_rejected(lane, event, run)
+            outcome = self._claim_rejected(lane, event, run, tx.headers)
             if outcome.status is Status.REJECTED:
                 tx.failures.append(_failure(event, run, raw_body))
         else:
@@ -194,8 +197,8 @@ class Claimer:
             tx.failures.append(_failure(event, run, raw_body))
         return self._done(tx, event, outcome, started)
 
-    def _claim(self, lane: Lane, event: Event, status: Status) -> Any:
-        params = self.statements.claim_params(event, status, failures.safe_headers(event.headers))
+    def _claim(self, lane: Lane, event: Event, status: Status, headers: str) -> Any:
+        params = self.statements.claim_params(event, status, headers)
         try:
             row = lane.execute(self.statements.claim_sql, params).fetchone()
         except DBAPIError as exc:
@@ -208,12 +211,16 @@ class Claimer:
             raise
         return self.statements.claim_row(row)
 
-    def _claim_rejected(self, lane: Lane, event: Event, run: HandlerRun) -> Outcome:
+    def _claim_rejected(
+        self, lane: Lane, event: Event, run: HandlerRun, headers: str
+    ) -> Outcome:
         """Claim ``event`` as rejected (its effects are already rolled back)."""
-        row = self._claim(lane, event, Status.REJECTED)
+        row = self._claim(lane, event, Status.REJECTED, headers)
         if row.duplicates:  # another delivery claimed it while ours rolled back
             return Outcome(event.id, Status.DUPLICATE, row.result)
-        stored = self.statements.result_row(row.id, Status.REJECTED, _json(run.result))
+        stored = self.statements.result_row(
+            row.id, Status.REJECTED, dumps(run.result, strict=True)
+        )
         lane.execute(self.statements.finish_sql, stored)
         return Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
 
@@ -241,8 +248,6 @@ class Claimer:
                 raise
             lane.rollback()
             tx.refused = exc
-        finally:
-            job.commit_done()
 
     def _closing_statement(self, tx: _Transaction) -> tuple[str | None, dict[str, Any] | None]:
         """The statement sent with the COMMIT: the results to store, or none.
@@ -347,12 +352,6 @@ def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
         handler=run.handler,
         error_type=type(run.error).__name__,
     )
-
-
-def _json(value: Any) -> str:
-    from .db import dumps
-
-    return dumps(value, strict=True)
 
 
 def _is_timeout(exc: DBAPIError) -> bool:

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import BadRequest
-from .locators import MISSING, Locator
+from .locators import MISSING, Composite, Locator
 from .plugins import Event
 from .sources import Source
 
@@ -53,8 +53,9 @@ def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
     """Read an event ID or type and check it can be stored and compared as-is."""
     value = locator.read(item, headers)
     if value is MISSING or value is None:
+        where = locator.missing(item, headers) if isinstance(locator, Composite) else locator
         raise BadRequest(
-            f"The {key.replace('_', ' ')} is missing: expected it at {locator}.",
+            f"The {key.replace('_', ' ')} is missing: expected it at {where}.",
             code=f"missing_{key}",
         )
     if isinstance(value, int) and not isinstance(value, bool):

@@ -7,6 +7,7 @@ survives whatever happened to the claim.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from collections.abc import Iterator
@@ -33,11 +34,14 @@ _SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token",
 
 def safe_headers(headers: Any) -> dict[str, str]:
     """``headers`` without the ones that may carry a secret or a signature."""
-    return {
-        name: value
-        for name, value in headers.items()
-        if not any(part in name.lower() for part in _SECRET_HEADER_PARTS)
-    }
+    return {name: value for name, value in headers.items() if _storable(name)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _storable(name: str) -> bool:
+    # Senders repeat the same few header names: decide each one once.
+    lowered = name.lower()
+    return not any(part in lowered for part in _SECRET_HEADER_PARTS)
 
 
 def failure_row(

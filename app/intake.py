@@ -115,11 +115,22 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
         return jsonify(outcome.to_dict())
     events = [o.to_dict() for o in outcomes]
     if failed:
-        raise HandlerFailed(
-            f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so a "
-            "redelivery of the whole batch applies only the failed ones.",
-            events=events,
-        )
+        if len(outcomes) == 1:
+            message = (
+                f"A handler failed for event {failed[0].event_id!r} ({failed[0].error}); "
+                "nothing was recorded and a redelivery will run it again."
+            )
+        elif len(failed) == len(outcomes):
+            message = (
+                f"All {len(outcomes)} events failed; nothing was recorded and a redelivery "
+                "of the batch runs them all again."
+            )
+        else:
+            message = (
+                f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so "
+                "a redelivery of the whole batch applies only the failed ones."
+            )
+        raise HandlerFailed(message, events=events)
     return jsonify({"status": "ok", "events": events})
 
 

@@ -69,6 +69,27 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
+class AnyHeader:
+    """The first of several headers that the request carries (a scheme's default only).
+
+    For senders that use one of two header families for the same thing: Standard
+    Webhooks' ``webhook-id`` or Svix's ``svix-id``. Not written in a sources file.
+    """
+
+    names: tuple[str, ...]
+
+    def read(self, payload: Any, headers: Headers) -> Any:
+        for name in self.names:
+            value = headers.get(name)
+            if value is not None:
+                return value
+        return MISSING
+
+    def __str__(self) -> str:
+        return " or ".join(f"header:{name}" for name in self.names)
+
+
+@dataclass(frozen=True, slots=True)
 class BodyHash:
     """``sha256:body``: ``sha256:<hex>`` of the event's JSON in canonical form.
 
@@ -119,16 +140,26 @@ class Composite:
             texts.append(text)
         return self.separator.join(texts)
 
+    def missing(self, payload: Any, headers: Headers) -> str:
+        """Say which part is missing, for the error about a missing value."""
+        for index, part in enumerate(self.parts, start=1):
+            value = part.read(payload, headers)
+            if value is MISSING or value is None:
+                return f"{part} (part {index} of {self})"
+        return str(self)
+
     def __str__(self) -> str:
         return "[" + ", ".join(str(p) for p in self.parts) + "]"
 
 
-Locator = BodyPath | Header | BodyHash | Composite
+Locator = BodyPath | Header | AnyHeader | BodyHash | Composite
 
 
 def parse(spec: Any, *, source: str, key: str) -> Locator:
     """Parse a locator spec, raising :class:`ConfigError` naming the source and key."""
     where = f"[sources.{source}] {key}"
+    if isinstance(spec, AnyHeader):  # a scheme's default, already built
+        return spec
     if isinstance(spec, list | tuple):
         if key not in ("event_id", "event_type") or len(spec) < 2:
             raise ConfigError(

@@ -1,8 +1,10 @@
 """One structured log line per event, as text or JSON (``IDEMHOOK_LOG_FORMAT``).
 
-Each line carries source, event_id, event_type, outcome and duration_ms, and
-nothing else from the request: never a payload, a header, a signature or a
-secret. Lines go to stderr through the ``idemhook`` logger, which gunicorn
+Each line carries source, event_id, event_type, outcome and duration_ms (and,
+for a failed or rejected event, the handler and, if it raised, the exception's
+class), and nothing else from the request: never a payload, a header, a
+signature, a secret or an exception's message (which may quote the payload).
+Lines go to stderr through the ``idemhook`` logger, which gunicorn
 leaves alone, so they appear under gunicorn, ``flask run`` and the CLI alike.
 """
 
@@ -23,8 +25,8 @@ from .plugins import Event
 log = logging.getLogger("idemhook.events")
 
 FORMATS = ("text", "json")
-#: The fields of an event line, in order.
-FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms")
+#: The fields of an event line, in order (``handler`` and ``error`` only when set).
+FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms", "handler", "error")
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
@@ -35,9 +37,13 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
         "source": event.source,
         "event_id": event.id,
         "event_type": event.type,
-        "outcome": outcome.status,
+        "outcome": str(outcome.status),
         "duration_ms": round(seconds * 1000, 2),
     }
+    if outcome.handler is not None:
+        fields["handler"] = outcome.handler
+    if outcome.error_type is not None:
+        fields["error"] = outcome.error_type
     log.info(
         "%s",
         " ".join(f"{k}={_text(v)}" for k, v in fields.items()),

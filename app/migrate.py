@@ -13,7 +13,11 @@ from flask import Flask
 
 from .db import get_db, migration_engine
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+#: idemhook's own revisions: inside the package when installed from a wheel (pyproject maps
+#: the repository's migrations/ to app/_migrations), the repository's folder in a clone.
+_PACKAGED = Path(__file__).resolve().parent / "_migrations"
+_CLONE = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = _PACKAGED if _PACKAGED.is_dir() else _CLONE
 
 
 def alembic_config(app: Flask) -> Config:

@@ -2,7 +2,7 @@
 
 Contract (the full text with examples is ``docs/plugins.md``)::
 
-    from app.plugins import handler
+    from idemhook import handler
 
     @handler("acme", "contact.updated")      # type may end in "*": "contact.*", "*"
     def sync_contact(event, db):

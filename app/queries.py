@@ -255,9 +255,22 @@ def list_failures(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of failures, newest first; ``resolved`` tells whether the event applied since."""
     resolved = _applied_since_failure().label("resolved")
-    query = failure_filters(select(*(FAILURES.c[n] for n in FAILURE_COLUMNS), resolved), filters)
+    query = failure_filters(select(*(FAILURES.c[n] for n in _SHOWN), resolved), filters)
     rows, next_cursor = _page(session, query, FAILURES.c.failed_at, FAILURES.c.id, limit, cursor)
-    return [_row(r._mapping, (*FAILURE_COLUMNS, "resolved")) for r in rows], next_cursor
+    return [_row(r._mapping, (*_SHOWN, "resolved")) for r in rows], next_cursor
+
+
+def get_failure(session: Session, failure_id: int) -> dict[str, Any] | None:
+    """One failure by its ``id``, traceback and ``resolved`` included, or None."""
+    resolved = _applied_since_failure().label("resolved")
+    row = session.execute(
+        select(*(FAILURES.c[n] for n in _SHOWN), resolved).where(FAILURES.c.id == failure_id)
+    ).first()
+    return None if row is None else _row(row._mapping, (*_SHOWN, "resolved"))
+
+
+#: A failure as listed and shown: its traceback is what an operator needs to act on it.
+_SHOWN = (*FAILURE_COLUMNS, "traceback")
 
 
 # -- stats -----------------------------------------------------------------------------------

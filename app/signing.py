@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask
 from werkzeug.datastructures import Headers
@@ -41,6 +42,21 @@ def signed_request(
     all_headers = {"Content-Type": source.content_types[0], **(headers or {})}
     all_headers.update(source.scheme.sign(Delivery(body, Headers(all_headers), "POST", url)))
     return body, all_headers
+
+
+def signing_url(app: Flask, source: Source, url: str) -> str:
+    """The URL a signature must cover to verify when the request is posted to ``url``.
+
+    The receiver checks a URL-signing scheme (HubSpot) against the public URL when
+    one is configured (the source's ``public_url``, else ``IDEMHOOK_PUBLIC_URL``),
+    not the address the request reached (``app.intake.public_url``): so the signer
+    must too, or a test with production settings answers 401.
+    """
+    base = source.public_url or app.config.get("IDEMHOOK_PUBLIC_URL")
+    if not base:
+        return url
+    query = urlsplit(url).query
+    return webhook_url(base, source.name) + (f"?{query}" if query else "")
 
 
 def webhook_url(base_url: str, source: str) -> str:

@@ -118,7 +118,8 @@ class ClaimStatements:
             raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
         return str(compiled)
 
-    def claim_params(self, event: Event, status: Status, headers: dict[str, str]) -> dict:
+    def claim_params(self, event: Event, status: Status, headers: str) -> dict:
+        """The claim's parameters (``headers``: the delivery's stored headers, as JSON)."""
         return {
             "source": event.source,
             "event_id": event.id,
@@ -126,7 +127,7 @@ class ClaimStatements:
             "status": str(status),
             "received_at": self._timestamp(event.received_at),
             "payload": dumps(event.payload),
-            "headers": dumps(headers),
+            "headers": headers,
         }
 
     def claim_row(self, row: tuple[Any, ...]) -> ClaimRow:

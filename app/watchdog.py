@@ -11,8 +11,16 @@ never returns, PostgreSQL ends the session after
 ``idle_in_transaction_session_timeout``, see :class:`app.db.Timeouts`).
 
 Abandoning and committing exclude each other (:meth:`Job.abandon`,
-:meth:`Job.may_commit`): a claim whose COMMIT has been sent is waited for,
-never abandoned, so the answer always tells the truth about what committed.
+:meth:`Job.may_commit`): a claim whose COMMIT has been sent, or that has
+ended, is waited for, never abandoned, so the answer always tells the truth
+about what committed.
+
+Each request thread has a claim thread of its own, handed work through two
+plain locks (a thread pool's futures and queues cost twice as much per
+delivery, docs/performance.md). A claim thread whose claim was abandoned ends
+when that claim does; its request thread gets a new one. At most ``threads``
+claim threads live at once: with every one of them held by a handler that
+overran and has not returned, a delivery is answered ``503 server_busy``.
 """
 
 from __future__ import annotations
@@ -21,9 +29,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import ServiceUnavailable
 
@@ -37,9 +45,8 @@ class Job:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.started = False
         self.abandoned = False
-        self._committing = False
+        self._past_commit = False  # COMMIT sent, or the claim has ended
         #: When the running event's handlers started (``time.monotonic``), else None.
         self.handlers_since: float | None = None
         #: The event whose handlers run now, and whether any handler has run at all.
@@ -59,20 +66,123 @@ class Job:
         with self._lock:
             if self.abandoned:
                 return False
-            self._committing = True
+            self._past_commit = True
             return True
 
-    def commit_done(self) -> None:
+    def end(self) -> bool:
+        """Called when the claim is over; True if it had been abandoned."""
         with self._lock:
-            self._committing = False
+            self._past_commit = True
+            return self.abandoned
 
     def abandon(self) -> bool:
-        """Give up on the claim unless its COMMIT is under way; True if given up."""
+        """Give up on the claim unless its COMMIT is under way or it has ended."""
         with self._lock:
-            if self._committing:
+            if self._past_commit:
                 return False
             self.abandoned = True
             return True
+
+
+class _ClaimThread(threading.Thread, Generic[T]):
+    """A request thread's partner: runs one claim at a time, handed over by two locks."""
+
+    def __init__(self, threads: _Threads) -> None:
+        super().__init__(name="idemhook-claim", daemon=True)
+        self.pid = os.getpid()
+        self._threads = threads
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._work: Callable[[Job], T] | None = None
+        self._job: Job | None = None
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, work: Callable[[Job], T], job: Job) -> None:
+        self._work, self._job = work, job
+        self._go.release()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the claim; True once it has ended."""
+        return self._done.acquire(timeout=max(seconds, 0.0))
+
+    def outcome(self) -> T:
+        error, result = self._error, self._result
+        self._error = self._result = None
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        self._work = None
+        self._go.release()
+
+    def run(self) -> None:
+        try:
+            while True:
+                self._go.acquire()
+                work, job = self._work, self._job
+                if work is None or job is None:
+                    return
+                try:
+                    self._result = work(job)
+                except BaseException as exc:  # noqa: BLE001 (handed to the request thread)
+                    self._error = exc
+                abandoned = job.end()
+                # Hold nothing between claims: the work holds the app, which may be dropped.
+                self._work = self._job = work = job = None
+                if abandoned:
+                    if self._error is not None:
+                        log.info(
+                            "an abandoned claim ended with %s (rolled back)",
+                            type(self._error).__name__,
+                        )
+                    return  # its request thread has a new partner already
+                self._done.release()
+        finally:
+            self._threads.gone(self)
+
+
+class _Threads:
+    """The live claim threads of one watchdog (in this process)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._live: set[_ClaimThread[Any]] = set()
+        self._mine = threading.local()
+
+    def partner(self) -> _ClaimThread[Any] | None:
+        """The calling thread's claim thread (started now if needed); None when at the limit."""
+        found: _ClaimThread[Any] | None = getattr(self._mine, "thread", None)
+        if found is not None and found.pid == os.getpid() and found.is_alive():
+            return found
+        with self._lock:
+            if found is not None and found.pid != os.getpid():
+                self._live.clear()  # inherited through a fork: those threads do not exist here
+            if len(self._live) >= self.limit:
+                return None
+            thread: _ClaimThread[Any] = _ClaimThread(self)
+            self._live.add(thread)
+        thread.start()
+        self._mine.thread = thread
+        return thread
+
+    def forget_partner(self) -> None:
+        self._mine.thread = None
+
+    def gone(self, thread: _ClaimThread[Any]) -> None:
+        with self._lock:
+            self._live.discard(thread)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            live, self._live = list(self._live), set()
+        for thread in live:
+            if thread.pid == os.getpid():
+                thread.stop()
 
 
 class Watchdog:
@@ -80,10 +190,9 @@ class Watchdog:
 
     def __init__(self, limit_ms: int, threads: int) -> None:
         self.limit = limit_ms / 1000
-        self.threads = threads
-        self._executor: ThreadPoolExecutor | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
+        self._threads = _Threads(threads)
+        # A dropped app (tests build hundreds) lets its idle claim threads end.
+        weakref.finalize(self, self._threads.stop_all)
 
     def run(self, work: Callable[[Job], T], on_overrun: Callable[[Job], None]) -> T:
         """Run ``work(job)`` on a claim thread; return its result, or raise on an overrun.
@@ -91,32 +200,27 @@ class Watchdog:
         ``on_overrun(job)`` is called once the claim has been abandoned (to record
         the failure); then :class:`ServiceUnavailable` ``handler_timeout`` is raised.
         """
+        thread = self._threads.partner()
+        if thread is None:
+            raise ServiceUnavailable(
+                "Every claim thread is held by a handler that overran "
+                "IDEMHOOK_HANDLER_TIMEOUT_MS and has not returned; nothing was recorded. "
+                "Retry shortly.",
+                code="server_busy",
+            )
         job = Job()
-        future = self._pool().submit(_started, job, work)
+        thread.submit(work, job)
         limit = self.limit
         wait = limit
-        while True:
-            try:
-                return future.result(timeout=wait)
-            except TimeoutError:
-                pass
-            now = time.monotonic()
-            if not job.started:
-                if future.cancel():
-                    raise ServiceUnavailable(
-                        "Every claim thread is busy with handlers that overran "
-                        "IDEMHOOK_HANDLER_TIMEOUT_MS; nothing was recorded. Retry shortly.",
-                        code="server_busy",
-                    )
-                wait = limit
-                continue
+        while not thread.wait(wait):
             since = job.handlers_since
-            if since is None:  # between handlers: SQL, bounded by the statement timeout
+            now = time.monotonic()
+            if since is None:  # not in a handler: SQL, bounded by the statement timeout
                 wait = limit
             elif now - since < limit:
                 wait = since + limit - now
             elif job.abandon():
-                future.add_done_callback(_log_abandoned)
+                self._threads.forget_partner()
                 on_overrun(job)
                 raise ServiceUnavailable(
                     f"A handler ran longer than {round(limit * 1000)} ms "
@@ -124,33 +228,9 @@ class Watchdog:
                     "recorded. Retry shortly.",
                     code="handler_timeout",
                 )
-            else:  # its COMMIT is under way: the answer must say how that ended
+            else:  # its COMMIT is under way, or it just ended: the answer must say how
                 wait = limit
-
-    def _pool(self) -> ThreadPoolExecutor:
-        # Threads do not survive a fork: a child process starts its own pool.
-        if self._executor is None or self._pid != os.getpid():
-            with self._lock:
-                if self._executor is None or self._pid != os.getpid():
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=self.threads, thread_name_prefix="idemhook-claim"
-                    )
-                    self._pid = os.getpid()
-        return self._executor
+        return thread.outcome()
 
     def close(self) -> None:
-        if self._executor is not None and self._pid == os.getpid():
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
-
-
-def _started(job: Job, work: Callable[[Job], T]) -> T:
-    job.started = True
-    return work(job)
-
-
-def _log_abandoned(future: Future[Any]) -> None:
-    # The request was answered already; say how the abandoned claim ended, for the record.
-    error = future.exception()
-    if error is not None:
-        log.info("an abandoned claim ended with %s (rolled back)", type(error).__name__)
+        self._threads.stop_all()

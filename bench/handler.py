@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.plugins import Event, handler
+from idemhook import Event, handler
 
 ACCOUNTS = 10_000
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.plugins import handler
+from idemhook import handler
 
 
 @handler("demo", "*")

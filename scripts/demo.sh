@@ -4,6 +4,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 PORT="${PORT:-8000}"
+# Before anything is printed: a taken port would otherwise fail only after the curl is shown.
+if ! "$BIN/python" - "$PORT" <<'EOF'
+import socket
+import sys
+
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+    except (OSError, ValueError):
+        sys.exit(1)
+EOF
+then
+  echo "Port $PORT is in use (or is not a port number): stop what listens on it, or choose" \
+    "another port with PORT=, e.g. PORT=8001 make run" >&2
+  exit 1
+fi
 export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
 # The demo's secret; a real deployment sets its own (see docs/configuration.md).
 export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
@@ -33,4 +50,4 @@ printf '  export IDEMHOOK_CONFIG=%q DATABASE_URL=%q DEMO_WEBHOOK_SECRET=%q HUBSP
   "$IDEMHOOK_CONFIG" "$DATABASE_URL" "$DEMO_WEBHOOK_SECRET" "$HUBSPOT_CLIENT_SECRET"
 echo "  $BIN/idemhook send hubspot examples/crm/events/contact_creation.json --url http://127.0.0.1:$PORT"
 echo
-exec "$BIN/gunicorn" --bind "127.0.0.1:$PORT" --workers 2 --access-logfile - 'app:create_app()'
+exec "$BIN/idemhook" serve --bind "127.0.0.1:$PORT" --access-logfile -

@@ -48,7 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # The test kit's fixtures come from its pytest11 entry point; an install that
     # predates it (no `make install` since) still finds them.
     if not config.pluginmanager.has_plugin("idemhook"):
-        config.pluginmanager.import_plugin("app.testing.pytest_plugin")
+        config.pluginmanager.import_plugin("idemhook.testing.pytest_plugin")
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ gunicorn and the app wrote.
     with gunicorn(SOURCES, pg_url) as server:            # the shipped 2 x 4 gthread
         requests.post(f"{server.url}/webhooks/acme", ...)
 
-:func:`launch` runs any command that serves HTTP (the demo's ``scripts/demo.sh``)
-with the same readiness wait and shutdown.
+:func:`launch` runs any other command that serves HTTP (the demo's
+``scripts/demo.sh``, ``idemhook serve``) with the same readiness wait and shutdown.
 
 This lives with the tests, not in the shipped test kit (``app/testing``): it runs
 a clone's ``gunicorn.conf.py`` and the clone's test plugins; the bench, a tool of
@@ -262,19 +262,18 @@ def launch(
     url: str,
     env: Mapping[str, str],
     log_path: Path,
+    cwd: Path = ROOT,
     state: Path | None = None,
 ) -> Server:
-    """Start ``command`` in the clone (its own session, output to ``log_path``); do not wait."""
-    environment = {
-        **env,
-        # The clone's packages (tests.plugins, bench) import in every process it starts.
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-    }
+    """Start ``command`` in ``cwd`` with exactly ``env``, its own session, output to ``log_path``.
+
+    It does not wait: call ``wait_ready()`` (``/healthz`` at ``url``), ``stop()`` at the end.
+    """
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             list(command),
-            cwd=ROOT,
-            env=environment,
+            cwd=cwd,
+            env=dict(env),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -316,10 +315,12 @@ def start_gunicorn(
         *args,
         app,
     ]
+    # The clone's packages (tests.plugins, bench) import in the master and every worker.
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return launch(
         command,
         url=f"http://127.0.0.1:{port}",
-        env=env,
+        env={**env, "PYTHONPATH": path},
         log_path=log_path or state / "gunicorn.log",
         state=state,
     )

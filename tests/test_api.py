@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.errors import ConfigError
-from app.testing import deliver
+from idemhook.testing import deliver
 from tests.test_events_cli import NOW, seed, timedelta
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -185,4 +185,6 @@ def test_stats_and_failures(client, sql):
     assert failures["next"] is None
     pending = client.get("/failures?pending=true&limit=1", headers=AUTH).json
     assert [f["event_id"] for f in pending["failures"]] == ["x3"] and pending["next"] is None
-    assert "traceback" not in failures["failures"][0] and "raw_body" not in failures["failures"][0]
+    # What an operator needs to fix the handler; never the stored body or headers.
+    assert "RuntimeError" in failures["failures"][0]["traceback"]
+    assert "raw_body" not in failures["failures"][0] and "headers" not in failures["failures"][0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.testing import deliver
+from idemhook.testing import deliver
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -12,8 +12,8 @@ import json
 import pytest
 from sqlalchemy import text
 
-from app.plugins import handler
-from app.testing import deliver
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.orm_effects import mapped_effect
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, launch, server_environment
+from tests.servers import ROOT, free_port, launch, server_environment
 
 pytestmark = pytest.mark.gunicorn
 
@@ -40,3 +42,23 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
         assert '"status":"duplicate"' in again.stdout.replace(" ", "")
     finally:
         demo.stop()
+
+
+def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IDEMHOOK_CONFIG")}
+        env.update(PORT=str(port), IDEMHOOK_INSTANCE_DIR=str(tmp_path / "instance"))
+        done = subprocess.run(
+            ["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout == ""  # no "Serving on", no curl, no database message
+    assert done.stderr.splitlines() == [
+        f"Port {port} is in use (or is not a port number): stop what listens on it, or choose "
+        "another port with PORT=, e.g. PORT=8001 make run"
+    ]
+    assert not (tmp_path / "instance").exists()

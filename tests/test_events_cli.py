@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from app.testing import deliver, postgres
+from app.testing import postgres
+from idemhook.testing import deliver
 from tests.conftest import SOURCES
 from tests.test_plugins import LEDGER, ledger
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.testing import deliver
+from idemhook.testing import deliver
 
 
 @pytest.fixture

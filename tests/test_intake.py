@@ -8,8 +8,7 @@ import json
 import pytest
 
 from app import create_app
-from app.testing import deliver
-from app.testing.kit import signed
+from idemhook.testing import deliver, signed
 
 VALID = {"id": "evt_ok", "type": "contact.updated"}
 

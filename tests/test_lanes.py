@@ -14,8 +14,8 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.plugins import handler
-from app.testing import deliver
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.orm_effects import mapped_effect
 
 

@@ -13,7 +13,8 @@ from sqlalchemy import text
 
 from app import create_app, logs, migrate
 from app.errors import ConfigError
-from app.testing import deliver, postgres
+from app.testing import postgres
+from idemhook.testing import deliver
 from tests.conftest import SECRET
 from tests.reliability.conftest import WHOAMI_SOURCES, signed_post
 from tests.servers import gunicorn, pin_sessions
@@ -228,3 +229,19 @@ def test_text_lines_cannot_be_split_by_a_hostile_event_id(make_app, caplog):
 def test_unknown_log_format_is_refused(make_app):
     with pytest.raises(ConfigError, match="IDEMHOOK_LOG_FORMAT"):
         make_app(IDEMHOOK_LOG_FORMAT="xml")
+
+
+def test_a_failed_events_log_line_names_the_handler_and_exception_class_only(
+    make_app, sql, caplog
+):
+    # The on-call engineer's first question; the exception's message stays out (it may
+    # quote the payload: here it does).
+    sql("INSERT INTO test_failures (event_id, reason) VALUES ('lf1', 'card 4242 declined')")
+    app = make_app()
+    with caplog.at_level("INFO", logger="idemhook.events"):
+        answer = deliver(app.test_client(), "acme", {"id": "lf1", "type": "contact.new"})
+    assert answer.status_code == 500
+    [line] = [r.getMessage() for r in caplog.records if r.name == "idemhook.events"]
+    assert "outcome=failed" in line
+    assert "handler=tests.plugins.recorder:record" in line and "error=RuntimeError" in line
+    assert "4242" not in line and "declined" not in line

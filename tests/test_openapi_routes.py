@@ -13,7 +13,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 from app import create_app
-from app.testing import deliver
+from idemhook.testing import deliver
 from tests.conftest import SOURCES
 from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import closed_port

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from app.schemes.salesforce_outbound import envelope
-from app.testing.kit import deliver
+from idemhook.testing import deliver
 from tests.schemes.conftest import ORG, PROVIDER_SOURCES
 from tests.schemes.test_receiver import NOTIFICATIONS
 from tests.test_openapi_routes import conforms

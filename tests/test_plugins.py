@@ -202,7 +202,7 @@ def test_outcomes_and_plugin_migrations_on_sqlite(tmp_path):
     from sqlalchemy import create_engine, text
 
     from app import create_app
-    from app.testing import deliver
+    from idemhook.testing import deliver
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": LEDGER})

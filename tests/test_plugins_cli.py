@@ -107,7 +107,7 @@ def test_send_and_sign_refuse_an_unknown_source(tmp_path):
 def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook):
     import requests
 
-    from app.testing import signed
+    from idemhook.testing import signed
 
     kit = idemhook(LEDGER)
     with gunicorn(LEDGER, kit.url) as server:

@@ -1,30 +1,38 @@
-"""The ``idemhook`` command: Flask's CLI with idemhook's commands attached.
+"""The ``idemhook`` command: one module per command group in this package.
 
-One module per command group in this package. :func:`init_app` registers them
-on ``app.cli``, so tests reach them through ``app.test_cli_runner()`` and the
-console script through :class:`flask.cli.FlaskGroup`.
+:func:`init_app` registers the commands on ``app.cli``, so tests reach them
+through ``app.test_cli_runner()``. The console script (:func:`main`) is a plain
+click group holding the same commands, so ``--help`` and every command's
+``--help`` work before anything is configured; a command builds the app only
+when it runs, and only what it needs (:mod:`.common`: ``database_only``,
+``needs_sources``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from pathlib import Path
 
 import click
 from flask import Flask
-from flask.cli import FlaskGroup
+from flask.cli import ScriptInfo
 
+from .. import settings
 from ..errors import ConfigError
+from .common import NEEDS_ATTRIBUTE, ConfigMissing
 from .db import db_cli
 from .events import events_cli
 from .failures import failures_cli
 from .handlers import handlers_cli
 from .send import send_command
+from .serve import serve_command
 from .sign import sign_command
 from .sources import sources_cli
 
 COMMANDS = (
     db_cli,
+    serve_command,
     sign_command,
     sources_cli,
     handlers_cli,
@@ -39,26 +47,56 @@ def init_app(app: Flask) -> None:
         app.cli.add_command(command)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("idemhook")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(
+    "idemhook",
+    commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(_version(), "--version", prog_name="idemhook", message="%(prog)s %(version)s")
+def cli() -> None:
+    """idemhook: a webhook receiver that makes provider retries harmless.
+
+    Commands read DATABASE_URL and IDEMHOOK_CONFIG (the sources file, default
+    ./webhooks.toml); the read-only ones (events list/show/stats, failures
+    list/show) need only DATABASE_URL. Exit status 2 means a usage or
+    configuration problem, said in one line.
+    """
+
+
+def _create_app() -> Flask:
+    """Build the app for the command being run, as much of it as that command needs."""
+    from .. import create_app
+
+    ctx = click.get_current_context(silent=True)
+    needs = getattr(ctx.command, NEEDS_ATTRIBUTE, None) if ctx is not None else None
+    what = f"`{ctx.command_path}`" if ctx is not None else "this command"
+    try:
+        if needs == "database":
+            return create_app(database_only=True)
+        if needs == "sources":
+            config = settings.load()["IDEMHOOK_CONFIG"]
+            if not Path(config).exists():
+                raise ConfigMissing(
+                    f"{what} needs the sources file: {config} does not exist in {Path.cwd()} "
+                    "(set IDEMHOOK_CONFIG)"
+                )
+        return create_app()
+    except ConfigError as exc:  # a start-up error is one line, not a traceback
+        raise ConfigMissing(str(exc)) from None
+
+
 def main() -> None:
     """Console script ``idemhook``."""
     # Like gunicorn and `python -m`, make plugin modules beside the sources file importable.
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    from .. import create_app
-
-    def create() -> Flask:
-        try:
-            return create_app()
-        except ConfigError as exc:  # a start-up error is a message, not a traceback
-            raise click.ClickException(str(exc)) from exc
-
-    group = FlaskGroup(
-        name="idemhook",
-        create_app=create,
-        help="idemhook: webhook receiver. Commands read DATABASE_URL and IDEMHOOK_CONFIG.",
-    )
-    # Also on the group itself, so it runs when a broken source stops the app from
-    # loading: diagnosing that is its job (it loads the app itself when it can).
-    group.add_command(sources_cli)
-    group.main(prog_name="idemhook")
+    # Flask's with_appcontext finds the app through this object, when a command runs.
+    cli.main(prog_name="idemhook", obj=ScriptInfo(create_app=_create_app, set_debug_flag=False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from flask.cli import AppGroup
@@ -13,6 +13,33 @@ from sqlalchemy.exc import DBAPIError
 
 from ..db import is_disconnect
 from ..queries import QueryError, parse_when
+
+#: Attribute saying what a command needs built (read by the console script's app factory).
+NEEDS_ATTRIBUTE = "idemhook_needs"
+CommandT = TypeVar("CommandT", bound=click.Command)
+
+
+class ConfigMissing(click.ClickException):
+    """A setting or the sources file a command needs is missing or wrong: one line, exit 2."""
+
+    exit_code = 2
+
+
+def database_only(command: CommandT) -> CommandT:
+    """Mark a read-only command: it needs DATABASE_URL and nothing else.
+
+    No sources file is read and no plugin imported, so looking at the tables never
+    requires every provider's secret.
+    """
+    setattr(command, NEEDS_ATTRIBUTE, "database")
+    return command
+
+
+def needs_sources(command: CommandT) -> CommandT:
+    """Mark a command that works on configured sources: a missing sources file is an error."""
+    setattr(command, NEEDS_ATTRIBUTE, "sources")
+    return command
+
 
 # SQLSTATE 42P01 undefined_table / 42703 undefined_column: the schema is missing or behind.
 _SCHEMA_CODES = ("42P01", "42703")
@@ -81,6 +108,13 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def echo_traceback(traceback: str | None, indent: str = "") -> None:
+    """Print a stored traceback as it was recorded, each line indented."""
+    if traceback:
+        for line in traceback.rstrip("\n").splitlines():
+            click.echo(f"{indent}{line}")
 
 
 def _cell(value: Any) -> str:

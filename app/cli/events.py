@@ -9,13 +9,22 @@ from flask import current_app
 
 from .. import queries, replay, retention
 from ..db import get_db
-from .common import DatabaseGroup, emit_json_lines, emit_table, filter_options
+from .common import (
+    DatabaseGroup,
+    database_only,
+    echo_traceback,
+    emit_json_lines,
+    emit_table,
+    filter_options,
+    needs_sources,
+)
 
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
 
 LIST_TABLE = ("received_at", "source", "event_id", "event_type", "status", "duplicate_count")
 
 
+@database_only
 @events_cli.command("list")
 @filter_options
 @click.option("--status", help="Only this status (processed, ignored, ...).")
@@ -37,6 +46,7 @@ def events_list(source, event_type, since, until, status, limit, as_json) -> Non
         emit_table(rows, LIST_TABLE)
 
 
+@database_only
 @events_cli.command("show")
 @click.argument("source")
 @click.argument("event_id")
@@ -49,7 +59,7 @@ def events_show(source: str, event_id: str, as_json: bool) -> None:
     if event is None:
         hint = (
             f" ({len(failures)} failed attempts and no success yet: see `idemhook failures "
-            f"list --source {source}` or retry with `idemhook failures retry`)"
+            f"show {failures[-1]['id']}` or retry with `idemhook failures retry`)"
             if failures
             else " (never received, or pruned)"
         )
@@ -64,9 +74,11 @@ def events_show(source: str, event_id: str, as_json: bool) -> None:
         click.echo(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     click.echo(f"{'failures'.ljust(width)}  {len(failures)}")
     for failure in failures:
-        click.echo(f"  {failure['failed_at']}  {failure['error']}")
+        click.echo(f"  {failure['failed_at']}  failure {failure['id']}  {failure['error']}")
+        echo_traceback(failure["traceback"], indent="    ")
 
 
+@database_only
 @events_cli.command("stats")
 @filter_options
 @click.option("--by", type=click.Choice(queries.STATS_BY), default="type", show_default=True)
@@ -96,6 +108,7 @@ def events_stats(source, event_type, since, until, by, as_json) -> None:
     emit_table(rows, (by, "events", *statuses, "duplicates", "failures"))
 
 
+@needs_sources
 @events_cli.command("replay")
 @click.argument("source")
 @click.argument("event_id")
@@ -128,6 +141,7 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
         )
 
 
+@database_only
 @events_cli.command("prune")
 @click.option(
     "--older-than",

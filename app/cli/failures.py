@@ -8,13 +8,22 @@ from flask import current_app
 from .. import failures, queries
 from ..db import get_db
 from ..errors import IdemhookError
-from .common import DatabaseGroup, emit_json_lines, emit_table, filter_options
+from .common import (
+    DatabaseGroup,
+    database_only,
+    echo_traceback,
+    emit_json_lines,
+    emit_table,
+    filter_options,
+    needs_sources,
+)
 
-failures_cli = DatabaseGroup("failures", help="List and retry failed deliveries.")
+failures_cli = DatabaseGroup("failures", help="List, show and retry failed deliveries.")
 
-LIST_TABLE = ("failed_at", "source", "event_id", "event_type", "resolved", "error")
+LIST_TABLE = ("id", "failed_at", "source", "event_id", "event_type", "resolved", "error")
 
 
+@database_only
 @failures_cli.command("list")
 @filter_options
 @click.option("--pending", is_flag=True, help="Only failures whose event has not applied since.")
@@ -36,6 +45,28 @@ def failures_list(source, event_type, since, until, pending, limit, as_json) -> 
         emit_table(rows, LIST_TABLE)
 
 
+@database_only
+@failures_cli.command("show")
+@click.argument("failure_id", metavar="ID", type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="The failure as one JSON object.")
+def failures_show(failure_id: int, as_json: bool) -> None:
+    """Show one failed attempt (ID from `failures list`), with the handler's traceback."""
+    with get_db().session() as session:
+        failure = queries.get_failure(session, failure_id)
+    if failure is None:
+        raise click.ClickException(f"no failure with id {failure_id} (never recorded, or pruned)")
+    if as_json:
+        emit_json_lines([failure])
+        return
+    traceback = failure.pop("traceback")
+    width = max(len(k) for k in failure)
+    for key, value in failure.items():
+        click.echo(f"{key.ljust(width)}  {'-' if value is None else value}")
+    click.echo("traceback" if traceback else f"{'traceback'.ljust(width)}  -")
+    echo_traceback(traceback, indent="  ")
+
+
+@needs_sources
 @failures_cli.command("retry")
 @click.argument("source", required=False)
 @click.argument("event_id", required=False)

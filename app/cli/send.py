@@ -6,9 +6,11 @@ import urllib.error
 import urllib.request
 
 import click
+from flask import current_app
 from flask.cli import with_appcontext
 
-from ..signing import signed_request, webhook_url
+from ..signing import signed_request, signing_url, webhook_url
+from .common import needs_sources
 from .sign import source_argument
 
 
@@ -22,7 +24,8 @@ def _header(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
     return headers
 
 
-@click.command("send")
+@needs_sources
+@click.command("send", short_help="Sign a JSON file and POST it to a running receiver.")
 @with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"))
@@ -47,7 +50,8 @@ def send_command(
     """
     src = source_argument(source)
     target = webhook_url(url, source)
-    body, all_headers = signed_request(src, payload.read(), headers, url=target)
+    signed_over = signing_url(current_app, src, target)
+    body, all_headers = signed_request(src, payload.read(), headers, url=signed_over)
     request = urllib.request.Request(target, data=body, headers=all_headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

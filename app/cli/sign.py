@@ -8,8 +8,9 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from ..signing import find_source, signed_request, webhook_url
+from ..signing import find_source, signed_request, signing_url, webhook_url
 from ..sources import Source
+from .common import needs_sources
 
 
 def source_argument(name: str) -> Source:
@@ -20,7 +21,8 @@ def source_argument(name: str) -> Source:
         raise click.BadParameter(exc.args[0], param_hint="SOURCE") from None
 
 
-@click.command("sign")
+@needs_sources
+@click.command("sign", short_help="Print a curl command that posts a signed JSON file.")
 @with_appcontext
 @click.argument("source")
 @click.argument("payload", type=click.File("rb"), default="-")
@@ -31,7 +33,9 @@ def sign_command(source: str, payload: click.utils.LazyFile, url: str) -> None:
     """Print a curl command that POSTs PAYLOAD (a JSON file, - for stdin) signed for SOURCE."""
     src = source_argument(source)
     target = webhook_url(url, source)
-    body, headers = signed_request(src, payload.read(), url=target)
+    body, headers = signed_request(
+        src, payload.read(), url=signing_url(current_app, src, target)
+    )
     parts = ["curl", "-sS", "-X", "POST", target]
     for name, value in headers.items():
         parts += ["-H", f"{name}: {value}"]

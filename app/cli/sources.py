@@ -23,6 +23,10 @@ from .. import sources as sources_module
 from ..errors import ConfigError
 from ..plugins import Registry
 from ..schemes import SCHEMES
+from .common import ConfigMissing
+
+#: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
+MIN_SECRET_BYTES = 16
 
 
 @dataclass
@@ -54,7 +58,7 @@ def _context() -> tuple[Mapping[str, Any], Registry | None]:
     try:
         return settings_module.load(), None
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise ConfigMissing(str(exc)) from None
 
 
 def _tables(config: Any) -> Mapping[str, Any]:
@@ -110,6 +114,13 @@ def inspect_sources() -> list[Report]:
         else:
             count = len(scheme.secrets)
             report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")
+            for index, key in enumerate(scheme.keys, start=1):
+                if len(key) < MIN_SECRET_BYTES:
+                    which = f"secret[{index}]" if count > 1 else "secret"
+                    report.warnings.append(
+                        f"{which} is only {len(key)} bytes: a short secret can be guessed; "
+                        f"use at least {MIN_SECRET_BYTES} random bytes"
+                    )
         if (
             registry is not None
             and not registry.for_event(name, None)
@@ -138,7 +149,12 @@ def _describe_unloadable(report: Report, table: Any, problem: str) -> None:
     if batch != "none":
         where = "the body" if batch == "array" else str(batch)
         report.batch = f"a list at {where}, at most {settings.get('max_batch', 100)}"
-    report.secret = "does not resolve" if "] secret:" in problem else "?"
+    if "] secret" not in problem:
+        report.secret = "?"
+    elif "is not set" in problem:
+        report.secret = "does not resolve"
+    else:
+        report.secret = "refused"
 
 
 def _show(reports: list[Report]) -> None:
@@ -157,7 +173,11 @@ def _show(reports: list[Report]) -> None:
             click.echo(f"  warning    {warning}")
 
 
-@click.group("sources", invoke_without_command=True)
+@click.group(
+    "sources",
+    invoke_without_command=True,
+    short_help="What to register at each provider; `check` for a release phase.",
+)
 @click.pass_context
 def sources_cli(ctx: click.Context) -> None:
     """List the configured sources: the URL to register, scheme, ID, type, secret status."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping
-from typing import Any
 
 from .base import Delivery, Scheme, invalid, matches_any, register, require_header
 
@@ -32,12 +30,8 @@ class Attio(Scheme):
         "max_batch": 1,
     }
 
-    def __init__(self, source: str, config: Mapping[str, Any]) -> None:
-        super().__init__(source, config)
-        self._keys = tuple(secret.encode() for secret in self.secrets)
-
     def _digests(self, body: bytes) -> list[str]:
-        return [hmac.new(k, body, hashlib.sha256).hexdigest() for k in self._keys]
+        return [hmac.new(k, body, hashlib.sha256).hexdigest() for k in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         header = HEADER if delivery.headers.get(HEADER) else LEGACY_HEADER

@@ -74,11 +74,36 @@ class Scheme:
     #: then does the intake work the URL out; most schemes sign the body alone.
     signs_url: ClassVar[bool] = False
 
+    #: The prefix the provider writes before every secret (``whsec_``); a secret that is
+    #: only the prefix is refused.
+    secret_prefix: ClassVar[str] = ""
+
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         self.source = source
-        self.secrets: tuple[str, ...] = (
-            resolve_secrets(source, config.get("secret")) if self.needs_secret else ()
-        )
+        entries = _resolve(source, config.get("secret")) if self.needs_secret else []
+        self.secrets: tuple[str, ...] = tuple(value for _where, value in entries)
+        #: The key each secret stands for, in the same order; never empty (checked here, once,
+        #: so that no scheme can verify a request with an empty HMAC key).
+        self.keys: tuple[bytes, ...] = tuple(self._key(where, value) for where, value in entries)
+
+    def secret_key(self, secret: str) -> bytes:
+        """The key ``secret`` stands for: its UTF-8 bytes, unless the provider encodes it."""
+        return secret.encode()
+
+    def _key(self, where: str, secret: str) -> bytes:
+        prefix = self.secret_prefix
+        if prefix and secret.startswith(prefix) and not secret[len(prefix) :].strip():
+            raise ConfigError(
+                f"[sources.{self.source}] {where}: is only the prefix {prefix!r}; copy the "
+                "whole secret the provider shows"
+            )
+        key = self.secret_key(secret)
+        if not key:
+            raise ConfigError(
+                f"[sources.{self.source}] {where}: decodes to zero bytes, which anyone could "
+                "sign with; copy the whole secret the provider shows"
+            )
+        return key
 
     def verify(self, delivery: Delivery) -> None:
         """Raise :class:`Unauthorized` unless the delivery is authentic."""
@@ -123,25 +148,43 @@ def register(*names: str) -> Callable[[type[Scheme]], type[Scheme]]:
 
 def resolve_secrets(source: str, value: Any) -> tuple[str, ...]:
     """Resolve ``secret``: a literal, ``env:NAME``, or a list of them (rotation)."""
+    return tuple(secret for _where, secret in _resolve(source, value))
+
+
+def _resolve(source: str, value: Any) -> list[tuple[str, str]]:
+    """Each secret with the words that name it in an error (``secret[2] (env:NAME)``).
+
+    Refuses an empty or whitespace-only secret, literal or from the environment:
+    a key nobody has to guess would let anyone sign requests.
+    """
     if value is None:
         raise ConfigError(f"[sources.{source}] secret: missing; give a literal or env:NAME")
     values = value if isinstance(value, list) else [value]
     if not values:
         raise ConfigError(f"[sources.{source}] secret: the list is empty")
-    secrets = []
-    for item in values:
-        if not isinstance(item, str) or not item:
-            raise ConfigError(f"[sources.{source}] secret: each entry must be a non-empty string")
+    entries = []
+    for index, item in enumerate(values, start=1):
+        where = "secret" if len(values) == 1 else f"secret[{index}]"
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(
+                f"[sources.{source}] {where}: must be a non-empty string, not only whitespace"
+            )
         if item.startswith("env:"):
             name = item[4:]
+            where = f"{where} (env:{name})"
             resolved = os.environ.get(name)
             if not resolved:
                 raise ConfigError(
                     f"[sources.{source}] secret: environment variable {name} is not set"
                 )
+            if not resolved.strip():
+                raise ConfigError(
+                    f"[sources.{source}] {where}: environment variable {name} holds only "
+                    "whitespace"
+                )
             item = resolved
-        secrets.append(item)
-    return tuple(secrets)
+        entries.append((where, item))
+    return entries
 
 
 def matches_any(expected: Iterable[bytes | str], given: bytes | str) -> bool:

@@ -40,17 +40,19 @@ class Close(Scheme):
         self.tolerance = positive_int_option(
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
+
+    def secret_key(self, secret: str) -> bytes:
         try:
-            self._keys = tuple(bytes.fromhex(secret) for secret in self.secrets)
+            return bytes.fromhex(secret)
         except ValueError:
             raise ConfigError(
-                f"[sources.{source}] secret: Close's signature_key is hexadecimal; "
+                f"[sources.{self.source}] secret: Close's signature_key is hexadecimal; "
                 "copy it exactly as the subscription returned it"
             ) from None
 
     def _digests(self, timestamp: str, body: bytes) -> list[str]:
         signed = timestamp.encode() + body
-        return [hmac.new(k, signed, hashlib.sha256).hexdigest() for k in self._keys]
+        return [hmac.new(k, signed, hashlib.sha256).hexdigest() for k in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         given = require_header(delivery, HASH).strip().lower()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
-from typing import Any
 
 from .base import Delivery, Reply, Scheme, invalid, matches_any, register, require_header
 
@@ -23,12 +21,8 @@ class GitHub(Scheme):
 
     defaults = {"event_id": "header:X-GitHub-Delivery", "event_type": "header:X-GitHub-Event"}
 
-    def __init__(self, source: str, config: Mapping[str, Any]) -> None:
-        super().__init__(source, config)
-        self._keys = tuple(secret.encode() for secret in self.secrets)
-
     def _digests(self, body: bytes) -> list[str]:
-        return ["sha256=" + hmac.new(k, body, hashlib.sha256).hexdigest() for k in self._keys]
+        return ["sha256=" + hmac.new(k, body, hashlib.sha256).hexdigest() for k in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         given = require_header(delivery, HEADER).strip().lower()

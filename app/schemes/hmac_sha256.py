@@ -23,10 +23,9 @@ class HmacSha256(Scheme):
         if not isinstance(header, str) or not header:
             raise ConfigError(f"[sources.{source}] signature_header: must be a header name")
         self.header = header
-        self._keys = tuple(secret.encode() for secret in self.secrets)
 
     def _digests(self, body: bytes) -> list[str]:
-        return [hmac.new(key, body, hashlib.sha256).hexdigest() for key in self._keys]
+        return [hmac.new(key, body, hashlib.sha256).hexdigest() for key in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         given = require_header(delivery, self.header).strip()

@@ -80,15 +80,15 @@ class HubSpot(Scheme):
         if self.version == "v3":
             signed = method + signed_uri(delivery.url).encode() + body + timestamp.encode()
             return [
-                base64.b64encode(hmac.new(s.encode(), signed, hashlib.sha256).digest()).decode()
-                for s in self.secrets
+                base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+                for key in self.keys
             ]
         if self.version == "v2":
             return [
-                hashlib.sha256(s.encode() + method + delivery.url.encode() + body).hexdigest()
-                for s in self.secrets
+                hashlib.sha256(key + method + delivery.url.encode() + body).hexdigest()
+                for key in self.keys
             ]
-        return [hashlib.sha256(s.encode() + body).hexdigest() for s in self.secrets]
+        return [hashlib.sha256(key + body).hexdigest() for key in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         if self.version == "v3":

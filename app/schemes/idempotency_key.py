@@ -36,11 +36,10 @@ class IdempotencyKey(Scheme):
         if not isinstance(header, str) or not header:
             raise ConfigError(f"[sources.{source}] signature_header: must be a header name")
         self.header = header
-        self._keys = tuple(secret.encode() for secret in self.secrets)
 
     def _digests(self, key: str, body: bytes) -> list[str]:
         signed = key.encode() + b"." + body
-        return ["sha256=" + hmac.new(k, signed, hashlib.sha256).hexdigest() for k in self._keys]
+        return ["sha256=" + hmac.new(k, signed, hashlib.sha256).hexdigest() for k in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         if self.auth == "bearer":

@@ -34,7 +34,7 @@ class Pipedrive(Scheme):
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         super().__init__(source, config)
         username = config.get("username")
-        if not isinstance(username, str) or not username or ":" in username:
+        if not isinstance(username, str) or not username.strip() or ":" in username:
             raise ConfigError(
                 f"[sources.{source}] username: required, the HTTP auth user set on the "
                 "Pipedrive webhook (no ':')"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping
-from typing import Any
 
 from .base import Delivery, Scheme, invalid, matches_any, register, require_header
 
@@ -21,15 +19,13 @@ class Shopify(Scheme):
         "event_id": "header:X-Shopify-Webhook-Id",
         "event_type": "header:X-Shopify-Topic",
     }
-
-    def __init__(self, source: str, config: Mapping[str, Any]) -> None:
-        super().__init__(source, config)
-        self._keys = tuple(secret.encode() for secret in self.secrets)
+    # The app's client secret; a store's own webhook key is hexadecimal, without a prefix.
+    secret_prefix = "shpss_"
 
     def _digests(self, body: bytes) -> list[str]:
         return [
             base64.b64encode(hmac.new(k, body, hashlib.sha256).digest()).decode()
-            for k in self._keys
+            for k in self.keys
         ]
 
     def verify(self, delivery: Delivery) -> None:

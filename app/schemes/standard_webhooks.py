@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, Unauthorized
+from ..locators import AnyHeader
 from .base import (
     DEFAULT_TOLERANCE_SECONDS,
     Delivery,
@@ -36,32 +37,39 @@ class StandardWebhooks(Scheme):
     """v1 = base64 HMAC-SHA256(key = base64-decode(secret minus ``whsec_``), ``id.ts.body``)."""
 
     option_keys = frozenset({"tolerance_seconds"})
-    defaults = {"event_id": "header:webhook-id", "event_type": "body:type"}
+    #: The header families looked for, in this order (the first with an ``-id`` header wins,
+    #: for the signature and for the event ID alike).
+    families: tuple[str, ...] = PREFIXES
+    defaults = {
+        "event_id": AnyHeader(("webhook-id", "svix-id")),
+        "event_type": "body:type",
+    }
+    secret_prefix = "whsec_"
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         super().__init__(source, config)
         self.tolerance = positive_int_option(
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
-        keys = []
-        for secret in self.secrets:
-            raw = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
-            try:
-                keys.append(base64.b64decode(raw, validate=True))
-            except (binascii.Error, ValueError):
-                raise ConfigError(
-                    f"[sources.{source}] secret: not a Standard Webhooks secret "
-                    "(expected whsec_ followed by base64, as the provider shows it)"
-                ) from None
-        self._keys = tuple(keys)
+
+    def secret_key(self, secret: str) -> bytes:
+        raw = secret.removeprefix(self.secret_prefix)
+        try:
+            # Unpadded base64 is accepted, as the reference libraries re-pad it.
+            return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                f"[sources.{self.source}] secret: not a Standard Webhooks secret "
+                "(expected whsec_ followed by base64, as the provider shows it)"
+            ) from None
 
     def _headers(self, delivery: Delivery) -> tuple[str, str, str, str]:
-        for prefix in PREFIXES:
+        for prefix in self.families:
             msg_id = delivery.headers.get(f"{prefix}-id")
             if msg_id is not None:
                 break
         else:
-            prefix, msg_id = PREFIXES[0], None
+            prefix, msg_id = self.families[0], None
         timestamp = delivery.headers.get(f"{prefix}-timestamp")
         signature = delivery.headers.get(f"{prefix}-signature")
         for name, value in (("id", msg_id), ("timestamp", timestamp), ("signature", signature)):
@@ -76,7 +84,7 @@ class StandardWebhooks(Scheme):
         signed = f"{msg_id}.{timestamp}.".encode() + body
         return [
             base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-            for key in self._keys
+            for key in self.keys
         ]
 
     def verify(self, delivery: Delivery) -> None:
@@ -107,9 +115,10 @@ class StandardWebhooks(Scheme):
 
 @register("svix")
 class Svix(StandardWebhooks):
-    """Svix: the Standard Webhooks scheme with the ``svix-*`` header names."""
+    """Svix: the Standard Webhooks scheme with the ``svix-*`` header names first."""
 
-    defaults = {"event_id": "header:svix-id", "event_type": "body:type"}
+    families = ("svix", "webhook")
+    defaults = {"event_id": AnyHeader(("svix-id", "webhook-id")), "event_type": "body:type"}
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         headers = super().sign(delivery)

@@ -33,17 +33,17 @@ class Stripe(Scheme):
 
     option_keys = frozenset({"tolerance_seconds"})
     defaults = {"event_id": "body:id", "event_type": "body:type"}
+    secret_prefix = "whsec_"
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         super().__init__(source, config)
         self.tolerance = positive_int_option(
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
-        self._keys = tuple(secret.encode() for secret in self.secrets)
 
     def _digests(self, timestamp: str, body: bytes) -> list[str]:
         signed = timestamp.encode() + b"." + body
-        return [hmac.new(key, signed, hashlib.sha256).hexdigest() for key in self._keys]
+        return [hmac.new(key, signed, hashlib.sha256).hexdigest() for key in self.keys]
 
     def verify(self, delivery: Delivery) -> None:
         header = require_header(delivery, HEADER)

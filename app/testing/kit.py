@@ -8,7 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from ..signing import encode, find_source, signed_request, webhook_url
+from ..signing import encode, find_source, signed_request, signing_url, webhook_url
 
 __all__ = ["deliver", "encode", "signed"]
 
@@ -23,7 +23,8 @@ def signed(
 ) -> tuple[str, bytes, dict[str, str]]:
     """Return ``(url, body, headers)`` of a request that ``source``'s scheme accepts."""
     url = webhook_url(base_url, source)
-    body, all_headers = signed_request(find_source(app, source), payload, headers, url=url)
+    src = find_source(app, source)
+    body, all_headers = signed_request(src, payload, headers, url=signing_url(app, src, url))
     return url, body, all_headers
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.plugins import Event, Ignore, Reject, handler
+from idemhook import Event, Ignore, Reject, handler
 
 #: The contacts table comes from this plugin's own Alembic revisions.
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("migrations")

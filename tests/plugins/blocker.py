@@ -15,7 +15,7 @@ import os
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 LOCK_KEY = 7_000_007
 APPLICATION_NAME_PREFIX = "idemhook-worker-"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from app.plugins import Ignore, Reject, handler
+from idemhook import Ignore, Reject, handler
 
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("ledger_migrations")
 

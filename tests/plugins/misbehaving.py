@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 
 @handler("acme", "misbehave.commit")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 
 @handler("outside", "*")

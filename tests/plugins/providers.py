@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 SOURCES = (
     "stripe",

@@ -13,7 +13,7 @@ import time
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_effects "

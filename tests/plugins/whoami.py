@@ -14,7 +14,7 @@ import threading
 
 from sqlalchemy import text
 
-from app.plugins import handler
+from idemhook import handler
 
 LOCK_KEY = 7_000_011
 

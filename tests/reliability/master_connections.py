@@ -18,10 +18,10 @@ from typing import Any
 import psycopg2
 from flask import Flask
 
-from app import create_app
 from app.db import get_db
-from app.testing import deliver
 from app.testing.postgres import _connect_args
+from idemhook import create_app
+from idemhook.testing import deliver
 
 #: Apps built here stay referenced, as a start-up hook's or a plugin's would.
 _kept: list[Flask] = []

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.testing import deliver
+from idemhook.testing import deliver
 from tests.reliability.conftest import truncate
 
 pytestmark = pytest.mark.fault

@@ -8,7 +8,7 @@ import pytest
 
 from app.schemes import Delivery
 from app.schemes.salesforce_outbound import envelope
-from app.testing.kit import deliver, signed
+from idemhook.testing import deliver, signed
 
 from .conftest import ORG, PROVIDER_SOURCES
 
