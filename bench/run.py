@@ -188,9 +188,9 @@ class Bench:
         }
         for server in self.servers.values():
             server.start(list(self.plan.gunicorn))
-        workers = self._workers()
         for server in self.servers.values():
-            server.wait_ready(workers)
+            server.wait_ready()
+        workers = self.servers["receiver"].workers  # as gunicorn resolved it
         self.results["machine"] = machine_info(self.wrk, self._sql_one("SELECT version()"))
         self.results["settings"] = {
             "gunicorn_conf": gunicorn_settings(),
@@ -200,13 +200,6 @@ class Bench:
             "wrk": f"{self.wrk} -t2 -c{self.plan.connections} (Lua script bench/wrk.lua)",
             "plan": asdict(self.plan),
         }
-
-    def _workers(self) -> int:
-        args = list(self.plan.gunicorn)
-        for flag in ("--workers", "-w"):
-            if flag in args:
-                return int(args[args.index(flag) + 1])
-        return int(os.environ.get("WEB_CONCURRENCY", "0") or 0) or gunicorn_settings()["workers"]
 
     def teardown(self, keep_db: bool = False) -> None:
         for server in self.servers.values():

@@ -3,95 +3,70 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import servers as shared
+
 from .load import BenchError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = shared.ROOT
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
 class Server:
-    """One gunicorn master serving ``app`` on 127.0.0.1:``port``."""
+    """One gunicorn master serving ``app`` on 127.0.0.1:``port``.
+
+    Started like every test server (``tests/servers.py``): the repository's
+    ``gunicorn.conf.py``, then the bench's extra arguments, with this process's
+    environment (``WEB_CONCURRENCY``, ``WEB_THREADS`` and ``IDEMHOOK_POOL_SIZE``
+    included: they are the bench's knobs too).
+    """
 
     name: str
     app: str
     env: dict[str, str]
     log: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
+    port: int = field(default_factory=shared.free_port)
+    gunicorn: shared.Server | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, gunicorn_args: list[str]) -> None:
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        cmd = [
-            gunicorn,
-            "-c",
-            str(ROOT / "gunicorn.conf.py"),
-            *gunicorn_args,
-            "--bind",
-            f"127.0.0.1:{self.port}",
-            self.app,
-        ]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env={**os.environ, **self.env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    @property
+    def workers(self) -> int:
+        """How many workers gunicorn runs (once it has started)."""
+        if self.gunicorn is None:
+            raise BenchError(f"{self.name} has not been started")
+        return self.gunicorn.workers
 
-    def wait_ready(self, workers: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise BenchError(f"{self.name} exited at start-up:\n{tail}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
-                    if resp.status == 200 and len(self.worker_pids()) >= workers:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise BenchError(f"{self.name} did not answer /healthz within {timeout:.0f}s")
+    def start(self, gunicorn_args: list[str]) -> None:
+        self.gunicorn = shared.start_gunicorn(
+            self.app,
+            state=Path(tempfile.mkdtemp(prefix=f"idemhook-bench-{self.name}-")),
+            env={**os.environ, **self.env},
+            args=gunicorn_args,
+            port=self.port,
+            log_path=self.log,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until /healthz answers and every worker has loaded the app."""
+        if self.gunicorn is None:
+            raise BenchError(f"{self.name} has not been started")
+        try:
+            self.gunicorn.wait_ready(timeout)
+        except shared.ServerError:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise BenchError(f"{self.name} did not start within {timeout:.0f}s:\n{tail}") from None
 
     def worker_pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        master = self.proc.pid
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == master:
-                pids.append(int(entry.name))
-        return sorted(pids)
+        return self.gunicorn.worker_pids() if self.gunicorn is not None else []
 
     def cpu_seconds(self, extra_pids: Sequence[int] = ()) -> float:
         """User+system CPU used so far by the workers (and ``extra_pids``), in seconds."""
@@ -118,11 +93,8 @@ class Server:
         return sizes
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.gunicorn is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        self.gunicorn.stop()
+        if self.gunicorn.state is not None:
+            shutil.rmtree(self.gunicorn.state, ignore_errors=True)

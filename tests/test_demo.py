@@ -3,58 +3,45 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, free_port, launch, server_environment
 
 pytestmark = pytest.mark.gunicorn
 
 
 def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IDEMHOOK_CONFIG")}
+    # A fresh checkout's shell: no database or sources of this test run.
+    env = {
+        k: v
+        for k, v in server_environment().items()
+        if k not in ("DATABASE_URL", "IDEMHOOK_CONFIG")
+    }
     env.update(PORT=str(port), IDEMHOOK_INSTANCE_DIR=str(tmp_path / "instance"))
-    demo = subprocess.Popen(
+    demo = launch(
         ["bash", "scripts/demo.sh"],
-        cwd=ROOT,
+        url=f"http://127.0.0.1:{port}",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        log_path=tmp_path / "demo.log",
     )
     try:
-        lines = []
-        curl = None
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("curl "):
-                curl = line.strip()
-            if "Booting worker" in line or "Listening at" in line:
-                if curl:
-                    break
-        assert curl, "".join(lines)
-        output = "".join(lines)
+        demo.wait_ready()  # the script prints everything before it starts the server
+        output = demo.log()
+        curls = [line.strip() for line in output.splitlines() if line.startswith("curl ")]
+        assert len(curls) == 1, output
         assert "DATABASE_URL is not set: using the SQLite demo database" in output
         assert (tmp_path / "instance" / "idemhook.db").exists()
-        for _ in range(100):  # the workers may still be importing
-            answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True)
-            if answer.returncode == 0 and answer.stdout:
-                break
-            time.sleep(0.1)
+        answer = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True)
         assert '"status":"processed"' in answer.stdout.replace(" ", ""), answer
-        again = subprocess.run(["bash", "-c", curl], capture_output=True, text=True)
+        again = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True)
         assert '"status":"duplicate"' in again.stdout.replace(" ", "")
     finally:
-        os.killpg(demo.pid, signal.SIGTERM)
-        demo.wait(timeout=30)
-        demo.stdout.close()
+        demo.stop()
 
 
 def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from app.testing import postgres
-from tests.servers import ROOT, START_TIMEOUT, free_port
+from tests.servers import ROOT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn
 
@@ -93,34 +90,24 @@ def test_a_separate_project_installs_migrates_serves_and_answers(
     assert "my_webhooks_0001" in checked.stdout
     sh(bin_ / "idemhook", "sources", "check", cwd=project, env=run_env)
 
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [str(bin_ / "idemhook"), "serve"], cwd=project, env=run_env, stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    server = launch(
+        [str(bin_ / "idemhook"), "serve"],
+        url=f"http://127.0.0.1:{port}",
+        env=run_env,
+        log_path=tmp_path / "serve.log",
+        cwd=project,
+    )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT  # a hang guard only
-        while True:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        assert "Using worker: gthread" in log.read_text()
-        sent = sh(bin_ / "idemhook", "send", "shop", "events/order_paid.json", "--url", url,
+        server.wait_ready()
+        assert "Using worker: gthread" in server.log()
+        sent = sh(bin_ / "idemhook", "send", "shop", "events/order_paid.json", "--url", server.url,
                   cwd=project, env=run_env, timeout=60)  # fmt: skip
         assert sent.stdout.splitlines() == [
             "HTTP 200",
             '{"event_id":"evt_1001","result":{"order":7},"status":"processed"}',
         ]
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=START_TIMEOUT)
+        server.stop()
     engine = create_engine(database)
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT order_id, total_cents FROM paid_orders")).all()

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
+import uuid
 
 import pytest
 import requests
@@ -21,11 +15,11 @@ from app import create_app, logs, migrate
 from app.errors import ConfigError
 from app.testing import postgres
 from idemhook.testing import deliver
-from tests.conftest import SECRET, SOURCES
+from tests.conftest import SECRET
+from tests.reliability.conftest import WHOAMI_SOURCES, signed_post
+from tests.servers import gunicorn, pin_sessions
 from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import closed_port
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def samples(text: str, name: str) -> dict[tuple, float]:
@@ -151,97 +145,43 @@ def test_metrics_public_setting_is_read_from_the_environment(monkeypatch, db_url
         create_app({"DATABASE_URL": db_url, "IDEMHOOK_CONFIG": {}})
 
 
-def _toml(sources: dict) -> str:
-    """The test sources as a sources file (flat values only, as the fixture has)."""
-    lines = [f"plugins = {json.dumps(sources['plugins'])}"]
-    for name, keys in sources["sources"].items():
-        lines.append(f"[sources.{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.gunicorn
 def test_metrics_add_up_and_events_are_logged_across_gunicorn_workers(pg_url, tmp_path):
-    config = tmp_path / "webhooks.toml"
-    config.write_text(_toml(SOURCES))
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": str(pg_url.render_as_string(hide_password=False)),
-        "IDEMHOOK_CONFIG": str(config),
-        "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
-        "IDEMHOOK_LOG_FORMAT": "json",
-    }
-    log_file = (tmp_path / "gunicorn.log").open("wb")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--workers",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "app:create_app()",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (
-                "gunicorn did not start: " + (tmp_path / "gunicorn.log").read_text()[-2000:]
-            )
-            time.sleep(0.2)
-        time.sleep(1)  # let the second worker finish booting
-        # Keep one worker busy so the other answers the rest: counts live in two processes.
-        busy = threading.Thread(
-            target=requests.post,
-            args=(f"{base}/webhooks/open",),
-            kwargs={"json": {"sleep": 1.0}, "headers": {"X-Event-Id": "slow"}, "timeout": 10},
-        )
-        busy.start()
-        time.sleep(0.2)
-        for i in range(5):
-            sent = requests.post(
-                f"{base}/webhooks/open", json={"n": i}, headers={"X-Event-Id": f"g{i}"}, timeout=5
-            )
-            assert sent.status_code == 200
-        busy.join()
-        for _ in range(4):  # whichever worker answers, it reports both workers' counts
-            text = requests.get(f"{base}/metrics", timeout=5).text
-            assert (
-                value(text, "idemhook_events_total", source="open", type="", outcome="processed")
-                == 6
-            )
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log_file.close()
-    # Under gunicorn too, each event is one JSON line on stderr, from both workers.
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "IDEMHOOK_LOG_FORMAT": "json"}
+    run = uuid.uuid4().hex[:8]
+    sent: list[str] = []
+    with gunicorn(WHOAMI_SOURCES, pg_url, env=env) as server:
+
+        def ask(session: requests.Session) -> int:
+            sent.append(f"{run}-{len(sent)}")
+            answer = signed_post(server.url, "whoami", {"id": sent[-1]}, session=session)
+            assert answer.status_code == 200 and answer.json()["status"] == "processed"
+            return answer.json()["result"]["worker"]
+
+        # Deliveries until every worker has answered one: the counts live in every process.
+        pinned = pin_sessions(server, 1, ask)
+        try:
+            for worker, [session] in pinned.items():
+                # Each worker, scraped on a connection it holds, reports every worker's count.
+                text = session.get(f"{server.url}/metrics", timeout=5).text
+                counted = value(
+                    text, "idemhook_events_total", source="whoami", type="", outcome="processed"
+                )
+                assert counted == len(sent), (worker, counted, len(sent))
+        finally:
+            for [session] in pinned.values():
+                session.close()
+        assert len(pinned) == server.workers >= 2
+        log = server.log()
+    # Under gunicorn too, each event is one JSON line on stderr, from every worker.
     lines = [
         json.loads(line)
-        for line in (tmp_path / "gunicorn.log").read_text().splitlines()
+        for line in log.splitlines()
         if line.startswith("{") and '"idemhook.events"' in line
     ]
-    assert sorted(line["event_id"] for line in lines) == ["g0", "g1", "g2", "g3", "g4", "slow"]
+    assert sorted(line["event_id"] for line in lines) == sorted(sent)
     assert {line["outcome"] for line in lines} == {"processed"}
 
 

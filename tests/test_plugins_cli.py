@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from tests.test_plugins import LEDGER, SECRET
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import gunicorn
+from tests.test_plugins import LEDGER
 
 
 @pytest.fixture
@@ -117,47 +104,15 @@ def test_send_and_sign_refuse_an_unknown_source(tmp_path):
 
 
 @pytest.mark.gunicorn
-def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook, tmp_path):
+def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook):
     import requests
 
     from idemhook.testing import signed
 
     kit = idemhook(LEDGER)
-    config = tmp_path / "webhooks.toml"
-    config.write_text(
-        'plugins = ["tests.plugins.ledger"]\n[sources.shop]\nscheme = "hmac-sha256"\n'
-        f'secret = "{SECRET}"\nevent_id = "body:id"\nevent_type = "body:type"\n'
-        '[sources.shop-batch]\nscheme = "none"\nallow_unverified = true\nevent_id = "body:id"\n'
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("gunicorn")),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "3",
-            "app:create_app()",
-        ],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DATABASE_URL": kit.url.render_as_string(hide_password=False),
-            "IDEMHOOK_CONFIG": str(config),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                requests.get(f"{url}/healthz", timeout=2)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
+    with gunicorn(LEDGER, kit.url) as server:
         event = {"id": "race", "type": "order.paid", "second": "reject", "sleep": 0.1}
-        target, body, headers = signed(kit.app, "shop", event, base_url=url)
+        target, body, headers = signed(kit.app, "shop", event, base_url=server.url)
         barrier = threading.Barrier(6)
         answers = []
 
@@ -170,9 +125,6 @@ def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook, tmp_
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert [a.status_code for a in answers] == [200] * 6
     assert sorted(a.json()["status"] for a in answers) == ["duplicate"] * 5 + ["rejected"]
     kit.assert_rejected("shop", "race", reason="unknown currency", duplicates=5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import runpy
-import signal
 import subprocess
 import sys
 import time
@@ -12,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from sqlalchemy.engine import URL
 
 import app.gunicorn_conf
 from app.testing import postgres
-from tests.servers import ROOT, START_TIMEOUT, free_port
+from tests.servers import ROOT, START_TIMEOUT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn
 
@@ -51,23 +49,6 @@ def database(pg_server: URL) -> Iterator[str]:
     postgres.drop_database(url)
 
 
-def wait_until_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT  # a hang guard only
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"idemhook serve did not answer /healthz:\n{log.read_text()}")
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_serve_from_a_plugins_own_directory(tmp_path: Path, database: str) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -89,20 +70,18 @@ def test_serve_from_a_plugins_own_directory(tmp_path: Path, database: str) -> No
     )
     assert upgrade.returncode == 0, upgrade.stderr
 
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        # Extra arguments go to gunicorn: here its configuration dump, to see what it runs with.
-        server = subprocess.Popen(
-            [IDEMHOOK, "serve", "--log-level", "debug", "--graceful-timeout", "5"],
-            cwd=project,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    # Extra arguments go to gunicorn: here its configuration dump, to see what it runs with.
+    server = launch(
+        [IDEMHOOK, "serve", "--log-level", "debug", "--graceful-timeout", "5"],
+        url=f"http://127.0.0.1:{port}",
+        env=env,
+        log_path=tmp_path / "serve.log",
+        cwd=project,
+    )
     try:
-        wait_until_healthy(server, f"http://127.0.0.1:{port}", log)
+        server.wait_ready()
         sent = subprocess.run(
-            [IDEMHOOK, "send", "shop", "order.json", "--url", f"http://127.0.0.1:{port}"],
+            [IDEMHOOK, "send", "shop", "order.json", "--url", server.url],
             cwd=project,
             env=env,
             capture_output=True,
@@ -115,18 +94,17 @@ def test_serve_from_a_plugins_own_directory(tmp_path: Path, database: str) -> No
             '{"event_id":"evt_1","result":{"order":7},"status":"processed"}',
         ]
         deadline = time.monotonic() + START_TIMEOUT
-        while len(children(server.pid)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(children(server.pid)) == 3  # WEB_CONCURRENCY
-        text = log.read_text()
+        while len(server.worker_pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling, bounded by the deadline
+        assert len(server.worker_pids()) == 3  # WEB_CONCURRENCY
+        text = server.log()
         assert "Using worker: gthread" in text
         assert f"Listening at: http://0.0.0.0:{port}" in text  # PORT
         assert "  threads: 5\n" in text  # WEB_THREADS
         assert "  graceful_timeout: 5\n" in text  # the extra argument won over the settings
         assert "  keepalive: 5\n" in text and "  timeout: 30\n" in text  # the shipped settings
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=START_TIMEOUT)
+        server.stop()
 
 
 def test_serve_with_a_broken_configuration_says_so_in_one_line(tmp_path: Path) -> None:

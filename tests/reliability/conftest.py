@@ -31,17 +31,35 @@ FAULT_SOURCES: dict[str, Any] = {
     },
 }
 
+#: The test sources plus one whose handler says which worker and backend ran it.
+WHOAMI_SOURCES: dict[str, Any] = {
+    "plugins": [*SOURCES["plugins"], "tests.plugins.whoami"],
+    "sources": {
+        **SOURCES["sources"],
+        "whoami": {"scheme": "hmac-sha256", "secret": SECRET, "event_id": "body:id"},
+    },
+}
+
 #: Guard against a hung test; never a performance assertion.
 GUARD_SECONDS = 60.0
 
 
 def signed_post(
-    base_url: str, source: str, payload: Any, *, timeout: float = GUARD_SECONDS
+    base_url: str,
+    source: str,
+    payload: Any,
+    *,
+    timeout: float = GUARD_SECONDS,
+    session: requests.Session | None = None,
 ) -> requests.Response:
-    """POST ``payload`` as JSON, signed like the hmac-sha256 test sources expect."""
+    """POST ``payload`` as JSON, signed like the hmac-sha256 test sources expect.
+
+    ``session``: send on its kept-alive connection (which stays with one gunicorn
+    worker) instead of a new one.
+    """
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    return requests.post(
+    return (session or requests).post(
         f"{base_url}/webhooks/{source}",
         data=body,
         headers={"Content-Type": "application/json", "X-Signature": f"sha256={signature}"},

@@ -1,4 +1,10 @@
-"""A gunicorn worker killed (SIGKILL) while its handler is inside the claim's transaction."""
+"""A gunicorn worker killed (SIGKILL) while its handler is inside the claim's transaction.
+
+The receivers run the shipped gunicorn settings (gthread): a killed worker takes
+every request it was serving with it, so a redelivery that must survive the kill
+goes to a second receiver instance on the same database, as a deployment with
+more than one instance (or a provider retrying through a load balancer) sends it.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +24,16 @@ from tests.servers import gunicorn
 pytestmark = [pytest.mark.fault, pytest.mark.gunicorn]
 
 
+#: A long timeout: the handler must stay stuck until the test kills its worker.
+STUCK = {"IDEMHOOK_STATEMENT_TIMEOUT_MS": "60000"}
+
+
 def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(clean_db, sql):
     event = {"id": "kill-1", "block": "lock"}
-    # A long timeout: the handler must stay stuck until the test kills its worker.
-    with gunicorn(
-        FAULT_SOURCES, clean_db, workers=4, env={"IDEMHOOK_STATEMENT_TIMEOUT_MS": "60000"}
-    ) as server:
+    with (
+        gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as server,
+        gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as other,
+    ):
         holder = psycopg2.connect(**_connect_args(clean_db))
         holder.autocommit = True
         try:
@@ -32,13 +42,13 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
 
             answers: dict[str, object] = {}
 
-            def send(name: str) -> None:
+            def send(name: str, url: str) -> None:
                 try:
-                    answers[name] = signed_post(server.url, "blocking", event)
+                    answers[name] = signed_post(url, "blocking", event)
                 except requests.ConnectionError as exc:
                     answers[name] = exc
 
-            first = threading.Thread(target=send, args=("first",))
+            first = threading.Thread(target=send, args=("first", server.url))
             first.start()
             [(backend_pid, app_name)] = wait_for(
                 lambda: sql(
@@ -52,8 +62,9 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
             worker_pid = int(app_name.removeprefix(APPLICATION_NAME_PREFIX))
             assert worker_pid in server.worker_pids()
 
-            # The provider times out and redelivers: that delivery waits on the claim's row.
-            second = threading.Thread(target=send, args=("second",))
+            # The provider times out and redelivers, to the other instance: that delivery
+            # waits on the claim's row.
+            second = threading.Thread(target=send, args=("second", other.url))
             second.start()
             wait_for(
                 lambda: sql(
@@ -86,10 +97,9 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
         assert again.status_code == 200 and again.json()["status"] == "duplicate"
 
         # gunicorn replaced the killed worker and the receiver serves as before.
-        wait_for(
-            lambda: len(server.worker_pids()) == 4 and worker_pid not in server.worker_pids(),
-            "gunicorn to replace the worker",
-        )
+        wait_for(lambda: worker_pid not in server.worker_pids(), "the killed worker to exit")
+        server.wait_ready()
+        assert len(server.worker_pids()) == server.workers
         assert signed_post(server.url, "blocking", {"id": "kill-2"}).json()["status"] == (
             "processed"
         )
@@ -107,9 +117,7 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
 
 
 def test_killed_worker_without_redelivery_leaves_nothing(clean_db, sql):
-    with gunicorn(
-        FAULT_SOURCES, clean_db, workers=4, env={"IDEMHOOK_STATEMENT_TIMEOUT_MS": "60000"}
-    ) as server:
+    with gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as server:
         holder = psycopg2.connect(**_connect_args(clean_db))
         holder.autocommit = True
         try:
