@@ -8,19 +8,18 @@ whether an event exists. Queries are those of the CLI (:mod:`app.queries`).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import queries
+from .admin import require_admin_token
 from .db import get_db, is_disconnect
-from .errors import BadRequest, ConfigError, NotFound, ServiceUnavailable, Unauthorized
+from .errors import BadRequest, ConfigError, NotFound, ServiceUnavailable
 
 bp = Blueprint("api", __name__)
 
@@ -28,27 +27,6 @@ _LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
 _EVENT_PARAMS = _LIST_PARAMS | {"status"}
 _FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
 _STATS_PARAMS = {"source", "type", "since", "until", "by"}
-
-
-def require_admin_token() -> None:
-    """Raise 404 when no admin token is configured, 401 unless the request carries it."""
-    token = current_app.config.get("IDEMHOOK_ADMIN_TOKEN")
-    if not token:
-        raise NotFound(
-            "Not found. (The read API is off until IDEMHOOK_ADMIN_TOKEN is set.)",
-            code="not_found",
-        )
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Compare digests so neither the content nor the length of the token leaks in timing.
-    expected = hashlib.sha256(str(token).encode()).digest()
-    offered = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, expected)):
-        error = Unauthorized(
-            "Send the admin token as 'Authorization: Bearer <IDEMHOOK_ADMIN_TOKEN>'.",
-            code="unauthorized",
-        )
-        error.headers["WWW-Authenticate"] = 'Bearer realm="idemhook"'
-        raise error
 
 
 @bp.before_request

@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .api import require_admin_token
+from .admin import require_admin_token
 from .claim import Claimer, Outcome
 from .plugins import Event
 

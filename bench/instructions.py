@@ -26,6 +26,7 @@ The differences between variants are the costs of the parts (docs/performance.md
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -167,6 +168,9 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
     send(environs(WARMUP))
     measured = environs(requests)
+    # As gunicorn.conf.py's post_worker_init does: the objects made at start-up stay out
+    # of garbage collection, so a count is not swayed by when a full collection falls.
+    gc.freeze()
     if toggle:
         _instrument("on")
     started = time.process_time()
