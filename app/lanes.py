@@ -140,11 +140,6 @@ class Lane:
             raise self._wrap(exc, sql, params) from exc
         return self.cursor
 
-    def ensure_begun(self) -> None:
-        """Send the pending BEGIN now: SQLAlchemy is about to speak on the connection."""
-        if self.pipelined and not self._server_open:
-            self.execute("SELECT 1")
-
     def commit(self, sql: str | None = None, params: Mapping[str, Any] | None = None) -> None:
         """Run ``sql`` (if any), then commit; on PostgreSQL both leave in one message."""
         if self.pipelined:

@@ -231,6 +231,3 @@ class Watchdog:
             else:  # its COMMIT is under way, or it just ended: the answer must say how
                 wait = limit
         return thread.outcome()
-
-    def close(self) -> None:
-        self._threads.stop_all()
