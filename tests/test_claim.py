@@ -156,3 +156,32 @@ def test_handler_that_commits_is_stopped_and_its_effect_rolled_back(make_app, sq
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
     [error] = sql("SELECT error FROM delivery_failures")[0]
     assert "must not commit" in error
+
+
+def test_a_lost_connection_is_answered_from_what_committed_never_by_running_again(app, client):
+    # After a connection dies at or after the handlers, the claim looks the events up on a
+    # fresh connection instead of running them again: a committed claim (our COMMIT landed,
+    # or another delivery applied it meanwhile) is the duplicate it now is; else 503.
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import OperationalError
+    from werkzeug.datastructures import Headers
+
+    from app.errors import ServiceUnavailable
+    from app.outcome import Status
+    from app.plugins import Event
+
+    applied = deliver(client, "acme", {"id": "lost-1", "type": "contact.updated"})
+    assert applied.json["status"] == "processed"
+    claimer = app.extensions["idemhook.receiver"].claimer
+    lost = OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    def event(event_id):
+        return Event("acme", event_id, "contact.updated", {}, Headers(), datetime.now(UTC))
+
+    [outcome] = claimer._after_lost_connection([event("lost-1")], lost)
+    assert outcome.status is Status.DUPLICATE
+    assert outcome.result == applied.json["result"]
+    with pytest.raises(ServiceUnavailable) as refused:
+        claimer._after_lost_connection([event("lost-1"), event("lost-2")], lost)
+    assert refused.value.code == "database_unavailable"
