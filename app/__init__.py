@@ -17,6 +17,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
 from .claim import Claimer
+from .json_provider import JSONProvider
 
 log = logging.getLogger("idemhook")
 
@@ -30,6 +31,7 @@ def create_app(
     read the tables; no sources file is read, no plugin imported, no secret needed.
     """
     app = Flask(__name__)
+    app.json = JSONProvider(app)
     app.config.update(settings.load(test_config))
     if database_only:
         db.init_app(app)

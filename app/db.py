@@ -59,14 +59,20 @@ def dumps(value: Any, *, strict: bool = False) -> str:
     ``strict``: NaN and infinities raise ``ValueError`` (they are not JSON, and
     JSONB refuses them): a handler result that holds one fails its event.
     """
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=not strict)
+    text = (_STRICT if strict else _LENIENT).encode(value)
     if "\\u0000" in text:
         return _wrap(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _wrap(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _wrap(value)
     return text
+
+
+# Built once: ``json.dumps`` with options builds a new encoder on every call.
+_LENIENT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _wrap(value: Any) -> str:

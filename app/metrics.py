@@ -19,10 +19,11 @@ worker that answered.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -111,8 +112,9 @@ class Metrics:
         histogram = self.claim_wait if phase == "claim" else self.handlers
         self._child(histogram, event.source).observe(seconds)
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self._child(self.requests, endpoint, str(status)).observe(seconds)
+    def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """Record one HTTP request (``status``: the three digits of its status line)."""
+        self._child(self.requests, endpoint, status).observe(seconds)
 
     def attach(self, claimer: Claimer) -> None:
         claimer.observers.append(self.observe_event)
@@ -137,24 +139,62 @@ def metrics() -> Response:
     return Response(_metrics().exposition(), mimetype=None, content_type=CONTENT_TYPE_LATEST)
 
 
-def _start_timer() -> None:
-    g.idemhook_started = time.perf_counter()
+class RequestTimer:
+    """WSGI middleware: every request's latency into ``idemhook_request_duration_seconds``.
+
+    A middleware around ``app.wsgi_app`` rather than ``before_request`` and
+    ``after_request`` hooks: the hooks cost a request about 60,000 instructions
+    (Flask's hook dispatch, ``g`` and ``request`` through their proxies), this
+    about a third of that (docs/performance.md). The clock stops when the app
+    has answered, before the body is sent, as an ``after_request`` hook's would.
+    The endpoint's name comes from :class:`_NotingViews`.
+    """
+
+    def __init__(self, wsgi_app: Any, metrics: Metrics) -> None:
+        self.wsgi_app = wsgi_app
+        self.metrics = metrics
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+        status: list[str] = []
+
+        def recording_start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(line)
+            return start_response(line, headers, exc_info)
+
+        _serving.endpoint = "unmatched"  # a request that matches no route
+        body = self.wsgi_app(environ, recording_start_response)
+        if status:
+            # The endpoint name, never the path: paths carry sender-chosen IDs.
+            endpoint = _serving.endpoint
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(endpoint, status[-1][:3], elapsed)
+        return body
 
 
-def _observe_request(response: Response) -> Response:
-    started: Any = g.pop("idemhook_started", None)
-    if started is not None:
-        # The endpoint name, never the path: paths carry sender-chosen IDs.
-        endpoint = request.url_rule.endpoint if request.url_rule else "unmatched"
-        _metrics().observe_request(endpoint, response.status_code, time.perf_counter() - started)
-    return response
+#: The endpoint of the request this thread is serving, noted for :class:`RequestTimer`.
+_serving = threading.local()
+
+
+class _NotingViews(dict):
+    """``app.view_functions`` that notes the endpoint Flask dispatches to, for the timer.
+
+    Flask looks the matched view up here once per request (``view_functions[endpoint]``);
+    noting the name then costs a dictionary lookup, where ``before_request`` hooks or a
+    URL value preprocessor cost several times that (docs/performance.md). Views
+    registered at any time are covered.
+    """
+
+    def __getitem__(self, endpoint: str) -> Any:
+        _serving.endpoint = endpoint
+        return dict.__getitem__(self, endpoint)
 
 
 def init_app(app: Flask, claimer: Claimer) -> Metrics:
     metrics_ = Metrics()
     metrics_.attach(claimer)
     app.extensions["idemhook.metrics"] = metrics_
-    app.before_request(_start_timer)
-    app.after_request(_observe_request)
+    app.view_functions = _NotingViews(app.view_functions)
+    app.wsgi_app = RequestTimer(app.wsgi_app, metrics_)  # type: ignore[method-assign]
     app.register_blueprint(bp)
     return metrics_

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable
 from typing import Any
 
 from .load import event, new_ids, sign
@@ -137,7 +136,8 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
     from werkzeug.test import EnvironBuilder
 
-    app, path = build(url, variant)
+    flask_app, path = build(url, variant)
+    app = flask_app.wsgi_app  # its middleware included (the request timer)
     secret = SECRET.encode()
     size = BATCH if variant.endswith("-batch") else 0
 
@@ -189,8 +189,8 @@ def _instrument(state: str) -> None:
     )
 
 
-def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
-    """The WSGI callable and path of ``variant`` (see the module docstring)."""
+def build(url: str, variant: str) -> tuple[Any, str]:
+    """The Flask app and path of ``variant`` (see the module docstring)."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -203,7 +203,7 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
         from .baseline import create_app as create_baseline
 
         suffix = "_batch" if variant.endswith("-batch") else ""
-        return create_baseline().wsgi_app, "/webhooks/baseline" + suffix
+        return create_baseline(), "/webhooks/baseline" + suffix
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
 
@@ -216,13 +216,14 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
     quiet = variant in ("no-log", "intake-only")
     idemhook_log.setLevel(logging.WARNING if quiet else logging.INFO)
     if variant in ("no-metrics", "intake-only"):
-        from app import metrics as metrics_module
+        from app.metrics import RequestTimer
 
         metrics = app.extensions["idemhook.metrics"]
         claimer.observers.remove(metrics.observe_event)
         claimer.timers.remove(metrics.observe_phase)
-        app.before_request_funcs[None].remove(metrics_module._start_timer)
-        app.after_request_funcs[None].remove(metrics_module._observe_request)
+        if not isinstance(app.wsgi_app, RequestTimer):
+            raise RuntimeError("the request timer is not the outermost middleware")
+        app.wsgi_app = app.wsgi_app.wsgi_app  # type: ignore[method-assign]
     if variant == "no-handler-sql":
         registry = claimer.registry
         for i, registration in enumerate(registry.registrations):
@@ -237,7 +238,7 @@ def build(url: str, variant: str) -> tuple[Callable[..., Any], str]:
 
         claimer.watchdog.run = lambda work, on_overrun: work(Job())
 
-    return app.wsgi_app, "/webhooks/bench_batch" if variant.endswith(
+    return app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
     ) else "/webhooks/bench"
 

@@ -80,8 +80,8 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
 
     def observed(variant: str) -> tuple[bool, bool]:
         """(logged, counted in /metrics) for one event through ``variant``."""
-        wsgi, path = instructions.build(rendered, variant)
-        client = wsgi.__self__.test_client()
+        app, path = instructions.build(rendered, variant)
+        client = app.test_client()
         body = json.dumps(event(f"smoke-{variant}", 1)).encode()
         caplog.clear()  # records reach it through the root logger, at the variant's level
         answer = client.post(
