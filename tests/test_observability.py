@@ -8,11 +8,14 @@ import uuid
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from app import create_app, logs, migrate
 from app.errors import ConfigError
+from app.logs import TEXT_FORMAT, TextFormatter
 from app.testing import postgres
 from idemhook.testing import deliver
 from tests.conftest import SECRET
@@ -245,3 +248,18 @@ def test_a_failed_events_log_line_names_the_handler_and_exception_class_only(
     assert "outcome=failed" in line
     assert "handler=tests.plugins.recorder:record" in line and "error=RuntimeError" in line
     assert "4242" not in line and "declined" not in line
+
+
+@given(
+    st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
+    st.floats(min_value=0, max_value=2.5),
+)
+def test_text_lines_carry_the_timestamp_logging_itself_would_write(created, later):
+    # TextFormatter works the timestamp's text out once per second; each line's must still
+    # be the one logging.Formatter writes for its instant, milliseconds included, also for
+    # a line in the same second as the previous one or in a later one.
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    for at in (created, created + later):
+        record = logging.LogRecord("idemhook.events", logging.INFO, __file__, 1, "m", (), None)
+        record.created, record.msecs = at, (at - int(at)) * 1000
+        assert ours.format(record) == standard.format(record)
