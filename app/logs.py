@@ -27,6 +27,9 @@ log = logging.getLogger("idemhook.events")
 FORMATS = ("text", "json")
 #: The fields of an event line, in order (``handler`` and ``error`` only when set).
 FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms", "handler", "error")
+#: The fields of an outbox delivery line (app.sending), in order (``error`` only when set).
+MESSAGE_FIELDS = ("kind", "message_id", "attempt", "outcome", "duration_ms", "error")
+_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS))
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
@@ -44,11 +47,15 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
         fields["handler"] = outcome.handler
     if outcome.error_type is not None:
         fields["error"] = outcome.error_type
-    log.info(
-        "%s",
-        " ".join(f"{k}={_text(v)}" for k, v in fields.items()),
-        extra=fields,
-    )
+    log_fields(log, logging.INFO, fields)
+
+
+def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """One ``key=value`` line (a JSON object in json format) of ``fields``."""
+    if logger.isEnabledFor(level):
+        logger.log(
+            level, "%s", " ".join(f"{k}={_text(v)}" for k, v in fields.items()), extra=fields
+        )
 
 
 #: A value written bare: printable ASCII but space, '"' and '='. Anything else is quoted.
@@ -70,7 +77,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        fields = [f for f in FIELDS if hasattr(record, f)]
+        fields = [f for f in _ALL_FIELDS if hasattr(record, f)]
         if fields:
             body.update({f: getattr(record, f) for f in fields})
         else:
