@@ -161,7 +161,8 @@ def add_message(
 ) -> int:
     """Insert one message in ``session``'s transaction (idempotent on ``(kind, key)``)."""
     stored = dumps(payload, strict=True)
-    if session.get_bind().dialect.name == "postgresql":
+    bind = session.get_bind() if isinstance(session, Session) else session
+    if bind.dialect.name == "postgresql":
         params = {
             "kind": kind,
             "key": key,

@@ -54,7 +54,7 @@ import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
@@ -166,6 +166,10 @@ class Sender:
         return f"{self.func.__module__}:{self.func.__qualname__}"
 
 
+#: The retry policy of a sender: ``@sender`` arguments, or ``[outbox.<kind>]`` keys.
+SENDER_POLICY = ("max_attempts", "lease_seconds", "backoff_seconds", "max_backoff_seconds")
+
+
 def sender(
     kind: str,
     *,
@@ -264,6 +268,33 @@ class Registry:
                 f"kind {found.kind!r}, which {known.name} already sends: one sender per kind"
             )
         self.senders[found.kind] = found
+
+    def configure_senders(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply the sources file's ``[outbox.<kind>]`` retry policies to the senders."""
+        for kind, table in tables.items():
+            where = f"[outbox.{kind}]"
+            found = self.senders.get(kind)
+            if found is None:
+                known = ", ".join(sorted(self.senders)) or "none"
+                raise ConfigError(
+                    f"{where}: no @sender is registered for {kind!r} (senders: {known})"
+                )
+            unknown = set(table) - set(SENDER_POLICY)
+            if unknown:
+                raise ConfigError(
+                    f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(SENDER_POLICY)})"
+                )
+            policy = {name: getattr(found, name) for name in SENDER_POLICY} | dict(table)
+            try:
+                sender(kind, **policy)
+            except TypeError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            self.senders[kind] = replace(
+                found,
+                max_attempts=int(policy["max_attempts"]),
+                **{name: float(policy[name]) for name in SENDER_POLICY[1:]},
+            )
 
     def check_sources(self, known: Iterable[str]) -> None:
         known = set(known)
