@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, case, func, select, text, update
+from sqlalchemy import Connection, case, func, select, update
 
 from .db import Database, dumps, loads
 from .logs import log_fields
-from .outbox import CHANNEL, TABLE, Message, notify
+from .outbox import CHANNEL, TABLE, Message
 from .outbox_status import MessageStatus
 from .plugins import Reject, Sender
 from .worker import backoff, worker_name
@@ -51,18 +51,22 @@ SLOW_SEND_SECONDS = 0.001
 RECORD_WINDOW_SECONDS = 0.005
 DEFAULT_BATCH = 50
 
-_TAKE_PG = text(
+# PostgreSQL: each transaction is one or two round trips on a claim lane (app.lanes): the
+# lane sends BEGIN and the SET LOCAL timeouts with the first statement, COMMIT on its own.
+# Taking is not worth a disk flush: if a crash loses it, the message is simply due again.
+_TAKE_PG = (
+    "SET LOCAL synchronous_commit TO OFF; "
     "WITH due AS ("
     "SELECT id FROM outbox_messages "
-    "WHERE status = 'pending' AND next_attempt_at <= now() AND kind = ANY(:kinds) "
-    "ORDER BY next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED) "
-    "UPDATE outbox_messages AS m SET attempts = m.attempts + 1, leased_by = :lease, "
+    "WHERE status = 'pending' AND next_attempt_at <= now() AND kind = ANY(%(kinds)s) "
+    "ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+    "UPDATE outbox_messages AS m SET attempts = m.attempts + 1, leased_by = %(lease)s, "
     "last_attempt_at = now(), next_attempt_at = now() + make_interval(secs => l.secs) "
-    "FROM due, unnest(CAST(:kinds AS text[]), CAST(:leases AS float8[])) AS l(kind, secs) "
+    "FROM due, unnest(CAST(%(kinds)s AS text[]), CAST(%(leases)s AS float8[])) AS l(kind, secs) "
     "WHERE m.id = due.id AND l.kind = m.kind "
     "RETURNING m.id, m.kind, m.key, m.payload, m.attempts, m.created_at, m.source, m.event_id"
 )
-_RECORD_PG = text(
+_RECORD_PG = (
     "UPDATE outbox_messages AS m SET status = v.status, "
     "result = COALESCE(CAST(v.result AS jsonb), m.result), "
     "last_error = COALESCE(v.error, m.last_error), "
@@ -70,18 +74,20 @@ _RECORD_PG = text(
     "next_attempt_at = CASE WHEN v.status = 'pending' "
     "THEN now() + make_interval(secs => v.delay) ELSE m.next_attempt_at END, "
     "leased_by = NULL "
-    "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:results AS text[]), "
-    "CAST(:errors AS text[]), CAST(:delays AS float8[])) AS v(id, status, result, error, delay) "
-    "WHERE m.id = v.id AND m.leased_by = :lease "
+    "FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(statuses)s AS text[]), "
+    "CAST(%(results)s AS text[]), CAST(%(errors)s AS text[]), CAST(%(delays)s AS float8[])) "
+    "AS v(id, status, result, error, delay) "
+    "WHERE m.id = v.id AND m.leased_by = %(lease)s "
     "RETURNING m.id"
 )
-_GIVE_BACK_PG = text(
+_GIVE_BACK_PG = (
     "UPDATE outbox_messages SET leased_by = NULL, next_attempt_at = now(), "
-    "attempts = attempts - 1 WHERE id = ANY(:ids) AND leased_by = :lease"
+    "attempts = attempts - 1 WHERE id = ANY(%(ids)s) AND leased_by = %(lease)s; "
+    "SELECT pg_notify('" + CHANNEL + "', '')"
 )
-_NEXT_DUE_PG = text(
+_NEXT_DUE_PG = (
     "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM outbox_messages "
-    "WHERE status = 'pending' AND kind = ANY(:kinds)"
+    "WHERE status = 'pending' AND kind = ANY(%(kinds)s)"
 )
 
 
@@ -150,24 +156,34 @@ class Delivery:
     def _take(self) -> tuple[str, list[Message]]:
         self._claims += 1
         lease = f"{self._worker}:{self._claims}"
-        with self.database.engine.begin() as conn:
-            if self._postgresql:
-                rows = conn.execute(
-                    _TAKE_PG,
-                    {"kinds": self.kinds, "leases": self.leases, "limit": self.batch,
-                     "lease": lease},
-                ).all()
-            else:
-                rows = self._take_sqlite(conn, lease)
+        if self._postgresql:
+            params = {"kinds": self.kinds, "leases": self.leases, "limit": self.batch,
+                      "lease": lease}
+            rows = self._transaction(_TAKE_PG, params)
+        else:
+            with self.database.engine.begin() as conn:
+                rows = [tuple(r) for r in self._take_sqlite(conn, lease)]
         messages = sorted(
             (
-                Message(r.id, r.kind, r.key, r.payload, r.attempts, _aware(r.created_at),
-                        r.source, r.event_id)
-                for r in rows
+                Message(id_, kind, key, payload, attempts, _aware(created), source, event_id)
+                for id_, kind, key, payload, attempts, created, source, event_id in rows
             ),
             key=lambda m: m.id,
         )
         return lease, messages
+
+    def _transaction(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run ``sql`` in a transaction of its own on a lane; return its rows."""
+        with self.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                cursor = lane.execute(sql, params)
+                rows = cursor.fetchall() if cursor.description else []
+                lane.commit()
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+        return rows
 
     def _take_sqlite(self, conn: Connection, lease: str) -> list[Any]:
         # SQLite has one writer at a time (BEGIN IMMEDIATE, app.db): no SKIP LOCKED needed.
@@ -205,10 +221,10 @@ class Delivery:
 
     def _next_due(self) -> float | None:
         """Seconds until the earliest pending message of our kinds falls due (None: none)."""
+        if self._postgresql:
+            [(seconds,)] = self._transaction(_NEXT_DUE_PG, {"kinds": self.kinds})
+            return None if seconds is None else float(seconds)
         with self.database.engine.begin() as conn:
-            if self._postgresql:
-                seconds = conn.execute(_NEXT_DUE_PG, {"kinds": self.kinds}).scalar()
-                return None if seconds is None else float(seconds)
             earliest = conn.execute(
                 select(func.min(TABLE.c.next_attempt_at)).where(
                     TABLE.c.status == str(MessageStatus.PENDING), TABLE.c.kind.in_(self.kinds)
@@ -300,22 +316,18 @@ class Delivery:
     def _record(self, lease: str, done: Sequence[_Outcome]) -> None:
         if not done:
             return
-        with self.database.engine.begin() as conn:
-            if self._postgresql:
-                kept = set(
-                    conn.execute(
-                        _RECORD_PG,
-                        {
-                            "ids": [o.message.id for o in done],
-                            "statuses": [str(o.status) for o in done],
-                            "results": [o.result for o in done],
-                            "errors": [o.error for o in done],
-                            "delays": [o.delay for o in done],
-                            "lease": lease,
-                        },
-                    ).scalars()
-                )
-            else:
+        if self._postgresql:
+            params = {
+                "ids": [o.message.id for o in done],
+                "statuses": [str(o.status) for o in done],
+                "results": [o.result for o in done],
+                "errors": [o.error for o in done],
+                "delays": [o.delay for o in done],
+                "lease": lease,
+            }
+            kept = {row[0] for row in self._transaction(_RECORD_PG, params)}
+        else:
+            with self.database.engine.begin() as conn:
                 kept = self._record_sqlite(conn, lease, done)
         for outcome in done:
             self._report(outcome, kept=outcome.message.id in kept)
@@ -347,21 +359,19 @@ class Delivery:
         if not messages:
             return
         ids = [m.id for m in messages]
+        if self._postgresql:
+            self._transaction(_GIVE_BACK_PG, {"ids": ids, "lease": lease})
+            return
         with self.database.engine.begin() as conn:
-            if self._postgresql:
-                conn.execute(_GIVE_BACK_PG, {"ids": ids, "lease": lease})
-            else:
-                conn.execute(
-                    update(TABLE)
-                    .where(TABLE.c.id.in_(ids), TABLE.c.leased_by == lease)
-                    .values(
-                        leased_by=None,
-                        next_attempt_at=datetime.now(UTC),
-                        attempts=TABLE.c.attempts - 1,
-                    )
+            conn.execute(
+                update(TABLE)
+                .where(TABLE.c.id.in_(ids), TABLE.c.leased_by == lease)
+                .values(
+                    leased_by=None,
+                    next_attempt_at=datetime.now(UTC),
+                    attempts=TABLE.c.attempts - 1,
                 )
-            for kind in sorted({m.kind for m in messages}):
-                notify(conn, kind)
+            )
 
     def _report(self, outcome: _Outcome, *, kept: bool) -> None:
         message = outcome.message
