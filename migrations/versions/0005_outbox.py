@@ -61,6 +61,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_outbox_messages_source_event_id", "outbox_messages", ["source", "event_id"]
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # A queue table: every message leaves dead entries in the due index as it is taken
+        # and sent, and each take walks past those not vacuumed yet. Vacuum it after a
+        # thousand changes rather than after a fifth of the table (the default).
+        op.execute(
+            "ALTER TABLE outbox_messages SET (autovacuum_vacuum_scale_factor = 0, "
+            "autovacuum_vacuum_threshold = 1000, autovacuum_analyze_scale_factor = 0.05)"
+        )
 
 
 def downgrade() -> None:
