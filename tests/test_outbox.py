@@ -347,3 +347,24 @@ def test_the_outbox_works_on_sqlite_too(sqlite_url):
             for table in ("outbox_messages", "processed_events", "test_effects"):
                 conn.execute(text(f"DELETE FROM {table}"))
         engine.dispose()
+
+
+def test_handlers_list_names_each_kinds_sender_and_policy(make_app):
+    app = make_app({**MAIL_SOURCES, "outbox": {"email": {"max_attempts": 4}}})
+    output = app.test_cli_runner().invoke(args=["handlers", "list"]).output
+    assert (
+        "outbox sender: email  examples.email_api.sender:send_email  (max_attempts 4, "
+        "lease 60 s, backoff 5-3600 s)"
+    ) in output
+
+
+def test_a_sender_that_cannot_take_a_message_stops_start_up_naming_it(pg_url):
+    config = {**MAIL_SOURCES, "plugins": [*MAIL_SOURCES["plugins"], "tests.plugins.bad_sender"]}
+    with pytest.raises(ConfigError, match=r"sender tests.plugins.bad_sender:send must accept"):
+        create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": config})
+
+
+def test_the_worker_refuses_to_start_without_a_sender(make_app):
+    result = make_app().test_cli_runner().invoke(args=["worker"])
+    assert result.exit_code == 2
+    assert "no @sender is registered" in result.output
