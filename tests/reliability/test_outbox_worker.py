@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from app.outbox import add_message
 from tests.mail import SmtpServer
@@ -156,3 +156,63 @@ def create_app_runner(url):
 
     app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}}, database_only=True)
     return app.test_cli_runner()
+
+
+def test_sigterm_finishes_the_email_in_hand_and_gives_back_the_rest(clean_db, sql):
+    engine = create_engine(clean_db)
+    with engine.begin() as conn:
+        ids = [
+            add_message(conn, "email", {"to": "a@example.com", "subject": f"s{n}", "text": "x"},
+                        f"term-{n}")
+            for n in range(3)
+        ]
+    engine.dispose()
+    with SmtpServer() as smtp:
+        gate = smtp.hold()
+        with worker(MAIL_SOURCES, clean_db, env=mail_env(smtp)) as running:
+            assert gate.arrived.wait(30), running.log()  # the first email is in hand
+            running.process.terminate()  # SIGTERM, as a deploy sends it
+            smtp.release()
+            assert running.process.wait(timeout=60) == 0, running.log()
+            log = running.log()
+        rows = sql("SELECT id, status, attempts, leased_by FROM outbox_messages ORDER BY id")
+    assert [(r.id, r.status, r.attempts, r.leased_by) for r in rows] == [
+        (ids[0], "sent", 1, None),  # finished and recorded before it exited
+        (ids[1], "pending", 0, None),  # given back, as if never taken
+        (ids[2], "pending", 0, None),
+    ]
+    assert len(smtp.accepted) == 1
+    assert "outcome=sent" in log and log.rstrip().endswith("stopped")
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"], ids=["clean stop", "crash"])
+def test_the_worker_outlives_a_database_restart_and_sends_what_comes_after(own_cluster, mode):
+    cluster, url = own_cluster
+    engine = create_engine(url)
+
+    def queue(key: str) -> int:
+        with engine.begin() as conn:
+            return add_message(conn, "email", {"to": "a@example.com", "subject": key,
+                                               "text": "x"}, key)
+
+    def status(message_id: int) -> str | None:
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT status FROM outbox_messages WHERE id = :id"), {"id": message_id}
+            ).scalar()
+
+    try:
+        with SmtpServer() as smtp, worker(MAIL_SOURCES, url, env=mail_env(smtp)) as running:
+            before = queue("before")
+            wait_for(lambda: status(before) == "sent", "the first email")
+            engine.dispose()
+            cluster.stop(mode)
+            wait_for(lambda: "unreachable" in running.log() or "LISTEN connection was lost"
+                     in running.log(), "the worker to notice the database is gone")
+            cluster.start()
+            after = queue("after")
+            wait_for(lambda: status(after) == "sent", "the email queued after the restart")
+            assert running.process.poll() is None  # the same process, never restarted
+            assert [r.subject for r in smtp.accepted] == ["before", "after"]
+    finally:
+        engine.dispose()
