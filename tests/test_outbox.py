@@ -93,6 +93,11 @@ def test_a_handler_that_raises_after_adding_leaves_no_message(client, sql):
     assert [r.key for r in messages(sql)] == ["mail:m2:0"]
 
 
+def test_a_rejected_event_leaves_no_message(client, sql):
+    assert deliver(client, "mail", {"id": "m5", "reject": True}).json["status"] == "rejected"
+    assert messages(sql) == []
+
+
 def test_in_a_batch_a_failed_event_takes_only_its_own_message_with_it(make_app, sql):
     config = {
         **MAIL_SOURCES,
@@ -342,6 +347,8 @@ def test_the_outbox_works_on_sqlite_too(sqlite_url):
             ).all()
         assert [(r.key, r.status, r.attempts) for r in rows] == [("mail:s1:0", "sent", 2)]
         assert "OSError: down" in rows[0].last_error
+        metrics = client.get("/metrics").get_data(as_text=True)
+        assert 'idemhook_outbox_messages{status="pending"} 0.0' in metrics
     finally:
         with engine.begin() as conn:
             for table in ("outbox_messages", "processed_events", "test_effects"):

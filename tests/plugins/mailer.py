@@ -3,14 +3,15 @@
 Each event of the ``mail`` source writes one ``test_effects`` row and adds one
 ``email`` outbox message from its payload (``to``, ``subject``, ``text``). A row in
 ``test_failures`` for the event makes the handler raise after both, so the test can
-see that neither survives; ``"kind"`` in the payload picks another kind.
+see that neither survives; ``"reject": true`` makes it return ``Reject`` after both;
+``"kind"`` in the payload picks another kind.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import text
 
-from idemhook import handler
+from idemhook import Reject, handler
 
 
 @handler("mail", "*")
@@ -27,6 +28,8 @@ def queue_email(event, db):
             "text": event.payload.get("text", "hello"),
         },
     )
+    if event.payload.get("reject"):
+        return Reject("the event says so")
     reason = db.execute(
         text("SELECT reason FROM test_failures WHERE event_id = :event_id"),
         {"event_id": event.id},
