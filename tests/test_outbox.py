@@ -375,3 +375,17 @@ def test_the_worker_refuses_to_start_without_a_sender(make_app):
     result = make_app().test_cli_runner().invoke(args=["worker"])
     assert result.exit_code == 2
     assert "no @sender is registered" in result.output
+
+
+def test_the_listen_url_is_normalised_off_is_accepted_and_a_bad_one_refused(monkeypatch):
+    from app import settings
+
+    monkeypatch.setenv("DATABASE_URL", "sqlite://")
+    monkeypatch.setenv("IDEMHOOK_WORKER_LISTEN_URL", "postgres://u@db.example/app")
+    assert settings.load()["IDEMHOOK_WORKER_LISTEN_URL"].drivername == "postgresql+psycopg2"
+    monkeypatch.setenv("IDEMHOOK_WORKER_LISTEN_URL", "off")
+    assert settings.load()["IDEMHOOK_WORKER_LISTEN_URL"] == "off"
+    monkeypatch.setenv("IDEMHOOK_WORKER_LISTEN_URL", "mysql://root:hunter2@db/app")
+    with pytest.raises(ConfigError, match="IDEMHOOK_WORKER_LISTEN_URL") as info:
+        settings.load()
+    assert "hunter2" not in str(info.value)
