@@ -83,7 +83,7 @@ _RECORD_PG = (
 _GIVE_BACK_PG = (
     "UPDATE outbox_messages SET leased_by = NULL, next_attempt_at = now(), "
     "attempts = attempts - 1 WHERE id = ANY(%(ids)s) AND leased_by = %(lease)s; "
-    "SELECT pg_notify('" + CHANNEL + "', '')"
+    "SELECT pg_notify(%(channel)s, '')"
 )
 _NEXT_DUE_PG = (
     "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM outbox_messages "
@@ -360,7 +360,7 @@ class Delivery:
             return
         ids = [m.id for m in messages]
         if self._postgresql:
-            self._transaction(_GIVE_BACK_PG, {"ids": ids, "lease": lease})
+            self._transaction(_GIVE_BACK_PG, {"ids": ids, "lease": lease, "channel": CHANNEL})
             return
         with self.database.engine.begin() as conn:
             conn.execute(

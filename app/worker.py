@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from psycopg2 import sql as pgsql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -120,8 +121,8 @@ class Listener:
             connection = raw.dbapi_connection
             connection.autocommit = True
             with connection.cursor() as cursor:
-                for channel in self.channels:
-                    cursor.execute(f'LISTEN "{channel}"')
+                for channel in self.channels:  # an identifier: no bound parameter for it
+                    cursor.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
         except (DBAPIError, self.engine.dialect.loaded_dbapi.Error) as exc:
             self._failures += 1
             delay = backoff(self._failures, 0.5, MAX_ERROR_BACKOFF)
