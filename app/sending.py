@@ -250,7 +250,7 @@ class Delivery:
                     self.batch = max(1, self.batch // 2)
                 return
             if done and self._send_seconds.get(message.kind, 0.0) >= SLOW_SEND_SECONDS:
-                self._record(lease, done)  # before a slow send, never after it
+                self._record(lease, done)  # a slow send next: record the fast ones first
                 done = []
             self._held = (lease, messages[position + 1 :])
             outcome = self._send(sender, message)
