@@ -44,6 +44,7 @@ def create_app(
     loaded = sources.load(config, max_body_bytes=app.config["IDEMHOOK_MAX_BODY_BYTES"])
     registry = plugins.load(loaded.plugins)
     registry.check_sources(loaded.sources)
+    registry.configure_senders(loaded.outbox)
     app.extensions["idemhook.registry"] = registry
 
     errors.init_app(app)

@@ -1,4 +1,5 @@
-"""The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``.
+"""The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``,
+``/outbox`` and ``/outbox/<id>``.
 
 Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
 answers 404), and then only for ``Authorization: Bearer <token>``. The token is
@@ -20,6 +21,7 @@ from . import queries
 from .admin import require_admin_token
 from .db import get_db, is_disconnect
 from .errors import BadRequest, ConfigError, NotFound, ServiceUnavailable
+from .outbox_status import MESSAGE_STATUSES
 
 bp = Blueprint("api", __name__)
 
@@ -27,6 +29,7 @@ _LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
 _EVENT_PARAMS = _LIST_PARAMS | {"status"}
 _FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
 _STATS_PARAMS = {"source", "type", "since", "until", "by"}
+_OUTBOX_PARAMS = {"kind", "status", "source", "since", "until", "limit", "cursor"}
 
 
 @bp.before_request
@@ -140,6 +143,52 @@ def show_event(source: str, event_id: str) -> Response:
 @bp.get("/failures")
 def list_failures() -> Response:
     return _page(queries.list_failures, "failures", _FAILURE_PARAMS)
+
+
+@bp.get("/outbox")
+def list_outbox() -> Response:
+    args = _args(_OUTBOX_PARAMS)
+    base = _filters({k: v for k, v in args.items() if k in ("since", "until")})
+    status = args.get("status")
+    if status is not None and status not in MESSAGE_STATUSES:
+        raise BadRequest(
+            f"status must be one of {', '.join(MESSAGE_STATUSES)}, got {status!r}.",
+            code="invalid_parameter",
+        )
+    filters = queries.OutboxFilters(
+        kind=args.get("kind"),
+        status=status,
+        source=args.get("source"),
+        since=base.since,
+        until=base.until,
+    )
+    limit = _limit(args)
+    try:
+        with _session() as session:
+            rows, next_cursor = queries.list_outbox(
+                session, filters, limit, args.get("cursor") or None
+            )
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({"messages": rows, "next": next_cursor})
+
+
+@bp.get("/outbox/<message_id>")
+def show_message(message_id: str) -> Response:
+    _args(set())
+    if not message_id.isascii() or not message_id.isdigit() or int(message_id) >= 2**63:
+        raise NotFound(
+            f"No outbox message {message_id!r}: message IDs are whole numbers.",
+            code="message_not_found",
+        )
+    with _session() as session:
+        message = queries.get_message(session, int(message_id))
+    if message is None:
+        raise NotFound(
+            f"No outbox message {message_id} is recorded (never added, or pruned).",
+            code="message_not_found",
+        )
+    return jsonify(message)
 
 
 def init_app(app: Flask) -> None:

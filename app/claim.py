@@ -174,7 +174,7 @@ class Claimer:
 
         job.handlers_started(event)
         handlers_started = time.perf_counter()
-        run = run_handlers(registrations, event, lane.session)
+        run = run_handlers(registrations, event, lane.session, senders=self.registry.senders)
         job.handlers_ended()
         tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
         if run.status is Status.FAILED and is_disconnect(run.error):

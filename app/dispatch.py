@@ -11,12 +11,13 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from . import outbox
 from .db import dumps
 from .outcome import Status
 from .plugins import Event, Ignore, Registration, Reject, result_of
@@ -78,19 +79,34 @@ class HandlerRun:
 
 
 def run_handlers(
-    registrations: Sequence[Registration], event: Event, session: ClaimSession
+    registrations: Sequence[Registration],
+    event: Event,
+    session: ClaimSession,
+    *,
+    senders: Mapping[str, Any] | None = None,
 ) -> HandlerRun:
     """Run ``registrations`` for ``event`` in ``session``'s transaction, in order.
 
     A handler's ``Reject`` (returned or raised) stops the run; an exception
     fails it. After the handlers, their ORM writes are flushed and the result
     is serialised, so a write PostgreSQL refuses or a result JSON cannot hold
-    fails this event rather than the transaction's commit.
+    fails this event rather than the transaction's commit. ``event.outbox``
+    adds messages in ``session`` meanwhile; ``senders`` (the registry's) are the
+    kinds it accepts.
     """
+    session.in_handler = True
+    token = outbox.bind(event, session, senders)
+    try:
+        return _run(registrations, event, session)
+    finally:
+        outbox.unbind(token)
+        session.in_handler = False
+
+
+def _run(registrations: Sequence[Registration], event: Event, session: ClaimSession) -> HandlerRun:
     results: dict[str, Any] = {}
     ignored = 0
     name = registrations[0].name if registrations else None
-    session.in_handler = True
     try:
         for registration in registrations:
             name = registration.name
@@ -110,7 +126,5 @@ def run_handlers(
             session.flush()
     except Exception as exc:  # anything a plugin raises fails this event, retryably
         return HandlerRun(Status.FAILED, handler=name, error=exc)
-    finally:
-        session.in_handler = False
     status = Status.IGNORED if ignored == len(registrations) else Status.PROCESSED
     return HandlerRun(status, result, stored)

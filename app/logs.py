@@ -28,6 +28,9 @@ log = logging.getLogger("idemhook.events")
 FORMATS = ("text", "json")
 #: The fields of an event line, in order (``handler`` and ``error`` only when set).
 FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms", "handler", "error")
+#: The fields of an outbox delivery line (app.sending), in order (``error`` only when set).
+MESSAGE_FIELDS = ("kind", "message_id", "attempt", "outcome", "duration_ms", "error")
+_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS))
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
@@ -45,17 +48,22 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
         fields["handler"] = outcome.handler
     if outcome.error_type is not None:
         fields["error"] = outcome.error_type
+    log_fields(log, logging.INFO, fields)
+
+
+def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """One ``key=value`` line (a JSON object in json format) of ``fields``."""
+    if not logger.isEnabledFor(level):
+        return
     message = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
-    # The record made directly: Logger.info would also look up the caller's frame, a
+    # The record made directly: Logger.log would also look up the caller's frame, a
     # fifth of the line's cost, to name this function, which is known.
-    record = log.makeRecord(
-        log.name, logging.INFO, __file__, _LINE, message, (), None, "log_outcome"
-    )
+    record = logger.makeRecord(logger.name, level, __file__, _LINE, message, (), None, "log_fields")
     record.__dict__.update(fields)
-    log.handle(record)
+    logger.handle(record)
 
 
-_LINE = log_outcome.__code__.co_firstlineno
+_LINE = log_fields.__code__.co_firstlineno
 
 #: A value written bare: printable ASCII but space, '"' and '='. Anything else is quoted.
 _BARE = re.compile(r"[!#-<>-~]+")
@@ -76,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        fields = [f for f in FIELDS if hasattr(record, f)]
+        fields = [f for f in _ALL_FIELDS if hasattr(record, f)]
         if fields:
             body.update({f: getattr(record, f) for f in fields})
         else:

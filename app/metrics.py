@@ -8,6 +8,13 @@
 - ``idemhook_handler_duration_seconds{source}``: time in handlers per event.
 - ``idemhook_claim_wait_seconds{source}``: time of the claim ``INSERT``, which
   includes waiting for a concurrent delivery of the same event to finish.
+- ``idemhook_outbox_messages{status}`` (pending, dead) and
+  ``idemhook_outbox_oldest_pending_age_seconds``: read from ``outbox_messages``
+  at each scrape (:class:`OutboxCollector`), whichever process serves it.
+- ``idemhook_outbox_deliveries_total{kind,outcome}`` (sent, retry, dead,
+  lease_lost) and ``idemhook_outbox_send_duration_seconds{kind}``: counted by
+  each ``idemhook worker`` (:class:`OutboxMetrics`), served on its
+  ``--metrics-bind`` address, and by ``/metrics`` too in multiprocess mode.
 
 gunicorn runs several worker processes, each with its own counters. Set
 ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before starting gunicorn and
@@ -21,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
@@ -31,10 +39,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from .admin import require_admin_token
 from .claim import Claimer, Outcome
+from .models import outbox_messages
+from .outbox_status import MessageStatus
 from .plugins import Event
 
 MAX_TYPES_PER_SOURCE = 100
@@ -51,6 +64,8 @@ class Metrics:
 
     def __init__(self, max_types_per_source: int = MAX_TYPES_PER_SOURCE) -> None:
         self.registry = CollectorRegistry()
+        #: Collectors read at scrape time (added to the multiprocess registry too).
+        self.collectors: list[Any] = []
         self.max_types = max_types_per_source
         self._types: dict[str, set[str]] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -95,12 +110,7 @@ class Metrics:
         return event_type
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        # .labels() takes a lock and validates on every call; the hot path looks up a dict.
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        return _labelled(self._children, metric, *labels)
 
     def observe_event(self, event: Event, outcome: Outcome, seconds: float) -> None:
         """Count one event (a :class:`app.claim.Claimer` observer)."""
@@ -124,8 +134,106 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            for collector in self.collectors:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def add_collector(self, collector: Any) -> None:
+        """A collector that reads its values at scrape time (in multiprocess mode too)."""
+        self.collectors.append(collector)
+        self.registry.register(collector)
+
+
+class OutboxCollector:
+    """``outbox_messages`` at scrape time: messages by status, age of the oldest pending.
+
+    Pending and dead messages are counted (the partial index keeps pending cheap; dead
+    ones are few unless something is wrong). Sent ones are not: their number only
+    grows until pruned; ``idemhook_outbox_deliveries_total`` counts them as they go.
+    A database that does not answer leaves the gauges out of that scrape.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        table = outbox_messages
+        try:
+            with self.engine.begin() as conn:
+                counts = dict(
+                    conn.execute(
+                        select(table.c.status, func.count())
+                        .where(table.c.status.in_([MessageStatus.PENDING, MessageStatus.DEAD]))
+                        .group_by(table.c.status)
+                    ).all()
+                )
+                oldest = conn.execute(
+                    select(func.min(table.c.created_at)).where(
+                        table.c.status == str(MessageStatus.PENDING)
+                    )
+                ).scalar()
+                now = conn.execute(select(func.now())).scalar()
+        except SQLAlchemyError:
+            return
+        messages = GaugeMetricFamily(
+            "idemhook_outbox_messages",
+            "Outbox messages not sent yet (pending) or given up (dead), by status.",
+            labels=["status"],
+        )
+        for status in (MessageStatus.PENDING, MessageStatus.DEAD):
+            messages.add_metric([str(status)], counts.get(str(status), 0))
+        yield messages
+        age = 0.0
+        if oldest is not None and now is not None:
+            age = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+        yield GaugeMetricFamily(
+            "idemhook_outbox_oldest_pending_age_seconds",
+            "Age of the oldest outbox message not sent yet (0 when none is pending).",
+            value=age,
+        )
+
+
+class OutboxMetrics:
+    """What one ``idemhook worker`` counts: deliveries by kind and outcome, send durations."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.deliveries = Counter(
+            "idemhook_outbox_deliveries",
+            "Attempts at delivering outbox messages, by kind and outcome "
+            "(sent, retry, dead, lease_lost).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.send_duration = Histogram(
+            "idemhook_outbox_send_duration_seconds",
+            "Time a sender took per attempt, by kind.",
+            ["kind"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def observe_delivery(self, kind: str, outcome: str, seconds: float) -> None:
+        _labelled(self._children, self.deliveries, kind, outcome).inc()
+        _labelled(self._children, self.send_duration, kind).observe(seconds)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite: naive UTC
+
+
+def _labelled(cache: dict[tuple[Any, tuple[str, ...]], Any], metric: Any, *labels: str) -> Any:
+    # .labels() takes a lock and validates on every call; the hot path looks up a dict.
+    key = (metric, labels)
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*labels)
+    return child
 
 
 def _metrics() -> Metrics:
@@ -193,6 +301,7 @@ class _NotingViews(dict):
 def init_app(app: Flask, claimer: Claimer) -> Metrics:
     metrics_ = Metrics()
     metrics_.attach(claimer)
+    metrics_.add_collector(OutboxCollector(claimer.database.engine))
     app.extensions["idemhook.metrics"] = metrics_
     app.view_functions = _NotingViews(app.view_functions)
     app.wsgi_app = RequestTimer(app.wsgi_app, metrics_)  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""The tables users query: ``processed_events`` and ``delivery_failures``.
+"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``.
 
 Column names are a public contract (``docs/querying.md`` explains each one).
 The schema itself is created by the Alembic revisions in ``migrations/``; these
@@ -24,10 +24,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .outbox_status import MESSAGE_STATUSES
 from .outcome import STORED_STATUSES
 
 # Stable constraint names that migrations can refer to (Alembic's naming docs).
@@ -108,3 +110,51 @@ class DeliveryFailure(Base):
 
 processed_events = ProcessedEvent.__table__
 delivery_failures = DeliveryFailure.__table__
+
+
+class OutboxMessage(Base):
+    """One side effect to deliver outside the database, added in a claim's transaction.
+
+    It exists if and only if that transaction committed; ``idemhook worker``
+    hands it to the sender of its ``kind`` until it is ``sent`` or ``dead``
+    (docs/outbox.md). ``leased_by`` names the worker holding it until
+    ``next_attempt_at`` (its lease), after which another worker may take it.
+    """
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    leased_by: Mapped[str | None] = mapped_column(String(128))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: The event whose handler added it (none when added outside a handler).
+    source: Mapped[str | None] = mapped_column(String(64))
+    event_id: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (
+        UniqueConstraint("kind", "key"),
+        CheckConstraint(f"status IN {MESSAGE_STATUSES!r}", name="status"),
+        # The worker's claim: due pending messages, oldest first (a small, hot index).
+        Index(
+            "ix_outbox_messages_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Listings, keyset pages ordered by (created_at, id), and pruning.
+        Index(None, "created_at", "id"),
+        Index(None, "source", "event_id"),
+    )
+
+
+outbox_messages = OutboxMessage.__table__

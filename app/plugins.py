@@ -31,9 +31,19 @@ Contract (the full text with examples is ``docs/plugins.md``)::
   an object mapping each handler's ``module:qualname`` to its return value.
 - A source of ``"*"`` matches every source.
 
-Handlers come from the modules listed in ``plugins`` in the sources file and from
-the ``idemhook.handlers`` entry-point group: one loading path for both, once, at
-start-up. A plugin module may set ``IDEMHOOK_MIGRATIONS`` to the folder of its
+Side effects outside the database go through the outbox (docs/outbox.md): a
+handler calls ``event.outbox.add(kind, payload, key=None)``, which inserts a
+message in the claim's transaction, and ``idemhook worker`` hands each committed
+message to the ``@sender(kind)`` function of its kind::
+
+    @sender("email", max_attempts=10)
+    def send_email(message):                  # an idemhook.Message
+        smtp.send(..., message_id=message.key)
+        return {"smtp": "250 OK"}             # stored as the message's result
+
+Handlers and senders come from the modules listed in ``plugins`` in the sources
+file and from the ``idemhook.handlers`` entry-point group: one loading path for
+both, once, at start-up. A plugin module may set ``IDEMHOOK_MIGRATIONS`` to the folder of its
 own Alembic revisions; installed plugins may instead register that folder in
 the ``idemhook.migrations`` entry-point group. ``idemhook db upgrade`` applies both.
 """
@@ -44,7 +54,7 @@ import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
@@ -53,13 +63,16 @@ from typing import Any
 
 from werkzeug.datastructures import Headers
 
+from . import outbox
 from .errors import ConfigError
+from .outbox import Message, Outbox
 
 ENTRY_POINT_GROUP = "idemhook.handlers"
 MIGRATIONS_GROUP = "idemhook.migrations"
 #: Module attribute naming the folder of a plugin's own Alembic revisions.
 MIGRATIONS_ATTRIBUTE = "IDEMHOOK_MIGRATIONS"
 _MARK = "__idemhook_handlers__"
+_SENDER_MARK = "__idemhook_sender__"
 
 
 class HandlerOutcome(Exception):
@@ -104,8 +117,14 @@ class Event:
     headers: Headers = field(repr=False)
     received_at: datetime
 
+    @property
+    def outbox(self) -> Outbox:
+        """Add outbox messages in this event's transaction (only while its handlers run)."""
+        return outbox.current(self)
+
 
 HandlerFunc = Callable[[Event, Any], Any]
+SenderFunc = Callable[[Message], Any]
 
 
 def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], HandlerFunc]:
@@ -122,6 +141,70 @@ def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], Handl
             raise TypeError("@handler decorates a function")
         # Stacked decorators apply bottom-up; keep the order in which they are written.
         func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type))
+        return func
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The function that delivers one kind of outbox message, and its retry policy."""
+
+    kind: str
+    func: SenderFunc
+    #: Attempts before the message goes ``dead`` (a worker that dies holding it counts).
+    max_attempts: int = 10
+    #: How long a worker holds a message it took before another worker may take it.
+    lease_seconds: float = 60.0
+    #: The delay before the second attempt; it doubles with each attempt after (with jitter).
+    backoff_seconds: float = 5.0
+    #: The longest delay between two attempts.
+    max_backoff_seconds: float = 3600.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+
+#: The retry policy of a sender: ``@sender`` arguments, or ``[outbox.<kind>]`` keys.
+SENDER_POLICY = ("max_attempts", "lease_seconds", "backoff_seconds", "max_backoff_seconds")
+
+
+def sender(
+    kind: str,
+    *,
+    max_attempts: int = 10,
+    lease_seconds: float = 60.0,
+    backoff_seconds: float = 5.0,
+    max_backoff_seconds: float = 3600.0,
+) -> Callable[[SenderFunc], SenderFunc]:
+    """Mark ``func`` as the sender of ``kind`` outbox messages (docs/outbox.md)."""
+    outbox.check_kind(kind)
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        raise TypeError("sender(kind, max_attempts=...): a whole number of at least 1")
+    for name, value in (
+        ("lease_seconds", lease_seconds),
+        ("backoff_seconds", backoff_seconds),
+        ("max_backoff_seconds", max_backoff_seconds),
+    ):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise TypeError(f"sender(kind, {name}=...): a positive number of seconds")
+
+    def mark(func: SenderFunc) -> SenderFunc:
+        if not callable(func):
+            raise TypeError("@sender decorates a function")
+        setattr(
+            func,
+            _SENDER_MARK,
+            Sender(
+                kind,
+                func,
+                max_attempts=max_attempts,
+                lease_seconds=float(lease_seconds),
+                backoff_seconds=float(backoff_seconds),
+                max_backoff_seconds=float(max_backoff_seconds),
+            ),
+        )
         return func
 
     return mark
@@ -150,6 +233,8 @@ class Registry:
 
     def __init__(self, registrations: Iterable[Registration] = ()) -> None:
         self.registrations: list[Registration] = list(registrations)
+        #: The sender of each outbox message kind (at most one per kind).
+        self.senders: dict[str, Sender] = {}
         #: Folders of plugins' own Alembic revisions (``idemhook db upgrade`` applies them).
         self.migrations: list[Path] = []
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
@@ -175,6 +260,42 @@ class Registry:
             self.registrations.append(registration)
             self._cache.clear()
 
+    def add_sender(self, found: Sender, where: str = "") -> None:
+        known = self.senders.get(found.kind)
+        if known is not None and known != found:
+            raise ConfigError(
+                f"{where + ': ' if where else ''}sender {found.name} is registered for outbox "
+                f"kind {found.kind!r}, which {known.name} already sends: one sender per kind"
+            )
+        self.senders[found.kind] = found
+
+    def configure_senders(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply the sources file's ``[outbox.<kind>]`` retry policies to the senders."""
+        for kind, table in tables.items():
+            where = f"[outbox.{kind}]"
+            found = self.senders.get(kind)
+            if found is None:
+                known = ", ".join(sorted(self.senders)) or "none"
+                raise ConfigError(
+                    f"{where}: no @sender is registered for {kind!r} (senders: {known})"
+                )
+            unknown = set(table) - set(SENDER_POLICY)
+            if unknown:
+                raise ConfigError(
+                    f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(SENDER_POLICY)})"
+                )
+            policy = {name: getattr(found, name) for name in SENDER_POLICY} | dict(table)
+            try:
+                sender(kind, **policy)
+            except TypeError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            self.senders[kind] = replace(
+                found,
+                max_attempts=int(policy["max_attempts"]),
+                **{name: float(policy[name]) for name in SENDER_POLICY[1:]},
+            )
+
     def check_sources(self, known: Iterable[str]) -> None:
         known = set(known)
         for reg in self.registrations:
@@ -183,6 +304,17 @@ class Registry:
                     f"handler {reg.name} is registered for source {reg.source!r}, which is not "
                     f"in the sources file (configured: {', '.join(sorted(known)) or 'none'})"
                 )
+
+
+def collect_senders(obj: Any) -> list[Sender]:
+    """Senders marked with ``@sender`` on ``obj`` (a module, or one function)."""
+    candidates = vars(obj).values() if isinstance(obj, ModuleType) else [obj]
+    found: list[Sender] = []
+    for candidate in candidates:
+        mark = getattr(candidate, _SENDER_MARK, None) if inspect.isroutine(candidate) else None
+        if isinstance(mark, Sender) and mark not in found:
+            found.append(mark)
+    return found
 
 
 def collect(obj: Any) -> list[Registration]:
@@ -253,13 +385,24 @@ def _add(registry: Registry, obj: Any, where: str) -> None:
         except ValueError:  # no signature to inspect (a builtin): let it be called
             pass
         registry.add_registration(registration)
+    senders = collect_senders(obj)
+    for found_sender in senders:
+        try:
+            inspect.signature(found_sender.func).bind(None)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: sender {found_sender.name} must accept (message)"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it be called
+            pass
+        registry.add_sender(found_sender, where)
     migrations = getattr(obj, MIGRATIONS_ATTRIBUTE, None) if isinstance(obj, ModuleType) else None
     if migrations is not None:
         _add_migrations(registry, migrations, where)
-    if not found and migrations is None:
+    if not found and not senders and migrations is None:
         raise ConfigError(
             f"{where} registers no handlers: decorate its functions with "
-            "@handler(source, event_type) (from app.plugins)"
+            "@handler(source, event_type) or @sender(kind) (from idemhook)"
         )
 
 

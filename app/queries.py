@@ -1,4 +1,4 @@
-"""Reading the event tables: one implementation for the CLI and the read API.
+"""Reading the event and outbox tables: one implementation for the CLI and the read API.
 
 Filters, keyset pagination and stats live here so that ``idemhook events ...``
 and ``GET /events`` cannot disagree (pruning is :mod:`app.retention`, replay
@@ -27,10 +27,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from .models import delivery_failures, processed_events
+from .models import delivery_failures, outbox_messages, processed_events
 
 EVENTS = processed_events
 FAILURES = delivery_failures
+OUTBOX = outbox_messages
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -158,7 +159,18 @@ def _page(
 #: Every column of processed_events; listings leave payload and headers out (``show`` has them).
 EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
 LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name not in ("payload", "headers"))
-_TIMES = {"received_at", "processed_at", "last_seen_at", "replayed_at", "failed_at"}
+_TIMES = {
+    "received_at",
+    "processed_at",
+    "last_seen_at",
+    "replayed_at",
+    "failed_at",
+    # outbox_messages
+    "next_attempt_at",
+    "last_attempt_at",
+    "created_at",
+    "sent_at",
+}
 
 
 def _row(mapping: Any, columns: tuple[str, ...]) -> dict[str, Any]:
@@ -348,3 +360,50 @@ def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any
         "groups": ordered,
         "totals": totals,
     }
+
+
+# -- outbox messages -------------------------------------------------------------------------
+
+#: Every column of outbox_messages; listings leave payload and result out (``show`` has them).
+OUTBOX_COLUMNS = tuple(c.name for c in OUTBOX.columns)
+OUTBOX_LIST_COLUMNS = tuple(n for n in OUTBOX_COLUMNS if n not in ("payload", "result"))
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFilters:
+    """What an outbox listing is narrowed to; ``None`` means any. Times are ``created_at``."""
+
+    kind: str | None = None
+    status: str | None = None
+    source: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def list_outbox(
+    session: Session,
+    filters: OutboxFilters,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of outbox messages, newest first, and the cursor of the next page (or None)."""
+    query = select(*(OUTBOX.c[name] for name in OUTBOX_LIST_COLUMNS))
+    for column, value in (
+        (OUTBOX.c.kind, filters.kind),
+        (OUTBOX.c.status, filters.status),
+        (OUTBOX.c.source, filters.source),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if filters.since is not None:
+        query = query.where(OUTBOX.c.created_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(OUTBOX.c.created_at < filters.until)
+    rows, next_cursor = _page(session, query, OUTBOX.c.created_at, OUTBOX.c.id, limit, cursor)
+    return [_row(r._mapping, OUTBOX_LIST_COLUMNS) for r in rows], next_cursor
+
+
+def get_message(session: Session, message_id: int) -> dict[str, Any] | None:
+    """Every column of one outbox message, or None."""
+    row = session.execute(select(OUTBOX).where(OUTBOX.c.id == message_id)).first()
+    return None if row is None else _row(row._mapping, OUTBOX_COLUMNS)

@@ -54,7 +54,7 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
             raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
         headers = Headers(row.headers or {})
         event = Event(source, event_id, row.event_type, row.payload, headers, row.received_at)
-        run = run_handlers(registrations, event, session)
+        run = run_handlers(registrations, event, session, senders=claimer.registry.senders)
         if run.status is Status.REJECTED:
             raise ReplayFailed(
                 f"a handler rejected the event ({run.result['rejected']}); nothing was changed "

@@ -51,6 +51,13 @@ DEFAULTS: dict[str, Any] = {
     # Number of reverse proxies in front whose X-Forwarded-* headers are trusted
     # (werkzeug ProxyFix). 0: ignore them, as anyone can send them.
     "IDEMHOOK_TRUSTED_PROXIES": 0,
+    # `idemhook worker`: how often it looks for due work when no NOTIFY woke it.
+    "IDEMHOOK_WORKER_POLL_MS": 1000,
+    # `idemhook worker`: most outbox messages taken in one transaction.
+    "IDEMHOOK_WORKER_BATCH": 50,
+    # `idemhook worker`: the URL it LISTENs on (a direct or session-mode connection);
+    # empty: DATABASE_URL; "off": no LISTEN, polling only (docs/outbox.md).
+    "IDEMHOOK_WORKER_LISTEN_URL": "",
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -76,6 +83,11 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if settings["IDEMHOOK_MIGRATION_DATABASE_URL"]:
         settings["IDEMHOOK_MIGRATION_DATABASE_URL"] = normalise_database_url(
             settings["IDEMHOOK_MIGRATION_DATABASE_URL"], key="IDEMHOOK_MIGRATION_DATABASE_URL"
+        )
+    listen = settings["IDEMHOOK_WORKER_LISTEN_URL"]
+    if listen and listen != "off":
+        settings["IDEMHOOK_WORKER_LISTEN_URL"] = normalise_database_url(
+            listen, key="IDEMHOOK_WORKER_LISTEN_URL"
         )
     if not settings["IDEMHOOK_HANDLER_TIMEOUT_MS"]:
         settings["IDEMHOOK_HANDLER_TIMEOUT_MS"] = 2 * int(settings["IDEMHOOK_STATEMENT_TIMEOUT_MS"])

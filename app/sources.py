@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class Source:
 class SourcesFile:
     plugins: tuple[str, ...]
     sources: Mapping[str, Source]
+    #: ``[outbox.<kind>]`` tables: a sender's retry policy set here (app.plugins).
+    outbox: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> SourcesFile:
@@ -79,7 +81,7 @@ def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> Sour
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"IDEMHOOK_CONFIG: {path} is not valid TOML: {exc}") from None
 
-    unknown = set(data) - {"plugins", "sources"}
+    unknown = set(data) - {"plugins", "sources", "outbox"}
     if unknown:
         raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}")
     plugins = data.get("plugins", [])
@@ -92,7 +94,10 @@ def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> Sour
         name: _source(name, table, default_max_body=max_body_bytes)
         for name, table in tables.items()
     }
-    return SourcesFile(plugins=tuple(plugins), sources=sources)
+    outbox = data.get("outbox", {})
+    if not isinstance(outbox, Mapping) or not all(isinstance(t, Mapping) for t in outbox.values()):
+        raise ConfigError(f"{origin}: [outbox] must be a table of [outbox.<kind>] tables")
+    return SourcesFile(plugins=tuple(plugins), sources=sources, outbox=outbox)
 
 
 def parse_source(name: str, table: Any, *, default_max_body: int) -> Source:

@@ -74,6 +74,26 @@ def cpu(median: dict[str, Any]) -> str:
     return f"{median['cpu_ms_per_request']:.2f} + {median.get('db_cpu_ms_per_request', 0):.2f}"
 
 
+def outbox_text(results: dict[str, Any]) -> str:
+    """The outbox scenario (bench/outbox.py) in a paragraph."""
+    found = results.get("outbox")
+    if not found:
+        return "(not run)"
+    drain, latency = found["drain"], found["latency"]
+    return (
+        f"{found['workers']} `idemhook worker` processes and a sender that does nothing "
+        f"(`bench/outbox.py`). **Drain:** {drain['messages']:,} messages committed in one "
+        f"transaction were all sent {drain['seconds']} s after its commit: "
+        f"**{drain['per_s']:,} messages/s**. **Commit-to-send latency** at "
+        f"{latency['rate']:g} messages/s offered, each message in its own transaction "
+        f"({latency['messages']:,} messages; LISTEN/NOTIFY, the fallback poll set to 5 s): "
+        f"**p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms** (max "
+        f"{latency['max_ms']} ms), measured from just before the producer's `COMMIT` is "
+        f"sent to the sender's call; that `COMMIT` alone (its WAL flush) took p50 "
+        f"{latency['commit_p50_ms']} ms, p99 {latency['commit_p99_ms']} ms of it."
+    )
+
+
 def target_table(results: dict[str, Any]) -> str:
     rows = ["| target | measured | met |", "| --- | --- | --- |"]
     for check in results["targets"]:
@@ -141,6 +161,7 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
         "summary": summary(results),
         "table": table(results),
         "targets": target_table(results),
+        "outbox": outbox_text(results),
         "rss": ", ".join(
             f"{s['events']:,} events: {max(s['rss_mb']):.1f} MB"
             for s in sparse(results["rss"]["samples"])

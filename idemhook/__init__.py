@@ -1,6 +1,7 @@
 """idemhook's public API: everything a plugin author imports.
 
     from idemhook import handler, Ignore, Reject, Event
+    from idemhook import sender, Message          # the outbox (docs/outbox.md)
 
 ``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
 and, through its pytest plugin, the ``idemhook`` fixture. The service itself
@@ -12,10 +13,12 @@ adding one is one line.
 from importlib.metadata import PackageNotFoundError, version
 
 from app import create_app as create_app
+from app.outbox import Message as Message
 from app.plugins import Event as Event
 from app.plugins import Ignore as Ignore
 from app.plugins import Reject as Reject
 from app.plugins import handler as handler
+from app.plugins import sender as sender
 
 try:
     __version__ = version("idemhook")

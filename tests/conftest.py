@@ -41,7 +41,13 @@ SOURCES = {
     },
 }
 
-TABLES = ("processed_events", "delivery_failures", "test_effects", "test_failures")
+TABLES = (
+    "processed_events",
+    "delivery_failures",
+    "outbox_messages",
+    "test_effects",
+    "test_failures",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

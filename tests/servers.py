@@ -21,6 +21,12 @@ gunicorn and the app wrote.
 :func:`launch` runs any other command that serves HTTP (the demo's
 ``scripts/demo.sh``, ``idemhook serve``) with the same readiness wait and shutdown.
 
+:func:`worker` runs ``idemhook worker`` (the Procfile's ``worker:`` process) on the
+same sources and settings, and waits until it listens for notifications:
+
+    with gunicorn(SOURCES, pg_url) as server, worker(SOURCES, pg_url) as w:
+        ...; w.kill()                                     # SIGKILL, as a crash would
+
 This lives with the tests, not in the shipped test kit (``app/testing``): it runs
 a clone's ``gunicorn.conf.py`` and the clone's test plugins; the bench, a tool of
 the clone too, imports it from here.
@@ -244,9 +250,10 @@ def toml(config: Mapping[str, Any]) -> str:
         raise TypeError(f"cannot render {v!r} as TOML")
 
     lines = [f"plugins = {value(list(config.get('plugins', [])))}"]
-    for name, table in config.get("sources", {}).items():
-        lines.append(f"\n[sources.{json.dumps(name)}]")
-        lines.extend(f"{key} = {value(v)}" for key, v in table.items())
+    for group in ("sources", "outbox"):
+        for name, table in config.get(group, {}).items():
+            lines.append(f"\n[{group}.{json.dumps(name)}]")
+            lines.extend(f"{key} = {value(v)}" for key, v in table.items())
     return "\n".join(lines) + "\n"
 
 
@@ -373,3 +380,107 @@ def gunicorn(
             yield server
         finally:
             server.stop()
+
+
+class WorkerProcess:
+    """A running ``idemhook worker``: ``pid``, ``log()``, ``stop()`` (SIGTERM), ``kill()``."""
+
+    def __init__(self, process: subprocess.Popen, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the worker's log holds ``needle`` (it exiting first is an error)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                raise ServerError(f"the worker exited with {code}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"the worker never logged {needle!r}:\n{self.log()}")
+            time.sleep(0.02)  # polling, bounded by the deadline
+
+    def stop(self) -> int:
+        """SIGTERM, as a platform stops a process; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=START_TIMEOUT / 2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, whatever it holds."""
+        self.process.kill()
+        self.process.wait()
+
+
+def start_worker(
+    config_path: Path,
+    database_url: URL | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    log_path: Path,
+) -> WorkerProcess:
+    """Start ``idemhook worker`` (the installed console script) with the sources at
+    ``config_path``; do not wait."""
+    if isinstance(database_url, URL):
+        database_url = database_url.render_as_string(hide_password=False)
+    settings = {"DATABASE_URL": database_url, "IDEMHOOK_CONFIG": str(config_path)}
+    environment = server_environment({**settings, **(env or {})})
+    path = os.pathsep.join(p for p in (str(ROOT), environment.get("PYTHONPATH", "")) if p)
+    command = [str(Path(sys.executable).with_name("idemhook")), "worker", *args]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**environment, "PYTHONPATH": path},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return WorkerProcess(process, log_path)
+
+
+@contextmanager
+def worker(
+    sources: Mapping[str, Any],
+    database_url: URL | str,
+    *,
+    count: int = 1,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    ready: str = "listening on",
+) -> Iterator[Any]:
+    """Run ``count`` ``idemhook worker`` processes on ``sources``; stop them (SIGTERM) on exit.
+
+    Yields the one :class:`WorkerProcess` (or a list of ``count``), once each has
+    logged ``ready`` (by default: its LISTEN is in place).
+    """
+    with tempfile.TemporaryDirectory(prefix="idemhook-worker-") as tmp:
+        state = Path(tmp)
+        config_path = state / "webhooks.toml"
+        config_path.write_text(toml(sources))
+        started = [
+            start_worker(
+                config_path, database_url, env=env, args=args, log_path=state / f"worker-{n}.log"
+            )
+            for n in range(count)
+        ]
+        try:
+            for process in started:
+                process.wait_log(ready)
+            yield started[0] if count == 1 else started
+        finally:
+            for process in started:
+                process.stop()

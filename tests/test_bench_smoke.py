@@ -45,13 +45,19 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert saved["scenarios"]["batch"]["median"]["receiver"]["events_per_s"] > 0
     assert saved["rss"]["events"] >= SMOKE.rss_events
     assert all(size > 0 for size in saved["rss"]["samples"][-1]["rss_mb"])
-    assert len(results["targets"]) == 6
+    outbox = saved["outbox"]
+    assert outbox["drain"]["messages"] == SMOKE.outbox_messages and outbox["drain"]["per_s"] > 0
+    latency = outbox["latency"]
+    assert latency["messages"] == int(SMOKE.outbox_rate * SMOKE.outbox_seconds)
+    assert latency["p99_ms"] >= latency["p50_ms"] > 0
+    assert len(results["targets"]) == 9
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")
     text = page.read_text()
     assert "{{" not in text
     assert "| all new events |" in text
+    assert "commit-to-send p50 < 10 ms" in text and "messages/s**" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

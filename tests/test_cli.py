@@ -58,10 +58,12 @@ def test_help_without_configuration_lists_every_command(tmp_path: Path) -> None:
         "events",
         "failures",
         "handlers",
+        "outbox",
         "send",
         "serve",
         "sign",
         "sources",
+        "worker",
     }
     # Flask's own options and commands do not apply to idemhook.
     for flask_only in ("--app", "-A", "--debug", "--env-file", "routes", "shell"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,11 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
         for k, v in server_environment().items()
         if k not in ("DATABASE_URL", "IDEMHOOK_CONFIG")
     }
-    env.update(PORT=str(port), IDEMHOOK_INSTANCE_DIR=str(tmp_path / "instance"))
+    env.update(
+        PORT=str(port),
+        IDEMHOOK_INSTANCE_DIR=str(tmp_path / "instance"),
+        EMAIL_SMTP_PORT=str(free_port()),  # 8025 may be another test run's
+    )
     demo = launch(
         ["bash", "scripts/demo.sh"],
         url=f"http://127.0.0.1:{port}",
@@ -40,8 +45,22 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
         assert '"status":"processed"' in answer.stdout.replace(" ", ""), answer
         again = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True)
         assert '"status":"duplicate"' in again.stdout.replace(" ", "")
+
+        # The email API's curl, twice: one email reaches the sink, which prints it.
+        [email_curl] = [line.strip() for line in output.splitlines() if "/webhooks/emails" in line]
+        for expected in ("processed", "duplicate"):
+            sent = subprocess.run(["bash", "-c", email_curl], capture_output=True, text=True)
+            assert f'"status":"{expected}"' in sent.stdout.replace(" ", ""), sent
+        deadline = time.monotonic() + 60
+        while "Subject: Hello from idemhook" not in demo.log():
+            assert time.monotonic() < deadline, demo.log()
+            time.sleep(0.1)  # polling the sink's output, bounded by the deadline
+        assert demo.log().count("Subject: Hello from idemhook") == 1
     finally:
         demo.stop()
+    assert demo.process.returncode == 143  # stopped by its SIGTERM, not killed
+    with pytest.raises(ProcessLookupError):  # the sink, the worker and gunicorn stopped too
+        os.killpg(demo.pid, 0)
 
 
 def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):

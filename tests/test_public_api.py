@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import app.outbox
 import app.plugins
 import app.testing
 import idemhook
@@ -24,6 +25,8 @@ def test_handler_api_is_the_services_own() -> None:
     assert idemhook.Ignore is app.plugins.Ignore
     assert idemhook.Reject is app.plugins.Reject
     assert idemhook.Event is app.plugins.Event
+    assert idemhook.sender is app.plugins.sender
+    assert idemhook.Message is app.outbox.Message
     assert idemhook.testing.Kit is app.testing.Kit
     assert idemhook.testing.deliver is app.testing.deliver
     assert idemhook.testing.signed is app.testing.signed

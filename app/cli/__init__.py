@@ -25,10 +25,12 @@ from .db import db_cli
 from .events import events_cli
 from .failures import failures_cli
 from .handlers import handlers_cli
+from .outbox import outbox_cli
 from .send import send_command
 from .serve import serve_command
 from .sign import sign_command
 from .sources import sources_cli
+from .worker import worker_command
 
 COMMANDS = (
     db_cli,
@@ -39,6 +41,8 @@ COMMANDS = (
     send_command,
     events_cli,
     failures_cli,
+    outbox_cli,
+    worker_command,
 )
 
 
@@ -65,7 +69,7 @@ def cli() -> None:
 
     Commands read DATABASE_URL and IDEMHOOK_CONFIG (the sources file, default
     ./webhooks.toml); the read-only ones (events list/show/stats, failures
-    list/show) need only DATABASE_URL. Exit status 2 means a usage or
+    list/show, outbox) need only DATABASE_URL. Exit status 2 means a usage or
     configuration problem, said in one line.
     """
 

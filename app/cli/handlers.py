@@ -8,12 +8,13 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-handlers_cli = AppGroup("handlers", help="Inspect the registered event handlers.")
+handlers_cli = AppGroup("handlers", help="Inspect the registered event handlers and senders.")
 
 
 @handlers_cli.command("list")
 def handlers_list() -> None:
-    """Print every source, type pattern and handler (module:function), in run order."""
+    """Print every source, type pattern and handler (module:function), in run order, then
+    each outbox kind's sender and retry policy."""
     registry = current_app.extensions["idemhook.registry"]
     rows = [("SOURCE", "TYPE", "HANDLER")]
     rows += [(r.source, r.pattern, r.name) for r in registry.registrations]
@@ -26,6 +27,12 @@ def handlers_list() -> None:
         widths = [max(len(row[i]) for row in rows) for i in range(2)]
         for source, pattern, name in rows:
             click.echo(f"{source:<{widths[0]}}  {pattern:<{widths[1]}}  {name}")
+    for kind, found in sorted(registry.senders.items()):
+        click.echo(
+            f"outbox sender: {kind}  {found.name}  (max_attempts {found.max_attempts}, "
+            f"lease {found.lease_seconds:g} s, backoff {found.backoff_seconds:g}-"
+            f"{found.max_backoff_seconds:g} s)"
+        )
     for folder in registry.migrations:
         click.echo(f"plugin migrations: {_shown(folder)}")
 

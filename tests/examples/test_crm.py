@@ -15,6 +15,7 @@ def hubspot(idemhook, monkeypatch):
     """The demo receiver with the CRM plugin, on a fresh database with its contacts table."""
     monkeypatch.setenv("DEMO_WEBHOOK_SECRET", "demo-test-secret")
     monkeypatch.setenv("HUBSPOT_CLIENT_SECRET", "hubspot-test-secret")
+    monkeypatch.setenv("EMAIL_API_TOKEN", "email-test-token-0123456789")
     return idemhook(EXAMPLE_CONFIG)
 
 

@@ -14,7 +14,8 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from tests.conftest import SECRET, SOURCES, TABLES
+from app.testing.postgres import Cluster, create_database, find_bindir
+from tests.conftest import SECRET, SOURCES, TABLES, _migrate
 
 T = TypeVar("T")
 
@@ -92,3 +93,18 @@ def clean_db(pg_url: URL) -> Iterator[URL]:
     truncate(pg_url)
     yield pg_url
     truncate(pg_url)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[tuple[Cluster, URL]]:
+    """A throwaway PostgreSQL cluster only this test restarts, with a migrated database."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.fail("the database restart test needs PostgreSQL's initdb and pg_ctl")
+    cluster = Cluster(bindir).init().start()
+    try:
+        url = create_database(cluster.url)
+        _migrate(url)
+        yield cluster, url
+    finally:
+        cluster.destroy()

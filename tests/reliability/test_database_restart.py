@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,8 +20,8 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.testing.postgres import Cluster, _connect_args, create_database, find_bindir
-from tests.conftest import SOURCES, _migrate
+from app.testing.postgres import _connect_args
+from tests.conftest import SOURCES
 from tests.plugins.whoami import LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, WHOAMI_SOURCES, signed_post, wait_for
 from tests.servers import Server, gunicorn, pin_sessions
@@ -42,21 +41,6 @@ class Attempt:
     ended: float
     status: int | None  # None: no HTTP answer
     error: str | None
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[tuple[Cluster, URL]]:
-    """A throwaway PostgreSQL cluster only this test restarts, with a migrated database."""
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.fail("the database restart test needs PostgreSQL's initdb and pg_ctl")
-    cluster = Cluster(bindir).init().start()
-    try:
-        url = create_database(cluster.url)
-        _migrate(url)
-        yield cluster, url
-    finally:
-        cluster.destroy()
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"], ids=["clean stop", "crash"])
