@@ -16,6 +16,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
+from .accept import Acceptor
 from .claim import Claimer
 from .json_provider import JSONProvider
 
@@ -57,9 +58,11 @@ def create_app(
         handler_timeout_ms=app.config["IDEMHOOK_HANDLER_TIMEOUT_MS"],
         claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
-    intake.init_app(app, intake.Receiver(loaded.sources, claimer))
+    acceptor = Acceptor(database, observers=[logs.log_outcome])
+    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
     health.init_app(app)
-    metrics.init_app(app, claimer)
+    queued = [name for name, source in loaded.sources.items() if source.asynchronous]
+    metrics.init_app(app, claimer, acceptor, queued)
     api.init_app(app)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]

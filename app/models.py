@@ -74,6 +74,11 @@ class ProcessedEvent(Base):
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
     replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Asynchronous sources (docs/async.md): the worker's failed attempts so far,
+    #: when the event is due (``received``), and its ``order_key`` value.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    order_key: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),
@@ -82,6 +87,23 @@ class ProcessedEvent(Base):
         Index(None, "source", "event_type", "received_at"),
         # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
         Index(None, "received_at", "id"),
+        # The worker's scan of what is due (only events still to apply: small and hot).
+        Index(
+            "ix_processed_events_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'received'"),
+            sqlite_where=text("status = 'received'"),
+        ),
+        # The worker's probe for an earlier unfinished event of the same order key.
+        Index(
+            "ix_processed_events_order",
+            "source",
+            "order_key",
+            "id",
+            postgresql_where=text("status = 'received' AND order_key IS NOT NULL"),
+            sqlite_where=text("status = 'received' AND order_key IS NOT NULL"),
+        ),
     )
 
 
@@ -128,7 +150,7 @@ class OutboxMessage(Base):
     key: Mapped[str] = mapped_column(String(512))
     payload: Mapped[Any | None] = mapped_column(JSONType)
     status: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
     leased_by: Mapped[str | None] = mapped_column(String(128))
     last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -1,0 +1,267 @@
+"""The asynchronous claim: record each event as ``received`` and answer at once.
+
+A source with ``mode = "async"`` (docs/async.md) does not run handlers in the
+request. Each event of a delivery is claimed in ``processed_events`` with status
+``received``, its payload, the delivery's headers and its order key, and the
+delivery is answered; ``idemhook worker`` applies it later (:mod:`app.applying`).
+
+On PostgreSQL the whole delivery is **one message and one implicit transaction**
+(:meth:`app.lanes.Lane.execute_alone`): the ``SET LOCAL`` timeouts, for a source
+with ``order_key`` an advisory lock per key, and one statement::
+
+    WITH claimed AS (INSERT ... VALUES (...), ... ON CONFLICT (source, event_id)
+                     DO UPDATE SET duplicate_count = duplicate_count + 1 ... RETURNING ...),
+         woke AS (SELECT pg_notify('idemhook_events', '') WHERE <any event is new>)
+    SELECT ... FROM claimed
+
+The ``NOTIFY`` travels in the claim's transaction, so workers wake when, and only
+when, it commits. A returned ``duplicate_count`` of 0 is a new event (answered
+``accepted``); above 0 a duplicate, answered with the event's current state:
+``accepted`` while it waits for the worker, else its stored result.
+
+**Receipt order.** For a source with ``order_key``, the ack takes
+``pg_advisory_xact_lock`` on each of the delivery's keys (sorted, so two
+deliveries never wait on each other crosswise) before its ``INSERT``: two
+deliveries of one key are claimed one after the other, so a later event's ``id``
+is higher *and* it commits later. The worker applies a key's events in ``id``
+order (:mod:`app.applying`), and never sees a later event of a key without the
+earlier ones.
+
+Accepting is idempotent, so a delivery whose connection was lost is simply tried
+once more on a fresh one (a claim that did commit comes back as a duplicate).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import String, bindparam, exists, func, literal_column, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+
+from .db import Database, dumps, is_disconnect, is_timeout
+from .errors import ServiceUnavailable
+from .events import order_keys_of
+from .failures import safe_headers
+from .models import processed_events
+from .outcome import Outcome, Status
+from .plugins import Event
+from .sources import Source
+from .statements import _processor
+
+#: The channel a committing asynchronous claim NOTIFYs (payload: empty).
+CHANNEL = "idemhook_events"
+#: First key of the order keys' advisory locks, so they never meet an application's own.
+ORDER_LOCK_SPACE = 0x69646D68  # "idmh"
+#: The columns one event fills in the multi-row INSERT (the rest are the delivery's).
+_PER_EVENT = ("event_id", "event_type", "payload", "order_key")
+
+Observer = Callable[[Event, Outcome, float], None]
+
+
+class Acceptor:
+    """Claims the events of asynchronous sources as ``received`` (see the module docstring)."""
+
+    def __init__(self, database: Database, observers: Sequence[Observer] = ()) -> None:
+        self.database = database
+        #: Called after each event with (event, outcome, seconds): logging and metrics.
+        self.observers: list[Observer] = list(observers)
+        dialect = database.engine.dialect
+        self._postgresql = dialect.name == "postgresql"
+        self._dialect = dialect
+        self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
+        self._result = _processor(processed_events.c.result.type, dialect, bind=False)
+        #: The statement for a delivery of N distinct events, compiled once per N.
+        self._sql: dict[int, str] = {}
+
+    def accept(self, source: Source, events: Sequence[Event]) -> list[Outcome]:
+        """Claim ``events`` (one delivery to ``source``) as received; their outcomes."""
+        started = time.perf_counter()
+        keys = order_keys_of(source, list(events)) if source.order_key is not None else None
+        distinct = _first_of_each(events)
+        try:
+            rows = self._claim(source, events, distinct, keys)
+        except DBAPIError as exc:
+            if not is_disconnect(exc):
+                raise _in_progress(exc) if is_timeout(exc) else exc
+            try:  # a kept connection that did not survive a restart: a fresh one
+                rows = self._claim(source, events, distinct, keys)
+            except DBAPIError as again:
+                if is_disconnect(again):
+                    raise ServiceUnavailable(
+                        "The database is unavailable; nothing was recorded. Retry shortly.",
+                        code="database_unavailable",
+                    ) from again
+                raise _in_progress(again) if is_timeout(again) else again
+        outcomes = []
+        for event in events:
+            duplicates, status, result = rows[event.id]
+            if not duplicates or status == Status.RECEIVED:
+                outcome = Outcome(event.id, Status.ACCEPTED)
+            else:
+                outcome = Outcome(event.id, Status.DUPLICATE, result)
+            outcomes.append(outcome)
+        if self.observers:
+            seconds = time.perf_counter() - started
+            for event, outcome in zip(events, outcomes, strict=True):
+                for observer in self.observers:
+                    observer(event, outcome, seconds)
+        return outcomes
+
+    # -- PostgreSQL: one message --------------------------------------------------------------
+
+    def _claim(
+        self,
+        source: Source,
+        events: Sequence[Event],
+        distinct: list[int],
+        keys: list[str] | None,
+    ) -> dict[str, tuple[int, str, Any]]:
+        if not self._postgresql:
+            return self._claim_sqlite(source, events, distinct, keys)
+        first = events[0]
+        params: dict[str, Any] = {
+            "source": source.name,
+            "received_at": self._timestamp(first.received_at),
+            "headers": dumps(safe_headers(first.headers)),
+        }
+        for n, i in enumerate(distinct):
+            event = events[i]
+            params[f"event_id_{n}"] = event.id
+            params[f"event_type_{n}"] = event.type
+            params[f"payload_{n}"] = dumps(event.payload)
+            params[f"order_key_{n}"] = keys[i] if keys is not None else None
+        sql = self._sql.get(len(distinct)) or self._compile(len(distinct))
+        if keys is not None:
+            locks = sorted({f"{source.name}\n{key}" for key in keys})
+            sql = "".join(_lock(n) for n in range(len(locks))) + sql
+            params.update({f"lock_{n}": key for n, key in enumerate(locks)})
+        with self.database.lanes.lane() as lane:
+            rows = lane.execute_alone(sql, params).fetchall()
+        return {
+            event_id: (duplicates, status, self._result(result))
+            for event_id, duplicates, status, result, _woke in rows
+        }
+
+    def _compile(self, count: int) -> str:
+        table = processed_events
+        insert = postgresql.insert(table).values([_row(table, n) for n in range(count)])
+        insert = insert.on_conflict_do_update(
+            index_elements=[table.c.source, table.c.event_id],
+            set_={
+                "duplicate_count": table.c.duplicate_count + literal_column("1"),
+                "last_seen_at": insert.excluded.last_seen_at,
+            },
+        ).returning(table.c.event_id, table.c.duplicate_count, table.c.status, table.c.result)
+        claimed = insert.cte("claimed")
+        # Referenced by the result (a subquery run once), so it runs; at most one NOTIFY.
+        woke = (
+            select(func.pg_notify(literal_column(f"'{CHANNEL}'"), literal_column("''")))
+            .where(exists().where(claimed.c.duplicate_count == literal_column("0")))
+            .cte("woke")
+        )
+        statement = select(
+            claimed.c.event_id,
+            claimed.c.duplicate_count,
+            claimed.c.status,
+            claimed.c.result,
+            select(func.count()).select_from(woke).scalar_subquery(),
+        )
+        compiled = statement.compile(dialect=self._dialect)
+        names = {"source", "received_at", "headers"} | {
+            f"{name}_{n}" for name in _PER_EVENT for n in range(count)
+        }
+        unnamed = [name for name in compiled.params if name not in names]
+        if unnamed:  # pragma: no cover (a literal compiled in as a parameter)
+            raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
+        if len(self._sql) < 256:  # at most max_batch sizes in practice
+            self._sql[count] = str(compiled)
+        return str(compiled)
+
+    # -- SQLite (the demo): one transaction, one statement per event -------------------------
+
+    def _claim_sqlite(
+        self,
+        source: Source,
+        events: Sequence[Event],
+        distinct: list[int],
+        keys: list[str] | None,
+    ) -> dict[str, tuple[int, str, Any]]:
+        table = processed_events
+        headers = safe_headers(events[0].headers)
+        found = {}
+        with self.database.engine.begin() as conn:  # BEGIN IMMEDIATE: one writer at a time
+            for i in distinct:
+                event = events[i]
+                values = {
+                    "source": source.name,
+                    "event_id": event.id,
+                    "event_type": event.type,
+                    "status": str(Status.RECEIVED),
+                    "received_at": event.received_at,
+                    "payload": event.payload,
+                    "headers": headers,
+                    "duplicate_count": 0,
+                    "replay_count": 0,
+                    "last_seen_at": event.received_at,
+                    "next_attempt_at": event.received_at,
+                    "order_key": keys[i] if keys is not None else None,
+                }
+                insert = sqlite.insert(table).values(values)
+                statement = insert.on_conflict_do_update(
+                    index_elements=[table.c.source, table.c.event_id],
+                    set_={
+                        "duplicate_count": table.c.duplicate_count + 1,
+                        "last_seen_at": insert.excluded.last_seen_at,
+                    },
+                ).returning(table.c.duplicate_count, table.c.status, table.c.result)
+                duplicates, status, result = conn.execute(statement).one()
+                found[event.id] = (duplicates, status, result)
+        return found
+
+
+def _row(table: Any, n: int) -> dict[str, Any]:
+    """The VALUES of event ``n``: its own parameters, and the delivery's."""
+    received_at = bindparam("received_at", type_=String)
+    return {
+        "source": bindparam("source", type_=String),
+        "event_id": bindparam(f"event_id_{n}", type_=String),
+        "event_type": bindparam(f"event_type_{n}", type_=String),
+        "status": literal_column(f"'{Status.RECEIVED}'"),
+        "received_at": received_at,
+        "payload": bindparam(f"payload_{n}", type_=String),
+        "headers": bindparam("headers", type_=String),
+        "duplicate_count": literal_column("0"),
+        "replay_count": literal_column("0"),
+        "last_seen_at": received_at,
+        "next_attempt_at": received_at,
+        "order_key": bindparam(f"order_key_{n}", type_=String),
+    }
+
+
+def _lock(n: int) -> str:
+    return f"SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, hashtext(%(lock_{n})s)); "
+
+
+def _first_of_each(events: Sequence[Event]) -> list[int]:
+    """Positions of each event ID's first occurrence (a repeat inside a delivery is one claim:
+    one statement cannot insert a row and update it too)."""
+    seen: set[str] = set()
+    positions = []
+    for i, event in enumerate(events):
+        if event.id not in seen:
+            seen.add(event.id)
+            positions.append(i)
+    return positions
+
+
+def _in_progress(exc: DBAPIError) -> ServiceUnavailable:
+    error = ServiceUnavailable(
+        "Another delivery of this event (or of its order key) is being recorded right now; "
+        "retry shortly.",
+        code="event_in_progress",
+    )
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,448 @@
+"""Applying received events: the worker's second kind of work (:class:`Applier`).
+
+An asynchronous source's delivery left each event in ``processed_events`` with
+status ``received`` (:mod:`app.accept`). ``idemhook worker`` applies them, a
+small batch at a time, each batch **one transaction** on a claim lane:
+
+1. **take** due received events, oldest first, ``SELECT ... FOR UPDATE SKIP
+   LOCKED``: workers never wait on each other and never take the same event. The
+   row lock is held until the transaction ends, so a worker that dies mid-handler
+   (SIGKILL, a lost machine) loses its transaction and its locks with its
+   connection, and the next worker takes the events at once: nothing was leased.
+2. **run** each event's handlers in a savepoint through the one handler path
+   (:func:`app.dispatch.run_handlers`): the same ``Event`` (payload, stored
+   headers, ``received_at``), the same session contract, ``event.outbox``.
+3. **record** in the same transaction: ``processed`` or ``ignored`` with the
+   result; ``rejected`` (effects rolled back to the savepoint, a permanent
+   ``delivery_failures`` row); a handler that raised has its effects rolled back,
+   a ``delivery_failures`` row, and is due again after :func:`app.worker.backoff`,
+   or ``failed`` after the source's ``max_attempts``.
+4. **commit**: the results and every handler's writes together, or nothing.
+
+**Order keys.** An event whose source sets ``order_key`` is taken only when no
+earlier event (lower ``id``) with the same source and key is still ``received``::
+
+    ... AND (e.order_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM processed_events p WHERE p.source = e.source
+        AND p.order_key = e.order_key AND p.status = 'received' AND p.id < e.id))
+
+(a probe of the partial index ``ix_processed_events_order``). The key's head is
+the only event of the key any worker can take; while one worker holds it, its
+row lock makes the others skip it, and the next event of the key is not the
+head until the head's outcome has committed. So one key's events are applied
+one at a time, in receipt order (:mod:`app.accept` makes ``id`` order commit
+order per key), while different keys run in parallel on any number of workers.
+A failing head waiting for its backoff blocks its key (a later change must not
+overtake an earlier one); ``failed`` (or ``rejected``, ``processed``) ends it and
+unblocks the key. No advisory lock is held by workers: a lock alone would keep
+a key's events apart but not in order (the head in its backoff would be
+overtaken), and the head check alone already keeps them apart.
+
+**Batches** grow while handlers are quick and shrink to one event when they are
+slow (a running mean), so a slow event never keeps other events waiting in the
+same transaction while another worker could run them. Between events the batch
+stops early when the worker is stopping; the events it did not start are
+released with the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    Integer,
+    String,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from werkzeug.datastructures import Headers
+
+from . import failures
+from .accept import CHANNEL
+from .db import Database, dumps, is_disconnect, loads
+from .dispatch import HandlerRun, run_handlers
+from .lanes import Lane
+from .logs import log_fields
+from .models import processed_events
+from .outcome import Status
+from .plugins import Event, Registry
+from .sources import Source
+from .statements import ClaimStatements, _processor
+from .worker import backoff
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .worker import Worker
+
+log = logging.getLogger("idemhook.events")
+
+DEFAULT_BATCH = 50
+#: A batch is sized to run its handlers in about this long (a running mean per event).
+BATCH_SECONDS = 0.05
+_RECEIVED = literal_column(f"'{Status.RECEIVED}'")
+
+
+@dataclass(slots=True)
+class _Taken:
+    """One received event as the take returned it."""
+
+    row_id: int
+    source: str
+    event: Event
+    attempts: int
+
+
+@dataclass(slots=True)
+class _Applied:
+    """What one attempt at one event came to (logged and counted after the commit)."""
+
+    taken: _Taken
+    outcome: str  # processed, ignored, rejected, retry, failed
+    seconds: float
+    run: HandlerRun | None = None
+    delay: float | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    #: Result rows of finished events, stored by one statement sent with the COMMIT.
+    stored: list[dict[str, Any]] = field(default_factory=list)
+    #: ``delivery_failures`` rows, written after the transaction (as the claim does).
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    applied: list[_Applied] = field(default_factory=list)
+
+
+class Applier:
+    """The worker's kind of work that applies asynchronous sources' received events."""
+
+    name = "events"
+    channels = (CHANNEL,)
+
+    def __init__(
+        self,
+        database: Database,
+        registry: Registry,
+        sources: Mapping[str, Source],
+        *,
+        batch: int = DEFAULT_BATCH,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.database = database
+        self.registry = registry
+        self.sources = dict(sources)
+        self.metrics = metrics
+        self.max_batch = max(1, batch)
+        self.batch = 1  # grows while handlers are quick
+        self._handler_seconds: float | None = None  # running mean per event
+        dialect = database.engine.dialect
+        self.statements = ClaimStatements(dialect)
+        self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
+        names = sorted(self.sources)
+        self._take_sql = _compile(_take(names), dialect)
+        self._next_due_sql = _compile(_next_due(names), dialect)
+        self._retry_sql = _compile(_retry(), dialect)
+
+    # -- the straight line ---------------------------------------------------------------------
+
+    def step(self, worker: Worker) -> float | None:
+        if not self.sources:
+            return None
+        batch = self._apply(worker)
+        if batch is None:
+            return self._next_due()
+        self._finish(batch)
+        return 0.0
+
+    def release(self) -> None:
+        """Nothing to give back: what a batch took is released when its transaction ends."""
+
+    # -- one batch, one transaction ------------------------------------------------------------
+
+    def _apply(self, worker: Worker) -> _Batch | None:
+        """Take, run and record one batch; None when nothing was due."""
+        batch = _Batch()
+        with self.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                now = self._timestamp(datetime.now(UTC))
+                rows = lane.execute(self._take_sql, {"now": now, "limit": self.batch}).fetchall()
+                if not rows:
+                    lane.rollback()
+                    return None
+                for row in rows:
+                    if worker.stopping:
+                        break  # the event in hand is done; the rest are released
+                    self._event(lane, self._taken(row), batch)
+                sql, params = (
+                    self.statements.store(batch.stored) if batch.stored else (None, None)
+                )
+                lane.commit(sql, params)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+        self._resize(batch)
+        return batch
+
+    def _taken(self, row: Any) -> _Taken:
+        row_id, source, event_id, event_type, payload, headers, received_at, attempts = row
+        if isinstance(received_at, str):  # SQLite hands back text through the lane
+            received_at = datetime.fromisoformat(received_at)
+        if received_at.tzinfo is None:
+            received_at = received_at.replace(tzinfo=UTC)
+        if isinstance(payload, str):
+            payload = loads(payload)
+        if isinstance(headers, str):
+            headers = loads(headers)
+        event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
+        return _Taken(row_id, source, event, attempts)
+
+    def _event(self, lane: Lane, taken: _Taken, batch: _Batch) -> None:
+        event = taken.event
+        registrations = self.registry.for_event(event.source, event.type)
+        if not registrations:
+            batch.stored.append(self.statements.result_row(taken.row_id, Status.IGNORED, "null"))
+            batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
+            return
+        # Sent at once: the handlers' statements go through the session, not the lane.
+        lane.savepoint(now=True)
+        started = time.perf_counter()
+        run = run_handlers(registrations, event, lane.session, senders=self.registry.senders)
+        seconds = time.perf_counter() - started
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the worker loop backs off; nothing kept
+        if run.status in (Status.PROCESSED, Status.IGNORED):
+            stored = self.statements.result_row(taken.row_id, run.status, run.stored or "null")
+            batch.stored.append(stored)
+            batch.applied.append(_Applied(taken, str(run.status), seconds, run))
+            return
+        # Rejected or failed: undo this event's effects, keep the other events'.
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        raw_body = dumps(event.payload).encode()  # the worker never had the request's body
+        rejected = run.status is Status.REJECTED
+        batch.failures.append(
+            failures.failure_row(
+                event, error=run.error_text, cause=run.error, raw_body=raw_body,
+                permanent=rejected,
+            )
+        )
+        if rejected:
+            stored = self.statements.result_row(
+                taken.row_id, Status.REJECTED, dumps(run.result, strict=True)
+            )
+            batch.stored.append(stored)
+            batch.applied.append(_Applied(taken, str(Status.REJECTED), seconds, run))
+            return
+        self._failed(lane, taken, run, seconds, batch)
+
+    def _failed(
+        self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float, batch: _Batch
+    ) -> None:
+        """Count the failed attempt: due again after a backoff, or ``failed`` at the limit."""
+        retries = self.sources[taken.source].retries
+        attempt = taken.attempts + 1
+        now = datetime.now(UTC)
+        if attempt >= retries.max_attempts:
+            status, delay, result = Status.FAILED, None, dumps({"failed": run.summary})
+            due = now
+        else:
+            status, result = Status.RECEIVED, None
+            delay = backoff(attempt, retries.backoff_seconds, retries.max_backoff_seconds)
+            due = now + timedelta(seconds=delay)
+        lane.execute(
+            self._retry_sql,
+            {
+                "row_id": taken.row_id,
+                "status": str(status),
+                "next_attempt_at": self._timestamp(due),
+                "result": result,
+            },
+        )
+        outcome = "failed" if status is Status.FAILED else "retry"
+        batch.applied.append(_Applied(taken, outcome, seconds, run, delay))
+
+    def _resize(self, batch: _Batch) -> None:
+        """Grow the batch while handlers are quick; one event at a time when they are slow."""
+        ran = [a.seconds for a in batch.applied if a.run is not None]
+        if ran:
+            mean = sum(ran) / len(ran)
+            known = self._handler_seconds
+            self._handler_seconds = mean if known is None else 0.7 * known + 0.3 * mean
+        per_event = self._handler_seconds or 0.0
+        fits = int(BATCH_SECONDS / per_event) if per_event > 0 else self.max_batch
+        self.batch = max(1, min(self.max_batch, fits, self.batch * 2))
+
+    def _next_due(self) -> float | None:
+        """Seconds until the earliest received event due later falls due (None: none).
+
+        Events due now that the take did not return are held by another worker or
+        wait behind an earlier event of their order key: the worker that finishes
+        those takes again at once.
+        """
+        now = datetime.now(UTC)
+        params = {"now": self._timestamp(now)}
+        with self.database.lanes.lane() as lane:
+            if lane.pipelined:
+                row = lane.execute_alone(self._next_due_sql, params).fetchone()
+            else:
+                lane.begin()
+                try:
+                    row = lane.execute(self._next_due_sql, params).fetchone()
+                finally:
+                    lane.rollback()
+        due = row[0] if row else None
+        if due is None:
+            return None
+        if isinstance(due, str):
+            due = datetime.fromisoformat(due)
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=UTC)
+        return max(0.0, (due - now).total_seconds())
+
+    # -- telling -------------------------------------------------------------------------------
+
+    def _finish(self, batch: _Batch) -> None:
+        """After the commit: the failure rows, then a log line and metrics per attempt."""
+        failures.record(self.database.engine, batch.failures)
+        for applied in batch.applied:
+            self._report(applied)
+
+    def _report(self, applied: _Applied) -> None:
+        event = applied.taken.event
+        delay_ms = None
+        if applied.outcome in ("processed", "ignored", "rejected"):
+            delay = (datetime.now(UTC) - event.received_at).total_seconds()
+            delay_ms = round(delay * 1000, 2)
+            if self.metrics is not None:
+                self.metrics.observe_delay(event.source, delay)
+        if self.metrics is not None:
+            seconds = applied.seconds if applied.run is not None else None
+            self.metrics.observe_applied(event, applied.outcome, seconds)
+        fields: dict[str, Any] = {
+            "source": event.source,
+            "event_id": event.id,
+            "event_type": event.type,
+            "outcome": applied.outcome,
+            "attempt": applied.taken.attempts + 1,
+            "duration_ms": round(applied.seconds * 1000, 2),
+        }
+        if delay_ms is not None:
+            fields["delay_ms"] = delay_ms
+        run = applied.run
+        if run is not None and run.handler is not None and applied.outcome != "processed":
+            fields["handler"] = run.handler
+        if run is not None and run.error is not None and applied.outcome in ("retry", "failed"):
+            fields["error"] = type(run.error).__name__
+        if applied.delay is not None:
+            fields["retry_in_s"] = round(applied.delay, 3)
+        level = logging.INFO
+        if applied.outcome == "retry":
+            level = logging.WARNING
+        elif applied.outcome == "failed":
+            level = logging.ERROR
+        log_fields(log, level, fields)
+
+
+# -- the statements ----------------------------------------------------------------------------
+
+
+def _take(sources: list[str]) -> Any:
+    e = processed_events.alias("e")
+    p = processed_events.alias("p")
+    earlier = exists().where(
+        p.c.source == e.c.source,
+        p.c.order_key == e.c.order_key,
+        p.c.status == _RECEIVED,
+        p.c.id < e.c.id,
+    )
+    return (
+        select(
+            e.c.id,
+            e.c.source,
+            e.c.event_id,
+            e.c.event_type,
+            e.c.payload,
+            e.c.headers,
+            e.c.received_at,
+            e.c.attempts,
+        )
+        .where(
+            e.c.status == _RECEIVED,
+            e.c.next_attempt_at <= bindparam("now", type_=String),
+            _among(e.c.source, sources),
+            or_(e.c.order_key.is_(None), ~earlier),
+        )
+        .order_by(e.c.next_attempt_at, e.c.id)
+        .limit(bindparam("limit", type_=Integer))
+        .with_for_update(skip_locked=True, of=e)
+    )
+
+
+def _next_due(sources: list[str]) -> Any:
+    t = processed_events
+    return select(func.min(t.c.next_attempt_at)).where(
+        t.c.status == _RECEIVED,
+        t.c.next_attempt_at > bindparam("now", type_=String),
+        _among(t.c.source, sources),
+    )
+
+
+def _retry() -> Any:
+    t = processed_events
+    return (
+        update(t)
+        .where(t.c.id == bindparam("row_id", type_=Integer))
+        .values(
+            attempts=t.c.attempts + literal_column("1"),
+            status=bindparam("status", type_=String),
+            next_attempt_at=bindparam("next_attempt_at", type_=String),
+            result=bindparam("result", type_=String),
+        )
+    )
+
+
+def _among(column: Any, names: list[str]) -> Any:
+    # Source names are [A-Za-z0-9_.-] (app.sources): written into the SQL, compiled once.
+    return column.in_([literal_column(f"'{name}'") for name in names])
+
+
+def _compile(statement: Any, dialect: Any) -> str:
+    return str(statement.compile(dialect=dialect))
+
+
+class _Running:
+    """A worker that never stops, for :func:`apply_due`."""
+
+    stopping = False
+
+
+def apply_due(app: Any, *, limit: int = 10_000) -> int:
+    """Apply the received events of ``app``'s sources that are due now, in this process.
+
+    What ``idemhook worker`` does, one batch after another until nothing is due
+    (at most ``limit`` events): for tests (the test kit's ``Kit.apply_received``)
+    and one-off runs. Returns how many attempts were made.
+    """
+    database = app.extensions["idemhook.db"]
+    registry = app.extensions["idemhook.registry"]
+    sources = app.extensions["idemhook.receiver"].sources
+    applier = Applier(database, registry, sources, batch=DEFAULT_BATCH)
+    attempts = 0
+    while attempts < limit:
+        batch = applier._apply(_Running())  # type: ignore[arg-type]
+        if batch is None:
+            break
+        applier._finish(batch)
+        attempts += len(batch.applied)
+    return attempts
