@@ -81,20 +81,7 @@ class Acceptor:
         started = time.perf_counter()
         keys = order_keys_of(source, list(events)) if source.order_key is not None else None
         distinct = _first_of_each(events)
-        try:
-            rows = self._claim(source, events, distinct, keys)
-        except DBAPIError as exc:
-            if not is_disconnect(exc):
-                raise _in_progress(exc) if is_timeout(exc) else exc
-            try:  # a kept connection that did not survive a restart: a fresh one
-                rows = self._claim(source, events, distinct, keys)
-            except DBAPIError as again:
-                if is_disconnect(again):
-                    raise ServiceUnavailable(
-                        "The database is unavailable; nothing was recorded. Retry shortly.",
-                        code="database_unavailable",
-                    ) from again
-                raise _in_progress(again) if is_timeout(again) else again
+        rows = self._claim_retrying(source, events, distinct, keys)
         outcomes = []
         for event in events:
             duplicates, status, result = rows[event.id]
@@ -109,6 +96,33 @@ class Acceptor:
                 for observer in self.observers:
                     observer(event, outcome, seconds)
         return outcomes
+
+    def _claim_retrying(
+        self,
+        source: Source,
+        events: Sequence[Event],
+        distinct: list[int],
+        keys: list[str] | None,
+    ) -> dict[str, tuple[int, str, Any]]:
+        """Claim; once more on a fresh connection if the first was lost (a restart)."""
+        for attempt in (1, 2):
+            try:
+                return self._claim(source, events, distinct, keys)
+            except DBAPIError as exc:
+                if is_timeout(exc) and not is_disconnect(exc):
+                    raise ServiceUnavailable(
+                        "Another delivery of this event (or of its order key) is being "
+                        "recorded right now; retry shortly.",
+                        code="event_in_progress",
+                    ) from exc
+                if not is_disconnect(exc):
+                    raise
+                if attempt == 2:
+                    raise ServiceUnavailable(
+                        "The database is unavailable; nothing was recorded. Retry shortly.",
+                        code="database_unavailable",
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- PostgreSQL: one message --------------------------------------------------------------
 
@@ -255,13 +269,3 @@ def _first_of_each(events: Sequence[Event]) -> list[int]:
             seen.add(event.id)
             positions.append(i)
     return positions
-
-
-def _in_progress(exc: DBAPIError) -> ServiceUnavailable:
-    error = ServiceUnavailable(
-        "Another delivery of this event (or of its order key) is being recorded right now; "
-        "retry shortly.",
-        code="event_in_progress",
-    )
-    error.__cause__ = exc
-    return error

@@ -183,9 +183,7 @@ class Applier:
                     if worker.stopping:
                         break  # the event in hand is done; the rest are released
                     self._event(lane, self._taken(row), batch)
-                sql, params = (
-                    self.statements.store(batch.stored) if batch.stored else (None, None)
-                )
+                sql, params = self.statements.store(batch.stored) if batch.stored else (None, None)
                 lane.commit(sql, params)
             finally:
                 if lane.in_transaction:
@@ -233,7 +231,10 @@ class Applier:
         rejected = run.status is Status.REJECTED
         batch.failures.append(
             failures.failure_row(
-                event, error=run.error_text, cause=run.error, raw_body=raw_body,
+                event,
+                error=run.error_text,
+                cause=run.error,
+                raw_body=raw_body,
                 permanent=rejected,
             )
         )

@@ -53,7 +53,7 @@ def worker_command(metrics_bind: str | None) -> None:
     queued = sorted(name for name, source in sources.items() if source.asynchronous)
     if not registry.senders and not queued:
         raise ConfigMissing(
-            "no @sender is registered and no source has mode = \"async\", so `idemhook "
+            'no @sender is registered and no source has mode = "async", so `idemhook '
             "worker` has nothing to do: list the module of your senders in `plugins` "
             "(IDEMHOOK_CONFIG) or install it with an idemhook.handlers entry point "
             "(docs/outbox.md), or make a source asynchronous (docs/async.md)"

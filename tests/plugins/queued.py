@@ -32,7 +32,6 @@ APPLICATION_NAME_PREFIX = "idemhook-worker-"
 SOURCES = ("queued", "queued_batch", "ordered")
 
 
-
 def tables(dialect: str) -> tuple[str, ...]:
     """The DDL of this plugin's table on ``dialect`` (run by the tests' schema set-up)."""
     n = "BIGSERIAL PRIMARY KEY" if dialect == "postgresql" else "INTEGER PRIMARY KEY"
