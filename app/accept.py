@@ -9,10 +9,14 @@ On PostgreSQL the whole delivery is **one message and one implicit transaction**
 (:meth:`app.lanes.Lane.execute_alone`): the ``SET LOCAL`` timeouts, for a source
 with ``order_key`` an advisory lock per key, and one statement::
 
-    WITH claimed AS (INSERT ... VALUES (...), ... ON CONFLICT (source, event_id)
+    WITH claimed AS (INSERT INTO processed_events ... VALUES (...), ...
+                     ON CONFLICT (source, event_id)
                      DO UPDATE SET duplicate_count = duplicate_count + 1 ... RETURNING ...),
+         queued AS (INSERT INTO event_queue SELECT ... FROM claimed WHERE <new>),
          woke AS (SELECT pg_notify('idemhook_events', '') WHERE <any event is new>)
     SELECT ... FROM claimed
+
+(each new event gets its ``event_queue`` row, the one a worker locks).
 
 The ``NOTIFY`` travels in the claim's transaction, so workers wake when, and only
 when, it commits. A returned ``duplicate_count`` of 0 is a new event (answered
@@ -39,13 +43,14 @@ from typing import Any
 
 from sqlalchemy import String, bindparam, exists, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
 from .db import Database, dumps, is_disconnect, is_timeout
 from .errors import ServiceUnavailable
 from .events import order_keys_of
 from .failures import safe_headers
-from .models import processed_events
+from .models import event_queue, processed_events
 from .outcome import Outcome, Status
 from .plugins import Event
 from .sources import Source
@@ -168,8 +173,30 @@ class Acceptor:
                 "duplicate_count": table.c.duplicate_count + literal_column("1"),
                 "last_seen_at": insert.excluded.last_seen_at,
             },
-        ).returning(table.c.event_id, table.c.duplicate_count, table.c.status, table.c.result)
+        ).returning(
+            table.c.id,
+            table.c.event_id,
+            table.c.duplicate_count,
+            table.c.status,
+            table.c.result,
+            table.c.order_key,
+        )
         claimed = insert.cte("claimed")
+        received_at = bindparam("received_at", type_=String)
+        queued = (
+            pg_insert(event_queue)
+            .from_select(
+                ["id", "source", "order_key", "next_attempt_at", "received_at"],
+                select(
+                    claimed.c.id,
+                    bindparam("source", type_=String),
+                    claimed.c.order_key,
+                    received_at,
+                    received_at,
+                ).where(claimed.c.duplicate_count == literal_column("0")),
+            )
+            .cte("queued")
+        )
         # Referenced by the result (a subquery run once), so it runs; at most one NOTIFY.
         woke = (
             select(func.pg_notify(literal_column(f"'{CHANNEL}'"), literal_column("''")))
@@ -182,7 +209,7 @@ class Acceptor:
             claimed.c.status,
             claimed.c.result,
             select(func.count()).select_from(woke).scalar_subquery(),
-        )
+        ).add_cte(queued)  # a data-modifying CTE runs whether or not it is referenced
         compiled = statement.compile(dialect=self._dialect)
         names = {"source", "received_at", "headers"} | {
             f"{name}_{n}" for name in _PER_EVENT for n in range(count)
@@ -220,7 +247,6 @@ class Acceptor:
                     "duplicate_count": 0,
                     "replay_count": 0,
                     "last_seen_at": event.received_at,
-                    "next_attempt_at": event.received_at,
                     "order_key": keys[i] if keys is not None else None,
                 }
                 insert = sqlite.insert(table).values(values)
@@ -230,8 +256,18 @@ class Acceptor:
                         "duplicate_count": table.c.duplicate_count + 1,
                         "last_seen_at": insert.excluded.last_seen_at,
                     },
-                ).returning(table.c.duplicate_count, table.c.status, table.c.result)
-                duplicates, status, result = conn.execute(statement).one()
+                ).returning(table.c.id, table.c.duplicate_count, table.c.status, table.c.result)
+                row_id, duplicates, status, result = conn.execute(statement).one()
+                if not duplicates:
+                    conn.execute(
+                        event_queue.insert().values(
+                            id=row_id,
+                            source=source.name,
+                            order_key=values["order_key"],
+                            next_attempt_at=event.received_at,
+                            received_at=event.received_at,
+                        )
+                    )
                 found[event.id] = (duplicates, status, result)
         return found
 
@@ -250,7 +286,6 @@ def _row(table: Any, n: int) -> dict[str, Any]:
         "duplicate_count": literal_column("0"),
         "replay_count": literal_column("0"),
         "last_seen_at": received_at,
-        "next_attempt_at": received_at,
         "order_key": bindparam(f"order_key_{n}", type_=String),
     }
 

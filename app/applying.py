@@ -4,11 +4,14 @@ An asynchronous source's delivery left each event in ``processed_events`` with
 status ``received`` (:mod:`app.accept`). ``idemhook worker`` applies them, a
 small batch at a time, each batch **one transaction** on a claim lane:
 
-1. **take** due received events, oldest first, ``SELECT ... FOR UPDATE SKIP
-   LOCKED``: workers never wait on each other and never take the same event. The
-   row lock is held until the transaction ends, so a worker that dies mid-handler
-   (SIGKILL, a lost machine) loses its transaction and its locks with its
-   connection, and the next worker takes the events at once: nothing was leased.
+1. **take** due events from ``event_queue`` (one row per event still to apply),
+   oldest first, ``SELECT ... FOR UPDATE OF q SKIP LOCKED`` joined to their
+   ``processed_events`` rows: workers never wait on each other and never take the
+   same event. The queue row's lock is held until the transaction ends, so a
+   worker that dies mid-handler (SIGKILL, a lost machine) loses its transaction
+   and its locks with its connection, and the next worker takes the event at
+   once: nothing was leased. The event's own row is not locked: a duplicate
+   delivery counts itself on it and is answered while the handlers run.
 2. **run** each event's handlers in a savepoint through the one handler path
    (:func:`app.dispatch.run_handlers`): the same ``Event`` (payload, stored
    headers, ``received_at``), the same session contract, ``event.outbox``.
@@ -16,17 +19,19 @@ small batch at a time, each batch **one transaction** on a claim lane:
    result; ``rejected`` (effects rolled back to the savepoint, a permanent
    ``delivery_failures`` row); a handler that raised has its effects rolled back,
    a ``delivery_failures`` row, and is due again after :func:`app.worker.backoff`,
-   or ``failed`` after the source's ``max_attempts``.
-4. **commit**: the results and every handler's writes together, or nothing.
+   or ``failed`` after the source's ``max_attempts``. A finished event's queue row
+   is deleted.
+4. **commit**: the results, the queue and every handler's writes together, or
+   nothing.
 
 **Order keys.** An event whose source sets ``order_key`` is taken only when no
-earlier event (lower ``id``) with the same source and key is still ``received``::
+earlier event (lower ``id``) with the same source and key is still queued::
 
-    ... AND (e.order_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM processed_events p WHERE p.source = e.source
-        AND p.order_key = e.order_key AND p.status = 'received' AND p.id < e.id))
+    ... AND (q.order_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM event_queue p WHERE p.source = q.source
+        AND p.order_key = q.order_key AND p.id < q.id))
 
-(a probe of the partial index ``ix_processed_events_order``). The key's head is
+(a probe of the index ``ix_event_queue_order``). The key's head is
 the only event of the key any worker can take; while one worker holds it, its
 row lock makes the others skip it, and the next event of the key is not the
 head until the head's outcome has committed. So one key's events are applied
@@ -58,6 +63,7 @@ from sqlalchemy import (
     Integer,
     String,
     bindparam,
+    delete,
     exists,
     func,
     literal_column,
@@ -73,7 +79,7 @@ from .db import Database, dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
 from .lanes import Lane
 from .logs import log_fields
-from .models import processed_events
+from .models import event_queue, processed_events
 from .outcome import Status
 from .plugins import Event, Registry
 from .sources import Source
@@ -117,6 +123,8 @@ class _Applied:
 class _Batch:
     #: Result rows of finished events, stored by one statement sent with the COMMIT.
     stored: list[dict[str, Any]] = field(default_factory=list)
+    #: Queue rows of finished events (stored, or failed for good), deleted with the COMMIT.
+    done: list[int] = field(default_factory=list)
     #: ``delivery_failures`` rows, written after the transaction (as the claim does).
     failures: list[dict[str, Any]] = field(default_factory=list)
     applied: list[_Applied] = field(default_factory=list)
@@ -150,7 +158,10 @@ class Applier:
         names = sorted(self.sources)
         self._take_sql = _compile(_take(names), dialect)
         self._next_due_sql = _compile(_next_due(names), dialect)
-        self._retry_sql = _compile(_retry(), dialect)
+        counted, due = _attempted()
+        self._counted_sql, self._due_sql = _compile(counted, dialect), _compile(due, dialect)
+        self._dequeue_sql = _compile(_dequeue(), dialect)
+        self._postgresql = dialect.name == "postgresql"
 
     # -- the straight line ---------------------------------------------------------------------
 
@@ -183,14 +194,25 @@ class Applier:
                     if worker.stopping:
                         break  # the event in hand is done; the rest are released
                     self._event(lane, self._taken(row), batch)
-                sql, params = self.statements.store(batch.stored) if batch.stored else (None, None)
-                lane.commit(sql, params)
+                lane.commit(*self._closing(lane, batch))
             finally:
                 if lane.in_transaction:
                     lane.rollback()
                 lane.session.close()
         self._resize(batch)
         return batch
+
+    def _closing(self, lane: Lane, batch: _Batch) -> tuple[str | None, dict[str, Any] | None]:
+        """The statements sent with the COMMIT: dequeue finished events, store results."""
+        sql, params = self.statements.store(batch.stored) if batch.stored else (None, None)
+        if not batch.done:
+            return sql, params
+        if not self._postgresql:
+            for row_id in batch.done:
+                lane.execute(self._dequeue_sql, {"row_id": row_id})
+            return sql, params
+        dequeue = "DELETE FROM event_queue WHERE id = ANY(%(done)s)"
+        return (f"{dequeue}; {sql}" if sql else dequeue), {**(params or {}), "done": batch.done}
 
     def _taken(self, row: Any) -> _Taken:
         row_id, source, event_id, event_type, payload, headers, received_at, attempts = row
@@ -210,6 +232,7 @@ class Applier:
         registrations = self.registry.for_event(event.source, event.type)
         if not registrations:
             batch.stored.append(self.statements.result_row(taken.row_id, Status.IGNORED, "null"))
+            batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
             return
         # Sent at once: the handlers' statements go through the session, not the lane.
@@ -222,6 +245,7 @@ class Applier:
         if run.status in (Status.PROCESSED, Status.IGNORED):
             stored = self.statements.result_row(taken.row_id, run.status, run.stored or "null")
             batch.stored.append(stored)
+            batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(run.status), seconds, run))
             return
         # Rejected or failed: undo this event's effects, keep the other events'.
@@ -243,6 +267,7 @@ class Applier:
                 taken.row_id, Status.REJECTED, dumps(run.result, strict=True)
             )
             batch.stored.append(stored)
+            batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(Status.REJECTED), seconds, run))
             return
         self._failed(lane, taken, run, seconds, batch)
@@ -261,15 +286,20 @@ class Applier:
             status, result = Status.RECEIVED, None
             delay = backoff(attempt, retries.backoff_seconds, retries.max_backoff_seconds)
             due = now + timedelta(seconds=delay)
-        lane.execute(
-            self._retry_sql,
-            {
-                "row_id": taken.row_id,
-                "status": str(status),
-                "next_attempt_at": self._timestamp(due),
-                "result": result,
-            },
-        )
+        params = {
+            "row_id": taken.row_id,
+            "status": str(status),
+            "result": result,
+            "next_attempt_at": self._timestamp(due),
+        }
+        if status is Status.FAILED:
+            lane.execute(self._counted_sql, params)
+            batch.done.append(taken.row_id)
+        elif self._postgresql:
+            lane.execute(f"{self._counted_sql}; {self._due_sql}", params)
+        else:
+            lane.execute(self._counted_sql, params)
+            lane.execute(self._due_sql, params)
         outcome = "failed" if status is Status.FAILED else "retry"
         batch.applied.append(_Applied(taken, outcome, seconds, run, delay))
 
@@ -359,17 +389,17 @@ class Applier:
 
 
 def _take(sources: list[str]) -> Any:
+    q = event_queue.alias("q")
+    p = event_queue.alias("p")
     e = processed_events.alias("e")
-    p = processed_events.alias("p")
     earlier = exists().where(
-        p.c.source == e.c.source,
-        p.c.order_key == e.c.order_key,
-        p.c.status == _RECEIVED,
-        p.c.id < e.c.id,
+        p.c.source == q.c.source,
+        p.c.order_key == q.c.order_key,
+        p.c.id < q.c.id,
     )
     return (
         select(
-            e.c.id,
+            q.c.id,
             e.c.source,
             e.c.event_id,
             e.c.event_type,
@@ -378,39 +408,50 @@ def _take(sources: list[str]) -> Any:
             e.c.received_at,
             e.c.attempts,
         )
+        .select_from(q.join(e, e.c.id == q.c.id))
         .where(
-            e.c.status == _RECEIVED,
-            e.c.next_attempt_at <= bindparam("now", type_=String),
-            _among(e.c.source, sources),
-            or_(e.c.order_key.is_(None), ~earlier),
+            q.c.next_attempt_at <= bindparam("now", type_=String),
+            _among(q.c.source, sources),
+            or_(q.c.order_key.is_(None), ~earlier),
         )
-        .order_by(e.c.next_attempt_at, e.c.id)
+        .order_by(q.c.next_attempt_at, q.c.id)
         .limit(bindparam("limit", type_=Integer))
-        .with_for_update(skip_locked=True, of=e)
+        .with_for_update(skip_locked=True, of=q)
     )
 
 
 def _next_due(sources: list[str]) -> Any:
-    t = processed_events
-    return select(func.min(t.c.next_attempt_at)).where(
-        t.c.status == _RECEIVED,
-        t.c.next_attempt_at > bindparam("now", type_=String),
-        _among(t.c.source, sources),
+    q = event_queue
+    return select(func.min(q.c.next_attempt_at)).where(
+        q.c.next_attempt_at > bindparam("now", type_=String),
+        _among(q.c.source, sources),
     )
 
 
-def _retry() -> Any:
+def _attempted() -> tuple[Any, Any]:
+    """A failed attempt: counted on the event (``failed`` at the limit); when due again."""
     t = processed_events
-    return (
+    counted = (
         update(t)
         .where(t.c.id == bindparam("row_id", type_=Integer))
         .values(
             attempts=t.c.attempts + literal_column("1"),
             status=bindparam("status", type_=String),
-            next_attempt_at=bindparam("next_attempt_at", type_=String),
             result=bindparam("result", type_=String),
         )
     )
+    q = event_queue
+    due = (
+        update(q)
+        .where(q.c.id == bindparam("row_id", type_=Integer))
+        .values(next_attempt_at=bindparam("next_attempt_at", type_=String))
+    )
+    return counted, due
+
+
+def _dequeue() -> Any:
+    q = event_queue
+    return delete(q).where(q.c.id == bindparam("row_id", type_=Integer))
 
 
 def _among(column: Any, names: list[str]) -> Any:

@@ -54,9 +54,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from .accept import Acceptor
 from .admin import require_admin_token
 from .claim import Claimer, Outcome
-from .models import outbox_messages, processed_events
+from .models import event_queue, outbox_messages
 from .outbox_status import MessageStatus
-from .outcome import Status
 from .plugins import Event
 
 MAX_TYPES_PER_SOURCE = 100
@@ -234,8 +233,8 @@ class QueueCollector:
     ``idemhook_events_queued{source}``: events received and not processed yet
     (status ``received``: waiting for a worker, in its hands, or in a backoff);
     ``idemhook_events_oldest_queued_age_seconds{source}``: how long the oldest of
-    them has waited since its receipt. Read from the partial index of received
-    events; every configured asynchronous source is reported, 0 when none waits.
+    them has waited since its receipt. Read from ``event_queue`` (only events still
+    to apply); every configured asynchronous source is reported, 0 when none waits.
     """
 
     def __init__(self, engine: Engine, sources: list[str]) -> None:
@@ -246,13 +245,13 @@ class QueueCollector:
         return []  # values come from the database at collect time
 
     def collect(self) -> Any:
-        table = processed_events
+        table = event_queue
         try:
             with self.engine.begin() as conn:
                 rows = conn.execute(
-                    select(table.c.source, func.count(), func.min(table.c.received_at))
-                    .where(table.c.status == str(Status.RECEIVED))
-                    .group_by(table.c.source)
+                    select(table.c.source, func.count(), func.min(table.c.received_at)).group_by(
+                        table.c.source
+                    )
                 ).all()
                 now = conn.execute(select(func.now())).scalar()
         except SQLAlchemyError:

@@ -1,4 +1,5 @@
-"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``.
+"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``
+(and ``event_queue``, asynchronous sources' events waiting for the worker).
 
 Column names are a public contract (``docs/querying.md`` explains each one).
 The schema itself is created by the Alembic revisions in ``migrations/``; these
@@ -74,10 +75,9 @@ class ProcessedEvent(Base):
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
     replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    #: Asynchronous sources (docs/async.md): the worker's failed attempts so far,
-    #: when the event is due (``received``), and its ``order_key`` value.
+    #: Asynchronous sources (docs/async.md): the worker's failed attempts so far, and
+    #: the event's order key (the value at the source's ``order_key``).
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
-    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
     order_key: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
@@ -87,23 +87,6 @@ class ProcessedEvent(Base):
         Index(None, "source", "event_type", "received_at"),
         # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
         Index(None, "received_at", "id"),
-        # The worker's scan of what is due (only events still to apply: small and hot).
-        Index(
-            "ix_processed_events_due",
-            "next_attempt_at",
-            "id",
-            postgresql_where=text("status = 'received'"),
-            sqlite_where=text("status = 'received'"),
-        ),
-        # The worker's probe for an earlier unfinished event of the same order key.
-        Index(
-            "ix_processed_events_order",
-            "source",
-            "order_key",
-            "id",
-            postgresql_where=text("status = 'received' AND order_key IS NOT NULL"),
-            sqlite_where=text("status = 'received' AND order_key IS NOT NULL"),
-        ),
     )
 
 
@@ -132,6 +115,43 @@ class DeliveryFailure(Base):
 
 processed_events = ProcessedEvent.__table__
 delivery_failures = DeliveryFailure.__table__
+
+
+class QueuedEvent(Base):
+    """An asynchronous source's event waiting for ``idemhook worker`` (docs/async.md).
+
+    One row per ``processed_events`` row with status ``received`` (same ``id``),
+    inserted with it by the claim and deleted in the transaction that records the
+    event's outcome. A worker holds the row's lock (``FOR UPDATE SKIP LOCKED``)
+    while the event's handlers run; the event's own row stays unlocked, so a
+    duplicate delivery is counted and answered without waiting for the handlers.
+    """
+
+    __tablename__ = "event_queue"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String(64))
+    order_key: Mapped[str | None] = mapped_column(String(255))
+    #: When the event is due: its receipt, or the end of a backoff after a failure.
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # The worker's scan: what is due, oldest first.
+        Index("ix_event_queue_due", "next_attempt_at", "id"),
+        # The worker's probe: an earlier waiting event of the same source and order key.
+        Index(
+            "ix_event_queue_order",
+            "source",
+            "order_key",
+            "id",
+            postgresql_where=text("order_key IS NOT NULL"),
+            sqlite_where=text("order_key IS NOT NULL"),
+        ),
+    )
+
+
+event_queue = QueuedEvent.__table__
 
 
 class OutboxMessage(Base):

@@ -242,16 +242,23 @@ def failures_of(session: Session, source: str, event_id: str) -> list[dict[str, 
 # -- failures --------------------------------------------------------------------------------
 
 
+#: Statuses of an event that is over and not failed: its failures are resolved.
+RESOLVED_STATUSES = ("processed", "ignored", "rejected")
+
+
 def _applied_since_failure() -> Any:
-    """SQL: the failed event has a claim row now.
+    """SQL: the failed event has a claim row now that says it was applied.
 
     A failure rolls its claim back, and a delivery that finds a claim is a
     duplicate rather than a failure; so a claim row for a failed event can only
-    come from a later delivery (or retry) that succeeded.
+    come from a later delivery (or retry) that succeeded. An asynchronous
+    source's event keeps its row while the worker retries it (``received``) and
+    after it gave up (``failed``): not resolved.
     """
     return exists().where(
         EVENTS.c.source == FAILURES.c.source,
         EVENTS.c.event_id == FAILURES.c.event_id,
+        EVENTS.c.status.in_(RESOLVED_STATUSES),
     )
 
 

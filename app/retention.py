@@ -2,6 +2,8 @@
 
 Exactly-once holds only while a claim exists (docs/guarantees.md): keep claims
 longer than the longest retry window of your providers (``LONGEST_RETRY_WINDOW``).
+An asynchronous source's event still waiting for the worker (``received``) is
+never pruned, however old: it is the queue, and its payload is what the worker runs.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def prune(
     )
     for table, at_column, counter in targets:
         old = at_column < cutoff
+        if table is EVENTS:
+            old = and_(old, EVENTS.c.status != "received")
         if payloads_only:
             old = and_(old, table.c.payload.is_not(None))
             changes: dict[str, Any] = {"payload": None, "headers": None}

@@ -45,6 +45,7 @@ TABLES = (
     "processed_events",
     "delivery_failures",
     "outbox_messages",
+    "event_queue",
     "test_effects",
     "test_failures",
     "test_applied",

@@ -1,13 +1,10 @@
-"""processed_events for asynchronous sources: statuses received and failed, attempts, order keys
+"""Asynchronous sources: statuses received and failed, attempts, order keys, event_queue
 
 An event of a source with ``mode = "async"`` is claimed with status ``received`` and
-applied later by ``idemhook worker`` (docs/async.md): ``attempts`` counts the worker's
-failed attempts, ``next_attempt_at`` is when it is due (a backoff after a failure),
-``order_key`` the value of the source's ``order_key`` locator. ``failed``: every allowed
-attempt failed.
-
-Two partial indexes hold only the events still to apply (small, hot): the worker's
-"what is due" scan and its "is an earlier event of this order key unfinished" probe.
+applied later by ``idemhook worker`` (docs/async.md). ``processed_events`` gains
+``attempts`` (the worker's failed attempts) and ``order_key``; ``failed`` means every
+allowed attempt failed. ``event_queue`` holds one row per event still to apply: the
+row a worker locks while the event's handlers run, when it is due, and its order key.
 
 Revision ID: 0008
 Revises: 0005
@@ -26,18 +23,12 @@ down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Timestamp = sa.DateTime(timezone=True)
 CONSTRAINT = "ck_processed_events_status"
 OLD = ("processed", "ignored", "rejected")
 NEW = ("processed", "ignored", "rejected", "received", "failed")
-RECEIVED = "status = 'received'"
-DUE = "ix_processed_events_due"
-ORDER = "ix_processed_events_order"
-INDEXES = (
-    # The worker's scan: what is due, oldest first.
-    (DUE, ("next_attempt_at", "id"), RECEIVED),
-    # The worker's probe: an earlier unfinished event of the same order key.
-    (ORDER, ("source", "order_key", "id"), f"{RECEIVED} AND order_key IS NOT NULL"),
-)
+KEYED = sa.text("order_key IS NOT NULL")
 
 
 def _replace_check(statuses: tuple[str, ...]) -> None:
@@ -59,34 +50,43 @@ def _replace_check(statuses: tuple[str, ...]) -> None:
 
 
 def upgrade() -> None:
-    # A constant default and nullable columns: PostgreSQL rewrites nothing, however large
+    # A constant default and a nullable column: PostgreSQL rewrites nothing, however large
     # the table.
     with op.batch_alter_table("processed_events") as batch:
         batch.add_column(sa.Column("attempts", sa.Integer(), server_default="0", nullable=False))
-        batch.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True)))
         batch.add_column(sa.Column("order_key", sa.String(255)))
+    op.create_table(
+        "event_queue",
+        sa.Column("id", BigIntId, autoincrement=False, nullable=False),
+        sa.Column("source", sa.String(64), nullable=False),
+        sa.Column("order_key", sa.String(255), nullable=True),
+        sa.Column("next_attempt_at", Timestamp, nullable=False),
+        sa.Column("received_at", Timestamp, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_event_queue"),
+    )
+    op.create_index("ix_event_queue_due", "event_queue", ["next_attempt_at", "id"])
+    op.create_index(
+        "ix_event_queue_order",
+        "event_queue",
+        ["source", "order_key", "id"],
+        postgresql_where=KEYED,
+        sqlite_where=KEYED,
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        # A queue table: every event applied leaves dead entries behind, which each take
+        # walks past until vacuumed. Vacuum it after a thousand changes, not a fifth of it.
+        op.execute(
+            "ALTER TABLE event_queue SET (autovacuum_vacuum_scale_factor = 0, "
+            "autovacuum_vacuum_threshold = 1000, autovacuum_analyze_scale_factor = 0.05)"
+        )
     _replace_check(NEW)
-    # Partial indexes: only events still to apply are in them. Building one reads the whole
-    # table; CONCURRENTLY (PostgreSQL) lets deliveries go on meanwhile, outside the
-    # migration's transaction.
-    for name, columns, where in INDEXES:
-        if op.get_bind().dialect.name == "postgresql":
-            with op.get_context().autocommit_block():
-                op.execute(
-                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON processed_events "
-                    f"({', '.join(columns)}) WHERE {where}"
-                )
-        else:
-            op.create_index(name, "processed_events", list(columns), sqlite_where=sa.text(where))
 
 
 def downgrade() -> None:
     # Fails (the CHECK is violated) while received or failed events exist: let the worker
     # finish them, and delete or keep the failed ones first.
-    op.drop_index(ORDER, "processed_events")
-    op.drop_index(DUE, "processed_events")
     _replace_check(OLD)
+    op.drop_table("event_queue")
     with op.batch_alter_table("processed_events") as batch:
         batch.drop_column("order_key")
-        batch.drop_column("next_attempt_at")
         batch.drop_column("attempts")
