@@ -71,12 +71,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import Headers
 
 from . import failures
 from .accept import CHANNEL
 from .db import Database, dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
+from .errors import ServiceUnavailable
 from .lanes import Lane
 from .logs import log_fields
 from .models import event_queue, processed_events
@@ -84,6 +86,7 @@ from .outcome import Status
 from .plugins import Event, Registry
 from .sources import Source
 from .statements import ClaimStatements, _processor
+from .watchdog import Job, Watchdog
 from .worker import backoff
 
 if TYPE_CHECKING:
@@ -93,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("idemhook.events")
 
 DEFAULT_BATCH = 50
+#: Claim threads a worker may have stuck in handlers that overran before it waits.
+WATCHED_THREADS = 4
 #: A batch is sized to run its handlers in about this long (a running mean per event).
 BATCH_SECONDS = 0.05
 _RECEIVED = literal_column(f"'{Status.RECEIVED}'")
@@ -121,6 +126,8 @@ class _Applied:
 
 @dataclass(slots=True)
 class _Batch:
+    #: Every claim thread holds a handler that overran: nothing was taken.
+    busy: bool = False
     #: Result rows of finished events, stored by one statement sent with the COMMIT.
     stored: list[dict[str, Any]] = field(default_factory=list)
     #: Queue rows of finished events (stored, or failed for good), deleted with the COMMIT.
@@ -144,6 +151,7 @@ class Applier:
         *,
         batch: int = DEFAULT_BATCH,
         metrics: Metrics | None = None,
+        handler_timeout_ms: int | None = None,
     ) -> None:
         self.database = database
         self.registry = registry
@@ -156,12 +164,20 @@ class Applier:
         self.statements = ClaimStatements(dialect)
         self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
         names = sorted(self.sources)
-        self._take_sql = _compile(_take(names), dialect)
+        self._take_sql = _compile(_take(names, dialect.name == "postgresql"), dialect)
         self._next_due_sql = _compile(_next_due(names), dialect)
         counted, due = _attempted()
         self._counted_sql, self._due_sql = _compile(counted, dialect), _compile(due, dialect)
         self._dequeue_sql = _compile(_dequeue(), dialect)
+        self._lock_sql = _compile(_lock(), dialect)
         self._postgresql = dialect.name == "postgresql"
+        #: The handler deadline (PostgreSQL: the watchdog can end a stuck session).
+        self.watchdog = (
+            Watchdog(handler_timeout_ms, threads=WATCHED_THREADS)
+            if handler_timeout_ms and self._postgresql
+            else None
+        )
+        self._overrun: _Batch | None = None
 
     # -- the straight line ---------------------------------------------------------------------
 
@@ -171,6 +187,8 @@ class Applier:
         batch = self._apply(worker)
         if batch is None:
             return self._next_due()
+        if batch.busy:
+            return None  # the poll: a claim thread may be free by then
         self._finish(batch)
         return 0.0
 
@@ -180,8 +198,29 @@ class Applier:
     # -- one batch, one transaction ------------------------------------------------------------
 
     def _apply(self, worker: Worker) -> _Batch | None:
-        """Take, run and record one batch; None when nothing was due."""
+        """Take, run and record one batch; None when nothing was due.
+
+        With a handler deadline, the batch runs on a claim thread watched by this
+        one (:mod:`app.watchdog`): a handler that overruns it is given up on
+        (:meth:`_overran`), and its transaction never commits.
+        """
+        if self.watchdog is None:
+            return self._transaction(worker, Job())
+        try:
+            return self.watchdog.run(
+                lambda job: self._transaction(worker, job), on_overrun=self._overran
+            )
+        except ServiceUnavailable as exc:
+            overrun, self._overrun = self._overrun, None
+            if overrun is not None:  # handler_timeout: the attempt is recorded
+                return overrun
+            log.error("every claim thread holds a handler that overran and has not returned "
+                      "(%s); waiting", exc.code)
+            return _Batch(busy=True)
+
+    def _transaction(self, worker: Worker, job: Job) -> _Batch | None:
         batch = _Batch()
+        refused: DBAPIError | None = None
         with self.database.lanes.lane() as lane:
             lane.begin()
             try:
@@ -190,15 +229,28 @@ class Applier:
                 if not rows:
                     lane.rollback()
                     return None
+                if self._postgresql:
+                    job.backend = rows[0][-1]  # pg_backend_pid(): who holds the locks
                 for row in rows:
-                    if worker.stopping:
+                    if worker.stopping or job.abandoned:
                         break  # the event in hand is done; the rest are released
-                    self._event(lane, self._taken(row), batch)
-                lane.commit(*self._closing(lane, batch))
+                    self._event(lane, self._taken(row), batch, job)
+                if not job.may_commit():  # given up on (a handler overran): roll back
+                    lane.rollback()
+                    return None
+                try:
+                    lane.commit(*self._closing(lane, batch))
+                except DBAPIError as exc:
+                    if is_disconnect(exc):
+                        raise
+                    lane.rollback()
+                    refused = exc
             finally:
                 if lane.in_transaction:
                     lane.rollback()
                 lane.session.close()
+        if refused is not None:
+            batch = self._commit_refused(batch, refused)
         self._resize(batch)
         return batch
 
@@ -215,7 +267,7 @@ class Applier:
         return (f"{dequeue}; {sql}" if sql else dequeue), {**(params or {}), "done": batch.done}
 
     def _taken(self, row: Any) -> _Taken:
-        row_id, source, event_id, event_type, payload, headers, received_at, attempts = row
+        row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
         if isinstance(received_at, str):  # SQLite hands back text through the lane
             received_at = datetime.fromisoformat(received_at)
         if received_at.tzinfo is None:
@@ -227,7 +279,7 @@ class Applier:
         event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
         return _Taken(row_id, source, event, attempts)
 
-    def _event(self, lane: Lane, taken: _Taken, batch: _Batch) -> None:
+    def _event(self, lane: Lane, taken: _Taken, batch: _Batch, job: Job) -> None:
         event = taken.event
         registrations = self.registry.for_event(event.source, event.type)
         if not registrations:
@@ -238,7 +290,9 @@ class Applier:
         # Sent at once: the handlers' statements go through the session, not the lane.
         lane.savepoint(now=True)
         started = time.perf_counter()
+        job.handlers_started(taken)
         run = run_handlers(registrations, event, lane.session, senders=self.registry.senders)
+        job.handlers_ended()
         seconds = time.perf_counter() - started
         if run.status is Status.FAILED and is_disconnect(run.error):
             raise run.error  # type: ignore[misc]  # the worker loop backs off; nothing kept
@@ -251,18 +305,8 @@ class Applier:
         # Rejected or failed: undo this event's effects, keep the other events'.
         lane.session.close()
         lane.rollback_to_savepoint()
-        raw_body = dumps(event.payload).encode()  # the worker never had the request's body
-        rejected = run.status is Status.REJECTED
-        batch.failures.append(
-            failures.failure_row(
-                event,
-                error=run.error_text,
-                cause=run.error,
-                raw_body=raw_body,
-                permanent=rejected,
-            )
-        )
-        if rejected:
+        if run.status is Status.REJECTED:
+            batch.failures.append(_failure(taken, run))
             stored = self.statements.result_row(
                 taken.row_id, Status.REJECTED, dumps(run.result, strict=True)
             )
@@ -276,6 +320,7 @@ class Applier:
         self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float, batch: _Batch
     ) -> None:
         """Count the failed attempt: due again after a backoff, or ``failed`` at the limit."""
+        batch.failures.append(_failure(taken, run))
         retries = self.sources[taken.source].retries
         attempt = taken.attempts + 1
         now = datetime.now(UTC)
@@ -302,6 +347,59 @@ class Applier:
             lane.execute(self._due_sql, params)
         outcome = "failed" if status is Status.FAILED else "retry"
         batch.applied.append(_Applied(taken, outcome, seconds, run, delay))
+
+    def _commit_refused(self, batch: _Batch, error: DBAPIError) -> _Batch:
+        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
+
+        Nothing of the batch remains; each event it ran counts a failed attempt
+        naming the COMMIT's error, in a transaction of its own, and the next batches
+        take one event at a time, so that the event at fault is found.
+        """
+        counted = _Batch()
+        run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+        with self.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                for applied in batch.applied:
+                    lane.execute(self._lock_sql, {"row_id": applied.taken.row_id})
+                    self._failed(lane, applied.taken, run, applied.seconds, counted)
+                lane.commit(*self._closing(lane, counted))
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+        self.batch = self.max_batch = 1
+        return counted
+
+    def _overran(self, job: Job) -> None:
+        """A handler ran past the deadline: free its locks, count the attempt (main thread).
+
+        Its transaction is marked abandoned and never commits; its database session
+        is ended now (``pg_terminate_backend``), so the event's queue row is free,
+        and the attempt is recorded like a handler's exception.
+        """
+        taken: _Taken = job.event
+        limit = round(self.watchdog.limit * 1000) if self.watchdog else 0
+        error = TimeoutError(
+            f"the handlers ran longer than IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS ({limit} ms); "
+            "the worker gave up on them and their transaction was rolled back"
+        )
+        run = HandlerRun(Status.FAILED, handler="handlers", error=error)
+        backend = getattr(job, "backend", None)
+        if backend is not None:
+            with self.database.engine.connect() as conn:
+                conn.execute(select(func.pg_terminate_backend(backend)))
+        batch = _Batch()
+        with self.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                # Waits (up to the lock timeout) for the ended session to let go of the row.
+                lane.execute(self._lock_sql, {"row_id": taken.row_id})
+                self._failed(lane, taken, run, self.watchdog.limit if self.watchdog else 0, batch)
+                lane.commit(*self._closing(lane, batch))
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+        self._overrun = batch
 
     def _resize(self, batch: _Batch) -> None:
         """Grow the batch while handlers are quick; one event at a time when they are slow."""
@@ -388,7 +486,7 @@ class Applier:
 # -- the statements ----------------------------------------------------------------------------
 
 
-def _take(sources: list[str]) -> Any:
+def _take(sources: list[str], postgresql: bool) -> Any:
     q = event_queue.alias("q")
     p = event_queue.alias("p")
     e = processed_events.alias("e")
@@ -397,17 +495,20 @@ def _take(sources: list[str]) -> Any:
         p.c.order_key == q.c.order_key,
         p.c.id < q.c.id,
     )
+    columns = [
+        q.c.id,
+        e.c.source,
+        e.c.event_id,
+        e.c.event_type,
+        e.c.payload,
+        e.c.headers,
+        e.c.received_at,
+        e.c.attempts,
+    ]
+    if postgresql:  # the session holding the locks, in case a handler overruns
+        columns.append(func.pg_backend_pid())
     return (
-        select(
-            q.c.id,
-            e.c.source,
-            e.c.event_id,
-            e.c.event_type,
-            e.c.payload,
-            e.c.headers,
-            e.c.received_at,
-            e.c.attempts,
-        )
+        select(*columns)
         .select_from(q.join(e, e.c.id == q.c.id))
         .where(
             q.c.next_attempt_at <= bindparam("now", type_=String),
@@ -418,6 +519,11 @@ def _take(sources: list[str]) -> Any:
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True, of=q)
     )
+
+
+def _lock() -> Any:
+    q = event_queue
+    return select(q.c.id).where(q.c.id == bindparam("row_id", type_=Integer)).with_for_update()
 
 
 def _next_due(sources: list[str]) -> Any:
@@ -452,6 +558,18 @@ def _attempted() -> tuple[Any, Any]:
 def _dequeue() -> Any:
     q = event_queue
     return delete(q).where(q.c.id == bindparam("row_id", type_=Integer))
+
+
+def _failure(taken: _Taken, run: HandlerRun) -> dict[str, Any]:
+    """The ``delivery_failures`` row of a failed or rejected attempt."""
+    return failures.failure_row(
+        taken.event,
+        error=run.error_text,
+        cause=run.error or RuntimeError(run.error_text),
+        # The worker never had the request's body: the event's JSON stands for it.
+        raw_body=dumps(taken.event.payload).encode(),
+        permanent=run.status is Status.REJECTED,
+    )
 
 
 def _among(column: Any, names: list[str]) -> Any:

@@ -71,7 +71,16 @@ def worker_command(metrics_bind: str | None) -> None:
         works.append(Delivery(database, registry.senders, batch=batch, metrics=outbox_metrics))
     if queued:
         # Every configured source: one switched back to sync may still have events waiting.
-        works.append(Applier(database, registry, sources, batch=batch, metrics=metrics))
+        works.append(
+            Applier(
+                database,
+                registry,
+                sources,
+                batch=batch,
+                metrics=metrics,
+                handler_timeout_ms=config["IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS"],
+            )
+        )
     listen = config["IDEMHOOK_WORKER_LISTEN_URL"]
     postgresql = database.engine.dialect.name == "postgresql"
     listen_url = None if listen == "off" or not postgresql else (listen or config["DATABASE_URL"])
@@ -99,5 +108,6 @@ def _database(config: Any) -> Database:
     handler = int(config["IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS"])
     timeouts = Timeouts(statement, statement, handler + statement)
     mode = config["IDEMHOOK_POOL_MODE"]
-    engine = build_engine(config["DATABASE_URL"], timeouts=timeouts, pool_size=2, pool_mode=mode)
+    # One lane at a time, and one more for each claim thread a stuck handler may hold.
+    engine = build_engine(config["DATABASE_URL"], timeouts=timeouts, pool_size=4, pool_mode=mode)
     return Database(engine, timeouts=timeouts, pool_mode=mode)

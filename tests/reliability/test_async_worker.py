@@ -127,7 +127,7 @@ def test_a_worker_killed_mid_handler_leaves_the_event_to_another_which_applies_i
             with holder.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
             wait_for(lambda: status_of(sql, "k1").status == "processed", "the retaken event")
-            assert "outcome=processed" in survivor.log()
+            survivor.wait_log("event_id=k1 event_type=- outcome=processed")
     finally:
         holder.close()
     # The killed worker's effect was rolled back with its transaction: applied once.
@@ -158,6 +158,7 @@ def test_fails_twice_then_succeeds_after_two_backoffs_and_always_failing_ends_fa
         assert signed_post(server.url, "queued", {"id": "never", "fail": 3}).status_code == 202
         wait_for(lambda: status_of(sql, "twice").status == "processed", "'twice' to succeed")
         wait_for(lambda: status_of(sql, "never").status == "failed", "'never' to end failed")
+        running.wait_log("event_id=never event_type=- outcome=failed")
 
         twice = status_of(sql, "twice")
         assert (twice.attempts, twice.result) == (2, {"applied": "twice"})
@@ -255,6 +256,7 @@ def test_a_handler_sleeping_10_s_is_answered_at_once_and_applied_once_later(clea
         assert retry.status_code == 202 and retry.json()["status"] == "accepted"
         assert applied(sql, "slow") == []
         wait_for(lambda: status_of(sql, "slow").status == "processed", "the slow event")
+        running.wait_log("event_id=slow event_type=- outcome=processed")
         log = running.log()
     row = status_of(sql, "slow")
     assert (row.processed_at - row.received_at).total_seconds() >= 10  # it did sleep
@@ -353,3 +355,40 @@ def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_twice(
     finally:
         engine.dispose()
     assert effects == {event_id: 1 for event_id in ids}  # nothing lost, nothing twice
+
+
+def test_a_handler_past_the_worker_deadline_is_given_up_on_and_ends_failed(clean_db, sql):
+    env = {**WORKER_ENV, "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS": "1000"}
+    with (
+        gunicorn(ASYNC_SOURCES, clean_db) as server,
+        worker(ASYNC_SOURCES, clean_db, env=env) as running,
+    ):
+        assert signed_post(server.url, "queued", {"id": "hung", "sleep": 600}).status_code == 202
+        wait_for(lambda: status_of(sql, "hung").attempts == 1, "the first attempt to be given up")
+        # The worker is not stuck behind it: a later event is applied meanwhile.
+        assert signed_post(server.url, "queued", {"id": "next"}).status_code == 202
+        wait_for(lambda: status_of(sql, "next").status == "processed", "the next event")
+        wait_for(lambda: status_of(sql, "hung").status == "failed", "'hung' to end failed")
+        running.wait_log("outcome=failed")
+        log = running.log()
+    row = status_of(sql, "hung")
+    assert row.attempts == 3 and applied(sql, "hung") == []  # nothing of it ever committed
+    errors = [e for (e,) in sql("SELECT error FROM delivery_failures ORDER BY id")]
+    assert errors == [
+        "handlers raised TimeoutError: the handlers ran longer than "
+        "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS (1000 ms); the worker gave up on them and their "
+        "transaction was rolled back"
+    ] * 3
+    assert re.findall(r"event_id=hung \S+ outcome=(\w+)", log) == ["retry", "retry", "failed"]
+
+
+def test_sigterm_lets_the_event_in_hand_finish_and_commit(clean_db, sql):
+    with gunicorn(ASYNC_SOURCES, clean_db) as server:
+        with worker(ASYNC_SOURCES, clean_db, env=WORKER_ENV) as running:
+            assert signed_post(server.url, "queued", {"id": "term", "sleep": 1}).status_code == 202
+            wait_for(lambda: worker_in_transaction(sql), "the worker to be inside the handler")
+            running.process.terminate()  # SIGTERM, as a deploy sends it
+            assert running.process.wait(timeout=GUARD_SECONDS) == 0, running.log()
+            log = running.log()
+    assert status_of(sql, "term").status == "processed" and len(applied(sql, "term")) == 1
+    assert "outcome=processed" in log and log.rstrip().endswith("stopped")
