@@ -214,8 +214,11 @@ class Applier:
             overrun, self._overrun = self._overrun, None
             if overrun is not None:  # handler_timeout: the attempt is recorded
                 return overrun
-            log.error("every claim thread holds a handler that overran and has not returned "
-                      "(%s); waiting", exc.code)
+            log.error(
+                "every claim thread holds a handler that overran and has not returned "
+                "(%s); waiting",
+                exc.code,
+            )
             return _Batch(busy=True)
 
     def _transaction(self, worker: Worker, job: Job) -> _Batch | None:
@@ -507,7 +510,7 @@ def _take(sources: list[str], postgresql: bool) -> Any:
     ]
     if postgresql:  # the session holding the locks, in case a handler overruns
         columns.append(func.pg_backend_pid())
-    return (
+    take = (
         select(*columns)
         .select_from(q.join(e, e.c.id == q.c.id))
         .where(
@@ -519,6 +522,8 @@ def _take(sources: list[str], postgresql: bool) -> Any:
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True, of=q)
     )
+    # SQLite's LIMIT wants an OFFSET, which would otherwise be a parameter of its own.
+    return take if postgresql else take.offset(literal_column("0"))
 
 
 def _lock() -> Any:
@@ -578,7 +583,15 @@ def _among(column: Any, names: list[str]) -> Any:
 
 
 def _compile(statement: Any, dialect: Any) -> str:
-    return str(statement.compile(dialect=dialect))
+    compiled = statement.compile(dialect=dialect)
+    unnamed = [name for name in compiled.params if name not in _PARAMETERS]
+    if unnamed:  # a literal compiled in as a parameter would never be passed
+        raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
+    return str(compiled)
+
+
+#: The parameters the worker's statements are given.
+_PARAMETERS = frozenset({"now", "limit", "row_id", "status", "result", "next_attempt_at"})
 
 
 class _Running:

@@ -27,9 +27,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from .models import delivery_failures, outbox_messages, processed_events
+from .models import delivery_failures, event_queue, outbox_messages, processed_events
 
 EVENTS = processed_events
+QUEUE = event_queue
 FAILURES = delivery_failures
 OUTBOX = outbox_messages
 
@@ -156,9 +157,16 @@ def _page(
 
 # -- processed events ------------------------------------------------------------------------
 
-#: Every column of processed_events; listings leave payload and headers out (``show`` has them).
-EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
+#: Every column of processed_events, and when a waiting asynchronous event is due (from
+#: ``event_queue``; null for every other event). Listings leave payload and headers out.
+EVENT_COLUMNS = (*(c.name for c in EVENTS.columns), "next_attempt_at")
 LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name not in ("payload", "headers"))
+#: processed_events with each waiting event's queue row.
+_EVENTS_QUEUED = EVENTS.outerjoin(QUEUE, QUEUE.c.id == EVENTS.c.id)
+
+
+def _event_column(name: str) -> Any:
+    return QUEUE.c.next_attempt_at if name == "next_attempt_at" else EVENTS.c[name]
 _TIMES = {
     "received_at",
     "processed_at",
@@ -201,7 +209,10 @@ def list_events(
     session: Session, filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of events, newest first, and the cursor of the next page (or None)."""
-    query = _event_filters(select(*(EVENTS.c[name] for name in LIST_COLUMNS)), filters)
+    query = _event_filters(
+        select(*(_event_column(name) for name in LIST_COLUMNS)).select_from(_EVENTS_QUEUED),
+        filters,
+    )
     rows, next_cursor = _page(session, query, EVENTS.c.received_at, EVENTS.c.id, limit, cursor)
     return [_row(r._mapping, LIST_COLUMNS) for r in rows], next_cursor
 
@@ -209,7 +220,9 @@ def list_events(
 def get_event(session: Session, source: str, event_id: str) -> dict[str, Any] | None:
     """The whole row of one event with its failures (oldest first), or None."""
     row = session.execute(
-        select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
+        select(*(_event_column(name) for name in EVENT_COLUMNS))
+        .select_from(_EVENTS_QUEUED)
+        .where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
     ).first()
     if row is None:
         return None

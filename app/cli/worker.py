@@ -29,7 +29,7 @@ def _address(value: str | None) -> tuple[str, int] | None:
 
 @click.command(
     "worker",
-    short_help="Deliver outbox messages and apply received events until stopped (SIGTERM).",
+    short_help="Deliver outbox messages, apply received events (until SIGTERM).",
 )
 @click.option(
     "--metrics-bind",

@@ -275,9 +275,7 @@ def worker_in_transaction(sql) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"], ids=["clean stop", "crash"])
-def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_twice(
-    own_cluster, mode
-):
+def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_twice(own_cluster, mode):
     cluster, url = own_cluster
     engine = create_engine(url)
     ids = [f"load-{i}" for i in range(300)]
@@ -333,8 +331,10 @@ def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_twice(
             cluster.stop(mode)
             for running in workers:
                 wait_for(
-                    lambda running=running: "unreachable" in running.log()
-                    or "LISTEN connection was lost" in running.log(),
+                    lambda running=running: (
+                        "unreachable" in running.log()
+                        or "LISTEN connection was lost" in running.log()
+                    ),
                     "every worker to notice the database is gone",
                 )
             cluster.start()
@@ -342,8 +342,10 @@ def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_twice(
                 thread.join(GUARD_SECONDS * 2)
             assert len(answered) == len(ids)
             wait_for(
-                lambda: count("SELECT count(*) FROM processed_events WHERE status = 'processed'")
-                == len(ids),
+                lambda: (
+                    count("SELECT count(*) FROM processed_events WHERE status = 'processed'")
+                    == len(ids)
+                ),
                 "every accepted event to be processed",
                 timeout=120,
             )
@@ -374,11 +376,15 @@ def test_a_handler_past_the_worker_deadline_is_given_up_on_and_ends_failed(clean
     row = status_of(sql, "hung")
     assert row.attempts == 3 and applied(sql, "hung") == []  # nothing of it ever committed
     errors = [e for (e,) in sql("SELECT error FROM delivery_failures ORDER BY id")]
-    assert errors == [
-        "handlers raised TimeoutError: the handlers ran longer than "
-        "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS (1000 ms); the worker gave up on them and their "
-        "transaction was rolled back"
-    ] * 3
+    assert (
+        errors
+        == [
+            "handlers raised TimeoutError: the handlers ran longer than "
+            "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS (1000 ms); the worker gave up on them and their "
+            "transaction was rolled back"
+        ]
+        * 3
+    )
     assert re.findall(r"event_id=hung \S+ outcome=(\w+)", log) == ["retry", "retry", "failed"]
 
 
