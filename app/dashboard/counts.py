@@ -1,0 +1,80 @@
+"""Counts that stay fast on big tables: exact up to a bound, estimated past it, and saying so.
+
+``count(*)`` over millions of rows reads every one of them. The dashboard never
+asks for that: :func:`bounded_count` counts at most ``cap + 1`` rows (an index
+range read that stops early) and, when there are more, asks PostgreSQL's
+planner how many rows the same query would return (``EXPLAIN``, which reads the
+table's statistics, not the table). A :class:`Count` knows which it is, and the
+pages print estimates as "≈ 1.2M" with a note.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+#: Rows counted exactly before a count becomes an estimate.
+CAP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    value: int
+    #: False: ``value`` is an estimate (planner statistics, or scaled from a sample).
+    exact: bool = True
+    #: True: no estimate could be had (SQLite); ``value`` is a lower bound.
+    at_least: bool = False
+
+    def __add__(self, other: Count) -> Count:
+        return Count(
+            self.value + other.value,
+            self.exact and other.exact,
+            self.at_least or other.at_least,
+        )
+
+    def __str__(self) -> str:
+        if self.at_least:
+            return f"≥ {self.value:,}"
+        if self.exact:
+            return f"{self.value:,}"
+        return f"≈ {approximately(self.value)}"
+
+
+def approximately(value: float) -> str:
+    """Two significant figures: 1,234,567 -> 1.2M, 48,213 -> 48k, 812 -> 810."""
+    value = round(value)
+    for size, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if value >= size:
+            return f"{float(f'{value / size:.2g}'):g}{suffix}"
+    return f"{float(f'{value:.2g}'):g}" if value else "0"
+
+
+def bounded_count(session: Session, query: Select, cap: int = CAP) -> Count:
+    """How many rows ``query`` returns: exact up to ``cap``, else the planner's estimate."""
+    found = session.execute(
+        select(func.count()).select_from(query.limit(cap + 1).subquery())
+    ).scalar_one()
+    if found <= cap:
+        return Count(found)
+    estimated = estimate(session, query)
+    if estimated is None:
+        return Count(cap, exact=False, at_least=True)
+    return Count(max(estimated, cap + 1), exact=False)
+
+
+def estimate(session: Session, query: Select) -> int | None:
+    """The planner's estimate of how many rows ``query`` returns (PostgreSQL), else None."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return None
+    compiled = query.compile(dialect=bind.dialect, compile_kwargs={"render_postcompile": True})
+    row = (
+        session.connection()
+        .exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params)
+        .scalar_one()
+    )
+    plan = json.loads(row) if isinstance(row, str) else row
+    return int(plan[0]["Plan"]["Plan Rows"])
