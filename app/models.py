@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -80,6 +81,16 @@ class ProcessedEvent(Base):
         Index(None, "source", "event_type", "received_at"),
         # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
         Index(None, "received_at", "id"),
+        # The dashboard's status filters and counts (migration 0005): only the rows that
+        # are not "processed", so a processed event's insert maintains no extra index.
+        Index(
+            "ix_processed_events_not_processed",
+            "status",
+            "received_at",
+            "id",
+            postgresql_where=text("status <> 'processed'"),
+            sqlite_where=text("status <> 'processed'"),
+        ),
     )
 
 
