@@ -12,6 +12,8 @@ Every figure is read through an index and bounded (:mod:`app.dashboard.counts`):
   (their retries, which mostly arrive within minutes of the first delivery); the
   rate is duplicates / (events + duplicates), the share of deliveries that were
   duplicates.
+- **Unresolved failures**: those among the newest CAP + 1 failures whose event has
+  not been applied since; "≥" when there are older failures still.
 - **Ignored, rejected** (and, with asynchronous sources, **pending**) come from the
   partial index of events whose status is not ``processed``; **failed attempts**
   from ``delivery_failures``' ``(failed_at, id)`` index. Each is exact up to
@@ -28,7 +30,7 @@ from sqlalchemy import func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from ..models import EVENT_STATUSES, delivery_failures, processed_events
-from ..queries import Filters, failure_filters
+from ..queries import applied_since_failure
 from . import outbox
 from .counts import CAP, Count, bounded_count, estimate
 
@@ -152,9 +154,7 @@ def build(session: Session, configured: list[str], now: datetime | None = None) 
     if queues:
         for entry in per_source.values():
             _pending(session, entry)
-    unresolved = bounded_count(
-        session, failure_filters(select(FAILURES.c.id), Filters(pending=True))
-    )
+    unresolved = _unresolved(session)
     ordered = sorted(per_source.values(), key=lambda s: (not s.configured, s.name))
     return Overview(
         since=since,
@@ -244,3 +244,22 @@ def _pending(session: Session, entry: SourceFigures) -> None:
                 EVENTS.c.status == PENDING_STATUS, EVENTS.c.source == entry.name
             )
         ).scalar()
+
+
+def _unresolved(session: Session) -> Count:
+    """Failures not applied since, among the newest CAP + 1 failures (a lower bound past them)."""
+    newest = (
+        select(FAILURES.c.id, FAILURES.c.source, FAILURES.c.event_id)
+        .order_by(FAILURES.c.failed_at.desc(), FAILURES.c.id.desc())
+        .limit(CAP + 1)
+        .subquery()
+    )
+    read, unresolved = session.execute(
+        select(
+            func.count(),
+            func.count().filter(~applied_since_failure(newest)),
+        ).select_from(newest)
+    ).one()
+    if read <= CAP:
+        return Count(unresolved)
+    return Count(unresolved, exact=False, at_least=True)
