@@ -25,6 +25,13 @@ export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
 # The demo's secret; a real deployment sets its own (see docs/configuration.md).
 export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
 export HUBSPOT_CLIENT_SECRET="${HUBSPOT_CLIENT_SECRET:-demo-hubspot-secret-not-for-production}"
+# The dashboard's login (and the read API's bearer token); printed below when it is the demo's.
+if [ -z "${IDEMHOOK_ADMIN_TOKEN:-}" ]; then
+  export IDEMHOOK_ADMIN_TOKEN="demo-admin-token-not-for-production"
+  token_note="log in with the demo's admin token: $IDEMHOOK_ADMIN_TOKEN"
+else
+  token_note="log in with your IDEMHOOK_ADMIN_TOKEN"
+fi
 if [ -z "${DATABASE_URL:-}" ]; then
   instance="${IDEMHOOK_INSTANCE_DIR:-$PWD/instance}"
   export DATABASE_URL="sqlite:///$instance/idemhook.db"
@@ -49,5 +56,7 @@ echo
 printf '  export IDEMHOOK_CONFIG=%q DATABASE_URL=%q DEMO_WEBHOOK_SECRET=%q HUBSPOT_CLIENT_SECRET=%q\n' \
   "$IDEMHOOK_CONFIG" "$DATABASE_URL" "$DEMO_WEBHOOK_SECRET" "$HUBSPOT_CLIENT_SECRET"
 echo "  $BIN/idemhook send hubspot examples/crm/events/contact_creation.json --url http://127.0.0.1:$PORT"
+echo
+echo "The dashboard: http://127.0.0.1:$PORT/dashboard ($token_note; docs/dashboard.md)"
 echo
 exec "$BIN/idemhook" serve --bind "127.0.0.1:$PORT" --access-logfile -

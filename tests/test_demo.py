@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.servers import ROOT, free_port, launch, server_environment
 
@@ -40,8 +42,26 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
         assert '"status":"processed"' in answer.stdout.replace(" ", ""), answer
         again = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True)
         assert '"status":"duplicate"' in again.stdout.replace(" ", "")
+        _log_in_to_the_printed_dashboard(output)
     finally:
         demo.stop()
+
+
+def _log_in_to_the_printed_dashboard(output: str) -> None:
+    """The dashboard line names a URL and a token that open it (on the demo's SQLite)."""
+    found = re.search(r"The dashboard: (\S+) \(log in with the demo's admin token: (\S+);", output)
+    assert found, output
+    url, token = found.groups()
+    browser = requests.Session()
+    browser.headers["Accept"] = "text/html"
+    form = browser.get(url, timeout=10)
+    assert form.url.startswith(f"{url}/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    browser.post(f"{url}/login", data={"csrf_token": csrf, "token": token}, timeout=10)
+    events = browser.get(f"{url}/events", timeout=10)
+    assert events.status_code == 200
+    assert "evt_demo_" in events.text  # the curl's event, delivered above
+    assert browser.get(url, timeout=10).status_code == 200  # the overview, on SQLite
 
 
 def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):

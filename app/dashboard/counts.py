@@ -45,11 +45,12 @@ class Count:
 
 def approximately(value: float) -> str:
     """Two significant figures: 1,234,567 -> 1.2M, 48,213 -> 48k, 812 -> 810."""
-    value = round(value)
-    for size, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
-        if value >= size:
-            return f"{float(f'{value / size:.2g}'):g}{suffix}"
-    return f"{float(f'{value:.2g}'):g}" if value else "0"
+    shown, suffix = float(f"{round(value):.2g}"), ""
+    for unit in ("k", "M", "G"):
+        if shown < 1000:
+            break
+        shown, suffix = shown / 1000, unit
+    return f"{shown:g}{suffix}"
 
 
 def bounded_count(session: Session, query: Select, cap: int = CAP) -> Count:

@@ -25,8 +25,8 @@ from tests.servers import gunicorn
 
 pytestmark = pytest.mark.gunicorn
 
-#: The screenshots docs/dashboard.md shows, in the order the round takes them.
-SCREENSHOTS = ("login", "overview", "events", "event", "failures", "retried", "replay")
+#: The screenshots docs/dashboard.md shows, in its order.
+SCREENSHOTS = ("login", "overview", "events", "event", "replay", "failures", "retried")
 PUBLIC_URL = "https://hooks.example.com"
 
 #: A day of earlier traffic, so that the overview's chart and tables have something to show.
