@@ -89,6 +89,7 @@ class ProcessedEvent(Base):
             "received_at",
             "id",
             postgresql_where=text("status <> 'processed'"),
+            postgresql_include=["source"],
             sqlite_where=text("status <> 'processed'"),
         ),
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 import psycopg2
 import requests
+from sqlalchemy.engine import make_url
 
 from app.testing import postgres
 from tests.servers import ROOT, gunicorn
@@ -196,26 +197,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dashboard")
     parser.add_argument("--docs", action="store_true", help="write the figures into the docs")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the filled database (development)"
+    )
+    parser.add_argument("--reuse", help="URL of a database a --keep run filled (development)")
     args = parser.parse_args(argv)
-    server_url, cluster = postgres.server_url()
-    url = prepare_database(server_url, prefix="idemhook_bench_dashboard")
+    cluster = None
+    if args.reuse:
+        url = make_url(args.reuse)
+    else:
+        server_url, cluster = postgres.server_url()
+        url = prepare_database(server_url, prefix="idemhook_bench_dashboard")
     try:
-        started = time.monotonic()
-        fill(_connect(url), FILL_SQL, 0, args.rows)
+        if not args.reuse:
+            started = time.monotonic()
+            fill(_connect(url), FILL_SQL, 0, args.rows)
+            conn = _connect(url)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(FAILURES_SQL)
+                cur.execute("VACUUM ANALYZE delivery_failures")
+            conn.close()
+            log(f"filled {args.rows:,} events in {time.monotonic() - started:.0f}s")
         conn = _connect(url)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(FAILURES_SQL)
-            cur.execute("VACUUM ANALYZE delivery_failures")
+        with conn, conn.cursor() as cur:
             cur.execute("SELECT source, event_id FROM processed_events WHERE id = %s", (4242,))
             sample = cur.fetchone()
         conn.close()
-        log(f"filled {args.rows:,} events in {time.monotonic() - started:.0f}s")
         env = {"IDEMHOOK_ADMIN_TOKEN": TOKEN}
         with gunicorn(SOURCES, url, env=env) as server:
             pages = measure(server.url, sample, args.rounds)
     finally:
-        postgres.drop_database(url)
+        if args.keep or args.reuse:
+            log(f"kept {url.render_as_string(hide_password=False)}")
+        else:
+            postgres.drop_database(url)
         if cluster is not None:
             cluster.destroy()
     results = {

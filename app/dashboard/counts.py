@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import CompoundSelect, Select, func, select
 from sqlalchemy.orm import Session
 
 #: Rows counted exactly before a count becomes an estimate.
@@ -68,14 +69,33 @@ def bounded_count(session: Session, query: Select, cap: int = CAP) -> Count:
 
 def estimate(session: Session, query: Select) -> int | None:
     """The planner's estimate of how many rows ``query`` returns (PostgreSQL), else None."""
+    plan = _plan(session, query)
+    return None if plan is None else int(plan["Plan Rows"])
+
+
+def estimate_each(
+    session: Session, union: CompoundSelect, params: dict[str, Any]
+) -> list[int] | None:
+    """The planner's estimate for each query of a ``UNION ALL``, in order: one ``EXPLAIN``."""
+    plan = _plan(session, union, params)
+    if plan is None:
+        return None
+    branches = plan.get("Plans", []) if plan["Node Type"] == "Append" else [plan]
+    if len(branches) != len(union.selects):
+        return None  # not the plan shape this reads: no estimate rather than a wrong one
+    return [int(branch["Plan Rows"]) for branch in branches]
+
+
+def _plan(
+    session: Session, query: Select | CompoundSelect, params: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     bind = session.get_bind()
     if bind.dialect.name != "postgresql":
         return None
     compiled = query.compile(dialect=bind.dialect, compile_kwargs={"render_postcompile": True})
     row = (
         session.connection()
-        .exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params)
+        .exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.construct_params(params))
         .scalar_one()
     )
-    plan = json.loads(row) if isinstance(row, str) else row
-    return int(plan[0]["Plan"]["Plan Rows"])
+    return (json.loads(row) if isinstance(row, str) else row)[0]["Plan"]

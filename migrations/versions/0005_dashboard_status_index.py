@@ -12,7 +12,8 @@ only the rows whose status is not ``processed``, ordered like the keyset pages
 (``received_at``, ``id``): those listings and counts become short index range
 reads. Processed events, nearly all of them, are not in it, so the claim's
 insert of a processed event maintains no extra index; a listing filtered on
-``processed`` still uses the existing indexes.
+``processed`` still uses the existing indexes. It carries ``source`` (``INCLUDE``,
+PostgreSQL), so counting one status per source is an index-only read.
 
 On PostgreSQL it is built ``CONCURRENTLY``: a table in use keeps taking
 deliveries while it is built (a plain CREATE INDEX would block every insert).
@@ -44,6 +45,7 @@ def upgrade() -> None:
                 "processed_events",
                 ["status", "received_at", "id"],
                 postgresql_where=WHERE,
+                postgresql_include=["source"],
                 postgresql_concurrently=True,
             )
     else:
