@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -165,7 +166,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{human(results['rows'])} rows in `processed_events` (over the last 7 days), "
         f"{results['failures']:,} in `delivery_failures`; the shipped gunicorn; "
         f"median and largest server time (`Server-Timing`) of {results['rounds']} requests "
-        f"per page after a warm-up. Target: under {TARGET_MS:.0f} ms each.",
+        f"per page after a warm-up, on {results['cores']} cores whose load average was "
+        f"{results['loadavg'][0]} to {results['loadavg'][1]} meanwhile (the machine is "
+        f"shared). Target: under {TARGET_MS:.0f} ms each.",
         "",
         "| page | server ms, median | server ms, max | client ms, median |",
         "| --- | ---: | ---: | ---: |",
@@ -226,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
         env = {"IDEMHOOK_ADMIN_TOKEN": TOKEN}
         with gunicorn(SOURCES, url, env=env) as server:
+            load_start = os.getloadavg()[0]
             pages = measure(server.url, sample, args.rounds)
+            load_end = os.getloadavg()[0]
     finally:
         if args.keep or args.reuse:
             log(f"kept {url.render_as_string(hide_password=False)}")
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": args.rows,
         "failures": 50_000,
         "rounds": args.rounds,
+        # The machine's 1-minute load average around the measurement (others share it).
+        "loadavg": [round(load_start, 2), round(load_end, 2)],
+        "cores": os.cpu_count(),
         "pages": pages,
     }
     args.out.mkdir(parents=True, exist_ok=True)
