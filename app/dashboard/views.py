@@ -68,7 +68,11 @@ def _guard() -> Response | None:
         return None
     if request.endpoint != "dashboard.login" and not access.logged_in():
         if access.wants_html():
-            here = request.full_path.rstrip("?") if request.method == "GET" else None
+            here = (
+                request.script_root + request.full_path.rstrip("?")
+                if request.method == "GET"
+                else None
+            )
             return redirect(url_for(".login", next=here), code=303)
         raise access.login_required()
     if request.method == "POST":

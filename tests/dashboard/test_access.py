@@ -304,6 +304,7 @@ def test_every_page_carries_a_strict_csp_and_refuses_framing(browser):
         assert response.headers["X-Frame-Options"] == "DENY"
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Cache-Control"] == "no-store"
+        assert re.fullmatch(r"app;dur=\d+\.\d", response.headers["Server-Timing"])
         if response.mimetype == "text/html":
             html = response.text
             assert "<script" not in html.lower(), path
@@ -352,3 +353,13 @@ def test_no_secret_signature_or_admin_token_is_ever_shown(browser):
         assert "test-secret" not in page  # the source's secret
         assert "X-Signature" not in page and "sha256=" not in page  # ...but no signature
         assert "hidden-token-value" not in page
+
+
+def test_behind_a_path_prefix_the_cookie_and_the_return_address_keep_it(client):
+    # A reverse proxy serving idemhook under /hooks (SCRIPT_NAME, as ProxyFix sets it).
+    prefix = "http://localhost/hooks"
+    first = client.get("/dashboard/failures", headers=HTML, base_url=prefix)
+    assert first.headers["Location"] == "/hooks/dashboard/login?next=/hooks/dashboard/failures"
+    form = client.get("/dashboard/login", headers=HTML, base_url=prefix)
+    assert "Path=/hooks/dashboard" in _set_cookie(form)
+    assert 'action="/hooks/dashboard/login"' in form.text

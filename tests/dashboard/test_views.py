@@ -142,6 +142,13 @@ def test_events_pages_follow_the_read_apis_cursor(browser, sql, monkeypatch):
     assert seen == ["p0", "p1", "p2", "p3", "p4"]
 
 
+def test_the_client_filter_waits_for_clients(browser):
+    # Offered once the read API's filters know clients (Idempotency-Key sources' clients).
+    page = browser.get("/dashboard/events").text
+    assert 'name="client"' not in page
+    assert views._optional_filters() == []
+
+
 def test_a_bad_filter_is_explained_on_the_page(browser):
     page = browser.get("/dashboard/events", query_string={"since": "yesterday"})
     assert page.status_code == 200
