@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import CompoundSelect, Select, func, select
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ClauseElement
 
 #: Rows counted exactly before a count becomes an estimate.
 CAP = 10_000
@@ -86,16 +89,24 @@ def estimate_each(
     return [int(branch["Plan Rows"]) for branch in branches]
 
 
+class Explain(Executable, ClauseElement):
+    """``EXPLAIN (FORMAT JSON) <query>``, the query compiled with its bound parameters."""
+
+    inherit_cache = False  # compiled on each use: it is cheap, and rare
+
+    def __init__(self, query: Select | CompoundSelect) -> None:
+        self.query = query
+
+
+@compiles(Explain, "postgresql")
+def _compile_explain(element: Explain, compiler: Any, **kw: Any) -> str:
+    return "EXPLAIN (FORMAT JSON) " + compiler.process(element.query, **kw)
+
+
 def _plan(
     session: Session, query: Select | CompoundSelect, params: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    bind = session.get_bind()
-    if bind.dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql":
         return None
-    compiled = query.compile(dialect=bind.dialect, compile_kwargs={"render_postcompile": True})
-    row = (
-        session.connection()
-        .exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.construct_params(params))
-        .scalar_one()
-    )
+    row = session.execute(Explain(query), params or {}).scalar_one()
     return (json.loads(row) if isinstance(row, str) else row)[0]["Plan"]

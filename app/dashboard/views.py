@@ -40,7 +40,6 @@ from ..sources import Source
 from . import access, outbox
 from . import overview as overview_module
 from .chart import draw
-from .counts import approximately
 
 EVENTS = processed_events
 FAILURES = delivery_failures
@@ -90,7 +89,6 @@ def _headers(response: Response) -> Response:
     return response
 
 
-@bp.app_template_filter("when")
 def _when(value: Any) -> str:
     if value is None:
         return "-"
@@ -100,7 +98,6 @@ def _when(value: Any) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@bp.app_template_filter("ago")
 def _ago(value: Any) -> str:
     if value is None:
         return "-"
@@ -114,12 +111,10 @@ def _ago(value: Any) -> str:
     return f"{seconds} s"
 
 
-@bp.app_template_filter("pretty")
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
-@bp.app_template_filter("percent")
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -131,7 +126,14 @@ def _globals() -> dict[str, Any]:
         "csrf_field": access.CSRF_FIELD,
         "logged_in": access.logged_in,
         "outbox_present": _outbox_present,
-        "approximately": approximately,
+        # Formatting helpers, called as functions rather than registered as Jinja filters:
+        # registering a filter builds the app's Jinja environment when the blueprint is
+        # registered, for every app, and an app dropped without dispose then kept its
+        # database connection (tests/test_lanes.py).
+        "when": _when,
+        "ago": _ago,
+        "pretty": _pretty,
+        "percent": _percent,
     }
 
 
