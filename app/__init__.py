@@ -15,7 +15,20 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
+from . import (
+    api,
+    cli,
+    dashboard,
+    db,
+    errors,
+    health,
+    intake,
+    logs,
+    metrics,
+    plugins,
+    settings,
+    sources,
+)
 from .claim import Claimer
 from .json_provider import JSONProvider
 
@@ -61,6 +74,7 @@ def create_app(
     health.init_app(app)
     metrics.init_app(app, claimer)
     api.init_app(app)
+    dashboard.init_app(app)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

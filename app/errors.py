@@ -59,6 +59,11 @@ class Unauthorized(IdemhookError):
     code = "invalid_signature"
 
 
+class Forbidden(IdemhookError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(IdemhookError):
     status_code = 404
     code = "not_found"
@@ -98,6 +103,7 @@ class ServiceUnavailable(IdemhookError):
 # mislead it.
 _HTTP_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",

@@ -82,6 +82,17 @@ class ProcessedEvent(Base):
         Index(None, "source", "event_type", "received_at"),
         # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
         Index(None, "received_at", "id"),
+        # The dashboard's status filters and counts (migration 0006): only the rows that
+        # are not "processed", so a processed event's insert maintains no extra index.
+        Index(
+            "ix_processed_events_not_processed",
+            "status",
+            "received_at",
+            "id",
+            postgresql_where=text("status <> 'processed'"),
+            postgresql_include=["source"],
+            sqlite_where=text("status <> 'processed'"),
+        ),
     )
 
 

@@ -39,8 +39,11 @@ DEFAULTS: dict[str, Any] = {
     # Direct database URL for `idemhook db` commands (managed databases hand out a
     # pooled and a direct URL); empty: DATABASE_URL.
     "IDEMHOOK_MIGRATION_DATABASE_URL": "",
-    # Bearer token of the read API (GET /events, /failures); unset: the API answers 404.
+    # Bearer token of the read API (GET /events, /failures) and the dashboard's login;
+    # unset: both answer 404.
     "IDEMHOOK_ADMIN_TOKEN": None,
+    # Key that signs the dashboard's session cookie; unset: derived from the admin token.
+    "IDEMHOOK_SECRET_KEY": None,
     # Whether GET /metrics answers without the admin token (when one is set).
     "IDEMHOOK_METRICS_PUBLIC": True,
     # Per-event log lines as "text" or "json".

@@ -125,6 +125,49 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def fill(conn: psycopg2.extensions.connection, sql: str, filled: int, rows: int) -> None:
+    """Run ``sql`` (rows ``%(start)s`` to ``%(stop)s`` of a series) until ``rows`` are in.
+
+    Rows ``filled + 1`` to ``rows`` are added, a million per statement; ``conn`` is
+    closed at the end. The bench's prefill and ``bench.dashboard`` both fill this way.
+    """
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET maintenance_work_mem = '512MB'")
+            cur.execute("SET synchronous_commit = off")
+            bulk = rows - filled >= 200_000
+            indexes: list[str] = []
+            if bulk:
+                # Building the indexes once after the load is several times faster than
+                # maintaining them row by row; the definitions are read back from the
+                # catalog, so the migrated schema is restored exactly.
+                cur.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE tablename = 'processed_events' AND indexname LIKE 'ix_%%'"
+                )
+                found = cur.fetchall()
+                indexes = [definition for _, definition in found]
+                for name, _ in found:
+                    cur.execute(f'DROP INDEX "{name}"')
+            step = 1_000_000
+            for start in range(filled + 1, rows + 1, step):
+                stop = min(start + step - 1, rows)
+                cur.execute(sql, {"start": start, "stop": stop})
+            for definition in indexes:
+                cur.execute(definition)
+            cur.execute("VACUUM ANALYZE processed_events")
+            # Write the load's dirty pages out now: otherwise the checkpoint that follows
+            # a bulk load lands in the next rounds and is measured as the table's size.
+            # (Needs superuser or pg_checkpoint; without it the rounds may pay for it.)
+            try:
+                cur.execute("CHECKPOINT")
+            except psycopg2.Error as exc:
+                log(f"CHECKPOINT refused ({exc.pgerror or exc}); rounds may include it")
+    finally:
+        conn.close()
+
+
 def prepare_database(server_url: Any, *, prefix: str) -> Any:
     """A fresh database built by the real migrations, with the handler's 10,000-row table."""
     url = postgres.create_database(server_url, prefix=prefix)
@@ -277,45 +320,9 @@ class Bench:
     def fill_to(self, rows: int) -> float:
         """Add synthetic rows until ``rows`` have been filled; return the seconds it took."""
         started = time.monotonic()
-        add = rows - self.filled
-        if add <= 0:
+        if rows <= self.filled:
             return 0.0
-        conn = self._connect()
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SET maintenance_work_mem = '512MB'")
-                cur.execute("SET synchronous_commit = off")
-                bulk = add >= 200_000
-                indexes: list[str] = []
-                if bulk:
-                    # Building the indexes once after the load is several times faster than
-                    # maintaining them row by row; the definitions are read back from the
-                    # catalog, so the migrated schema is restored exactly.
-                    cur.execute(
-                        "SELECT indexname, indexdef FROM pg_indexes "
-                        "WHERE tablename = 'processed_events' AND indexname LIKE 'ix_%%'"
-                    )
-                    found = cur.fetchall()
-                    indexes = [definition for _, definition in found]
-                    for name, _ in found:
-                        cur.execute(f'DROP INDEX "{name}"')
-                step = 1_000_000
-                for start in range(self.filled + 1, rows + 1, step):
-                    stop = min(start + step - 1, rows)
-                    cur.execute(FILL_SQL, {"start": start, "stop": stop})
-                for definition in indexes:
-                    cur.execute(definition)
-                cur.execute("VACUUM ANALYZE processed_events")
-                # Write the load's dirty pages out now: otherwise the checkpoint that follows
-                # a bulk load lands in the next rounds and is measured as the table's size.
-                # (Needs superuser or pg_checkpoint; without it the rounds may pay for it.)
-                try:
-                    cur.execute("CHECKPOINT")
-                except psycopg2.Error as exc:
-                    log(f"CHECKPOINT refused ({exc.pgerror or exc}); rounds may include it")
-        finally:
-            conn.close()
+        fill(self._connect(), FILL_SQL, self.filled, rows)
         self.filled = rows
         return time.monotonic() - started
 
