@@ -15,7 +15,20 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
+from . import (
+    api,
+    cli,
+    db,
+    errors,
+    health,
+    intake,
+    logs,
+    metrics,
+    operations,
+    plugins,
+    settings,
+    sources,
+)
 from .claim import Claimer
 
 log = logging.getLogger("idemhook")
@@ -58,6 +71,8 @@ def create_app(
     health.init_app(app)
     metrics.init_app(app, claimer)
     api.init_app(app)
+    # Last of the routes: an API source's path must not take one of the others.
+    operations.init_app(app, loaded.sources, claimer)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

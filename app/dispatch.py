@@ -13,13 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy.orm import Session
 
 from .db import dumps
 from .outcome import Status
-from .plugins import Event, Ignore, Registration, Reject, result_of
+from .plugins import (
+    Event,
+    HandlerChoice,
+    HandlerOutcome,
+    Ignore,
+    Registration,
+    Reject,
+    Response,
+    result_of,
+)
 
 
 class ClaimSession(Session):
@@ -62,6 +71,9 @@ class HandlerRun:
     stored: str | None = None
     handler: str | None = None
     error: BaseException | None = None
+    #: The :class:`~app.plugins.Response` a handler returned (the last one), else None.
+    #: A class attribute here, a field of :class:`RespondedRun`: most runs return none.
+    response: ClassVar[Response | None] = None
 
     @property
     def error_text(self) -> str:
@@ -77,18 +89,28 @@ class HandlerRun:
         return f"{self.handler} raised {type(self.error).__name__}"
 
 
+@dataclass(frozen=True, slots=True)
+class RespondedRun(HandlerRun):
+    """A run in which a handler returned a :class:`~app.plugins.Response`."""
+
+    response: Response | None = None
+
+
 def run_handlers(
     registrations: Sequence[Registration], event: Event, session: ClaimSession
 ) -> HandlerRun:
     """Run ``registrations`` for ``event`` in ``session``'s transaction, in order.
 
     A handler's ``Reject`` (returned or raised) stops the run; an exception
-    fails it. After the handlers, their ORM writes are flushed and the result
-    is serialised, so a write PostgreSQL refuses or a result JSON cannot hold
-    fails this event rather than the transaction's commit.
+    fails it. A returned ``Response`` contributes its body as the handler's
+    result and is kept on the run (:class:`RespondedRun`). After the handlers,
+    their ORM writes are flushed and the result is serialised, so a write
+    PostgreSQL refuses or a result JSON cannot hold fails this event rather
+    than the transaction's commit.
     """
     results: dict[str, Any] = {}
     ignored = 0
+    response: Response | None = None
     name = registrations[0].name if registrations else None
     session.in_handler = True
     try:
@@ -96,13 +118,17 @@ def run_handlers(
             name = registration.name
             try:
                 value = registration.func(event, session)
-            except (Ignore, Reject) as chosen:  # raised from deep inside a handler
+            except HandlerOutcome as chosen:  # Ignore or Reject, raised from deep inside
                 value = chosen
-            if isinstance(value, Reject):
-                return HandlerRun(Status.REJECTED, value.result(), handler=name, error=value)
-            if isinstance(value, Ignore):
-                ignored += 1
-                value = value.result()
+            if isinstance(value, HandlerChoice):  # one check for a plain result
+                if isinstance(value, Reject):
+                    return HandlerRun(Status.REJECTED, value.result(), handler=name, error=value)
+                if isinstance(value, Ignore):
+                    ignored += 1
+                    value = value.result()
+                else:
+                    response = value  # type: ignore[assignment]  # the only other choice
+                    value = response.body  # type: ignore[union-attr]
             results[name] = value
         result = result_of(results)
         stored = dumps(result, strict=True)
@@ -113,4 +139,6 @@ def run_handlers(
     finally:
         session.in_handler = False
     status = Status.IGNORED if ignored == len(registrations) else Status.PROCESSED
-    return HandlerRun(status, result, stored)
+    if response is None:
+        return HandlerRun(status, result, stored)
+    return RespondedRun(status, result, stored, response=response)

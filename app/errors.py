@@ -96,7 +96,7 @@ class ServiceUnavailable(IdemhookError):
 # listed, which nothing in idemhook is known to produce, is answered with the catch-all
 # http_error: a client then still reads the status, and a code of another status would
 # mislead it.
-_HTTP_CODES = {
+HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
@@ -116,7 +116,7 @@ def render(error: IdemhookError):
 def _render_http(error: HTTPException):
     code = error.code or 500
     body = {
-        "error": _HTTP_CODES.get(code, "http_error"),
+        "error": HTTP_CODES.get(code, "http_error"),
         "message": error.description or error.name,
     }
     if code == 413:

@@ -1,6 +1,6 @@
 """idemhook's public API: everything a plugin author imports.
 
-    from idemhook import handler, Ignore, Reject, Event
+    from idemhook import handler, Ignore, Reject, Response, Event
 
 ``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
 and, through its pytest plugin, the ``idemhook`` fixture. The service itself
@@ -15,6 +15,7 @@ from app import create_app as create_app
 from app.plugins import Event as Event
 from app.plugins import Ignore as Ignore
 from app.plugins import Reject as Reject
+from app.plugins import Response as Response
 from app.plugins import handler as handler
 
 try:
