@@ -3,12 +3,14 @@
 The payload chooses what the operation does: ``{"decline": true}`` answers 402 as a
 card processor would, ``{"fail": "..."}`` raises after writing its effect (rolled
 back), ``{"reject": "..."}`` returns ``Reject``, ``{"sleep": s}`` keeps the operation
-running for ``s`` seconds (the request in flight), ``{"plain": value}`` returns the
-value itself instead of a ``Response``.
+running for ``s`` seconds (the request in flight; its database session is then labelled
+``idemhook-worker-<pid>`` in pg_stat_activity, so a test can find the worker), and
+``{"plain": value}`` returns the value itself instead of a ``Response``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from sqlalchemy import text
@@ -27,6 +29,10 @@ def operate(event, db):
     ).scalar()
     payload = event.payload
     if isinstance(payload.get("sleep"), int | float):
+        db.execute(
+            text("SELECT set_config('application_name', :name, true)"),  # this transaction
+            {"name": f"idemhook-worker-{os.getpid()}"},
+        )
         time.sleep(payload["sleep"])
     if payload.get("fail"):
         raise RuntimeError(payload["fail"])
