@@ -1,4 +1,4 @@
-"""idempotency-key sources as APIs: the operation's answer, replayed; 400, 401, 409, 422 as problems.
+"""idempotency-key sources as APIs: the operation's answer, replayed; errors as problem details.
 
 Through the Flask test client on the real PostgreSQL; the concurrency and expiry races
 run against a real gunicorn in tests/test_operations_concurrency.py.
@@ -7,12 +7,15 @@ run against a real gunicorn in tests/test_operations_concurrency.py.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
 from idemhook.testing import deliver, signed
 
 SECRET = "charges-signing-secret"
+UUID = "8e03978e-40d5-43e8-bc93-6894a57f9324"
 TOKENS = {"acme": "acme-token-0123456789", "globex": "globex-token-0123456789"}
 
 API_SOURCES = {
@@ -200,7 +203,7 @@ def test_credentials_are_checked_before_the_key(api, sql, headers, status, code)
         ("bad\x01key", 400, "invalid_idempotency_key", None),
         ("tab\tkey", 400, "invalid_idempotency_key", None),
         ("two,keys", 400, "invalid_idempotency_key", None),
-        ('"8e03978e-40d5-43e8-bc93-6894a57f9324"', 201, None, "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        (f'"{UUID}"', 201, None, UUID),
         ('"with space"', 201, None, "with space"),
         ('"esc\\"aped"', 201, None, 'esc"aped'),
         ('""', 400, "invalid_idempotency_key", None),
@@ -269,3 +272,53 @@ def test_webhook_sources_keep_their_json_errors(make_app):
     response = client.post("/webhooks/hooks", json={"id": "1"})
     assert response.status_code == 401 and response.content_type == "application/json"
     assert set(response.json) == {"error", "message"}
+
+
+def wait_for(probe, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def in_background(call) -> tuple[threading.Thread, list]:
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.append(call()))
+    thread.start()
+    return thread, answers
+
+
+def test_a_request_whose_lease_was_taken_over_cannot_commit_its_work(api, sql):
+    # What a lease that ran out while its request still ran would look like: another
+    # request took the key (here: the test rewrites the owner while the operation runs).
+    thread, answers = in_background(
+        lambda: deliver(api, "emails", {"to": "x", "sleep": 0.5}, as_client="acme", key="l-1")
+    )
+    wait_for(lambda: sql("SELECT 1 FROM processed_events WHERE status = 'in_flight'"), "lease")
+    sql("UPDATE processed_events SET lock_owner = 'another-request'")
+    thread.join(timeout=30)
+    [answer] = answers
+    assert answer.status_code == 409 and answer.json["error"] == "idempotency_key_in_use"
+    assert effects(sql, "emails") == []  # its work was rolled back with the refused COMMIT
+    [row] = sql("SELECT status, lock_owner FROM processed_events")
+    assert (row.status, row.lock_owner) == ("in_flight", "another-request")
+
+
+def test_an_overrunning_operation_answers_503_and_frees_its_key_when_it_returns(make_app, sql):
+    api = make_app(API_SOURCES, IDEMHOOK_HANDLER_TIMEOUT_MS=300).test_client()
+    slow = deliver(api, "emails", {"to": "x", "sleep": 0.8}, as_client="acme", key="t-1")
+    assert slow.status_code == 503
+    assert slow.content_type == "application/problem+json"
+    assert (slow.json["error"], slow.headers["Retry-After"]) == ("handler_timeout", "1")
+    # In flight until the handler returns; then rolled back and the key released.
+    busy = deliver(api, "emails", {"to": "x", "sleep": 0.8}, as_client="acme", key="t-1")
+    assert busy.status_code == 409
+    wait_for(lambda: not sql("SELECT 1 FROM processed_events"), "the key to be released")
+    assert effects(sql, "emails") == []
+    done = deliver(api, "emails", {"to": "x", "sleep": 0}, as_client="acme", key="t-1")
+    assert done.status_code == 201
+    assert effects(sql, "emails") == ["acme:t-1"]
