@@ -95,6 +95,8 @@ class Filters:
     until: datetime | None = None
     #: Failures only: just those whose event has not been applied since.
     pending: bool = False
+    #: Events of idempotency-key sources only: this client's keys.
+    client: str | None = None
 
 
 def iso(value: datetime | None) -> str | None:
@@ -158,7 +160,15 @@ def _page(
 #: Every column of processed_events; listings leave payload and headers out (``show`` has them).
 EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
 LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name not in ("payload", "headers"))
-_TIMES = {"received_at", "processed_at", "last_seen_at", "replayed_at", "failed_at"}
+_TIMES = {
+    "received_at",
+    "processed_at",
+    "last_seen_at",
+    "replayed_at",
+    "failed_at",
+    "expires_at",
+    "locked_until",
+}
 
 
 def _row(mapping: Any, columns: tuple[str, ...]) -> dict[str, Any]:
@@ -182,7 +192,14 @@ def _event_filters(query: Select, filters: Filters) -> Select:
     query = _common_filters(query, filters, EVENTS, EVENTS.c.received_at)
     if filters.status is not None:
         query = query.where(EVENTS.c.status == filters.status)
+    if filters.client is not None:
+        query = query.where(EVENTS.c.client == filters.client)
     return query
+
+
+def event_id_of(event_id: str, client: str | None) -> str:
+    """The stored ``event_id`` of a client's key (``acme:<key>``); ``event_id`` itself if none."""
+    return event_id if client is None else f"{client}:{event_id}"
 
 
 def list_events(
@@ -235,11 +252,13 @@ def _applied_since_failure() -> Any:
 
     A failure rolls its claim back, and a delivery that finds a claim is a
     duplicate rather than a failure; so a claim row for a failed event can only
-    come from a later delivery (or retry) that succeeded.
+    come from a later delivery (or retry) that succeeded. An ``in_flight`` key
+    is not applied yet.
     """
     return exists().where(
         EVENTS.c.source == FAILURES.c.source,
         EVENTS.c.event_id == FAILURES.c.event_id,
+        EVENTS.c.status != "in_flight",
     )
 
 

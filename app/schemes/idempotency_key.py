@@ -95,7 +95,7 @@ class IdempotencyKey(Scheme):
         if not isinstance(fingerprint, bool):
             raise ConfigError(f"{where} fingerprint: must be true or false")
         self.fingerprint = fingerprint
-        if config.get("event_id") != self.defaults["event_id"]:
+        if config.get("event_id", self.defaults["event_id"]) != self.defaults["event_id"]:
             raise ConfigError(
                 f"{where} event_id: an idempotency-key source is keyed by the {KEY_HEADER} "
                 "header (and its client); leave event_id out"
