@@ -32,6 +32,8 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
         "new",
         "duplicates",
         "dup10",
+        "idem_new",
+        "idem_replays",
         "batch",
         "paced",
         *(f"rows_{n}" for n in SMOKE.prefill),
@@ -45,7 +47,8 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert saved["scenarios"]["batch"]["median"]["receiver"]["events_per_s"] > 0
     assert saved["rss"]["events"] >= SMOKE.rss_events
     assert all(size > 0 for size in saved["rss"]["samples"][-1]["rss_mb"])
-    assert len(results["targets"]) == 6
+    assert len(results["targets"]) == 7
+    assert saved["idempotency"]["ratio_rps"] > 0  # replays against new keys, reported
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")
