@@ -64,6 +64,22 @@ class NotFound(IdemhookError):
     code = "not_found"
 
 
+class Conflict(IdemhookError):
+    """409: the request's resource is in use by another request; retry (``Retry-After``)."""
+
+    status_code = 409
+    code = "conflict"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["Retry-After"] = "1"
+
+
+class UnprocessableContent(IdemhookError):
+    status_code = 422
+    code = "unprocessable_content"
+
+
 class PayloadTooLarge(IdemhookError):
     status_code = 413
     code = "payload_too_large"

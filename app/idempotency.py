@@ -43,7 +43,7 @@ from . import failures
 from .claim import Claimer
 from .db import dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
-from .errors import HandlerFailed, IdemhookError, ServiceUnavailable
+from .errors import Conflict, HandlerFailed, ServiceUnavailable, UnprocessableContent
 from .lanes import Lane
 from .models import processed_events
 from .outcome import Outcome, Status
@@ -58,24 +58,6 @@ REJECTED_STATUS = 422
 #: SQLSTATE of a CHECK violation, and the constraint the lease guard trips.
 _CHECK_VIOLATION = "23514"
 _STATUS_CHECK = "ck_processed_events_status"
-
-
-class Conflict(IdemhookError):
-    """409: the key is held by a request still running."""
-
-    status_code = 409
-    code = "idempotency_key_in_use"
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message, **extra)
-        self.headers["Retry-After"] = "1"
-
-
-class Mismatch(IdemhookError):
-    """422: the key was used for another request (another fingerprint)."""
-
-    status_code = 422
-    code = "idempotency_key_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +146,13 @@ class KeyClaimer:
             lane.begin()
             try:
                 started = time.perf_counter()
-                row = self._lease(lane, params)
+                try:
+                    row = self._lease(lane, params)
+                except DBAPIError as exc:
+                    if _is_timeout(exc) and not is_disconnect(exc):
+                        # Its row is locked (an operator's `events replay` of the key).
+                        raise _in_use(request, "its row is locked by another operation") from exc
+                    raise
                 self._time(event, "claim", started)
                 if row is None or row.lock_owner != owner:
                     lane.rollback()
@@ -275,10 +263,11 @@ class KeyClaimer:
             and request.fingerprint is not None
             and row.fingerprint != request.fingerprint
         ):
-            raise Mismatch(
+            raise UnprocessableContent(
                 f"The {KEY_HEADER} {request.key!r} was used for a different request (another "
                 "method, path, Content-Type or body); nothing was run. Use a new key for a new "
                 "request.",
+                code="idempotency_key_mismatch",
             )
         self._observe(event, Outcome(event.id, Status.DUPLICATE, row.result), started)
         headers = tuple((str(name), str(value)) for name, value in row.response_headers or ())
@@ -401,6 +390,11 @@ def _failure(request: KeyRequest, run: HandlerRun) -> dict[str, Any]:
     )
 
 
+def _is_timeout(exc: DBAPIError) -> bool:
+    # 55P03 lock_not_available (lock_timeout), 57014 query_canceled (statement_timeout).
+    return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")
+
+
 def _lease_lost(exc: DBAPIError) -> bool:
     orig = exc.orig
     if getattr(orig, "pgcode", None) == _CHECK_VIOLATION:
@@ -414,6 +408,7 @@ def _in_use(request: KeyRequest, why: str) -> Conflict:
     return Conflict(
         f"The {KEY_HEADER} {request.key!r} is in use: {why}. Retry after the Retry-After "
         "seconds: you will get its answer.",
+        code="idempotency_key_in_use",
     )
 
 

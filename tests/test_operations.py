@@ -10,8 +10,10 @@ import json
 import threading
 import time
 
+import psycopg2
 import pytest
 
+from app.testing.postgres import _connect_args
 from idemhook.testing import deliver, signed
 
 SECRET = "charges-signing-secret"
@@ -322,3 +324,19 @@ def test_an_overrunning_operation_answers_503_and_frees_its_key_when_it_returns(
     done = deliver(api, "emails", {"to": "x", "sleep": 0}, as_client="acme", key="t-1")
     assert done.status_code == 201
     assert effects(sql, "emails") == ["acme:t-1"]
+
+
+def test_a_key_whose_row_is_locked_answers_409_after_the_lock_timeout(make_app, db_url, sql):
+    api = make_app(API_SOURCES, IDEMHOOK_STATEMENT_TIMEOUT_MS=300).test_client()
+    assert deliver(api, "emails", {"to": "x"}, as_client="acme", key="lk-1").status_code == 201
+    holder = psycopg2.connect(**_connect_args(db_url))
+    try:
+        with holder.cursor() as cur:  # an operator's `events replay` holds the row like this
+            cur.execute("SELECT 1 FROM processed_events WHERE event_id = 'acme:lk-1' FOR UPDATE")
+            locked = deliver(api, "emails", {"to": "x"}, as_client="acme", key="lk-1")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert locked.status_code == 409 and locked.json["error"] == "idempotency_key_in_use"
+    again = deliver(api, "emails", {"to": "x"}, as_client="acme", key="lk-1")
+    assert again.headers["Idempotent-Replayed"] == "true"

@@ -64,16 +64,36 @@ def test_twenty_requests_with_one_key_run_once_and_the_others_hear_409_at_once(
             signer, "emails", {"to": "a@example.com", "sleep": 2}, client="acme", key="storm"
         )
         barrier = threading.Barrier(requests_)
+        # Meanwhile, watch for any backend of the database waiting for a lock: the copies
+        # must read the key's state, never queue behind the request that runs it.
+        waits: list[object] = []
+        storm_over = threading.Event()
+
+        def watch() -> None:
+            while not storm_over.is_set():
+                waits.extend(
+                    sql(
+                        "SELECT a.pid, l.locktype FROM pg_locks l JOIN pg_stat_activity a "
+                        "USING (pid) WHERE NOT l.granted AND a.datname = current_database()"
+                    )
+                )
+                storm_over.wait(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         with ThreadPoolExecutor(requests_) as pool:
             futures = [
                 pool.submit(timed_post, barrier, server.url + "/v1/emails", body, headers)
                 for _ in range(requests_)
             ]
             answers = [f.result() for f in futures]
+        storm_over.set()
+        watcher.join()
         retry = requests.post(server.url + "/v1/emails", data=body, headers=headers, timeout=GUARD)
 
     statuses = sorted(r.status_code for r, _ in answers)
     assert 503 not in statuses
+    assert waits == [], "a request waited for a lock"
     ran = [r for r, _ in answers if r.status_code == 201 and "Idempotent-Replayed" not in r.headers]
     assert len(ran) == 1, statuses
     for response, seconds in answers:
