@@ -64,15 +64,19 @@ class NotFound(IdemhookError):
     code = "not_found"
 
 
-class Conflict(IdemhookError):
-    """409: the request's resource is in use by another request; retry (``Retry-After``)."""
-
-    status_code = 409
-    code = "conflict"
+class RetrySoon(IdemhookError):
+    """Base of the answers that say "try again in a second": sent with ``Retry-After: 1``."""
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.headers["Retry-After"] = "1"
+
+
+class Conflict(RetrySoon):
+    """409: what the request names is in use by another request still running."""
+
+    status_code = 409
+    code = "conflict"
 
 
 class UnprocessableContent(IdemhookError):
@@ -95,15 +99,11 @@ class HandlerFailed(IdemhookError):
     code = "handler_failed"
 
 
-class ServiceUnavailable(IdemhookError):
+class ServiceUnavailable(RetrySoon):
     """Temporary: the provider should retry. Answered with ``Retry-After``."""
 
     status_code = 503
     code = "database_unavailable"
-
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.headers["Retry-After"] = "1"
 
 
 # Werkzeug raises these itself (routing, reading the body); give them stable codes.

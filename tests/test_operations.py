@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import psycopg2
 import pytest
 
 from app.testing.postgres import _connect_args
 from idemhook.testing import deliver, signed
+from tests.reliability.conftest import wait_for
 
 SECRET = "charges-signing-secret"
 UUID = "8e03978e-40d5-43e8-bc93-6894a57f9324"
@@ -274,17 +274,6 @@ def test_webhook_sources_keep_their_json_errors(make_app):
     response = client.post("/webhooks/hooks", json={"id": "1"})
     assert response.status_code == 401 and response.content_type == "application/json"
     assert set(response.json) == {"error", "message"}
-
-
-def wait_for(probe, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def in_background(call) -> tuple[threading.Thread, list]:

@@ -17,6 +17,7 @@ import requests
 
 from app import create_app
 from idemhook.testing import signed
+from tests.reliability.conftest import wait_for
 from tests.servers import gunicorn
 from tests.test_operations import API_SOURCES
 
@@ -38,17 +39,6 @@ def timed_post(barrier, url, body, headers) -> tuple[requests.Response, float]:
     started = time.monotonic()
     response = requests.post(url, data=body, headers=headers, timeout=GUARD)
     return response, time.monotonic() - started
-
-
-def wait_for(probe, what: str):
-    deadline = time.monotonic() + GUARD
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def effects(sql, source: str) -> int:
