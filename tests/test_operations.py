@@ -7,7 +7,9 @@ run against a real gunicorn in tests/test_operations_concurrency.py.
 from __future__ import annotations
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -329,3 +331,50 @@ def test_a_key_whose_row_is_locked_answers_409_after_the_lock_timeout(make_app, 
     assert locked.status_code == 409 and locked.json["error"] == "idempotency_key_in_use"
     again = deliver(api, "emails", {"to": "x"}, as_client="acme", key="lk-1")
     assert again.headers["Idempotent-Replayed"] == "true"
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "idempotency-keys.md"
+
+
+def anchors() -> set[str]:
+    """The fragment ids of docs/idempotency-keys.md: ### headings and <a id="..."> tags."""
+    text = DOCS.read_text()
+    found = set(re.findall(r'<a id="([^"]+)"></a>', text))
+    found |= {m.strip("` ").lower() for m in re.findall(r"^### (.+)$", text, re.M)}
+    return found
+
+
+def test_every_problem_type_links_to_its_entry_in_the_docs(make_app, sql):
+    api = make_app(API_SOURCES, IDEMHOOK_HANDLER_TIMEOUT_MS=300).test_client()
+    answers = [
+        api.post("/v1/emails", json={}),
+        api.post("/v1/emails", json={}, headers={"Authorization": "Bearer nope"}),
+        api.post("/v1/charges", json={}),
+        deliver(api, "emails", {}, as_client="acme", key=""),
+        deliver(api, "emails", b"not json", as_client="acme", key="d-1"),
+        deliver(api, "emails", [1], as_client="acme", key="d-2"),
+        deliver(api, "emails", {"fail": "x"}, as_client="acme", key="d-3"),
+        deliver(api, "emails", {"sleep": 0.5}, as_client="acme", key="d-4"),
+        deliver(api, "emails", {"sleep": 0.5}, as_client="acme", key="d-4"),
+        api.post("/v1/emails", data=b"{}", content_type="text/plain"),
+        api.post("/v1/emails", data=b"x" * (2 * 1024 * 1024)),
+    ]
+    deliver(api, "emails", {"to": "a"}, as_client="acme", key="d-5")
+    answers.append(deliver(api, "emails", {"to": "b"}, as_client="acme", key="d-5"))
+    answers.append(api.post("/v1/charges", json={}, headers={"X-Signature": "sha256=00"}))
+    # The overrun operation (d-4) frees its key once its handler returns.
+    wait_for(lambda: not sql("SELECT 1 FROM processed_events WHERE status = 'in_flight'"), "d-4")
+    problems = [a.json for a in answers]
+    assert all(a.content_type == "application/problem+json" for a in answers), problems
+    codes = {p["error"] for p in problems}
+    assert codes >= {
+        "missing_credentials", "invalid_credentials", "missing_signature",
+        "invalid_signature", "invalid_idempotency_key", "invalid_json", "invalid_event",
+        "handler_failed", "handler_timeout", "idempotency_key_in_use",
+        "unsupported_media_type", "payload_too_large", "idempotency_key_mismatch",
+    }
+    documented = anchors()
+    for problem in problems:
+        page, fragment = problem["type"].split("#")
+        assert page == "docs/idempotency-keys.md"
+        assert fragment == problem["error"] and fragment in documented, problem
