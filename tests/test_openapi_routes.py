@@ -16,6 +16,7 @@ from app import create_app
 from idemhook.testing import deliver, signed
 from tests.conftest import SOURCES
 from tests.test_api import AUTH, TOKEN
+from tests.reliability.conftest import wait_for
 from tests.test_events_cli import closed_port
 from tests.test_operations import API_SOURCES
 
@@ -222,6 +223,7 @@ def test_api_form_responses_match_the_spec(make_app, sql):
     busy = deliver(client, "emails", {"sleep": 0.6}, as_client="acme", key="s-5")
     assert busy.status_code == 409
     conforms(busy, path, "post")
+    wait_for(lambda: not sql("SELECT 1 FROM processed_events WHERE status = 'in_flight'"), "s-5")
     # The same source at /webhooks/<source>: its answers are documented there too.
     url, body, headers = signed(client.application, "emails", {"to": "a"}, client="acme", key="s-1")
     replay = client.post("/webhooks/emails", data=body, headers=headers)
