@@ -15,8 +15,8 @@ from openapi_spec_validator import validate
 from app import create_app
 from idemhook.testing import deliver, signed
 from tests.conftest import SOURCES
-from tests.test_api import AUTH, TOKEN
 from tests.reliability.conftest import wait_for
+from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import closed_port
 from tests.test_operations import API_SOURCES
 
