@@ -6,6 +6,7 @@ threads); requests are signed by an in-process app built from the same sources.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -200,3 +201,49 @@ def test_a_worker_killed_in_flight_leaves_a_lease_that_expires(signer, db_url, s
         )
     assert "Idempotent-Replayed" not in done.headers
     assert effects(sql, "emails") == 1
+
+
+@pytest.fixture(scope="module")
+def api_server(pg_url):
+    """The shipped gunicorn settings serving the test APIs."""
+    with gunicorn(API_SOURCES, pg_url) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "code"),
+    [
+        (None, 400, "missing_idempotency_key"),
+        ("", 400, "invalid_idempotency_key"),
+        ("k" * 256, 400, "invalid_idempotency_key"),
+        ("tab\tkey", 400, "invalid_idempotency_key"),
+        ("two,keys", 400, "invalid_idempotency_key"),
+        # gunicorn itself refuses other control characters in a header (its own 400, an
+        # HTML page), before idemhook sees the request.
+        ("bad\x01key", 400, None),
+        ("k" * 255, 201, None),
+        ('"8e03978e-40d5-43e8-bc93-6894a57f9324"', 201, None),
+    ],
+    ids=["missing", "empty", "256", "tab", "comma", "control", "255", "quoted"],
+)
+def test_key_syntax_over_real_http(signer, api_server, sql, key, status, code):
+    from tests.test_hostile_input import exchange, request_head
+
+    body = json.dumps({"to": "x"}).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": "Bearer acme-token-0123456789",
+        "Content-Length": str(len(body)),
+    }
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    got, head, answer = exchange(api_server, request_head("/v1/emails", headers) + body)
+    assert got == status, answer[:300]
+    if code is not None:
+        assert b"application/problem+json" in head
+        assert json.loads(answer)["error"] == code
+    stored = sql("SELECT event_id FROM processed_events")
+    if status == 201:
+        assert [r.event_id for r in stored] == [f"acme:{key.strip(chr(34))}"]
+    else:
+        assert stored == []
