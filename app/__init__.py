@@ -25,6 +25,7 @@ from . import (
     intake,
     logs,
     metrics,
+    operations,
     plugins,
     settings,
     sources,
@@ -75,6 +76,8 @@ def create_app(
     metrics.init_app(app, claimer)
     api.init_app(app)
     dashboard.init_app(app)
+    # Last of the routes: an API source's path must not take one of the others.
+    operations.init_app(app, loaded.sources, claimer)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

@@ -20,10 +20,13 @@ class Status(StrEnum):
     DUPLICATE = "duplicate"
     #: A handler raised, or its transaction could not commit (answers only, never stored).
     FAILED = "failed"
+    #: An ``idempotency-key`` request whose operation is running now: its key is leased
+    #: (``locked_until``) by the request that runs it (docs/idempotency-keys.md).
+    IN_FLIGHT = "in_flight"
 
 
 #: The statuses a claim row can hold (the table's check constraint).
-STORED_STATUSES = (Status.PROCESSED, Status.IGNORED, Status.REJECTED)
+STORED_STATUSES = (Status.PROCESSED, Status.IGNORED, Status.REJECTED, Status.IN_FLIGHT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,8 @@ class Filters:
     until: datetime | None = None
     #: Failures only: just those whose event has not been applied since.
     pending: bool = False
+    #: Events of idempotency-key sources only: this client's keys.
+    client: str | None = None
 
 
 def iso(value: datetime | None) -> str | None:
@@ -169,6 +171,8 @@ _TIMES = {
     "last_attempt_at",
     "created_at",
     "sent_at",
+    "expires_at",
+    "locked_until",
 }
 
 
@@ -193,7 +197,14 @@ def _event_filters(query: Select, filters: Filters) -> Select:
     query = _common_filters(query, filters, EVENTS, EVENTS.c.received_at)
     if filters.status is not None:
         query = query.where(EVENTS.c.status == filters.status)
+    if filters.client is not None:
+        query = query.where(EVENTS.c.client == filters.client)
     return query
+
+
+def event_id_of(event_id: str, client: str | None) -> str:
+    """The stored ``event_id`` of a client's key (``acme:<key>``); ``event_id`` itself if none."""
+    return event_id if client is None else f"{client}:{event_id}"
 
 
 def list_events(
@@ -246,7 +257,8 @@ def applied_since_failure(failures: Any = FAILURES) -> Any:
 
     A failure rolls its claim back, and a delivery that finds a claim is a
     duplicate rather than a failure; so a claim row for a failed event can only
-    come from a later delivery (or retry) that succeeded.
+    come from a later delivery (or retry) that succeeded. An ``in_flight`` key
+    is not applied yet.
 
     A scalar subquery, not ``EXISTS``: PostgreSQL may run an ``EXISTS`` as a hash
     of the whole of processed_events (a sequential scan of millions of rows to
@@ -258,6 +270,7 @@ def applied_since_failure(failures: Any = FAILURES) -> Any:
         .where(
             EVENTS.c.source == failures.c.source,
             EVENTS.c.event_id == failures.c.event_id,
+            EVENTS.c.status != "in_flight",
         )
         .limit(1)
         .scalar_subquery()

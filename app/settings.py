@@ -51,6 +51,9 @@ DEFAULTS: dict[str, Any] = {
     # Base URL providers call (https://hooks.example.com): shown by `idemhook sources`
     # and used as the signed URL by schemes that sign it (HubSpot). Empty: the request's own.
     "IDEMHOOK_PUBLIC_URL": "",
+    # Where docs/ is published for the clients of idempotency-key sources: the `type` of
+    # their problem details links into it. Empty: the relative docs/idempotency-keys.md#...
+    "IDEMHOOK_DOCS_URL": "",
     # Number of reverse proxies in front whose X-Forwarded-* headers are trusted
     # (werkzeug ProxyFix). 0: ignore them, as anyone can send them.
     "IDEMHOOK_TRUSTED_PROXIES": 0,

@@ -28,6 +28,7 @@ LIST_TABLE = ("received_at", "source", "event_id", "event_type", "status", "dupl
 @events_cli.command("list")
 @filter_options
 @click.option("--status", help="Only this status (processed, ignored, ...).")
+@click.option("--client", help="Only this client's keys (idempotency-key sources).")
 @click.option(
     "--limit",
     type=click.IntRange(1, queries.MAX_LIMIT),
@@ -35,9 +36,9 @@ LIST_TABLE = ("received_at", "source", "event_id", "event_type", "status", "dupl
     show_default=True,
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def events_list(source, event_type, since, until, status, limit, as_json) -> None:
+def events_list(source, event_type, since, until, status, client, limit, as_json) -> None:
     """List processed events, newest first."""
-    filters = queries.Filters(source, event_type, status, since, until)
+    filters = queries.Filters(source, event_type, status, since, until, client=client)
     with get_db().session() as session:
         rows, _next = queries.list_events(session, filters, limit)
     if as_json:
@@ -50,9 +51,13 @@ def events_list(source, event_type, since, until, status, limit, as_json) -> Non
 @events_cli.command("show")
 @click.argument("source")
 @click.argument("event_id")
+@click.option(
+    "--client", help="EVENT_ID is this client's Idempotency-Key (idempotency-key sources)."
+)
 @click.option("--json", "as_json", is_flag=True, help="The row as one JSON object.")
-def events_show(source: str, event_id: str, as_json: bool) -> None:
+def events_show(source: str, event_id: str, client: str | None, as_json: bool) -> None:
     """Show every column of one event, and its failures."""
+    event_id = queries.event_id_of(event_id, client)
     with get_db().session() as session:
         event = queries.get_event(session, source, event_id)
         failures = queries.failures_of(session, source, event_id) if event is None else []
@@ -70,7 +75,8 @@ def events_show(source: str, event_id: str, as_json: bool) -> None:
     failures = event.pop("failures")
     width = max(len(k) for k in event)
     for key, value in event.items():
-        shown = json.dumps(value, indent=2, default=str) if key in ("payload", "result") else value
+        pretty = key in ("payload", "result", "response_headers")
+        shown = json.dumps(value, indent=2, default=str) if pretty else value
         click.echo(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     click.echo(f"{'failures'.ljust(width)}  {len(failures)}")
     for failure in failures:
