@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint bench clean
+.PHONY: install system-deps run test lint bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # System packages (Debian's): wrk, the load generator of the benchmark and of its smoke
-# test, and pgbouncer, the connection pooler the pooler tests run the receiver behind.
+# test, pgbouncer, the connection pooler the pooler tests run the receiver behind, and
+# chromium (with chromium-driver), the headless browser of the dashboard's tests.
 # Installed with apt-get when missing and we are root; otherwise a clear error.
 system-deps: $(STAMP)
 	@$(BIN)/python -c "from bench.load import ensure_wrk; ensure_wrk()"
 	@$(BIN)/python -c "from app.testing.pgbouncer import ensure_pgbouncer; ensure_pgbouncer()"
+	@$(BIN)/python -c "from tests.browser import ensure_chromium; ensure_chromium()"
 
 run: $(STAMP)
 	@bash scripts/demo.sh
@@ -34,6 +36,11 @@ test: $(STAMP) system-deps
 bench: $(STAMP) system-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run --docs $(BENCH_ARGS)
+
+# docs/dashboard/*.png, the screenshots of docs/dashboard.md: the dashboard's browser
+# tests take them on their round through the pages.
+screenshots: $(STAMP) system-deps
+	IDEMHOOK_SCREENSHOTS=docs/dashboard $(BIN)/python -m pytest tests/dashboard/test_browser.py -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check app idemhook tests migrations bench examples

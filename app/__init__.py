@@ -15,7 +15,21 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, cli, db, errors, health, intake, logs, metrics, plugins, settings, sources
+from . import (
+    api,
+    cli,
+    dashboard,
+    db,
+    errors,
+    health,
+    intake,
+    logs,
+    metrics,
+    operations,
+    plugins,
+    settings,
+    sources,
+)
 from .accept import Acceptor
 from .claim import Claimer
 from .json_provider import JSONProvider
@@ -64,6 +78,9 @@ def create_app(
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
     metrics.init_app(app, claimer, acceptor, queued)
     api.init_app(app)
+    dashboard.init_app(app)
+    # Last of the routes: an API source's path must not take one of the others.
+    operations.init_app(app, loaded.sources, claimer)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

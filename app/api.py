@@ -26,7 +26,7 @@ from .outbox_status import MESSAGE_STATUSES
 bp = Blueprint("api", __name__)
 
 _LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
-_EVENT_PARAMS = _LIST_PARAMS | {"status"}
+_EVENT_PARAMS = _LIST_PARAMS | {"status", "client"}
 _FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
 _STATS_PARAMS = {"source", "type", "since", "until", "by"}
 _OUTBOX_PARAMS = {"kind", "status", "source", "since", "until", "limit", "cursor"}
@@ -85,6 +85,7 @@ def _filters(args: dict[str, str]) -> queries.Filters:
         since=since,
         until=until,
         pending=pending in ("true", "1"),
+        client=args.get("client"),
     )
 
 
@@ -127,10 +128,11 @@ def event_stats() -> Response:
 
 @bp.get("/events/<source>/<path:event_id>")
 def show_event(source: str, event_id: str) -> Response:
-    _args(set())
+    """One event; ``?client=acme`` reads ``event_id`` as that client's Idempotency-Key."""
+    client = _args({"client"}).get("client")
     _no_nul(source, event_id)
     with _session() as session:
-        event = queries.get_event(session, source, event_id)
+        event = queries.get_event(session, source, queries.event_id_of(event_id, client))
     if event is None:
         raise NotFound(
             f"No event {event_id!r} from source {source!r} is recorded "

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy.orm import Session
 
 from . import outbox
 from .db import dumps
 from .outcome import Status
-from .plugins import Event, Ignore, Registration, Reject, result_of
+from .plugins import (
+    Event,
+    HandlerChoice,
+    HandlerOutcome,
+    Ignore,
+    Registration,
+    Reject,
+    Response,
+    result_of,
+)
 
 
 class ClaimSession(Session):
@@ -63,6 +72,9 @@ class HandlerRun:
     stored: str | None = None
     handler: str | None = None
     error: BaseException | None = None
+    #: The :class:`~app.plugins.Response` a handler returned (the last one), else None.
+    #: A class attribute here, a field of :class:`RespondedRun`: most runs return none.
+    response: ClassVar[Response | None] = None
 
     @property
     def error_text(self) -> str:
@@ -78,6 +90,13 @@ class HandlerRun:
         return f"{self.handler} raised {type(self.error).__name__}"
 
 
+@dataclass(frozen=True, slots=True)
+class RespondedRun(HandlerRun):
+    """A run in which a handler returned a :class:`~app.plugins.Response`."""
+
+    response: Response | None = None
+
+
 def run_handlers(
     registrations: Sequence[Registration],
     event: Event,
@@ -88,11 +107,12 @@ def run_handlers(
     """Run ``registrations`` for ``event`` in ``session``'s transaction, in order.
 
     A handler's ``Reject`` (returned or raised) stops the run; an exception
-    fails it. After the handlers, their ORM writes are flushed and the result
-    is serialised, so a write PostgreSQL refuses or a result JSON cannot hold
-    fails this event rather than the transaction's commit. ``event.outbox``
-    adds messages in ``session`` meanwhile; ``senders`` (the registry's) are the
-    kinds it accepts.
+    fails it. A returned ``Response`` contributes its body as the handler's
+    result and is kept on the run (:class:`RespondedRun`). After the handlers,
+    their ORM writes are flushed and the result is serialised, so a write
+    PostgreSQL refuses or a result JSON cannot hold fails this event rather
+    than the transaction's commit. ``event.outbox`` adds messages in
+    ``session`` meanwhile; ``senders`` (the registry's) are the kinds it accepts.
     """
     session.in_handler = True
     token = outbox.bind(event, session, senders)
@@ -106,19 +126,24 @@ def run_handlers(
 def _run(registrations: Sequence[Registration], event: Event, session: ClaimSession) -> HandlerRun:
     results: dict[str, Any] = {}
     ignored = 0
+    response: Response | None = None
     name = registrations[0].name if registrations else None
     try:
         for registration in registrations:
             name = registration.name
             try:
                 value = registration.func(event, session)
-            except (Ignore, Reject) as chosen:  # raised from deep inside a handler
+            except HandlerOutcome as chosen:  # Ignore or Reject, raised from deep inside
                 value = chosen
-            if isinstance(value, Reject):
-                return HandlerRun(Status.REJECTED, value.result(), handler=name, error=value)
-            if isinstance(value, Ignore):
-                ignored += 1
-                value = value.result()
+            if isinstance(value, HandlerChoice):  # one check for a plain result
+                if isinstance(value, Reject):
+                    return HandlerRun(Status.REJECTED, value.result(), handler=name, error=value)
+                if isinstance(value, Ignore):
+                    ignored += 1
+                    value = value.result()
+                else:
+                    response = value  # type: ignore[assignment]  # the only other choice
+                    value = response.body  # type: ignore[union-attr]
             results[name] = value
         result = result_of(results)
         stored = dumps(result, strict=True)
@@ -127,4 +152,6 @@ def _run(registrations: Sequence[Registration], event: Event, session: ClaimSess
     except Exception as exc:  # anything a plugin raises fails this event, retryably
         return HandlerRun(Status.FAILED, handler=name, error=exc)
     status = Status.IGNORED if ignored == len(registrations) else Status.PROCESSED
-    return HandlerRun(status, result, stored)
+    if response is None:
+        return HandlerRun(status, result, stored)
+    return RespondedRun(status, result, stored, response=response)

@@ -59,9 +59,34 @@ class Unauthorized(IdemhookError):
     code = "invalid_signature"
 
 
+class Forbidden(IdemhookError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(IdemhookError):
     status_code = 404
     code = "not_found"
+
+
+class RetrySoon(IdemhookError):
+    """Base of the answers that say "try again in a second": sent with ``Retry-After: 1``."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["Retry-After"] = "1"
+
+
+class Conflict(RetrySoon):
+    """409: what the request names is in use by another request still running."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class UnprocessableContent(IdemhookError):
+    status_code = 422
+    code = "unprocessable_content"
 
 
 class PayloadTooLarge(IdemhookError):
@@ -79,15 +104,11 @@ class HandlerFailed(IdemhookError):
     code = "handler_failed"
 
 
-class ServiceUnavailable(IdemhookError):
+class ServiceUnavailable(RetrySoon):
     """Temporary: the provider should retry. Answered with ``Retry-After``."""
 
     status_code = 503
     code = "database_unavailable"
-
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.headers["Retry-After"] = "1"
 
 
 # Werkzeug raises these itself (routing, reading the body); give them stable codes.
@@ -96,8 +117,9 @@ class ServiceUnavailable(IdemhookError):
 # listed, which nothing in idemhook is known to produce, is answered with the catch-all
 # http_error: a client then still reads the status, and a code of another status would
 # mislead it.
-_HTTP_CODES = {
+HTTP_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -116,7 +138,7 @@ def render(error: IdemhookError):
 def _render_http(error: HTTPException):
     code = error.code or 500
     body = {
-        "error": _HTTP_CODES.get(code, "http_error"),
+        "error": HTTP_CODES.get(code, "http_error"),
         "message": error.description or error.name,
     }
     if code == 413:

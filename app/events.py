@@ -95,3 +95,10 @@ def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
             f"The {key.replace('_', ' ')} at {locator} {problem}.", code=f"invalid_{key}"
         )
     return value
+
+
+def event_type_of(source: Source, item: Any, headers: Any) -> str | None:
+    """The event type of ``item`` where ``source.event_type`` points (None when unset)."""
+    if source.event_type is None:
+        return None
+    return _identifier(source.event_type, item, headers, "event_type")

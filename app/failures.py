@@ -170,6 +170,11 @@ def retry_failure(
     src = sources.get(source)
     if src is None:
         raise ActionRefused(f"source {source!r} is no longer configured")
+    if src.scheme.operation:
+        raise ActionRefused(
+            f"source {source!r} is an API (idempotency-key): its client retries with the same "
+            "key, and only that retry can receive the answer"
+        )
     raw_body = bytes(failure.raw_body)
     if not raw_body:
         raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")

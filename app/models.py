@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -55,6 +56,11 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+#: Longest stored event ID: a provider's is at most 255 characters; an ``idempotency-key``
+#: source's named client stores ``<client>:<key>`` (64 + 1 + 255).
+EVENT_ID_LENGTH = 320
+
+
 class ProcessedEvent(Base):
     """One row per ``(source, event_id)`` ever claimed: the dedupe memory."""
 
@@ -62,7 +68,7 @@ class ProcessedEvent(Base):
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(String(64))
-    event_id: Mapped[str] = mapped_column(String(255))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
     event_type: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -75,6 +81,19 @@ class ProcessedEvent(Base):
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
     replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The columns of idempotency-key sources (docs/idempotency-keys.md); null for webhooks.
+    #: The API client whose key this is (a name under ``clients``); null: the only one.
+    client: Mapped[str | None] = mapped_column(String(64))
+    #: ``sha256:<hex>`` of the request's method, path, Content-Type and body.
+    fingerprint: Mapped[str | None] = mapped_column(String(71))
+    #: The operation's answer: status and headers; its body is ``result``.
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    response_headers: Mapped[Any | None] = mapped_column(JSONType)
+    #: When the key becomes new again (claimed + ``key_ttl``).
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: While ``in_flight``: the lease of the request that runs it, and its owner.
+    locked_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    lock_owner: Mapped[str | None] = mapped_column(String(32))
     #: Asynchronous sources (docs/async.md): the worker's failed attempts so far, and
     #: the event's order key (the value at the source's ``order_key``).
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -87,6 +106,17 @@ class ProcessedEvent(Base):
         Index(None, "source", "event_type", "received_at"),
         # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
         Index(None, "received_at", "id"),
+        # The dashboard's status filters and counts (migration 0006): only the rows that
+        # are not "processed", so a processed event's insert maintains no extra index.
+        Index(
+            "ix_processed_events_not_processed",
+            "status",
+            "received_at",
+            "id",
+            postgresql_where=text("status <> 'processed'"),
+            postgresql_include=["source"],
+            sqlite_where=text("status <> 'processed'"),
+        ),
     )
 
 
@@ -97,7 +127,7 @@ class DeliveryFailure(Base):
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(String(64))
-    event_id: Mapped[str] = mapped_column(String(255))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
     event_type: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)

@@ -21,6 +21,9 @@ class Status(StrEnum):
     #: A handler raised, or its transaction could not commit (answered; stored only for an
     #: asynchronous event whose every allowed attempt failed).
     FAILED = "failed"
+    #: An ``idempotency-key`` request whose operation is running now: its key is leased
+    #: (``locked_until``) by the request that runs it (docs/idempotency-keys.md).
+    IN_FLIGHT = "in_flight"
     #: Asynchronous source: claimed with its payload, waiting for ``idemhook worker``
     #: (stored, never answered: the answer says ``accepted``).
     RECEIVED = "received"
@@ -33,11 +36,10 @@ STORED_STATUSES = (
     Status.PROCESSED,
     Status.IGNORED,
     Status.REJECTED,
+    Status.IN_FLIGHT,
     Status.RECEIVED,
     Status.FAILED,
 )
-#: Stored statuses of an event that is over: applied, or given up on (its key unblocked).
-FINISHED_STATUSES = (Status.PROCESSED, Status.IGNORED, Status.REJECTED, Status.FAILED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,10 @@ Contract (the full text with examples is ``docs/plugins.md``)::
   ``{"rejected": reason}``, a ``delivery_failures`` row with ``permanent = true``
   is written, and the answer is 200 so the provider stops retrying. A
   redelivery is a ``duplicate``.
+- Returning :class:`Response` ``(status, body, headers)`` chooses the HTTP answer of an
+  ``idempotency-key`` source (docs/idempotency-keys.md): it is stored with the key and
+  replayed to every retry. ``body`` is the stored result; for webhook sources only the
+  body counts.
 - Several matching handlers all run, in registration order, in the one
   transaction. With one handler, ``result`` is its return value; with several,
   an object mapping each handler's ``module:qualname`` to its return value.
@@ -59,7 +63,7 @@ from datetime import datetime
 from os import PathLike
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 from werkzeug.datastructures import Headers
 
@@ -75,7 +79,11 @@ _MARK = "__idemhook_handlers__"
 _SENDER_MARK = "__idemhook_sender__"
 
 
-class HandlerOutcome(Exception):
+class HandlerChoice:
+    """Base of what a handler may return instead of a plain result (one check per result)."""
+
+
+class HandlerOutcome(HandlerChoice, Exception):
     """Base of the outcomes a handler may return, or raise from deep inside its helpers."""
 
     #: Key of the stored result, and the event's status when this outcome decides it.
@@ -106,6 +114,83 @@ class Reject(HandlerOutcome):
     status = "rejected"
 
 
+#: Statuses a handler's :class:`Response` may choose: success and the client's errors.
+#: 5xx stay idemhook's own (a raised exception: rolled back, the key free for the retry).
+RESPONSE_STATUSES = range(200, 500)
+#: Response headers a handler may set besides ``X-*`` ones (compared case-insensitively).
+RESPONSE_HEADERS = ("Location", "Content-Location", "ETag", "Link")
+
+
+class Response(HandlerChoice):
+    """The HTTP answer of an ``idempotency-key`` source's operation, stored and replayed.
+
+    ``status`` 200-499; ``body`` anything JSON can hold (stored as the result);
+    ``headers`` a mapping or ``(name, value)`` pairs, names from
+    :data:`RESPONSE_HEADERS` or starting ``X-``. Checked here, so a mistake fails
+    in the handler's own line.
+    """
+
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: Any = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"Response(status): a whole number from 200 to 499, not {status!r}")
+        if status not in RESPONSE_STATUSES:
+            raise ValueError(
+                f"Response(status): {status} is not 200-499 (5xx are idemhook's: raise instead)"
+            )
+        pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
+        checked = []
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise TypeError(f"Response(headers): expected (name, value) pairs, got {pair!r}")
+            name, value = pair
+            checked.append((_header_name(name), _header_value(name, value)))
+        self.status = status
+        self.body = body
+        self.headers: tuple[tuple[str, str], ...] = tuple(checked)
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.body!r}, {dict(self.headers)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Response):
+            return NotImplemented
+        return (self.status, self.body, self.headers) == (other.status, other.body, other.headers)
+
+
+def _header_name(name: Any) -> str:
+    allowed = {h.lower(): h for h in RESPONSE_HEADERS}
+    if isinstance(name, str) and name.lower() in allowed:
+        return allowed[name.lower()]
+    if (
+        isinstance(name, str)
+        and name[:2].lower() == "x-"
+        and len(name) > 2
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in name)
+    ):
+        return name
+    raise ValueError(
+        f"Response(headers): {name!r} is not allowed; use {', '.join(RESPONSE_HEADERS)} "
+        "or an X-* header"
+    )
+
+
+def _header_value(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"Response(headers): the value of {name} must be a string")
+    if any(c in value for c in "\r\n\x00") or not value.isascii():
+        raise ValueError(
+            f"Response(headers): the value of {name} must be ASCII without CR, LF or NUL"
+        )
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One event as a handler sees it."""
@@ -116,11 +201,22 @@ class Event:
     payload: Any
     headers: Headers = field(repr=False)
     received_at: datetime
+    #: The API client that sent the request (its name under ``clients``, an
+    #: ``idempotency-key`` source); None otherwise. A class attribute here, a field of
+    #: :class:`ClientEvent`, so that webhook events cost nothing more to build.
+    client: ClassVar[str | None] = None
 
     @property
     def outbox(self) -> Outbox:
         """Add outbox messages in this event's transaction (only while its handlers run)."""
         return outbox.current(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEvent(Event):
+    """An event of an ``idempotency-key`` source: the request of a named client (or None)."""
+
+    client: str | None = None
 
 
 HandlerFunc = Callable[[Event, Any], Any]

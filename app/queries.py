@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import (
     Select,
     and_,
-    exists,
     func,
     literal,
     or_,
@@ -97,6 +96,8 @@ class Filters:
     until: datetime | None = None
     #: Failures only: just those whose event has not been applied since.
     pending: bool = False
+    #: Events of idempotency-key sources only: this client's keys.
+    client: str | None = None
 
 
 def iso(value: datetime | None) -> str | None:
@@ -178,6 +179,8 @@ _TIMES = {
     "last_attempt_at",
     "created_at",
     "sent_at",
+    "expires_at",
+    "locked_until",
 }
 
 
@@ -202,7 +205,14 @@ def _event_filters(query: Select, filters: Filters) -> Select:
     query = _common_filters(query, filters, EVENTS, EVENTS.c.received_at)
     if filters.status is not None:
         query = query.where(EVENTS.c.status == filters.status)
+    if filters.client is not None:
+        query = query.where(EVENTS.c.client == filters.client)
     return query
+
+
+def event_id_of(event_id: str, client: str | None) -> str:
+    """The stored ``event_id`` of a client's key (``acme:<key>``); ``event_id`` itself if none."""
+    return event_id if client is None else f"{client}:{event_id}"
 
 
 def list_events(
@@ -259,26 +269,37 @@ def failures_of(session: Session, source: str, event_id: str) -> list[dict[str, 
 RESOLVED_STATUSES = ("processed", "ignored", "rejected")
 
 
-def _applied_since_failure() -> Any:
-    """SQL: the failed event has a claim row now that says it was applied.
+def applied_since_failure(failures: Any = FAILURES) -> Any:
+    """SQL: the failed event has a claim row now.
 
     A failure rolls its claim back, and a delivery that finds a claim is a
     duplicate rather than a failure; so a claim row for a failed event can only
-    come from a later delivery (or retry) that succeeded. An asynchronous
-    source's event keeps its row while the worker retries it (``received``) and
-    after it gave up (``failed``): not resolved.
+    come from a later delivery (or retry) that succeeded. An ``in_flight`` key
+    is not applied yet; nor is an asynchronous source's event while the worker
+    retries it (``received``) or after it gave up (``failed``).
+
+    A scalar subquery, not ``EXISTS``: PostgreSQL may run an ``EXISTS`` as a hash
+    of the whole of processed_events (a sequential scan of millions of rows to
+    answer one page of failures); this one is one probe of the unique index per
+    failure read.
     """
-    return exists().where(
-        EVENTS.c.source == FAILURES.c.source,
-        EVENTS.c.event_id == FAILURES.c.event_id,
-        EVENTS.c.status.in_(RESOLVED_STATUSES),
+    return (
+        select(EVENTS.c.id)
+        .where(
+            EVENTS.c.source == failures.c.source,
+            EVENTS.c.event_id == failures.c.event_id,
+            EVENTS.c.status.in_(RESOLVED_STATUSES),
+        )
+        .limit(1)
+        .scalar_subquery()
+        .is_not(None)
     )
 
 
 def failure_filters(query: Select, filters: Filters) -> Select:
     query = _common_filters(query, filters, FAILURES, FAILURES.c.failed_at)
     if filters.pending:
-        query = query.where(~_applied_since_failure())
+        query = query.where(~applied_since_failure())
     return query
 
 
@@ -286,7 +307,7 @@ def list_failures(
     session: Session, filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of failures, newest first; ``resolved`` tells whether the event applied since."""
-    resolved = _applied_since_failure().label("resolved")
+    resolved = applied_since_failure().label("resolved")
     query = failure_filters(select(*(FAILURES.c[n] for n in _SHOWN), resolved), filters)
     rows, next_cursor = _page(session, query, FAILURES.c.failed_at, FAILURES.c.id, limit, cursor)
     return [_row(r._mapping, (*_SHOWN, "resolved")) for r in rows], next_cursor
@@ -294,7 +315,7 @@ def list_failures(
 
 def get_failure(session: Session, failure_id: int) -> dict[str, Any] | None:
     """One failure by its ``id``, traceback and ``resolved`` included, or None."""
-    resolved = _applied_since_failure().label("resolved")
+    resolved = applied_since_failure().label("resolved")
     row = session.execute(
         select(*(FAILURES.c[n] for n in _SHOWN), resolved).where(FAILURES.c.id == failure_id)
     ).first()

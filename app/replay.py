@@ -12,7 +12,7 @@ from .dispatch import ClaimSession, run_handlers
 from .failures import ActionRefused
 from .models import processed_events
 from .outcome import Status
-from .plugins import Event
+from .plugins import ClientEvent, Event
 from .queries import get_event
 
 
@@ -55,6 +55,10 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
                 f"(failed attempts so far: {row.attempts}); `idemhook failures retry "
                 f"{source} {event_id}` makes it due now"
             )
+        if row.status == Status.IN_FLIGHT:
+            raise ActionRefused(
+                f"event {event_id!r} is in flight: the request that holds its key is running"
+            )
         if row.payload is None:
             raise ActionRefused(
                 f"event {event_id!r} has no stored payload (pruned with --payloads-only)"
@@ -63,7 +67,9 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
         if not registrations:
             raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
         headers = Headers(row.headers or {})
-        event = Event(source, event_id, row.event_type, row.payload, headers, row.received_at)
+        fields = (source, event_id, row.event_type, row.payload, headers, row.received_at)
+        # An idempotency-key source's row: the handlers see its client, as they did live.
+        event = Event(*fields) if row.response_status is None else ClientEvent(*fields, row.client)
         run = run_handlers(registrations, event, session, senders=claimer.registry.senders)
         if run.status is Status.REJECTED:
             raise ReplayFailed(
@@ -78,17 +84,18 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
                 run.status,
             )
         now = datetime.now(UTC)
-        session.execute(
-            update(events)
-            .where(events.c.id == row.id)
-            .values(
-                result=run.result,
-                status=str(run.status),
-                processed_at=now,
-                replayed_at=now,
-                replay_count=events.c.replay_count + 1,
-            )
-        )
+        changes: dict[str, Any] = {
+            "result": run.result,
+            "status": str(run.status),
+            "processed_at": now,
+            "replayed_at": now,
+            "replay_count": events.c.replay_count + 1,
+        }
+        if row.response_status is not None:  # what the key's retries are answered from now on
+            response = run.response
+            changes["response_status"] = response.status if response else 200
+            changes["response_headers"] = [list(h) for h in response.headers] if response else []
+        session.execute(update(events).where(events.c.id == row.id).values(changes))
         session.commit()
     finally:
         session.close()  # rolls back whatever did not commit

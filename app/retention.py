@@ -55,6 +55,13 @@ def prune(
     for table, at_column, counter in targets:
         old = at_column < cutoff
         if table is EVENTS:
+            # A key in flight whose lease holds is being run now: its request stores its
+            # answer in that row. (One whose lease ran out is an abandoned claim.)
+            live = and_(
+                EVENTS.c.status == "in_flight", EVENTS.c.locked_until > (now or datetime.now(UTC))
+            )
+            old = and_(old, ~live)
+            # An asynchronous event still waiting for the worker is the queue itself.
             old = and_(old, EVENTS.c.status != "received")
         if payloads_only:
             old = and_(old, table.c.payload.is_not(None))

@@ -39,8 +39,11 @@ DEFAULTS: dict[str, Any] = {
     # Direct database URL for `idemhook db` commands (managed databases hand out a
     # pooled and a direct URL); empty: DATABASE_URL.
     "IDEMHOOK_MIGRATION_DATABASE_URL": "",
-    # Bearer token of the read API (GET /events, /failures); unset: the API answers 404.
+    # Bearer token of the read API (GET /events, /failures) and the dashboard's login;
+    # unset: both answer 404.
     "IDEMHOOK_ADMIN_TOKEN": None,
+    # Key that signs the dashboard's session cookie; unset: derived from the admin token.
+    "IDEMHOOK_SECRET_KEY": None,
     # Whether GET /metrics answers without the admin token (when one is set).
     "IDEMHOOK_METRICS_PUBLIC": True,
     # Per-event log lines as "text" or "json".
@@ -48,6 +51,9 @@ DEFAULTS: dict[str, Any] = {
     # Base URL providers call (https://hooks.example.com): shown by `idemhook sources`
     # and used as the signed URL by schemes that sign it (HubSpot). Empty: the request's own.
     "IDEMHOOK_PUBLIC_URL": "",
+    # Where docs/ is published for the clients of idempotency-key sources: the `type` of
+    # their problem details links into it. Empty: the relative docs/idempotency-keys.md#...
+    "IDEMHOOK_DOCS_URL": "",
     # Number of reverse proxies in front whose X-Forwarded-* headers are trusted
     # (werkzeug ProxyFix). 0: ignore them, as anyone can send them.
     "IDEMHOOK_TRUSTED_PROXIES": 0,

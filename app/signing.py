@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.datastructures import Headers
 
 from .schemes import Delivery
+from .schemes.idempotency_key import KEY_HEADER, IdempotencyKey
 from .sources import Source
 
 
@@ -35,13 +36,37 @@ def encode(payload: Any) -> bytes:
 
 
 def signed_request(
-    source: Source, payload: Any, headers: dict[str, str] | None = None, *, url: str
+    source: Source,
+    payload: Any,
+    headers: dict[str, str] | None = None,
+    *,
+    url: str,
+    client: str | None = None,
+    key: str | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Return ``(body, headers)`` of a POST to ``url`` that ``source``'s scheme accepts."""
+    """Return ``(body, headers)`` of a POST to ``url`` that ``source``'s scheme accepts.
+
+    For an ``idempotency-key`` source, ``client`` names the client to sign as (default:
+    the first) and ``key`` is the ``Idempotency-Key`` to send (default: a new UUID).
+    """
     body = encode(payload)
     all_headers = {"Content-Type": source.content_types[0], **(headers or {})}
-    all_headers.update(source.scheme.sign(Delivery(body, Headers(all_headers), "POST", url)))
+    if key is not None:
+        all_headers[KEY_HEADER] = key
+    delivery = Delivery(body, Headers(all_headers), "POST", url)
+    if client is not None:
+        if not isinstance(source.scheme, IdempotencyKey):
+            raise ValueError(f"source {source.name!r} has no clients (it is not idempotency-key)")
+        all_headers.update(source.scheme.sign_as(delivery, client))
+    else:
+        all_headers.update(source.scheme.sign(delivery))
     return body, all_headers
+
+
+def endpoint_url(base_url: str, source: Source) -> str:
+    """Where clients POST to ``source``: its ``path`` (an API), else /webhooks/<source>."""
+    path = getattr(source.scheme, "path", None)
+    return f"{base_url.rstrip('/')}{path}" if path else webhook_url(base_url, source.name)
 
 
 def signing_url(app: Flask, source: Source, url: str) -> str:

@@ -185,6 +185,11 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
             raise ConfigError(f"[sources.{name}] batch: must be 'none', 'array' or 'body:<path>'")
 
     asynchronous = _mode(settings, name) == "async"
+    if asynchronous and scheme.operation:
+        raise ConfigError(
+            f'[sources.{name}] mode = "async": an {scheme_name} source answers with its '
+            "operation's own result, which only its handler can give; it runs in the request"
+        )
     return Source(
         name=name,
         scheme=scheme,

@@ -23,10 +23,18 @@ from sqlalchemy import (
     DateTime,
     Integer,
     String,
+    and_,
     bindparam,
+    case,
     cast,
     column,
+    delete,
+    func,
     literal_column,
+    not_,
+    null,
+    or_,
+    select,
     update,
     values,
 )
@@ -197,3 +205,190 @@ def _processor(type_: Any, dialect: Any, *, bind: bool) -> Callable[[Any], Any]:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+# -- idempotency-key sources -----------------------------------------------------------------
+
+#: Every parameter name of the key statements (see KeyStatements).
+_KEY_PARAMETERS = frozenset(
+    {
+        "source",
+        "event_id",
+        "client",
+        "event_type",
+        "received_at",
+        "payload",
+        "headers",
+        "fingerprint",
+        "expires_at",
+        "locked_until",
+        "lock_owner",
+        "now",
+        "cutoff",
+        "row_id",
+        "status",
+        "result",
+        "response_status",
+        "response_headers",
+        "processed_at",
+    }
+)
+#: Written by a finishing request that no longer holds the key's lease: the status CHECK
+#: refuses it, so that request's transaction (and its handlers' work) cannot commit.
+LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """A key's row as the lease statement leaves it."""
+
+    id: int
+    status: str
+    lock_owner: str | None
+    fingerprint: str | None
+    result: Any
+    response_status: int | None
+    response_headers: Any
+
+
+class KeyStatements:
+    """The statements of an ``idempotency-key`` request (app.idempotency), for one dialect.
+
+    - :attr:`count_sql`: count a replay (``duplicate_count``, ``last_seen_at``) of a key
+      that is done, unexpired and has the same fingerprint; nothing else is touched.
+    - :attr:`lease_sql`: ``INSERT ... ON CONFLICT DO UPDATE ... WHERE``: claim the key as
+      ``in_flight`` with a lease, or take it over when it has expired (a new request) or
+      its lease has (a request that crashed, or this one's own earlier try). Otherwise
+      the row is left as it is.
+    - :attr:`read_sql`: the key's row, read after the lease has committed.
+    - :attr:`finish_sql`: store the response by id; unless the lease is still this
+      request's, the status becomes :data:`LEASE_LOST` and the CHECK refuses the commit.
+    - :attr:`release_sql`: delete this request's own in-flight claim (the key is free).
+    """
+
+    def __init__(self, dialect: Any) -> None:
+        self.dialect = dialect
+        table = processed_events
+        c = table.c
+        in_flight = literal_column(f"'{Status.IN_FLIGHT}'")
+        now = bindparam("now", type_=String)
+        # Rows claimed before key expiry existed have no expires_at: received_at + key_ttl.
+        unexpired = func.coalesce(
+            c.expires_at > now, c.received_at > bindparam("cutoff", type_=String)
+        )
+        fingerprint = bindparam("fingerprint", type_=String)
+        same_request = or_(
+            c.fingerprint.is_(None), fingerprint.is_(None), c.fingerprint == fingerprint
+        )
+        key = and_(
+            c.source == bindparam("source", type_=String),
+            c.event_id == bindparam("event_id", type_=String),
+        )
+        count = (
+            update(table)
+            .where(key, c.status != in_flight, unexpired, same_request)
+            .values(duplicate_count=c.duplicate_count + literal_column("1"), last_seen_at=now)
+        )
+        self.count_sql = self._compile(count)
+
+        dialect_insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        stmt = dialect_insert(table).values(
+            source=bindparam("source", type_=String),
+            event_id=bindparam("event_id", type_=String),
+            client=bindparam("client", type_=String),
+            event_type=bindparam("event_type", type_=String),
+            status=in_flight,
+            received_at=bindparam("received_at", type_=String),
+            payload=bindparam("payload", type_=String),
+            headers=bindparam("headers", type_=String),
+            fingerprint=fingerprint,
+            expires_at=bindparam("expires_at", type_=String),
+            locked_until=bindparam("locked_until", type_=String),
+            lock_owner=bindparam("lock_owner", type_=String),
+            duplicate_count=literal_column("0"),
+            replay_count=literal_column("0"),
+            last_seen_at=bindparam("received_at", type_=String),
+        )
+        new = stmt.excluded
+        lease_free = or_(c.locked_until <= now, c.lock_owner == new.lock_owner)
+        takeover = or_(
+            and_(c.status == in_flight, lease_free),
+            and_(c.status != in_flight, not_(unexpired)),
+        )
+        nothing = null()
+        lease = stmt.on_conflict_do_update(
+            index_elements=[c.source, c.event_id],
+            set_={
+                "client": new.client,
+                "event_type": new.event_type,
+                "status": new.status,
+                "received_at": new.received_at,
+                "processed_at": nothing,
+                "payload": new.payload,
+                "headers": new.headers,
+                "result": nothing,
+                "duplicate_count": literal_column("0"),
+                "last_seen_at": new.last_seen_at,
+                "replayed_at": nothing,
+                "replay_count": literal_column("0"),
+                "fingerprint": new.fingerprint,
+                "response_status": nothing,
+                "response_headers": nothing,
+                "expires_at": new.expires_at,
+                "locked_until": new.locked_until,
+                "lock_owner": new.lock_owner,
+            },
+            where=takeover,
+        )
+        self.lease_sql = self._compile(lease)
+        read = select(
+            c.id,
+            c.status,
+            c.lock_owner,
+            c.fingerprint,
+            c.result,
+            c.response_status,
+            c.response_headers,
+        ).where(key)
+        self.read_sql = self._compile(read)
+        ours = c.lock_owner == bindparam("lock_owner", type_=String)
+        status = case(
+            (ours, bindparam("status", type_=String)), else_=literal_column(f"'{LEASE_LOST}'")
+        )
+        finish = (
+            update(table)
+            .where(c.id == bindparam("row_id", type_=Integer))
+            .values(
+                status=status,
+                result=bindparam("result", type_=String),
+                response_status=bindparam("response_status", type_=Integer),
+                response_headers=bindparam("response_headers", type_=String),
+                processed_at=bindparam("processed_at", type_=String),
+                locked_until=nothing,
+                lock_owner=nothing,
+            )
+        )
+        self.finish_sql = self._compile(finish)
+        release = delete(table).where(
+            c.id == bindparam("row_id", type_=Integer),
+            c.lock_owner == bindparam("lock_owner", type_=String),
+        )
+        self.release_sql = self._compile(release)
+        self.timestamp = _processor(c.received_at.type, dialect, bind=True)
+        self._json = _processor(c.result.type, dialect, bind=False)
+
+    def _compile(self, statement: Any) -> str:
+        compiled = statement.compile(dialect=self.dialect)
+        unnamed = [name for name in compiled.params if name not in _KEY_PARAMETERS]
+        if unnamed:
+            raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
+        return str(compiled)
+
+    def key_row(self, row: tuple[Any, ...] | None) -> KeyRow | None:
+        if row is None:
+            return None
+        row_id, status, owner, fingerprint, result, response_status, headers = row
+        return KeyRow(
+            row_id, status, owner, fingerprint, self._json(result), response_status,
+            self._json(headers),
+        )

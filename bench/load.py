@@ -61,17 +61,45 @@ def event(event_id: str, n: int) -> dict[str, Any]:
     }
 
 
+def key_event(key: str) -> dict[str, Any]:
+    """The body of an idempotency-key request: the same for every request with ``key``."""
+    return event(key, int(key[:8], 16))
+
+
+def keyed_body(key: str) -> bytes:
+    return json.dumps(key_event(key), separators=(",", ":")).encode()
+
+
+def sign_keyed(secret: bytes, key: str, body: bytes) -> str:
+    """The ``idempotency-key`` scheme's HMAC: over the key, ``.``, and the body."""
+    return sign(secret, key.encode() + b"." + body)
+
+
 def new_ids(count: int) -> list[str]:
     """Distinct event IDs, random like real providers' (B-tree inserts land anywhere)."""
     return [uuid.uuid4().hex for _ in range(count)]
 
 
 def write_requests(
-    path: Path, secret: bytes, ids: list[str], *, batch: int = 0, start: int = 0
+    path: Path,
+    secret: bytes,
+    ids: list[str],
+    *,
+    batch: int = 0,
+    start: int = 0,
+    keyed: bool = False,
 ) -> int:
-    """Write one pre-signed request per line ("<signature>\\t<body>"); return the line count."""
+    """Write one pre-signed request per line ("<signature>\\t<body>"); return the line count.
+
+    ``keyed``: requests of an ``idempotency-key`` source, each ID its ``Idempotency-Key``
+    ("<signature>\\t<body>\\t<key>"), its body the same whenever the key is.
+    """
     lines = []
-    if batch:
+    if keyed:
+        for key in ids:
+            body = keyed_body(key)
+            lines.append(f"{sign_keyed(secret, key, body)}\t{body.decode()}\t{key}")
+    elif batch:
         for i in range(0, len(ids) - batch + 1, batch):
             items = [event(eid, start + i + j) for j, eid in enumerate(ids[i : i + batch])]
             body = json.dumps(items, separators=(",", ":")).encode()

@@ -34,7 +34,15 @@ from app import create_app, migrate
 from app.testing import postgres
 
 from . import handler, outbox
-from .load import BenchError, drive, ensure_wrk, new_ids, write_requests
+from .load import (
+    BenchError,
+    drive,
+    ensure_wrk,
+    key_event,
+    keyed_body,
+    new_ids,
+    write_requests,
+)
 from .servers import ROOT, Server
 
 SECRET = "bench-secret-not-for-production"
@@ -44,12 +52,17 @@ SERVERS = ("receiver", "baseline")
 PATHS = {
     ("receiver", "single"): "/webhooks/bench",
     ("receiver", "batch"): "/webhooks/bench_batch",
+    ("receiver", "keyed"): "/v1/bench",
     ("baseline", "single"): "/webhooks/baseline",
     ("baseline", "batch"): "/webhooks/baseline_batch",
+    ("baseline", "keyed"): "/webhooks/baseline_api",
 }
 #: application_name of each server's database connections (the receiver's is set in app.db).
 APPLICATION_NAMES = {"receiver": "idemhook", "baseline": "idemhook_bench_baseline"}
-SOURCE_OF = {key: path.rsplit("/", 1)[1] for key, path in PATHS.items()}
+SOURCE_OF = {
+    **{key: path.rsplit("/", 1)[1] for key, path in PATHS.items()},
+    ("receiver", "keyed"): "bench_api",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,7 @@ QUICK = Plan(
     gunicorn=("--workers", "1"),
 )
 
+#: The webhook sources (what ``bench.instructions`` serves: the webhook path alone).
 SOURCES_TOML = f"""\
 plugins = ["bench.handler"]
 
@@ -109,6 +123,19 @@ batch = "array"
 max_batch = 100
 """
 
+#: What the HTTP bench's receiver serves: the webhook sources and an API beside them.
+RUN_SOURCES_TOML = (
+    SOURCES_TOML.replace(
+        'plugins = ["bench.handler"]', 'plugins = ["bench.handler", "bench.api_handler"]'
+    )
+    + f"""
+[sources.bench_api]
+scheme = "idempotency-key"
+secret = "{SECRET}"
+path = "{PATHS[("receiver", "keyed")]}"
+"""
+)
+
 FILL_SQL = """
 INSERT INTO processed_events (source, event_id, event_type, status, received_at,
     processed_at, payload, result, duplicate_count, last_seen_at)
@@ -123,6 +150,49 @@ FROM generate_series(%(start)s, %(stop)s) AS g
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fill(conn: psycopg2.extensions.connection, sql: str, filled: int, rows: int) -> None:
+    """Run ``sql`` (rows ``%(start)s`` to ``%(stop)s`` of a series) until ``rows`` are in.
+
+    Rows ``filled + 1`` to ``rows`` are added, a million per statement; ``conn`` is
+    closed at the end. The bench's prefill and ``bench.dashboard`` both fill this way.
+    """
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET maintenance_work_mem = '512MB'")
+            cur.execute("SET synchronous_commit = off")
+            bulk = rows - filled >= 200_000
+            indexes: list[str] = []
+            if bulk:
+                # Building the indexes once after the load is several times faster than
+                # maintaining them row by row; the definitions are read back from the
+                # catalog, so the migrated schema is restored exactly.
+                cur.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE tablename = 'processed_events' AND indexname LIKE 'ix_%%'"
+                )
+                found = cur.fetchall()
+                indexes = [definition for _, definition in found]
+                for name, _ in found:
+                    cur.execute(f'DROP INDEX "{name}"')
+            step = 1_000_000
+            for start in range(filled + 1, rows + 1, step):
+                stop = min(start + step - 1, rows)
+                cur.execute(sql, {"start": start, "stop": stop})
+            for definition in indexes:
+                cur.execute(definition)
+            cur.execute("VACUUM ANALYZE processed_events")
+            # Write the load's dirty pages out now: otherwise the checkpoint that follows
+            # a bulk load lands in the next rounds and is measured as the table's size.
+            # (Needs superuser or pg_checkpoint; without it the rounds may pay for it.)
+            try:
+                cur.execute("CHECKPOINT")
+            except psycopg2.Error as exc:
+                log(f"CHECKPOINT refused ({exc.pgerror or exc}); rounds may include it")
+    finally:
+        conn.close()
 
 
 def prepare_database(server_url: Any, *, prefix: str) -> Any:
@@ -163,7 +233,7 @@ class Bench:
         self.db_url = prepare_database(server_url, prefix="idemhook_bench")
 
         sources = self.work / "webhooks.toml"
-        sources.write_text(SOURCES_TOML)
+        sources.write_text(RUN_SOURCES_TOML)
         url = self.db_url.render_as_string(hide_password=False)
         dsn = " ".join(
             f"{k}={v}"
@@ -274,55 +344,54 @@ class Bench:
         finally:
             conn.close()
 
+    def prime_keys(self, keys: list[str]) -> None:
+        """Record ``keys`` as answered for both servers' API sources (the replays' originals).
+
+        Each row is what the first request with the key left: its answer (201, body,
+        ``Location``) and, for the receiver, its fingerprint, so that the replays are
+        answered from it rather than refused as other requests.
+        """
+        from app.schemes.idempotency_key import IdempotencyKey
+
+        scheme = IdempotencyKey("bench_api", {"secret": SECRET})
+        path = PATHS[("receiver", "keyed")]
+        rows = []
+        for key in keys:
+            body = keyed_body(key)
+            result = json.dumps({"account": key_event(key)["account"]})
+            headers = json.dumps([["Location", f"/v1/bench/{key}"]])
+            fingerprint = scheme.fingerprint_of("POST", path, "application/json", body)
+            rows.append((SOURCE_OF[("receiver", "keyed")], key, body.decode(), result, headers,
+                         fingerprint))
+            rows.append((SOURCE_OF[("baseline", "keyed")], key, body.decode(), result, headers,
+                         None))
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO processed_events (source, event_id, status, received_at, "
+                    "processed_at, payload, result, response_status, response_headers, "
+                    "fingerprint, expires_at, duplicate_count, last_seen_at) VALUES "
+                    "(%s, %s, 'processed', now(), now(), %s, %s, 201, %s, %s, "
+                    "now() + interval '1 day', 0, now()) ON CONFLICT DO NOTHING",
+                    rows,
+                )
+        finally:
+            conn.close()
+
     def fill_to(self, rows: int) -> float:
         """Add synthetic rows until ``rows`` have been filled; return the seconds it took."""
         started = time.monotonic()
-        add = rows - self.filled
-        if add <= 0:
+        if rows <= self.filled:
             return 0.0
-        conn = self._connect()
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SET maintenance_work_mem = '512MB'")
-                cur.execute("SET synchronous_commit = off")
-                bulk = add >= 200_000
-                indexes: list[str] = []
-                if bulk:
-                    # Building the indexes once after the load is several times faster than
-                    # maintaining them row by row; the definitions are read back from the
-                    # catalog, so the migrated schema is restored exactly.
-                    cur.execute(
-                        "SELECT indexname, indexdef FROM pg_indexes "
-                        "WHERE tablename = 'processed_events' AND indexname LIKE 'ix_%%'"
-                    )
-                    found = cur.fetchall()
-                    indexes = [definition for _, definition in found]
-                    for name, _ in found:
-                        cur.execute(f'DROP INDEX "{name}"')
-                step = 1_000_000
-                for start in range(self.filled + 1, rows + 1, step):
-                    stop = min(start + step - 1, rows)
-                    cur.execute(FILL_SQL, {"start": start, "stop": stop})
-                for definition in indexes:
-                    cur.execute(definition)
-                cur.execute("VACUUM ANALYZE processed_events")
-                # Write the load's dirty pages out now: otherwise the checkpoint that follows
-                # a bulk load lands in the next rounds and is measured as the table's size.
-                # (Needs superuser or pg_checkpoint; without it the rounds may pay for it.)
-                try:
-                    cur.execute("CHECKPOINT")
-                except psycopg2.Error as exc:
-                    log(f"CHECKPOINT refused ({exc.pgerror or exc}); rounds may include it")
-        finally:
-            conn.close()
+        fill(self._connect(), FILL_SQL, self.filled, rows)
         self.filled = rows
         return time.monotonic() - started
 
     # -- measuring ----------------------------------------------------------------------
-    def _file(self, tag: str, ids: list[str], batch: int = 0) -> Path:
+    def _file(self, tag: str, ids: list[str], batch: int = 0, keyed: bool = False) -> Path:
         path = self.work / f"{tag}.txt"
-        write_requests(path, self.secret, ids, batch=batch)
+        write_requests(path, self.secret, ids, batch=batch, keyed=keyed)
         return path
 
     def _one(
@@ -393,7 +462,7 @@ class Bench:
             order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
             for server in order:
                 ids = make_ids(needed * per_request)
-                path = self._file(f"{name}-{server}-{rnd}", ids, batch=batch)
+                path = self._file(f"{name}-{server}-{rnd}", ids, batch=batch, keyed=kind == "keyed")
                 run = self._one(
                     server,
                     kind,
@@ -420,6 +489,20 @@ class Bench:
         self.results["scenarios"][name] = result
         self.save()
         return result
+
+    def _report_replays(self) -> None:
+        """Log (and keep) how replays of idempotency keys compare with new keys."""
+        sc = self.results["scenarios"]
+        if "idem_new" not in sc or "idem_replays" not in sc:
+            return
+        found = replay_costs(sc)
+        self.results["idempotency"] = found
+        log(
+            f"idempotency keys: replays/new {found['ratio_rps']} req/s "
+            f"({found['replays_rps']:.0f} vs {found['new_rps']:.0f}), CPU per request "
+            f"{found['replays_cpu_ms']:.2f} vs {found['new_cpu_ms']:.2f} ms: replays cost "
+            f"{'no more' if found['met'] else 'MORE'} than new requests"
+        )
 
     def rss_run(self) -> dict[str, Any]:
         """Send ``rss_events`` single events to the receiver, sampling worker RSS as it goes."""
@@ -499,6 +582,20 @@ class Bench:
             expect_new=False,
             label="10% duplicates",
         )
+        # The API form (an idempotency-key source): every key new, then every request a
+        # retry of an answered key. Replays must cost no more than new requests.
+        self.scenario("idem_new", "keyed", new_ids, label="idempotency keys, all new")
+        if not plan.only or "idem_replays" in plan.only:
+            key_ids = new_ids(plan.duplicates_pool)
+            self.prime_keys(key_ids)
+            self.scenario(
+                "idem_replays",
+                "keyed",
+                lambda n: [key_ids[i % len(key_ids)] for i in range(n)],
+                expect_new=False,
+                label="idempotency keys, all replays",
+            )
+        self._report_replays()
         self.scenario(
             "batch",
             "batch",
@@ -598,6 +695,21 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def replay_costs(sc: dict[str, Any]) -> dict[str, Any]:
+    """The receiver's idempotency-key replays against its new keys: req/s and CPU per request."""
+    new, replays = sc["idem_new"]["median"]["receiver"], sc["idem_replays"]["median"]["receiver"]
+    found = {
+        "new_rps": new["rps"],
+        "replays_rps": replays["rps"],
+        "ratio_rps": ratio(replays["rps"], new["rps"]),
+        "new_cpu_ms": new["total_cpu_ms_per_request"],
+        "replays_cpu_ms": replays["total_cpu_ms_per_request"],
+    }
+    # As for duplicates: "cost no more" is at least the new requests' rate.
+    found["met"] = (found["ratio_rps"] or 0) >= 1.0
+    return found
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the figure measured for it."""
     sc = results["scenarios"]
@@ -608,6 +720,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows_max = max((k for k in sc if k.startswith("rows_")), key=lambda k: int(k[5:]))
     rss = results["rss"]
+    replays = replay_costs(sc)
     out = [
         (
             "Receiver >= 0.90 x baseline req/s, all new events",
@@ -650,6 +763,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             100.0,
             f"max {rss['max_rss_mb']} MB after {rss['events']:,} events, "
             f"growth {rss['growth_mb']} MB since the first sample",
+        ),
+        (
+            "Idempotency-key replays cost no more than new requests",
+            replays["ratio_rps"],
+            1.0,
+            f"{replays['replays_rps']:.0f} vs {replays['new_rps']:.0f} req/s; CPU per request "
+            f"{replays['replays_cpu_ms']:.2f} vs {replays['new_cpu_ms']:.2f} ms",
         ),
     ]
     upper_bounds = {4, 5}  # p99 and RSS are upper bounds

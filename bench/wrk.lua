@@ -1,7 +1,9 @@
 -- wrk script: send pre-signed requests from a file, each thread its own share of the lines.
 -- Arguments (after --): <requests file> <threads> [<requests/s per thread>, 0 = flat out]
--- Each line of the file is "<signature>\t<body>". A run that sends more requests than
--- the file holds wraps around (reported as "wrapped"), so the bench sizes the files.
+-- Each line of the file is "<signature>\t<body>", or "<signature>\t<body>\t<key>" for an
+-- idempotency-key source (sent as its Idempotency-Key header). A run that sends more
+-- requests than the file holds wraps around (reported as "wrapped"), so the bench sizes
+-- the files.
 local ffi = require("ffi")
 ffi.cdef [[
   typedef struct { long tv_sec; long tv_nsec; } timespec;
@@ -27,9 +29,10 @@ function init(args)
   local i = 0
   for line in io.lines(file) do
     if i % nthreads == tid then
-      local sig, body = line:match("^([^\t]*)\t(.*)$")
-      requests[#requests + 1] = wrk.format("POST", wrk.path,
-        { ["Content-Type"] = "application/json", ["X-Signature"] = sig }, body)
+      local sig, body, key = line:match("^([^\t]*)\t([^\t]*)\t?(.*)$")
+      local headers = { ["Content-Type"] = "application/json", ["X-Signature"] = sig }
+      if key ~= "" then headers["Idempotency-Key"] = key end
+      requests[#requests + 1] = wrk.format("POST", wrk.path, headers, body)
     end
     i = i + 1
   end

@@ -1,6 +1,6 @@
 """idemhook's public API: everything a plugin author imports.
 
-    from idemhook import handler, Ignore, Reject, Event
+    from idemhook import handler, Ignore, Reject, Response, Event
     from idemhook import sender, Message          # the outbox (docs/outbox.md)
 
 ``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
@@ -17,6 +17,7 @@ from app.outbox import Message as Message
 from app.plugins import Event as Event
 from app.plugins import Ignore as Ignore
 from app.plugins import Reject as Reject
+from app.plugins import Response as Response
 from app.plugins import handler as handler
 from app.plugins import sender as sender
 

@@ -29,6 +29,13 @@ export HUBSPOT_CLIENT_SECRET="${HUBSPOT_CLIENT_SECRET:-demo-hubspot-secret-not-f
 export EMAIL_API_TOKEN="${EMAIL_API_TOKEN:-demo-email-token-not-for-production}"
 # The email API example's SMTP server: a local sink that prints what it receives.
 export EMAIL_SMTP_PORT="${EMAIL_SMTP_PORT:-8025}"
+# The dashboard's login (and the read API's bearer token); printed below when it is the demo's.
+if [ -z "${IDEMHOOK_ADMIN_TOKEN:-}" ]; then
+  export IDEMHOOK_ADMIN_TOKEN="demo-admin-token-not-for-production"
+  token_note="log in with the demo's admin token: $IDEMHOOK_ADMIN_TOKEN"
+else
+  token_note="log in with your IDEMHOOK_ADMIN_TOKEN"
+fi
 if [ -z "${DATABASE_URL:-}" ]; then
   instance="${IDEMHOOK_INSTANCE_DIR:-$PWD/instance}"
   export DATABASE_URL="sqlite:///$instance/idemhook.db"
@@ -61,6 +68,9 @@ printf '  curl -X POST http://127.0.0.1:%s/webhooks/emails -H %q -H %q -H %q -d 
   "Authorization: Bearer $EMAIL_API_TOKEN" "Idempotency-Key: demo-$(date +%s%N)" \
   "Content-Type: application/json" \
   '{"to": "ada@example.com", "subject": "Hello from idemhook", "text": "Sent once."}'
+echo
+
+echo "The dashboard: http://127.0.0.1:$PORT/dashboard ($token_note; docs/dashboard.md)"
 echo
 
 # The sink, the worker and the server run together; Ctrl-C (or SIGTERM) stops all three.

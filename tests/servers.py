@@ -247,6 +247,8 @@ def toml(config: Mapping[str, Any]) -> str:
             return json.dumps(v)  # a JSON string is a valid TOML basic string
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, Mapping):  # an inline table (a source's clients)
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot render {v!r} as TOML")
 
     lines = [f"plugins = {value(list(config.get('plugins', [])))}"]

@@ -32,6 +32,8 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
         "new",
         "duplicates",
         "dup10",
+        "idem_new",
+        "idem_replays",
         "batch",
         "paced",
         *(f"rows_{n}" for n in SMOKE.prefill),
@@ -50,7 +52,8 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     latency = outbox["latency"]
     assert latency["messages"] == int(SMOKE.outbox_rate * SMOKE.outbox_seconds)
     assert latency["p99_ms"] >= latency["p50_ms"] > 0
-    assert len(results["targets"]) == 9
+    assert saved["idempotency"]["ratio_rps"] > 0  # replays against new keys, reported
+    assert len(results["targets"]) == 10
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.servers import ROOT, free_port, launch, server_environment
 
@@ -56,11 +58,29 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
             assert time.monotonic() < deadline, demo.log()
             time.sleep(0.1)  # polling the sink's output, bounded by the deadline
         assert demo.log().count("Subject: Hello from idemhook") == 1
+        _log_in_to_the_printed_dashboard(output)
     finally:
         demo.stop()
     assert demo.process.returncode == 143  # stopped by its SIGTERM, not killed
     with pytest.raises(ProcessLookupError):  # the sink, the worker and gunicorn stopped too
         os.killpg(demo.pid, 0)
+
+
+def _log_in_to_the_printed_dashboard(output: str) -> None:
+    """The dashboard line names a URL and a token that open it (on the demo's SQLite)."""
+    found = re.search(r"The dashboard: (\S+) \(log in with the demo's admin token: (\S+);", output)
+    assert found, output
+    url, token = found.groups()
+    browser = requests.Session()
+    browser.headers["Accept"] = "text/html"
+    form = browser.get(url, timeout=10)
+    assert form.url.startswith(f"{url}/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    browser.post(f"{url}/login", data={"csrf_token": csrf, "token": token}, timeout=10)
+    events = browser.get(f"{url}/events", timeout=10)
+    assert events.status_code == 200
+    assert "evt_demo_" in events.text  # the curl's event, delivered above
+    assert browser.get(url, timeout=10).status_code == 200  # the overview, on SQLite
 
 
 def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):

@@ -33,6 +33,13 @@ SPEC_SOURCES = {
             "batch": "array",
         },
         "signed": {"scheme": "hmac-sha256", "secret": SECRET, "event_id": "body:id"},
+        # The API form, at the spec's example path (generated requests lack its token).
+        "emails": {
+            "scheme": "idempotency-key",
+            "auth": "bearer",
+            "path": "/v1/emails",
+            "secret": "emails-client-token-0123",
+        },
     }
 }
 

@@ -35,6 +35,7 @@ WAITING_TABLE = (*LIST_TABLE[:5], "attempts", "next_attempt_at", "order_key")
     type=click.Choice(EVENT_STATUSES),
     help="Only this status (received: waiting for idemhook worker, docs/async.md).",
 )
+@click.option("--client", help="Only this client's keys (idempotency-key sources).")
 @click.option(
     "--limit",
     type=click.IntRange(1, queries.MAX_LIMIT),
@@ -42,9 +43,9 @@ WAITING_TABLE = (*LIST_TABLE[:5], "attempts", "next_attempt_at", "order_key")
     show_default=True,
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def events_list(source, event_type, since, until, status, limit, as_json) -> None:
+def events_list(source, event_type, since, until, status, client, limit, as_json) -> None:
     """List processed events, newest first."""
-    filters = queries.Filters(source, event_type, status, since, until)
+    filters = queries.Filters(source, event_type, status, since, until, client=client)
     with get_db().session() as session:
         rows, _next = queries.list_events(session, filters, limit)
     if as_json:
@@ -57,9 +58,13 @@ def events_list(source, event_type, since, until, status, limit, as_json) -> Non
 @events_cli.command("show")
 @click.argument("source")
 @click.argument("event_id")
+@click.option(
+    "--client", help="EVENT_ID is this client's Idempotency-Key (idempotency-key sources)."
+)
 @click.option("--json", "as_json", is_flag=True, help="The row as one JSON object.")
-def events_show(source: str, event_id: str, as_json: bool) -> None:
+def events_show(source: str, event_id: str, client: str | None, as_json: bool) -> None:
     """Show every column of one event, and its failures."""
+    event_id = queries.event_id_of(event_id, client)
     with get_db().session() as session:
         event = queries.get_event(session, source, event_id)
         failures = queries.failures_of(session, source, event_id) if event is None else []
@@ -77,7 +82,8 @@ def events_show(source: str, event_id: str, as_json: bool) -> None:
     failures = event.pop("failures")
     width = max(len(k) for k in event)
     for key, value in event.items():
-        shown = json.dumps(value, indent=2, default=str) if key in ("payload", "result") else value
+        pretty = key in ("payload", "result", "response_headers")
+        shown = json.dumps(value, indent=2, default=str) if pretty else value
         click.echo(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     click.echo(f"{'failures'.ljust(width)}  {len(failures)}")
     for failure in failures:

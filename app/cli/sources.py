@@ -109,18 +109,20 @@ def inspect_sources() -> list[Report]:
         if source.batch is not None:
             where = "the body" if not source.batch.parts else str(source.batch)
             report.batch = f"a list at {where}, at most {source.max_batch}"
+        path = getattr(scheme, "path", None)
+        if path:  # an API (idempotency-key): its clients call its path
+            report.url = f"{root or 'https://<your-host>'}{path}"
+        clients = getattr(scheme, "clients", {})
         if not scheme.needs_secret:
             report.secret = "not needed"
+        elif None not in clients and clients:
+            report.secret = f"resolves ({len(clients)} clients: {', '.join(map(str, clients))})"
+            for client, keys in clients.items():
+                _warn_short(report, keys, f"clients.{client}")
         else:
             count = len(scheme.secrets)
             report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")
-            for index, key in enumerate(scheme.keys, start=1):
-                if len(key) < MIN_SECRET_BYTES:
-                    which = f"secret[{index}]" if count > 1 else "secret"
-                    report.warnings.append(
-                        f"{which} is only {len(key)} bytes: a short secret can be guessed; "
-                        f"use at least {MIN_SECRET_BYTES} random bytes"
-                    )
+            _warn_short(report, scheme.keys, "secret")
         if (
             registry is not None
             and not registry.for_event(name, None)
@@ -128,6 +130,16 @@ def inspect_sources() -> list[Report]:
         ):
             report.warnings.append("no handler: events will be recorded as ignored")
     return reports
+
+
+def _warn_short(report: Report, keys: tuple[bytes, ...], setting: str) -> None:
+    for index, key in enumerate(keys, start=1):
+        if len(key) < MIN_SECRET_BYTES:
+            which = f"{setting}[{index}]" if len(keys) > 1 else setting
+            report.warnings.append(
+                f"{which} is only {len(key)} bytes: a short secret can be guessed; "
+                f"use at least {MIN_SECRET_BYTES} random bytes"
+            )
 
 
 def _spec(value: Any) -> str:
@@ -149,7 +161,7 @@ def _describe_unloadable(report: Report, table: Any, problem: str) -> None:
     if batch != "none":
         where = "the body" if batch == "array" else str(batch)
         report.batch = f"a list at {where}, at most {settings.get('max_batch', 100)}"
-    if "] secret" not in problem:
+    if "] secret" not in problem and "] clients." not in problem:
         report.secret = "?"
     elif "is not set" in problem:
         report.secret = "does not resolve"

@@ -73,6 +73,9 @@ class Scheme:
     #: Whether the signature covers the URL the sender called (``Delivery.url``). Only
     #: then does the intake work the URL out; most schemes sign the body alone.
     signs_url: ClassVar[bool] = False
+    #: Whether the source is an API served by :mod:`app.operations` (the operation's own
+    #: answer, replayed to retries) instead of the webhook intake.
+    operation: ClassVar[bool] = False
 
     #: The prefix the provider writes before every secret (``whsec_``); a secret that is
     #: only the prefix is refused.
@@ -151,20 +154,21 @@ def resolve_secrets(source: str, value: Any) -> tuple[str, ...]:
     return tuple(secret for _where, secret in _resolve(source, value))
 
 
-def _resolve(source: str, value: Any) -> list[tuple[str, str]]:
+def _resolve(source: str, value: Any, key: str = "secret") -> list[tuple[str, str]]:
     """Each secret with the words that name it in an error (``secret[2] (env:NAME)``).
 
     Refuses an empty or whitespace-only secret, literal or from the environment:
-    a key nobody has to guess would let anyone sign requests.
+    a key nobody has to guess would let anyone sign requests. ``key`` is the
+    setting that holds the value (``clients.acme`` for a client's secret).
     """
     if value is None:
-        raise ConfigError(f"[sources.{source}] secret: missing; give a literal or env:NAME")
+        raise ConfigError(f"[sources.{source}] {key}: missing; give a literal or env:NAME")
     values = value if isinstance(value, list) else [value]
     if not values:
-        raise ConfigError(f"[sources.{source}] secret: the list is empty")
+        raise ConfigError(f"[sources.{source}] {key}: the list is empty")
     entries = []
     for index, item in enumerate(values, start=1):
-        where = "secret" if len(values) == 1 else f"secret[{index}]"
+        where = key if len(values) == 1 else f"{key}[{index}]"
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(
                 f"[sources.{source}] {where}: must be a non-empty string, not only whitespace"
@@ -175,7 +179,7 @@ def _resolve(source: str, value: Any) -> list[tuple[str, str]]:
             resolved = os.environ.get(name)
             if not resolved:
                 raise ConfigError(
-                    f"[sources.{source}] secret: environment variable {name} is not set"
+                    f"[sources.{source}] {key}: environment variable {name} is not set"
                 )
             if not resolved.strip():
                 raise ConfigError(

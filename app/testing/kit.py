@@ -8,7 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from ..signing import encode, find_source, signed_request, signing_url, webhook_url
+from ..signing import encode, endpoint_url, find_source, signed_request, signing_url
 
 __all__ = ["deliver", "encode", "signed"]
 
@@ -20,11 +20,21 @@ def signed(
     headers: dict[str, str] | None = None,
     *,
     base_url: str = "http://localhost",
+    client: str | None = None,
+    key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str]]:
-    """Return ``(url, body, headers)`` of a request that ``source``'s scheme accepts."""
-    url = webhook_url(base_url, source)
+    """Return ``(url, body, headers)`` of a request that ``source``'s scheme accepts.
+
+    The URL is the source's ``path`` for an ``idempotency-key`` source that has one,
+    else ``/webhooks/<source>``. ``client`` and ``key``: the client to sign as and
+    the ``Idempotency-Key`` to send (``idempotency-key`` sources; default the first
+    client and a new UUID).
+    """
     src = find_source(app, source)
-    body, all_headers = signed_request(src, payload, headers, url=signing_url(app, src, url))
+    url = endpoint_url(base_url, src)
+    body, all_headers = signed_request(
+        src, payload, headers, url=signing_url(app, src, url), client=client, key=key
+    )
     return url, body, all_headers
 
 
@@ -33,7 +43,16 @@ def deliver(
     source: str,
     payload: Any,
     headers: dict[str, str] | None = None,
+    *,
+    as_client: str | None = None,
+    key: str | None = None,
 ) -> TestResponse:
-    """POST ``payload`` to ``/webhooks/<source>``, signed as the source's scheme requires."""
-    url, body, all_headers = signed(client.application, source, payload, headers)
+    """POST ``payload`` to ``source``, signed as the source's scheme requires.
+
+    ``as_client`` and ``key``: the API client to sign as and the ``Idempotency-Key``
+    (``idempotency-key`` sources).
+    """
+    url, body, all_headers = signed(
+        client.application, source, payload, headers, client=as_client, key=key
+    )
     return client.post(url, data=body, headers=all_headers)

@@ -46,10 +46,20 @@ class Kit:
         self.url: URL = self.engine.url
 
     def deliver(
-        self, source: str, payload: Any, headers: dict[str, str] | None = None
+        self,
+        source: str,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        *,
+        client: str | None = None,
+        key: str | None = None,
     ) -> TestResponse:
-        """POST ``payload`` (a dict/list, text or bytes) to ``source``, signed by its scheme."""
-        return deliver(self.client, source, payload, headers)
+        """POST ``payload`` (a dict/list, text or bytes) to ``source``, signed by its scheme.
+
+        ``client`` and ``key`` (``idempotency-key`` sources): the client to sign as and the
+        ``Idempotency-Key`` to send; the same key again is the client's retry.
+        """
+        return deliver(self.client, source, payload, headers, as_client=client, key=key)
 
     def apply_received(self) -> int:
         """Apply the events asynchronous sources have received, as ``idemhook worker`` would.

@@ -7,7 +7,7 @@ allowed attempt failed. ``event_queue`` holds one row per event still to apply: 
 row a worker locks while the event's handlers run, when it is due, and its order key.
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-04
 """
 
@@ -19,15 +19,15 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0005"
+down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Timestamp = sa.DateTime(timezone=True)
 CONSTRAINT = "ck_processed_events_status"
-OLD = ("processed", "ignored", "rejected")
-NEW = ("processed", "ignored", "rejected", "received", "failed")
+OLD = ("processed", "ignored", "rejected", "in_flight")
+NEW = (*OLD, "received", "failed")
 KEYED = sa.text("order_key IS NOT NULL")
 
 

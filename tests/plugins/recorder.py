@@ -17,7 +17,7 @@ from idemhook import handler
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_effects "
-    "(source VARCHAR(64) NOT NULL, event_id VARCHAR(255) NOT NULL)",
+    "(source VARCHAR(64) NOT NULL, event_id VARCHAR(320) NOT NULL)",
     "CREATE TABLE IF NOT EXISTS test_failures "
     "(event_id VARCHAR(255) PRIMARY KEY, reason VARCHAR(255) NOT NULL)",
 )

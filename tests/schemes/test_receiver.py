@@ -46,13 +46,9 @@ SINGLE = {
         "6f4a-1b2c",
         "deal.change",
     ),
-    "firstparty": (
-        {"amount": 100},
-        {"Idempotency-Key": "order-77-charge"},
-        "order-77-charge",
-        None,
-    ),
 }
+#: Signed and answered like the webhooks, but in API form (docs/idempotency-keys.md).
+FIRST_PARTY = ({"amount": 100}, {"Idempotency-Key": "order-77-charge"}, "order-77-charge", None)
 
 
 def effects(sql, source: str) -> list[str]:
@@ -74,9 +70,21 @@ def test_signed_event_is_applied_once_and_redelivery_is_a_duplicate(pclient, sql
     assert [(r.event_id, r.event_type) for r in stored] == [(event_id, event_type)]
 
 
-@pytest.mark.parametrize("source", sorted(SINGLE))
+def test_first_party_request_is_applied_once_and_its_answer_replayed(pclient, sql) -> None:
+    payload, headers, event_id, event_type = FIRST_PARTY
+    first = deliver(pclient, "firstparty", payload, headers)
+    assert (first.status_code, first.json) == (200, {"applied": event_id})
+    again = deliver(pclient, "firstparty", payload, headers)  # re-signed, as a client retries
+    assert (again.status_code, again.json) == (200, first.json)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert effects(sql, "firstparty") == [event_id]
+    stored = sql("SELECT event_id, event_type FROM processed_events WHERE source = 'firstparty'")
+    assert [(r.event_id, r.event_type) for r in stored] == [(event_id, event_type)]
+
+
+@pytest.mark.parametrize("source", sorted({**SINGLE, "firstparty": FIRST_PARTY}))
 def test_tampered_event_is_refused_and_nothing_stored(pclient, sql, source) -> None:
-    payload, headers, _, _ = SINGLE[source]
+    payload, headers, _, _ = {**SINGLE, "firstparty": FIRST_PARTY}[source]
     url, body, all_headers = signed(pclient.application, source, payload, headers)
     response = pclient.post(url, data=body + b" ", headers=all_headers)
     if source == "pipedrive":  # Basic auth does not cover the body: it is accepted

@@ -1,0 +1,135 @@
+"""``POST <path>`` (and ``POST /webhooks/<source>``) of an ``idempotency-key`` source: an API.
+
+Checks run as the webhook intake's do, cheapest first and before anything is stored:
+body size (413), content type (415), the client's credentials (401), the
+``Idempotency-Key`` (400), the JSON (400). Then the key is claimed
+(:mod:`app.idempotency`) and the answer is the operation's own: the status, body and
+headers a handler chose with ``Response``, stored with the key and replayed to every
+retry with ``Idempotent-Replayed: true``. Errors are RFC 9457 problem details
+(:mod:`app.problems`).
+
+These routes are registered per source, as static rules: the webhook intake never
+sees an ``idempotency-key`` source, so webhooks pay nothing for any of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, NotFound
+
+from . import problems
+from .claim import Claimer
+from .errors import BadRequest, ConfigError, IdemhookError
+from .events import event_type_of
+from .idempotency import Answer, KeyClaimer, KeyRequest
+from .intake import _read_body
+from .plugins import ClientEvent
+from .schemes import Delivery
+from .schemes.idempotency_key import KEY_HEADER, IdempotencyKey, parse_key
+from .sources import Source
+
+#: The endpoints (metrics label requests by endpoint): one for /webhooks/<name>, one for
+#: the paths. Two rules of one endpoint with the same defaults would make Werkzeug
+#: redirect one URL to the other.
+ENDPOINT = "operations.receive"
+PATH_ENDPOINT = "operations.receive_path"
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+class Operations:
+    """Per-app state: the ``idempotency-key`` sources and their claimer."""
+
+    def __init__(self, sources: Mapping[str, Source], claimer: Claimer) -> None:
+        self.sources = sources
+        self.keys = KeyClaimer(claimer)
+
+
+def init_app(app: Flask, sources: Mapping[str, Source], claimer: Claimer) -> None:
+    """Serve each ``idempotency-key`` source at ``/webhooks/<name>`` and at its ``path``.
+
+    Call it after every other route is registered: a ``path`` that another route
+    already serves (``/events``, another source's path) stops start-up.
+    """
+    operated = {name: s for name, s in sources.items() if s.scheme.operation}
+    app.extensions["idemhook.operations"] = Operations(operated, claimer)
+    for name, source in operated.items():
+        scheme = source.scheme
+        assert isinstance(scheme, IdempotencyKey)
+        rules = [(f"/webhooks/{name}", ENDPOINT)]
+        if scheme.path is not None:
+            _check_free(app, name, scheme.path)
+            rules.append((scheme.path, PATH_ENDPOINT))
+        for rule, endpoint in rules:
+            app.add_url_rule(
+                rule,
+                endpoint=endpoint,
+                view_func=receive,
+                methods=["POST"],
+                defaults={"source_name": name},
+            )
+
+
+def _check_free(app: Flask, name: str, path: str) -> None:
+    try:
+        endpoint, values = app.url_map.bind("localhost").match(path, method="POST")
+    except NotFound:
+        return
+    except HTTPException:  # served for other methods, or a redirect (a trailing slash)
+        endpoint, values = "", {}
+    taken = values.get("source_name") if endpoint in (ENDPOINT, PATH_ENDPOINT) else None
+    what = f"source {taken!r}" if taken else "one of idemhook's own routes"
+    raise ConfigError(f"[sources.{name}] path: {path!r} is already served by {what}")
+
+
+def receive(source_name: str) -> Response:
+    received_at = datetime.now(UTC)
+    operations: Operations = current_app.extensions["idemhook.operations"]
+    source = operations.sources[source_name]
+    try:
+        answer = _receive(operations, source, received_at)
+    except IdemhookError as error:
+        return problems.render(error)
+    except HTTPException as error:  # Werkzeug's, while reading the body
+        return problems.render_http(error)
+    return render(answer)
+
+
+def _receive(operations: Operations, source: Source, received_at: datetime) -> Answer:
+    scheme = source.scheme
+    assert isinstance(scheme, IdempotencyKey)
+    body = _read_body(source)
+    client = scheme.authenticate(Delivery(body, request.headers, request.method))
+    key = parse_key(request.headers.get(KEY_HEADER))
+    payload = scheme.parse(body)
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be one JSON object.", code="invalid_event")
+    event = ClientEvent(
+        source.name,
+        scheme.event_id(client, key),
+        event_type_of(source, payload, request.headers),
+        payload,
+        request.headers,
+        received_at,
+        client,
+    )
+    query = request.query_string.decode("latin-1")
+    fingerprint = scheme.fingerprint_of(
+        request.method,
+        request.path + (f"?{query}" if query else ""),
+        request.headers.get("Content-Type", ""),
+        body,
+    )
+    return operations.keys.apply(KeyRequest(event, key, fingerprint, body, scheme.key_ttl))
+
+
+def render(answer: Answer) -> Response:
+    """The operation's answer: its status, its JSON body, its headers; a replay says so."""
+    response = jsonify(answer.body)
+    response.status_code = answer.status
+    response.headers.extend(answer.headers)
+    if answer.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
