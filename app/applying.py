@@ -60,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    Float,
     Integer,
     String,
     bindparam,
@@ -128,8 +129,9 @@ class _Applied:
 class _Batch:
     #: Every claim thread holds a handler that overran: nothing was taken.
     busy: bool = False
-    #: Result rows of finished events, stored by one statement sent with the COMMIT.
-    stored: list[dict[str, Any]] = field(default_factory=list)
+    #: (queue id, status, result as JSON text) of finished events, stored by one statement
+    #: sent with the COMMIT.
+    stored: list[tuple[int, Status, str]] = field(default_factory=list)
     #: Queue rows of finished events (stored, or failed for good), deleted with the COMMIT.
     done: list[int] = field(default_factory=list)
     #: ``delivery_failures`` rows, written after the transaction (as the claim does).
@@ -165,8 +167,8 @@ class Applier:
         self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
         names = sorted(self.sources)
         self._take_sql = _compile(_take(names, dialect.name == "postgresql"), dialect)
-        self._next_due_sql = _compile(_next_due(names), dialect)
-        counted, due = _attempted()
+        self._next_due_sql = _compile(_next_due(names, dialect.name == "postgresql"), dialect)
+        counted, due = _attempted(dialect.name == "postgresql")
         self._counted_sql, self._due_sql = _compile(counted, dialect), _compile(due, dialect)
         self._dequeue_sql = _compile(_dequeue(), dialect)
         self._lock_sql = _compile(_lock(), dialect)
@@ -227,8 +229,10 @@ class Applier:
         with self.database.lanes.lane() as lane:
             lane.begin()
             try:
-                now = self._timestamp(datetime.now(UTC))
-                rows = lane.execute(self._take_sql, {"now": now, "limit": self.batch}).fetchall()
+                params = {"limit": self.batch}
+                if not self._postgresql:  # PostgreSQL compares with its own now()
+                    params["now"] = self._timestamp(datetime.now(UTC))
+                rows = lane.execute(self._take_sql, params).fetchall()
                 if not rows:
                     lane.rollback()
                     return None
@@ -258,16 +262,27 @@ class Applier:
         return batch
 
     def _closing(self, lane: Lane, batch: _Batch) -> tuple[str | None, dict[str, Any] | None]:
-        """The statements sent with the COMMIT: dequeue finished events, store results."""
-        sql, params = self.statements.store(batch.stored) if batch.stored else (None, None)
-        if not batch.done:
-            return sql, params
-        if not self._postgresql:
-            for row_id in batch.done:
-                lane.execute(self._dequeue_sql, {"row_id": row_id})
-            return sql, params
-        dequeue = "DELETE FROM event_queue WHERE id = ANY(%(done)s)"
-        return (f"{dequeue}; {sql}" if sql else dequeue), {**(params or {}), "done": batch.done}
+        """The statements sent with the COMMIT: dequeue finished events, store results.
+
+        ``processed_at`` is the time of the commit for every event of the batch: when
+        its handlers' work became visible (PostgreSQL: ``clock_timestamp()``).
+        """
+        if not batch.stored and not batch.done:
+            return None, None
+        if self._postgresql:
+            params = {
+                "done": batch.done,
+                "ids": [row_id for row_id, _, _ in batch.stored],
+                "statuses": [str(status) for _, status, _ in batch.stored],
+                "results": [result for _, _, result in batch.stored],
+            }
+            return _FINISH_PG, params
+        for row_id in batch.done:
+            lane.execute(self._dequeue_sql, {"row_id": row_id})
+        if not batch.stored:
+            return None, None
+        rows = [self.statements.result_row(i, status, text) for i, status, text in batch.stored]
+        return self.statements.store(rows)
 
     def _taken(self, row: Any) -> _Taken:
         row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
@@ -286,7 +301,7 @@ class Applier:
         event = taken.event
         registrations = self.registry.for_event(event.source, event.type)
         if not registrations:
-            batch.stored.append(self.statements.result_row(taken.row_id, Status.IGNORED, "null"))
+            batch.stored.append((taken.row_id, Status.IGNORED, "null"))
             batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
             return
@@ -300,8 +315,7 @@ class Applier:
         if run.status is Status.FAILED and is_disconnect(run.error):
             raise run.error  # type: ignore[misc]  # the worker loop backs off; nothing kept
         if run.status in (Status.PROCESSED, Status.IGNORED):
-            stored = self.statements.result_row(taken.row_id, run.status, run.stored or "null")
-            batch.stored.append(stored)
+            batch.stored.append((taken.row_id, run.status, run.stored or "null"))
             batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(run.status), seconds, run))
             return
@@ -310,10 +324,7 @@ class Applier:
         lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
             batch.failures.append(_failure(taken, run))
-            stored = self.statements.result_row(
-                taken.row_id, Status.REJECTED, dumps(run.result, strict=True)
-            )
-            batch.stored.append(stored)
+            batch.stored.append((taken.row_id, Status.REJECTED, dumps(run.result, strict=True)))
             batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(Status.REJECTED), seconds, run))
             return
@@ -326,20 +337,20 @@ class Applier:
         batch.failures.append(_failure(taken, run))
         retries = self.sources[taken.source].retries
         attempt = taken.attempts + 1
-        now = datetime.now(UTC)
         if attempt >= retries.max_attempts:
             status, delay, result = Status.FAILED, None, dumps({"failed": run.summary})
-            due = now
         else:
             status, result = Status.RECEIVED, None
             delay = backoff(attempt, retries.backoff_seconds, retries.max_backoff_seconds)
-            due = now + timedelta(seconds=delay)
-        params = {
+        params: dict[str, Any] = {
             "row_id": taken.row_id,
             "status": str(status),
             "result": result,
-            "next_attempt_at": self._timestamp(due),
+            "delay": delay or 0.0,
         }
+        if not self._postgresql:  # PostgreSQL: now() + the delay, its own clock
+            due = datetime.now(UTC) + timedelta(seconds=delay or 0.0)
+            params["next_attempt_at"] = self._timestamp(due)
         if status is Status.FAILED:
             lane.execute(self._counted_sql, params)
             batch.done.append(taken.row_id)
@@ -422,17 +433,16 @@ class Applier:
         wait behind an earlier event of their order key: the worker that finishes
         those takes again at once.
         """
-        now = datetime.now(UTC)
-        params = {"now": self._timestamp(now)}
         with self.database.lanes.lane() as lane:
-            if lane.pipelined:
-                row = lane.execute_alone(self._next_due_sql, params).fetchone()
-            else:
-                lane.begin()
-                try:
-                    row = lane.execute(self._next_due_sql, params).fetchone()
-                finally:
-                    lane.rollback()
+            if lane.pipelined:  # seconds from PostgreSQL's now()
+                [(seconds,)] = lane.execute_alone(self._next_due_sql).fetchall()
+                return None if seconds is None else max(0.0, float(seconds))
+            now = datetime.now(UTC)
+            lane.begin()
+            try:
+                row = lane.execute(self._next_due_sql, {"now": self._timestamp(now)}).fetchone()
+            finally:
+                lane.rollback()
         due = row[0] if row else None
         if due is None:
             return None
@@ -514,7 +524,7 @@ def _take(sources: list[str], postgresql: bool) -> Any:
         select(*columns)
         .select_from(q.join(e, e.c.id == q.c.id))
         .where(
-            q.c.next_attempt_at <= bindparam("now", type_=String),
+            q.c.next_attempt_at <= (func.now() if postgresql else bindparam("now", type_=String)),
             _among(q.c.source, sources),
             or_(q.c.order_key.is_(None), ~earlier),
         )
@@ -531,15 +541,20 @@ def _lock() -> Any:
     return select(q.c.id).where(q.c.id == bindparam("row_id", type_=Integer)).with_for_update()
 
 
-def _next_due(sources: list[str]) -> Any:
+def _next_due(sources: list[str], postgresql: bool) -> Any:
     q = event_queue
+    if postgresql:
+        earliest = func.min(q.c.next_attempt_at)
+        return select(func.extract("epoch", earliest - func.now())).where(
+            q.c.next_attempt_at > func.now(), _among(q.c.source, sources)
+        )
     return select(func.min(q.c.next_attempt_at)).where(
         q.c.next_attempt_at > bindparam("now", type_=String),
         _among(q.c.source, sources),
     )
 
 
-def _attempted() -> tuple[Any, Any]:
+def _attempted(postgresql: bool) -> tuple[Any, Any]:
     """A failed attempt: counted on the event (``failed`` at the limit); when due again."""
     t = processed_events
     counted = (
@@ -552,11 +567,13 @@ def _attempted() -> tuple[Any, Any]:
         )
     )
     q = event_queue
-    due = (
-        update(q)
-        .where(q.c.id == bindparam("row_id", type_=Integer))
-        .values(next_attempt_at=bindparam("next_attempt_at", type_=String))
-    )
+    if postgresql:  # now() + make_interval(0, ..., secs => delay)
+        zero = literal_column("0")
+        delay = func.make_interval(zero, zero, zero, zero, zero, zero, bindparam("delay", Float))
+        when: Any = func.now() + delay
+    else:
+        when = bindparam("next_attempt_at", type_=String)
+    due = update(q).where(q.c.id == bindparam("row_id", type_=Integer)).values(next_attempt_at=when)
     return counted, due
 
 
@@ -591,7 +608,17 @@ def _compile(statement: Any, dialect: Any) -> str:
 
 
 #: The parameters the worker's statements are given.
-_PARAMETERS = frozenset({"now", "limit", "row_id", "status", "result", "next_attempt_at"})
+_PARAMETERS = frozenset(
+    {"now", "limit", "row_id", "status", "result", "delay", "next_attempt_at"}
+)
+#: Sent with a batch's COMMIT: its finished events leave the queue; their results stored.
+_FINISH_PG = (
+    "DELETE FROM event_queue WHERE id = ANY(%(done)s); "
+    "UPDATE processed_events AS e SET status = v.status, result = CAST(v.result AS jsonb), "
+    "processed_at = clock_timestamp() "
+    "FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(statuses)s AS text[]), "
+    "CAST(%(results)s AS text[])) AS v(id, status, result) WHERE e.id = v.id"
+)
 
 
 class _Running:

@@ -211,7 +211,8 @@ def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
         if row is None or row.status not in (Status.RECEIVED, Status.FAILED):
             found = "deleted" if row is None else f"recorded as {row.status}"
             return RetryResult(source, event_id, "skipped", f"already {found}")
-        now = datetime.now(UTC)
+        # The clock the ack and the worker use: PostgreSQL's own (the demo's: ours).
+        now = func.now() if conn.dialect.name == "postgresql" else datetime.now(UTC)
         if row.status == Status.RECEIVED:
             queued = conn.execute(
                 select(queue.c.id).where(queue.c.id == row.id).with_for_update(skip_locked=True)

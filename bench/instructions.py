@@ -19,6 +19,8 @@ Variants (``--variants``):
   Flask, routing, verification, parsing and the answer.
 - ``no-watchdog``: the claim runs on the request thread, without a handler deadline.
 - ``baseline-batch``, ``receiver-batch``: batches of 100 events (counted per event).
+- ``async-ack``: the receiver's asynchronous source (``mode = "async"``): verify, claim
+  as received, answer 202; no handler runs (``idemhook worker`` would run it).
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -51,6 +53,9 @@ VARIANTS = (
     "no-watchdog",
     "baseline-batch",
     "receiver-batch",
+    "async-ack",
+    "async-ack-quiet",
+    "async-ack-bare",
 )
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
@@ -163,7 +168,7 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
         for environ in batch:
             body = b"".join(app(environ, start_response))
-            if not status[-1].startswith("200"):
+            if not status[-1].startswith(("200", "202")):
                 raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
@@ -213,13 +218,15 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
-    quiet = variant in ("no-log", "intake-only")
+    quiet = variant in ("no-log", "intake-only", "async-ack-quiet", "async-ack-bare")
     idemhook_log.setLevel(logging.WARNING if quiet else logging.INFO)
-    if variant in ("no-metrics", "intake-only"):
+    if variant in ("no-metrics", "intake-only", "async-ack-bare"):
         from app.metrics import RequestTimer
 
         metrics = app.extensions["idemhook.metrics"]
         claimer.observers.remove(metrics.observe_event)
+        if variant == "async-ack-bare":
+            app.extensions["idemhook.receiver"].acceptor.observers.remove(metrics.observe_event)
         claimer.timers.remove(metrics.observe_phase)
         if not isinstance(app.wsgi_app, RequestTimer):
             raise RuntimeError("the request timer is not the outermost middleware")
@@ -238,6 +245,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
 
         claimer.watchdog.run = lambda work, on_overrun: work(Job())
 
+    if variant.startswith("async-ack"):
+        return app, "/webhooks/bench_async"
     return app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
     ) else "/webhooks/bench"
