@@ -54,8 +54,6 @@ VARIANTS = (
     "baseline-batch",
     "receiver-batch",
     "async-ack",
-    "async-ack-quiet",
-    "async-ack-bare",
 )
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
@@ -218,15 +216,13 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
-    quiet = variant in ("no-log", "intake-only", "async-ack-quiet", "async-ack-bare")
+    quiet = variant in ("no-log", "intake-only")
     idemhook_log.setLevel(logging.WARNING if quiet else logging.INFO)
-    if variant in ("no-metrics", "intake-only", "async-ack-bare"):
+    if variant in ("no-metrics", "intake-only"):
         from app.metrics import RequestTimer
 
         metrics = app.extensions["idemhook.metrics"]
         claimer.observers.remove(metrics.observe_event)
-        if variant == "async-ack-bare":
-            app.extensions["idemhook.receiver"].acceptor.observers.remove(metrics.observe_event)
         claimer.timers.remove(metrics.observe_phase)
         if not isinstance(app.wsgi_app, RequestTimer):
             raise RuntimeError("the request timer is not the outermost middleware")
@@ -245,7 +241,7 @@ def build(url: str, variant: str) -> tuple[Any, str]:
 
         claimer.watchdog.run = lambda work, on_overrun: work(Job())
 
-    if variant.startswith("async-ack"):
+    if variant == "async-ack":
         return app, "/webhooks/bench_async"
     return app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
