@@ -183,7 +183,7 @@ class OutboxMessage(Base):
         ),
         # Listings, keyset pages ordered by (created_at, id), and pruning.
         Index(None, "created_at", "id"),
-        # The dead messages, newest first, and their count (migration 0007): a message
+        # The dead messages, newest first, and their count (migration 0008): a message
         # enters it only when it goes dead, so adding and sending maintain no extra index.
         Index(
             "ix_outbox_messages_dead",

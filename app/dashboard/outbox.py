@@ -10,7 +10,7 @@ besides comes from indexes too, and is bounded (:mod:`app.dashboard.counts`):
   exact up to :data:`~app.dashboard.counts.CAP`; the oldest one's age is the
   oldest ``created_at`` among the ``CAP`` + 1 that fall due first (all of them
   while there are no more; past that the page says "≥").
-- **Dead**: counted from the partial index of dead messages (migration 0007).
+- **Dead**: counted from the partial index of dead messages (migration 0008).
 - **Sent** messages are not counted: their number only grows until pruned (the
   metrics leave them out for the same reason).
 """
