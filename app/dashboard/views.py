@@ -218,8 +218,8 @@ def _when_arg(value: str) -> datetime | None:
 
 #: Filters the read API's queries accept beyond these (``client``, once Idempotency-Key
 #: sources have clients) are offered when :class:`app.queries.Filters` has them.
-def _optional_filters() -> list[str]:
-    return [name for name in ("client",) if name in queries.Filters.__dataclass_fields__]
+#: Filters (and columns) beyond the webhook ones: Idempotency-Key sources' clients.
+EXTRA_FILTERS = ("client",)
 
 
 def _ids(raw: list[str]) -> list[int]:
@@ -281,7 +281,7 @@ def overview() -> str:
 
 @bp.get("/events")
 def events() -> Response | str:
-    optional = _optional_filters()
+    optional = list(EXTRA_FILTERS)
     form: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     matches: list[dict[str, Any]] | None = None

@@ -150,11 +150,17 @@ def test_events_pages_follow_the_read_apis_cursor(browser, sql, monkeypatch):
     assert seen == ["p0", "p1", "p2", "p3", "p4"]
 
 
-def test_the_client_filter_waits_for_clients(browser):
-    # Offered once the read API's filters know clients (Idempotency-Key sources' clients).
-    page = browser.get("/dashboard/events").text
-    assert 'name="client"' not in page
-    assert views._optional_filters() == []
+def test_events_of_an_api_source_filter_and_show_by_client(browser, sql):
+    # Idempotency-Key sources scope each key by its client (docs/idempotency-keys.md).
+    seed(sql, "emails", "acme:k1", ago=timedelta(minutes=3))
+    seed(sql, "emails", "globex:k1", ago=timedelta(minutes=2))
+    sql("UPDATE processed_events SET client = split_part(event_id, ':', 1) WHERE source = 'emails'")
+    page = browser.get("/dashboard/events", query_string={"client": "globex"})
+    assert page.status_code == 200
+    assert 'name="client" value="globex"' in page.text
+    assert "globex:k1" in page.text and "acme:k1" not in page.text
+    everyone = browser.get("/dashboard/events").text
+    assert "globex:k1" in everyone and "acme:k1" in everyone
 
 
 def test_a_bad_filter_is_explained_on_the_page(browser):
