@@ -225,6 +225,15 @@ class OutboxMessage(Base):
         ),
         # Listings, keyset pages ordered by (created_at, id), and pruning.
         Index(None, "created_at", "id"),
+        # The dead messages, newest first, and their count (migration 0008): a message
+        # enters it only when it goes dead, so adding and sending maintain no extra index.
+        Index(
+            "ix_outbox_messages_dead",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'dead'"),
+            sqlite_where=text("status = 'dead'"),
+        ),
         Index(None, "source", "event_id"),
     )
 

@@ -1,110 +1,108 @@
-"""The outbox on the dashboard, once the outbox exists (its table ``outbox_messages``).
+"""The outbox on the dashboard: what waits, what was sent, what gave up; and Retry.
 
-The outbox is another issue's (``event.outbox``, ``idemhook worker``). The
-dashboard finds its table by inspection and reads the columns it has: status
-(``pending``, ``sent``, ``dead``), attempts, next attempt, last error. Without
-the table the overview leaves the outbox out and ``/dashboard/outbox`` says so.
+Listings are the read API's (:func:`app.queries.list_outbox`: newest first by
+``(created_at, id)``, its keyset cursor), one message is
+:func:`app.queries.get_message`, and Retry is :func:`app.outbox.retry`, what
+``idemhook outbox retry`` runs (it also wakes the workers). What is read here
+besides comes from indexes too, and is bounded (:mod:`app.dashboard.counts`):
+
+- **Pending**: counted from the worker's partial index of pending messages,
+  exact up to :data:`~app.dashboard.counts.CAP`; the oldest one's age is the
+  oldest ``created_at`` among the ``CAP`` + 1 that fall due first (all of them
+  while there are no more; past that the page says "≥").
+- **Dead**: counted from the partial index of dead messages (migration 0008).
+- **Sent** messages are not counted: their number only grows until pruned (the
+  metrics leave them out for the same reason).
 """
 
 from __future__ import annotations
 
-import threading
+import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import MetaData, Table, inspect, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .counts import Count, bounded_count
+from .. import queries
+from ..models import outbox_messages
+from ..outbox_status import MESSAGE_STATUSES, MessageStatus
+from .counts import CAP, Count, bounded_count
 
-TABLE = "outbox_messages"
-STATUSES = ("pending", "sent", "dead")
-#: Columns shown, in this order, when the table has them.
-SHOWN = (
-    "id",
-    "kind",
-    "key",
-    "status",
-    "attempts",
-    "next_attempt_at",
-    "created_at",
-    "sent_at",
-    "last_error",
-)
+OUTBOX = outbox_messages
+STATUSES = MESSAGE_STATUSES
 PAGE = 50
-
-_reflected: dict[str, Table] = {}
-_lock = threading.Lock()
-
-
-def table(session: Session) -> Table | None:
-    """The outbox table as the database has it, or None while it does not exist."""
-    connection = session.connection()
-    if not inspect(connection).has_table(TABLE):
-        return None
-    key = connection.engine.url.render_as_string(hide_password=True)
-    with _lock:
-        found = _reflected.get(key)
-        if found is None:
-            found = _reflected[key] = Table(TABLE, MetaData(), autoload_with=connection)
-    return found
+#: Characters of a result or a last error shown in a listing (the message's page has all).
+BRIEF = 160
+#: Messages of one event listed on its page.
+PER_EVENT = 20
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Summary:
-    counts: dict[str, Count]
+    pending: Count
+    dead: Count
     oldest_pending: datetime | None
+    #: False: more are pending than were read; the oldest is at least ``oldest_pending`` old.
+    oldest_exact: bool
 
 
-def _created(t: Table) -> Any:
-    for name in ("created_at", "next_attempt_at"):
-        if name in t.c:
-            return t.c[name]
-    return None
-
-
-def summary(session: Session) -> Summary | None:
-    t = table(session)
-    if t is None:
-        return None
-    counts = {
-        status: bounded_count(session, select(t.c.id).where(t.c.status == status))
-        for status in STATUSES
-    }
-    oldest = None
-    created = _created(t)
-    if created is not None and counts["pending"].value:
-        oldest = session.execute(
-            select(created).where(t.c.status == "pending").order_by(created).limit(1)
-        ).scalar()
-    return Summary(counts, oldest)
+def summary(session: Session) -> Summary:
+    pending = OUTBOX.c.status == str(MessageStatus.PENDING)
+    soonest = (
+        select(OUTBOX.c.created_at)
+        .where(pending)
+        .order_by(OUTBOX.c.next_attempt_at, OUTBOX.c.id)
+        .limit(CAP + 1)
+        .subquery()
+    )
+    read, oldest = session.execute(select(func.count(), func.min(soonest.c.created_at))).one()
+    return Summary(
+        pending=bounded_count(session, select(OUTBOX.c.id).where(pending)),
+        dead=bounded_count(
+            session, select(OUTBOX.c.id).where(OUTBOX.c.status == str(MessageStatus.DEAD))
+        ),
+        oldest_pending=oldest,
+        oldest_exact=read <= CAP,
+    )
 
 
 def messages(
-    session: Session, t: Table, status: str | None, before: int | None
-) -> tuple[list[dict[str, Any]], int | None]:
-    """One page of messages, newest first (by id), and the id to continue before."""
-    columns = [t.c[name] for name in SHOWN if name in t.c]
-    query = select(*columns)
-    if status:
-        query = query.where(t.c.status == status)
-    if before is not None:
-        query = query.where(t.c.id < before)
-    found = session.execute(query.order_by(t.c.id.desc()).limit(PAGE + 1))
-    rows = [dict(r._mapping) for r in found]
-    more = len(rows) > PAGE
-    rows = rows[:PAGE]
-    return rows, (rows[-1]["id"] if more and rows else None)
-
-
-def retry(session: Session, t: Table, ids: list[int]) -> int:
-    """Make these messages due now (a ``dead`` one ``pending`` again); sent ones are left."""
-    values: dict[str, Any] = {"status": "pending"}
-    if "next_attempt_at" in t.c:
-        values["next_attempt_at"] = datetime.now(UTC)
-    done = session.execute(
-        update(t).where(t.c.id.in_(ids), t.c.status != "sent").values(**values)
+    session: Session, status: str | None, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of messages (the read API's), each with its ``result`` (by primary key)."""
+    rows, next_cursor = queries.list_outbox(
+        session, queries.OutboxFilters(status=status), PAGE, cursor
     )
-    session.commit()
-    return int(done.rowcount or 0)
+    if rows:
+        results = dict(
+            session.execute(
+                select(OUTBOX.c.id, OUTBOX.c.result).where(
+                    OUTBOX.c.id.in_([row["id"] for row in rows])
+                )
+            ).all()
+        )
+        for row in rows:
+            row["result"] = results.get(row["id"])
+    return rows, next_cursor
+
+
+def of_event(session: Session, source: str, event_id: str) -> list[dict[str, Any]]:
+    """The messages an event's handlers added (its ``(source, event_id)`` index), oldest first."""
+    found = session.execute(
+        select(OUTBOX.c.id, OUTBOX.c.kind, OUTBOX.c.key, OUTBOX.c.status, OUTBOX.c.attempts)
+        .where(OUTBOX.c.source == source, OUTBOX.c.event_id == event_id)
+        .order_by(OUTBOX.c.id)
+        .limit(PER_EVENT)
+    )
+    return [dict(row._mapping) for row in found]
+
+
+def brief(value: Any, limit: int = BRIEF) -> str:
+    """A value on one line, cut at ``limit`` characters: text as it is, anything else as JSON."""
+    if value is None:
+        return "-"
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    shown = " ".join(shown.split())
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

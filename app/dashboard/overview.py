@@ -20,6 +20,8 @@ Every figure is read through an index and bounded (:mod:`app.dashboard.counts`):
   planner's estimate per source past that. **Failed attempts** come from
   ``delivery_failures``' ``(failed_at, id)`` index, exact up to
   :data:`~app.dashboard.counts.CAP`.
+- **The outbox**: pending and dead messages and the oldest pending one's age, from
+  their partial indexes (:func:`app.dashboard.outbox.summary`).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Overview:
     sources: list[SourceFigures]
     unresolved_failures: Count
     async_queues: bool
-    outbox: outbox.Summary | None
+    outbox: outbox.Summary
 
     @property
     def estimated(self) -> bool:

@@ -2,8 +2,9 @@
 
 Reads go through :mod:`app.queries` (the read API's filters and keyset cursors);
 actions through the functions the CLI runs: :func:`app.replay.replay` for
-``events replay --force`` and :func:`app.failures.retry_failure` for
-``failures retry``. Access, CSRF and the response headers are :mod:`.access`.
+``events replay --force``, :func:`app.failures.retry_failure` for
+``failures retry`` and :func:`app.outbox.retry` for ``outbox retry``. Access,
+CSRF and the response headers are :mod:`.access`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from .. import failures, queries, replay
+from .. import outbox as outbox_actions
 from ..admin import token_matches
 from ..db import get_db, is_disconnect
 from ..errors import IdemhookError, NotFound, ServiceUnavailable
@@ -125,7 +127,6 @@ def _globals() -> dict[str, Any]:
         "csrf_token": access.csrf_token,
         "csrf_field": access.CSRF_FIELD,
         "logged_in": access.logged_in,
-        "outbox_present": _outbox_present,
         # Formatting helpers, called as functions rather than registered as Jinja filters:
         # registering a filter builds the app's Jinja environment when the blueprint is
         # registered, for every app, and an app dropped without dispose then kept its
@@ -134,42 +135,30 @@ def _globals() -> dict[str, Any]:
         "ago": _ago,
         "pretty": _pretty,
         "percent": _percent,
+        "brief": outbox.brief,
     }
-
-
-_OUTBOX_RECHECK_SECONDS = 30.0
-_outbox_seen: dict[str, float] = {}
-
-
-def _outbox_present() -> bool:
-    """Whether the outbox table exists (once seen, it stays; absence is rechecked each 30 s)."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    key = str(id(app))
-    seen = _outbox_seen.get(key)
-    if seen == float("inf"):
-        return True
-    if seen is not None and time.monotonic() - seen < _OUTBOX_RECHECK_SECONDS:
-        return False
-    with _session() as session:
-        present = outbox.table(session) is not None
-    _outbox_seen[key] = float("inf") if present else time.monotonic()
-    return present
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
 @contextmanager
-def _session() -> Iterator[Session]:
+def _database() -> Iterator[None]:
+    """A lost database connection is a 503, not a 500."""
     try:
-        with get_db().session() as session:
-            yield session
+        yield
     except SQLAlchemyError as exc:
         if is_disconnect(exc):
             raise ServiceUnavailable(
                 "The database is unavailable; retry shortly.", code="database_unavailable"
             ) from exc
         raise
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    with _database(), get_db().session() as session:
+        yield session
 
 
 def _too_slow(exc: OperationalError) -> bool:
@@ -229,8 +218,15 @@ def _when_arg(value: str) -> datetime | None:
 
 #: Filters the read API's queries accept beyond these (``client``, once Idempotency-Key
 #: sources have clients) are offered when :class:`app.queries.Filters` has them.
-def _optional_filters() -> list[str]:
-    return [name for name in ("client",) if name in queries.Filters.__dataclass_fields__]
+#: Filters (and columns) beyond the webhook ones: Idempotency-Key sources' clients.
+EXTRA_FILTERS = ("client",)
+
+
+def _ids(raw: list[str]) -> list[int]:
+    """The row IDs a form names (whole numbers of a BIGINT; anything else is left out)."""
+    return sorted(
+        {int(v) for v in raw if v.isascii() and v.isdigit() and len(v) <= 19 and int(v) < 2**63}
+    )
 
 
 def _back(default: str) -> str:
@@ -285,7 +281,7 @@ def overview() -> str:
 
 @bp.get("/events")
 def events() -> Response | str:
-    optional = _optional_filters()
+    optional = list(EXTRA_FILTERS)
     form: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     matches: list[dict[str, Any]] | None = None
@@ -390,6 +386,7 @@ def event(source: str, event_id: str) -> str:
             payload = session.execute(
                 select(FAILURES.c.payload).where(FAILURES.c.id == attempts[-1]["id"])
             ).scalar()
+        messages = outbox.of_event(session, source, event_id) if found else []
     if found is None and not attempts:
         raise _not_found(source, event_id)
     headers = safe_headers((found or {}).get("headers") or {})
@@ -402,6 +399,7 @@ def event(source: str, event_id: str) -> str:
         failures=attempts,
         payload=payload,
         headers=headers,
+        messages=messages,
         configured=source in _receiver().sources,
     )
 
@@ -488,7 +486,7 @@ def retry_failures() -> Response:
     """Retry the failure of one button, or the selected ones, through the live claim."""
     picked = request.form.get("only") or None
     raw = [picked] if picked else request.form.getlist("failure")
-    ids = sorted({int(v) for v in raw if v.isdigit()})[:MAX_SELECTED]
+    ids = _ids(raw)[:MAX_SELECTED]
     back = _back(url_for(".failures_page"))
     if not ids:
         flash("Select at least one failure to retry.", "error")
@@ -527,40 +525,61 @@ def outbox_page() -> str:
     status = request.args.get("status") or None
     if status not in (None, *outbox.STATUSES):
         status = None
-    before = request.args.get("before", "")
+    cursor = request.args.get("cursor") or None
+    rows: list[dict[str, Any]] = []
+    next_cursor = None
+    error = None
     with _session() as session:
-        table = outbox.table(session)
-        if table is None:
-            return render_template("dashboard/outbox.html", page="outbox", present=False)
         summary = outbox.summary(session)
-        rows, next_before = outbox.messages(
-            session, table, status, int(before) if before.isdigit() else None
-        )
+        try:
+            rows, next_cursor = outbox.messages(session, status, cursor)
+        except queries.QueryError as exc:
+            error = str(exc)
     return render_template(
         "dashboard/outbox.html",
         page="outbox",
-        present=True,
         summary=summary,
         rows=rows,
         status=status,
         statuses=outbox.STATUSES,
-        next_url=url_for(".outbox_page", status=status, before=next_before)
-        if next_before
+        error=error,
+        next_url=url_for(".outbox_page", status=status, cursor=next_cursor)
+        if next_cursor
         else None,
-        here=url_for(".outbox_page", status=status, before=before or None),
+        first_url=url_for(".outbox_page", status=status) if cursor else None,
+        here=url_for(".outbox_page", status=status, cursor=cursor),
     )
+
+
+@bp.get("/outbox/<int:message_id>")
+def outbox_message(message_id: int) -> str:
+    with _session() as session:
+        message = queries.get_message(session, message_id) if message_id < 2**63 else None
+    if message is None:
+        raise NotFound(
+            f"No outbox message {message_id} is recorded (never added, or pruned).",
+            code="message_not_found",
+        )
+    return render_template("dashboard/message.html", page="outbox", message=message)
 
 
 @bp.post("/outbox/retry")
 def retry_outbox() -> Response:
+    """Make the message of one button, or the selected ones, due now: ``outbox retry``'s path."""
     picked = request.form.get("only") or None
     raw = [picked] if picked else request.form.getlist("message")
-    ids = sorted({int(v) for v in raw if v.isdigit()})[:MAX_SELECTED]
+    ids = _ids(raw)
     back = _back(url_for(".outbox_page"))
-    with _session() as session:
-        table = outbox.table(session)
-        if table is None:
-            raise NotFound("There is no outbox (no outbox_messages table).", code="not_found")
-        done = outbox.retry(session, table, ids) if ids else 0
-    flash(f"{done} message(s) due for delivery now.", "success" if done else "error")
+    if not ids:
+        flash("Select at least one message to retry.", "error")
+        return redirect(back, code=303)
+    with _database():
+        results = outbox_actions.retry(get_db().engine, ids[:MAX_SELECTED])
+    retried = [r.id for r in results if r.status == "retrying"]
+    if retried:
+        listed = ", ".join(str(i) for i in retried)
+        flash(f"Due now, with a fresh set of attempts: message(s) {listed}.", "success")
+    for result in results:
+        if result.status != "retrying":
+            flash(f"Message {result.id} not retried: {result.detail}.", "error")
     return redirect(back, code=303)

@@ -51,7 +51,9 @@ def _replays(sql, event_id: str) -> int:
 # -- off without a token ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [*PAGES, "/dashboard/login", "/dashboard/static/dashboard.css"])
+@pytest.mark.parametrize(
+    "path", [*PAGES, "/dashboard/outbox/1", "/dashboard/login", "/dashboard/static/dashboard.css"]
+)
 def test_dashboard_is_404_without_an_admin_token(make_app, path):
     client = make_app().test_client()
     for headers in (HTML, {}):
@@ -71,7 +73,7 @@ def test_actions_are_404_without_an_admin_token(make_app):
 # -- no page and no action without the session -----------------------------------------------
 
 
-@pytest.mark.parametrize("path", PAGES)
+@pytest.mark.parametrize("path", [*PAGES, "/dashboard/outbox/1"])
 def test_a_browser_without_a_session_is_sent_to_the_login_form(client, path):
     deliver(client, "acme", {"id": "evt_1", "type": "contact.created"})
     response = client.get(path, headers=HTML)
@@ -84,7 +86,7 @@ def test_a_browser_without_a_session_is_sent_to_the_login_form(client, path):
     assert 'type="password"' in login.text
 
 
-@pytest.mark.parametrize("path", PAGES)
+@pytest.mark.parametrize("path", [*PAGES, "/dashboard/outbox/1"])
 def test_other_clients_without_a_session_get_401(client, path):
     deliver(client, "acme", {"id": "evt_1", "type": "contact.created"})
     for headers in ({}, {"Accept": "application/json"}, {"Accept": "*/*"}):

@@ -17,7 +17,11 @@ import pytest
 import requests
 
 from app import create_app
+from app.outbox import add_message
+from app.plugins import Sender
+from app.sending import Delivery
 from app.testing.kit import signed
+from app.worker import Worker
 from tests.browser import chromium_page
 from tests.conftest import SOURCES
 from tests.dashboard.conftest import TOKEN
@@ -26,7 +30,9 @@ from tests.servers import gunicorn
 pytestmark = pytest.mark.gunicorn
 
 #: The screenshots docs/dashboard.md shows, in its order.
-SCREENSHOTS = ("login", "overview", "events", "event", "replay", "failures", "retried")
+SCREENSHOTS = (
+    "login", "overview", "events", "event", "replay", "failures", "retried", "outbox"
+)
 PUBLIC_URL = "https://hooks.example.com"
 
 #: A day of earlier traffic, so that the overview's chart and tables have something to show.
@@ -214,6 +220,61 @@ def test_an_operators_round(page, server, send, sql, screenshots):
         page.goto(f"{server.url}{path}")
         assert page.url.startswith(f"{server.url}/dashboard/login"), path
         assert "ada@example.com" not in page.content()
+
+
+def _smtp(message):
+    return {"smtp": f"250 2.0.0 Ok: queued as {message.id:06X}"}
+
+
+def _crm(message):
+    if message.payload["email"].startswith("gone"):
+        raise ConnectionError("POST https://crm.example.com/v3/contacts: 503 Service Unavailable")
+    return {"crm_id": 8000 + message.id}
+
+
+def test_the_outbox_a_dead_message_retried(page, server, send, sql, screenshots, pg_url):
+    # Events whose handlers queued an email and a CRM call (app.outbox's insert, with the
+    # event's source and ID, as event.outbox.add does), then one round of the worker's
+    # delivery loop: the CRM call for evt_3002 fails on its only attempt and goes dead.
+    app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})
+    database = app.extensions["idemhook.db"]
+    try:
+        for n in range(1, 5):
+            event_id = f"evt_300{n}"
+            email = ("gone" if n == 2 else "user") + f"{n}@example.com"
+            send("acme", {"id": event_id, "type": "contact.created", "email": email})
+            with database.engine.begin() as conn:
+                for position, (kind, payload) in enumerate(
+                    (("email", {"to": email, "subject": "Welcome"}), ("crm", {"email": email}))
+                ):
+                    key = f"acme:{event_id}:{position}"
+                    add_message(conn, kind, payload, key, source="acme", event_id=event_id)
+            if n == 3:
+                senders = {
+                    "email": Sender("email", _smtp),
+                    "crm": Sender("crm", _crm, max_attempts=1),
+                }
+                work = Delivery(database, senders)
+                work.step(Worker([work], listen_url=None))
+    finally:
+        database.engine.dispose()
+    _login(page, server)
+    page.click("nav >> text=Outbox")
+    assert page.inner_text("h1") == "Outbox"
+    dead = page.locator("table.outbox tbody tr", has_text="dead")
+    assert dead.count() == 1
+    assert "503 Service Unavailable" in dead.locator("pre.error").inner_text()
+    assert "acme/evt_3002" in dead.inner_text()
+    assert page.locator("table.outbox tbody tr", has_text="pending").count() == 2  # evt_3004
+    _shoot(page, screenshots, "outbox")
+
+    dead.locator("button:has-text('Retry')").click()
+    page.wait_for_load_state()
+    assert "Due now, with a fresh set of attempts" in page.inner_text(".flashes")
+    assert page.locator("table.outbox tbody tr", has_text="dead").count() == 0
+    assert sql(
+        "SELECT status, attempts FROM outbox_messages WHERE key = 'acme:evt_3002:1'"
+    ) == [("pending", 0)]
 
 
 def test_hostile_payloads_stay_text_in_the_browser(page, server, send):

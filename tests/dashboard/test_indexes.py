@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import event, text
 
+from app.queries import encode_cursor
 from tests.dashboard.conftest import Browser
 
 EVENT_ROWS = 60_000
 FAILURE_ROWS = 20_000
-BIG_TABLES = {"processed_events", "delivery_failures"}
+#: Mostly sent, as an outbox is: 300 pending (the newest), one in 1,000 dead.
+MESSAGE_ROWS = 50_000
+BIG_TABLES = {"processed_events", "delivery_failures", "outbox_messages"}
 
 FILL = f"""
 INSERT INTO processed_events (source, event_id, event_type, status, received_at,
@@ -36,9 +40,26 @@ SELECT (ARRAY['acme', 'open'])[g % 2 + 1], CASE WHEN g % 10 = 0 THEN 'lost' || g
     'contact.created', 'RuntimeError', 'Traceback', '\\x7b7d', '{{}}', '{{}}', false,
     now() - g * interval '2 minutes'
 FROM generate_series(1, {FAILURE_ROWS}) AS g;
+INSERT INTO outbox_messages (id, kind, key, payload, status, attempts, next_attempt_at,
+    last_attempt_at, last_error, result, created_at, sent_at, source, event_id)
+SELECT g, (ARRAY['email', 'crm'])[g % 2 + 1], 'acme:e' || g || ':' || 0,
+    jsonb_build_object('to', 'user' || g || '@example.com'), s.status,
+    CASE s.status WHEN 'dead' THEN 10 WHEN 'sent' THEN 1 ELSE 0 END,
+    now() - g * interval '30 seconds' + interval '10 seconds', now() - g * interval '30 seconds',
+    CASE s.status WHEN 'dead' THEN 'smtp raised SMTPDataError: 554 refused' END,
+    CASE s.status WHEN 'sent' THEN jsonb_build_object('smtp', '250 ok') END,
+    now() - g * interval '30 seconds',
+    CASE s.status WHEN 'sent' THEN now() - g * interval '30 seconds' END,
+    'acme', 'e' || g
+FROM generate_series(1, {MESSAGE_ROWS}) AS g,
+    LATERAL (SELECT CASE WHEN g % 1000 = 0 THEN 'dead' WHEN g <= 300 THEN 'pending'
+        ELSE 'sent' END AS status) AS s;
 ANALYZE processed_events;
 ANALYZE delivery_failures;
+ANALYZE outbox_messages;
 """
+#: A cursor a day back into the keyset pages (as "Older »" hands them out).
+DAY_BACK = encode_cursor(datetime.now(UTC) - timedelta(days=1), 2**62)
 
 PAGES = (
     "/dashboard",
@@ -57,6 +78,12 @@ PAGES = (
     "/dashboard/failures?all=1&source=acme",
     "/dashboard/failures?since=2h",
     "/dashboard/outbox",
+    "/dashboard/outbox?status=pending",
+    "/dashboard/outbox?status=sent",
+    "/dashboard/outbox?status=dead",
+    f"/dashboard/outbox?status=dead&cursor={DAY_BACK}",
+    f"/dashboard/outbox?cursor={DAY_BACK}",
+    "/dashboard/outbox/4242",
 )
 
 
@@ -89,7 +116,7 @@ def test_no_page_reads_a_big_table_from_end_to_end(app, browser: Browser, statem
     statements.clear()
     assert browser.get(path).status_code in (200, 303)
     ours = [(s, p) for s, p in statements if any(t in s for t in BIG_TABLES)]
-    assert ours or path == "/dashboard/outbox", "the page read neither table"
+    assert ours, "the page read none of the big tables"
     with engine.connect() as conn:
         for statement, parameters in ours:
             raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import re
+import select
+import time
 from datetime import UTC, datetime, timedelta
 from html import unescape
 
+import psycopg2
 import pytest
 
-from app.dashboard import overview, views
+from app.dashboard import outbox, overview, views
+from app.outbox import CHANNEL, add_message
+from app.plugins import Sender
+from app.sending import Delivery
+from app.worker import Worker
 from idemhook.testing import deliver
 from tests.dashboard.conftest import HTML, TOKEN, Browser
 from tests.test_events_cli import seed
+from tests.test_outbox import MAIL_SOURCES
 
 
 def text_of(html: str) -> str:
@@ -98,8 +106,8 @@ def test_unresolved_failures_on_the_overview(browser, sql):
 
 def test_overview_leaves_out_queues_that_do_not_exist(browser):
     page = browser.get("/dashboard").text
-    assert "Outbox" not in page  # no outbox_messages table
     assert "waiting to be processed" not in page  # nothing waits for the worker
+    assert "Outbox pending 0 Outbox dead 0" in text_of(page)  # the outbox is always there
 
 
 def test_overview_shows_what_waits_for_the_worker_per_asynchronous_source(make_app, sql):
@@ -156,11 +164,17 @@ def test_events_pages_follow_the_read_apis_cursor(browser, sql, monkeypatch):
     assert seen == ["p0", "p1", "p2", "p3", "p4"]
 
 
-def test_the_client_filter_waits_for_clients(browser):
-    # Offered once the read API's filters know clients (Idempotency-Key sources' clients).
-    page = browser.get("/dashboard/events").text
-    assert 'name="client"' not in page
-    assert views._optional_filters() == []
+def test_events_of_an_api_source_filter_and_show_by_client(browser, sql):
+    # Idempotency-Key sources scope each key by its client (docs/idempotency-keys.md).
+    seed(sql, "emails", "acme:k1", ago=timedelta(minutes=3))
+    seed(sql, "emails", "globex:k1", ago=timedelta(minutes=2))
+    sql("UPDATE processed_events SET client = split_part(event_id, ':', 1) WHERE source = 'emails'")
+    page = browser.get("/dashboard/events", query_string={"client": "globex"})
+    assert page.status_code == 200
+    assert 'name="client" value="globex"' in page.text
+    assert "globex:k1" in page.text and "acme:k1" not in page.text
+    everyone = browser.get("/dashboard/events").text
+    assert "globex:k1" in everyone and "acme:k1" in everyone
 
 
 def test_a_bad_filter_is_explained_on_the_page(browser):
@@ -332,47 +346,231 @@ def test_retry_a_selection(browser, sql):
 
 
 def test_retry_with_nothing_selected_says_so(browser):
-    done = browser.post("/dashboard/failures/retry", {})
-    assert "Select at least one failure" in text_of(browser.get(done.headers["Location"]).text)
+    for junk in ({}, {"failure": ["²", "9" * 5000]}):  # nothing that is a row ID either
+        done = browser.post("/dashboard/failures/retry", junk)
+        assert done.status_code == 303
+        assert "Select at least one failure" in text_of(browser.get(done.headers["Location"]).text)
 
 
 # -- outbox ----------------------------------------------------------------------------------
 
 
-def test_outbox_page_says_there_is_none_yet(browser):
-    page = browser.get("/dashboard/outbox")
-    assert page.status_code == 200
-    assert "There is no outbox in this database yet" in text_of(page.text)
+@pytest.fixture
+def mail(make_app) -> Browser:
+    """A logged-in client of a receiver whose ``mail`` handler adds an email to the outbox."""
+    b = Browser(make_app(MAIL_SOURCES, IDEMHOOK_ADMIN_TOKEN=TOKEN).test_client())
+    b.login()
+    return b
+
+
+def _mail(b: Browser, event_id: str, **payload) -> None:
+    """A delivery of the ``mail`` source: its handler calls ``event.outbox.add("email", ...)``."""
+    assert deliver(b.client, "mail", {"id": event_id, **payload}).status_code == 200
+
+
+def smtp(message):
+    """An email sender: an address with "bounce" in it is refused (with markup in the error)."""
+    to = message.payload["to"]
+    if "bounce" in to:
+        raise RuntimeError(f"550 <script>alert('error')</script> no mailbox {to}")
+    return {"smtp": f"250 2.0.0 Ok: queued as <{message.key}>"}
+
+
+def _send_due(b: Browser, send=smtp) -> None:
+    """One round of the worker's delivery loop (what ``idemhook worker`` runs), one attempt each."""
+    work = Delivery(
+        b.client.application.extensions["idemhook.db"],
+        {"email": Sender("email", send, max_attempts=1)},
+    )
+    work.step(Worker([work], listen_url=None))
+
+
+def _message(sql, event_id: str):
+    return sql(
+        "SELECT id, status, attempts, next_attempt_at <= now() AS due, leased_by, last_error "
+        "FROM outbox_messages WHERE event_id = :e",
+        e=event_id,
+    )[0]
+
+
+def _outbox_rows(page: str) -> list[list[str]]:
+    """The cells of the outbox table's rows, as read (the checkbox column left out)."""
+    body = re.search(r'<table class="outbox">.*?<tbody>(.*?)</tbody>', page, flags=re.S).group(1)
+    rows = []
+    for row in re.findall(r"<tr>(.*?)</tr>", body, flags=re.S):
+        cells = [text_of(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+        rows.append(cells[1:])
+    return rows
+
+
+def test_outbox_lists_the_messages_handlers_added_by_status(mail, sql):
+    _mail(mail, "m1", to="ada@example.com")
+    _mail(mail, "m2", to="bounce@example.com", subject="<script>alert('subject')</script>")
+    _send_due(mail)  # m1 sent, m2 dead (its one attempt refused)
+    _mail(mail, "m3", to="bob@example.com")  # pending
+    ids = {e: _message(sql, e).id for e in ("m1", "m2", "m3")}
+
+    page = mail.get("/dashboard/outbox").text
+    rows = _outbox_rows(page)
+    assert [r[0] for r in rows] == [str(ids["m3"]), str(ids["m2"]), str(ids["m1"])]  # newest first
+    m3, m2, m1 = rows
+    # message, kind, key, status, attempts, created, next attempt / sent, event, error, result
+    assert m1[1:5] == ["email", "mail:m1:0", "sent", "1"]
+    assert m1[5].endswith("UTC") and m1[6].endswith("UTC")  # created, sent
+    assert m1[7:] == ["mail/m1", "-", '{"smtp": "250 2.0.0 Ok: queued as <mail:m1:0>"}', ""]
+    assert m2[1:5] == ["email", "mail:m2:0", "dead", "1"] and m2[6] == "-"
+    assert "raised RuntimeError: 550 <script>alert('error')</script> no mailbox" in m2[8]
+    assert m2[9:] == ["-", "Retry"]
+    assert m3[1:5] == ["email", "mail:m3:0", "pending", "0"] and m3[6].endswith("UTC")  # due
+    assert m3[7:] == ["mail/m3", "-", "-", "Retry"]
+    assert 'href="/dashboard/events/mail/m2"' in page
+    assert f'href="/dashboard/outbox/{ids["m2"]}"' in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&#39;error&#39;)" in page
+    assert "Pending 1 oldest" in text_of(page) and "Dead 1" in text_of(page)
+
+    for status, event_id in (("pending", "m3"), ("sent", "m1"), ("dead", "m2")):
+        listed = _outbox_rows(mail.get(f"/dashboard/outbox?status={status}").text)
+        assert [r[0] for r in listed] == [str(ids[event_id])], status
+
+    overview_page = text_of(mail.get("/dashboard").text)
+    assert re.search(r"Outbox pending 1 oldest \d+ s Outbox dead 1", overview_page)
+
+    # The event's page lists the message its handler added.
+    event_page = mail.get("/dashboard/events/mail/m1").text
+    assert f'href="/dashboard/outbox/{ids["m1"]}"' in event_page
+    assert "Outbox messages (1) email" in text_of(event_page)
+
+
+def test_a_messages_page_shows_its_payload_error_and_result_as_text(mail, sql):
+    _mail(mail, "m2", to="bounce@example.com", subject='"><img src=x onerror=alert(1)>')
+    _send_due(mail)
+    dead = _message(sql, "m2")
+    response = mail.get(f"/dashboard/outbox/{dead.id}")
+    assert response.status_code == 200
+    page = response.text
+    shown = text_of(page)
+    assert f"Outbox message {dead.id}" in shown and "Key mail:m2:0 Status dead" in shown
+    assert '"subject": "\\"><img src=x onerror=alert(1)>"' in shown  # the payload, as JSON
+    assert "RuntimeError: 550 <script>alert('error')</script> no mailbox" in shown
+    for raw in ("<script", "<img"):
+        assert raw not in page
+    assert 'href="/dashboard/events/mail/m2"' in page
+    assert "Retry" in shown
+
+    _mail(mail, "m1")
+    _send_due(mail)
+    sent = mail.get(f"/dashboard/outbox/{_message(sql, 'm1').id}").text
+    assert "250 2.0.0 Ok: queued as &lt;mail:m1:0&gt;" in sent
+    assert 'name="only"' not in sent  # a sent message has no Retry
+
+    missing = mail.get("/dashboard/outbox/999999")
+    assert missing.status_code == 404 and missing.json["error"] == "message_not_found"
 
 
 @pytest.fixture
-def outbox_table(sql):
-    """The outbox's table as its issue describes it (for the dashboard's side only)."""
-    sql(
-        "CREATE TABLE outbox_messages (id BIGSERIAL PRIMARY KEY, kind VARCHAR(64) NOT NULL, "
-        "key VARCHAR(255) NOT NULL, payload JSONB, status VARCHAR(16) NOT NULL, "
-        "attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TIMESTAMPTZ, last_error TEXT, "
-        "created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+def notified(db_url, sql):
+    """What the workers were told (``NOTIFY``) since the last call, as a worker LISTENs.
+
+    A marker notification sent at each call arrives after every one committed before
+    it (PostgreSQL delivers them in commit order), so "nothing" is known, not waited for.
+    """
+    conn = psycopg2.connect(
+        host=db_url.host, port=db_url.port, user=db_url.username, dbname=db_url.database
     )
-    yield
-    sql("DROP TABLE outbox_messages")
-    views._outbox_seen.clear()
+    conn.autocommit = True
+    conn.cursor().execute(f"LISTEN {CHANNEL}")
+
+    def since_last() -> list[str]:
+        sql("SELECT pg_notify(:channel, 'marker')", channel=CHANNEL)
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while "marker" not in got:
+            assert time.monotonic() < deadline, f"the marker never arrived: {got}"
+            select.select([conn], [], [], max(0.0, deadline - time.monotonic()))
+            conn.poll()
+            got += [n.payload for n in conn.notifies]
+            conn.notifies.clear()
+        return got[: got.index("marker")]
+
+    yield since_last
+    conn.close()
 
 
-def test_outbox_shows_messages_by_status_and_retries_a_dead_one(browser, sql, outbox_table):
-    sql(
-        "INSERT INTO outbox_messages (kind, key, status, attempts, last_error) VALUES "
-        "('email', 'k1', 'sent', 1, NULL), ('email', 'k2', 'dead', 8, 'SMTP 554 <refused>'), "
-        "('email', 'k3', 'pending', 0, NULL)"
+def test_retry_makes_a_dead_message_due_and_wakes_the_workers_which_send_it(
+    mail, sql, notified
+):
+    _mail(mail, "m2", to="bounce@example.com")
+    _send_due(mail)
+    assert notified() == ["email"]  # the handler's message, when its claim committed
+    dead = _message(sql, "m2")
+    assert dead.status == "dead"
+
+    done = mail.post("/dashboard/outbox/retry", {"only": str(dead.id), "back": "/dashboard/outbox"})
+    assert done.status_code == 303 and done.headers["Location"] == "/dashboard/outbox"
+    assert f"Due now, with a fresh set of attempts: message(s) {dead.id}." in text_of(
+        mail.get(done.headers["Location"]).text
     )
-    overview_page = text_of(browser.get("/dashboard").text)
-    assert "Outbox pending 1" in overview_page and "Outbox dead 1" in overview_page
-    page = browser.get("/dashboard/outbox?status=dead").text
-    assert "SMTP 554 &lt;refused&gt;" in page
-    assert "k2" in page and "k1" not in page
-    dead_id = sql("SELECT id FROM outbox_messages WHERE key = 'k2'")[0][0]
-    done = browser.post("/dashboard/outbox/retry", {"only": str(dead_id)})
-    after = text_of(browser.get(done.headers["Location"]).text)
-    assert "1 message(s) due for delivery now" in after
-    status, due = sql("SELECT status, next_attempt_at FROM outbox_messages WHERE key = 'k2'")[0]
-    assert status == "pending" and due is not None
+    again = _message(sql, "m2")
+    assert (again.status, again.attempts, again.due, again.leased_by) == ("pending", 0, True, None)
+    assert again.last_error == dead.last_error  # kept until the next attempt
+    assert notified() == ["email"]  # the workers wake for it
+
+    _send_due(mail, send=lambda message: {"smtp": "250 accepted this time"})  # the server is back
+    assert _message(sql, "m2").status == "sent"
+    assert "250 accepted this time" in mail.get(f"/dashboard/outbox/{dead.id}").text
+
+
+def test_retry_selected_retries_each_and_says_which_were_refused(mail, sql):
+    _mail(mail, "m1", to="bounce1@example.com")
+    _mail(mail, "m2", to="bounce2@example.com")
+    _mail(mail, "m3", to="ada@example.com")
+    _send_due(mail)
+    d1, d2, sent = (_message(sql, e).id for e in ("m1", "m2", "m3"))
+    page = mail.get("/dashboard/outbox").text
+    assert f'name="message" value="{sent}"' not in page  # a sent message cannot be ticked
+    done = mail.client.post(
+        "/dashboard/outbox/retry",
+        data={"csrf_token": mail.csrf, "message": [str(d1), str(d2), str(sent)]},
+        headers=HTML,
+    )
+    shown = text_of(mail.get(done.headers["Location"]).text)
+    assert f"Due now, with a fresh set of attempts: message(s) {d1}, {d2}." in shown
+    assert f"Message {sent} not retried: already sent." in shown
+    assert [_message(sql, e).status for e in ("m1", "m2", "m3")] == ["pending", "pending", "sent"]
+
+    for junk in ({}, {"message": ["²", "9" * 5000, "-1", str(2**63)]}):
+        nothing = mail.post("/dashboard/outbox/retry", junk)
+        assert nothing.status_code == 303
+        assert "Select at least one message" in text_of(mail.get(nothing.headers["Location"]).text)
+
+
+def test_a_retry_without_the_csrf_token_changes_nothing(mail, sql, notified):
+    _mail(mail, "m2", to="bounce@example.com")
+    _send_due(mail)
+    assert notified() == ["email"]
+    dead = _message(sql, "m2")
+    for data in ({"only": str(dead.id)}, {"only": str(dead.id), "csrf_token": "forged"}):
+        response = mail.post("/dashboard/outbox/retry", data, csrf=False)
+        assert response.status_code == 403 and response.json["error"] == "csrf_failed"
+    assert _message(sql, "m2") == dead
+    assert notified() == []
+
+
+def test_outbox_pages_are_keyset_pages_of_the_read_api(mail):
+    engine = mail.client.application.extensions["idemhook.db"].engine
+    with engine.begin() as conn:
+        for n in range(outbox.PAGE + 5):
+            add_message(conn, "email", {"n": n}, f"order-{n}")
+    first = mail.get("/dashboard/outbox?status=pending").text
+    assert len(_outbox_rows(first)) == outbox.PAGE
+    assert _outbox_rows(first)[0][2] == f"order-{outbox.PAGE + 4}"
+    older = unescape(re.search(r'<a rel="next" href="([^"]+)"', first).group(1))
+    assert "status=pending" in older and "cursor=" in older
+    second = mail.get(older).text
+    assert [r[2] for r in _outbox_rows(second)] == [f"order-{n}" for n in range(4, -1, -1)]
+    assert 'rel="next"' not in second and "« Newest" in text_of(second)
+    assert _outbox_rows(second)[0][7] == "-"  # added outside a handler: no event to link to
+
+    broken = mail.get("/dashboard/outbox?cursor=not-a-cursor")
+    assert broken.status_code == 200
+    assert "The cursor is not one this server handed out" in text_of(broken.text)

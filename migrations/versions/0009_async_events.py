@@ -6,8 +6,8 @@ applied later by ``idemhook worker`` (docs/async.md). ``processed_events`` gains
 allowed attempt failed. ``event_queue`` holds one row per event still to apply: the
 row a worker locks while the event's handlers run, when it is due, and its order key.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0007"
+revision: str = "0009"
+down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
