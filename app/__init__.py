@@ -79,6 +79,8 @@ def create_app(
     metrics.init_app(app, claimer, acceptor, queued)
     api.init_app(app)
     dashboard.init_app(app)
+    # The plugins' own routes (IDEMHOOK_BLUEPRINT), after idemhook's: none may take one.
+    plugins.register_blueprints(app, registry)
     # Last of the routes: an API source's path must not take one of the others.
     operations.init_app(app, loaded.sources, claimer)
     cli.init_app(app)

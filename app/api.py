@@ -9,18 +9,14 @@ whether an event exists. Queries are those of the CLI (:mod:`app.queries`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from . import queries
 from .admin import require_admin_token
-from .db import get_db, is_disconnect
-from .errors import BadRequest, ConfigError, NotFound, ServiceUnavailable
+from .db import read_session
+from .errors import BadRequest, ConfigError, NotFound
 from .outbox_status import MESSAGE_STATUSES
 
 bp = Blueprint("api", __name__)
@@ -35,19 +31,6 @@ _OUTBOX_PARAMS = {"kind", "status", "source", "since", "until", "limit", "cursor
 @bp.before_request
 def _authorize() -> None:
     require_admin_token()
-
-
-@contextmanager
-def _session() -> Iterator[Session]:
-    try:
-        with get_db().session() as session:
-            yield session
-    except SQLAlchemyError as exc:
-        if is_disconnect(exc):
-            raise ServiceUnavailable(
-                "The database is unavailable; retry shortly.", code="database_unavailable"
-            ) from exc
-        raise
 
 
 def _args(allowed: set[str]) -> dict[str, str]:
@@ -103,7 +86,7 @@ def _page(lister: Any, key: str, allowed: set[str]) -> Response:
     args = _args(allowed)
     filters, limit = _filters(args), _limit(args)
     try:
-        with _session() as session:
+        with read_session() as session:
             rows, next_cursor = lister(session, filters, limit, args.get("cursor") or None)
     except queries.QueryError as exc:
         raise BadRequest(str(exc), code=exc.code) from None
@@ -120,7 +103,7 @@ def event_stats() -> Response:
     args = _args(_STATS_PARAMS)
     filters = _filters(args)
     try:
-        with _session() as session:
+        with read_session() as session:
             return jsonify(queries.stats(session, filters, args.get("by", "type")))
     except queries.QueryError as exc:
         raise BadRequest(str(exc), code=exc.code) from None
@@ -131,7 +114,7 @@ def show_event(source: str, event_id: str) -> Response:
     """One event; ``?client=acme`` reads ``event_id`` as that client's Idempotency-Key."""
     client = _args({"client"}).get("client")
     _no_nul(source, event_id)
-    with _session() as session:
+    with read_session() as session:
         event = queries.get_event(session, source, queries.event_id_of(event_id, client))
     if event is None:
         raise NotFound(
@@ -166,7 +149,7 @@ def list_outbox() -> Response:
     )
     limit = _limit(args)
     try:
-        with _session() as session:
+        with read_session() as session:
             rows, next_cursor = queries.list_outbox(
                 session, filters, limit, args.get("cursor") or None
             )
@@ -183,7 +166,7 @@ def show_message(message_id: str) -> Response:
             f"No outbox message {message_id!r}: message IDs are whole numbers.",
             code="message_not_found",
         )
-    with _session() as session:
+    with read_session() as session:
         message = queries.get_message(session, int(message_id))
     if message is None:
         raise NotFound(

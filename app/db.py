@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,11 @@ from typing import Any
 from flask import Flask, current_app
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from .errors import ConfigError
+from .errors import ConfigError, ServiceUnavailable
 from .settings import POOL_MODES
 
 #: Key of the wrapper that holds a payload PostgreSQL's JSONB cannot store.
@@ -309,6 +311,20 @@ def migration_engine(app: Flask) -> Engine:
 
 def get_db(app: Flask | None = None) -> Database:
     return (app or current_app).extensions["idemhook.db"]
+
+
+@contextmanager
+def read_session() -> Iterator[Session]:
+    """A session of the app's database for a read endpoint; a lost database answers 503."""
+    try:
+        with get_db().session() as session:
+            yield session
+    except SQLAlchemyError as exc:
+        if is_disconnect(exc):
+            raise ServiceUnavailable(
+                "The database is unavailable; retry shortly.", code="database_unavailable"
+            ) from exc
+        raise
 
 
 def is_disconnect(exc: BaseException | None) -> bool:

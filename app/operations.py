@@ -10,23 +10,32 @@ retry with ``Idempotent-Replayed: true``. Errors are RFC 9457 problem details
 
 These routes are registered per source, as static rules: the webhook intake never
 sees an ``idempotency-key`` source, so webhooks pay nothing for any of this.
+
+A plugin serves the rest of its API (``GET /v1/emails/<id>``) from its own Flask
+blueprint (``IDEMHOOK_BLUEPRINT``, :mod:`app.plugins`); :func:`api_view` makes such a
+view authenticate the source's clients exactly as ``POST`` does and answer as the
+API does (its ``Response``, problem details).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import problems
 from .claim import Claimer
+from .db import read_session
 from .errors import BadRequest, ConfigError, IdemhookError
 from .events import event_type_of
 from .idempotency import Answer, KeyClaimer, KeyRequest
 from .intake import _read_body
-from .plugins import ClientEvent
+from .plugins import CONTENT_TYPE, ClientEvent
+from .plugins import Response as Operation
 from .schemes import Delivery
 from .schemes.idempotency_key import KEY_HEADER, IdempotencyKey, parse_key
 from .sources import Source
@@ -37,6 +46,8 @@ from .sources import Source
 ENDPOINT = "operations.receive"
 PATH_ENDPOINT = "operations.receive_path"
 REPLAYED_HEADER = "Idempotent-Replayed"
+#: Attribute of a view made by :func:`api_view`: the API source it belongs to.
+_API_VIEW_MARK = "__idemhook_api_source__"
 
 
 class Operations:
@@ -55,6 +66,7 @@ def init_app(app: Flask, sources: Mapping[str, Source], claimer: Claimer) -> Non
     """
     operated = {name: s for name, s in sources.items() if s.scheme.operation}
     app.extensions["idemhook.operations"] = Operations(operated, claimer)
+    _check_api_views(app, operated)
     for name, source in operated.items():
         scheme = source.scheme
         assert isinstance(scheme, IdempotencyKey)
@@ -82,6 +94,60 @@ def _check_free(app: Flask, name: str, path: str) -> None:
     taken = values.get("source_name") if endpoint in (ENDPOINT, PATH_ENDPOINT) else None
     what = f"source {taken!r}" if taken else "one of idemhook's own routes"
     raise ConfigError(f"[sources.{name}] path: {path!r} is already served by {what}")
+
+
+def _check_api_views(app: Flask, operated: Mapping[str, Source]) -> None:
+    """Every ``@api_view(source)`` of a plugin's routes names an API source of the file."""
+    for endpoint, view in app.view_functions.items():
+        name = getattr(view, _API_VIEW_MARK, None)
+        if name is not None and name not in operated:
+            known = ", ".join(sorted(operated)) or "none"
+            raise ConfigError(
+                f"route {endpoint}: @api_view({name!r}) names no idempotency-key source of "
+                f"the sources file (its idempotency-key sources: {known})"
+            )
+
+
+def api_view(source: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make a plugin's Flask view part of the API of ``source`` (an ``idempotency-key`` source).
+
+    The view is called as ``view(client, db, **route_values)``, after the request's
+    credentials were checked as a ``POST`` to the source checks them (a bearer token,
+    or HMAC over the ``Idempotency-Key`` header, if any, ``.`` and the body): ``client``
+    is the client's name (None for the anonymous client of ``secret``), ``db`` a
+    SQLAlchemy session for reading (closed afterwards; nothing is committed). It returns
+    a ``Response(status, body, headers)`` or a plain value (200 with it as the body).
+    Missing or wrong credentials answer 401 and a lost database 503, as problem
+    details, before and instead of the view.
+    """
+    if not isinstance(source, str) or not source:
+        raise TypeError("api_view(source): the name of an idempotency-key source")
+
+    def wrap(view: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(view):
+            raise TypeError("@api_view decorates a view function")
+
+        @functools.wraps(view)
+        def serve(**values: Any) -> Response:
+            operations: Operations = current_app.extensions["idemhook.operations"]
+            scheme = operations.sources[source].scheme
+            assert isinstance(scheme, IdempotencyKey)
+            try:
+                client = scheme.authenticate(
+                    Delivery(request.get_data(), request.headers, request.method)
+                )
+                with read_session() as db:
+                    answer = view(client, db, **values)
+            except IdemhookError as error:
+                return problems.render(error)
+            if not isinstance(answer, Operation):
+                answer = Operation(200, answer)
+            return render(Answer(answer.status, answer.body, answer.headers))
+
+        setattr(serve, _API_VIEW_MARK, source)
+        return serve
+
+    return wrap
 
 
 def receive(source_name: str) -> Response:
@@ -129,7 +195,11 @@ def render(answer: Answer) -> Response:
     """The operation's answer: its status, its JSON body, its headers; a replay says so."""
     response = jsonify(answer.body)
     response.status_code = answer.status
-    response.headers.extend(answer.headers)
+    for name, value in answer.headers:
+        if name == CONTENT_TYPE:  # a JSON media type the handler chose (problem details)
+            response.content_type = value
+        else:
+            response.headers.add(name, value)
     if answer.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return response

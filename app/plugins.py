@@ -50,6 +50,10 @@ file and from the ``idemhook.handlers`` entry-point group: one loading path for
 both, once, at start-up. A plugin module may set ``IDEMHOOK_MIGRATIONS`` to the folder of its
 own Alembic revisions; installed plugins may instead register that folder in
 the ``idemhook.migrations`` entry-point group. ``idemhook db upgrade`` applies both.
+A plugin module may also set ``IDEMHOOK_BLUEPRINT`` to a Flask ``Blueprint`` of its
+own routes (an API's ``GET``), registered by ``create_app`` after idemhook's own
+routes; ``@api_view(source)`` (:mod:`app.operations`) makes a view authenticate
+that API source's clients.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -65,6 +70,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
+from flask import Blueprint, Flask
 from werkzeug.datastructures import Headers
 
 from . import outbox
@@ -75,6 +81,8 @@ ENTRY_POINT_GROUP = "idemhook.handlers"
 MIGRATIONS_GROUP = "idemhook.migrations"
 #: Module attribute naming the folder of a plugin's own Alembic revisions.
 MIGRATIONS_ATTRIBUTE = "IDEMHOOK_MIGRATIONS"
+#: Module attribute holding a plugin's own routes: a Flask ``Blueprint``.
+BLUEPRINT_ATTRIBUTE = "IDEMHOOK_BLUEPRINT"
 _MARK = "__idemhook_handlers__"
 _SENDER_MARK = "__idemhook_sender__"
 
@@ -119,6 +127,10 @@ class Reject(HandlerOutcome):
 RESPONSE_STATUSES = range(200, 500)
 #: Response headers a handler may set besides ``X-*`` ones (compared case-insensitively).
 RESPONSE_HEADERS = ("Location", "Content-Location", "ETag", "Link")
+#: The one other header a handler may set: the body is JSON, so a JSON media type
+#: (``application/json``, or ``application/<x>+json`` such as ``application/problem+json``).
+CONTENT_TYPE = "Content-Type"
+_JSON_MEDIA_TYPE = re.compile(r"^application/([a-z0-9][a-z0-9.!#$&^_-]*\+)?json$")
 
 
 class Response(HandlerChoice):
@@ -126,8 +138,9 @@ class Response(HandlerChoice):
 
     ``status`` 200-499; ``body`` anything JSON can hold (stored as the result);
     ``headers`` a mapping or ``(name, value)`` pairs, names from
-    :data:`RESPONSE_HEADERS` or starting ``X-``. Checked here, so a mistake fails
-    in the handler's own line.
+    :data:`RESPONSE_HEADERS` or starting ``X-``, and ``Content-Type`` with a JSON
+    media type (``application/problem+json`` for an error as RFC 9457 problem
+    details). Checked here, so a mistake fails in the handler's own line.
     """
 
     __slots__ = ("status", "body", "headers")
@@ -150,7 +163,8 @@ class Response(HandlerChoice):
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise TypeError(f"Response(headers): expected (name, value) pairs, got {pair!r}")
             name, value = pair
-            checked.append((_header_name(name), _header_value(name, value)))
+            name = _header_name(name)
+            checked.append((name, _header_value(name, value)))
         self.status = status
         self.body = body
         self.headers: tuple[tuple[str, str], ...] = tuple(checked)
@@ -165,7 +179,7 @@ class Response(HandlerChoice):
 
 
 def _header_name(name: Any) -> str:
-    allowed = {h.lower(): h for h in RESPONSE_HEADERS}
+    allowed = {h.lower(): h for h in (*RESPONSE_HEADERS, CONTENT_TYPE)}
     if isinstance(name, str) and name.lower() in allowed:
         return allowed[name.lower()]
     if (
@@ -176,8 +190,8 @@ def _header_name(name: Any) -> str:
     ):
         return name
     raise ValueError(
-        f"Response(headers): {name!r} is not allowed; use {', '.join(RESPONSE_HEADERS)} "
-        "or an X-* header"
+        f"Response(headers): {name!r} is not allowed; use {', '.join(RESPONSE_HEADERS)}, "
+        "an X-* header or Content-Type (a JSON media type)"
     )
 
 
@@ -188,6 +202,14 @@ def _header_value(name: str, value: Any) -> str:
         raise ValueError(
             f"Response(headers): the value of {name} must be ASCII without CR, LF or NUL"
         )
+    if name == CONTENT_TYPE:
+        value = value.strip().lower()
+        if not _JSON_MEDIA_TYPE.match(value):
+            raise ValueError(
+                f"Response(headers): Content-Type {value!r} is not a JSON media type (the "
+                "body is sent as JSON): application/json or application/<x>+json, e.g. "
+                "application/problem+json"
+            )
     return value
 
 
@@ -333,6 +355,8 @@ class Registry:
         self.senders: dict[str, Sender] = {}
         #: Folders of plugins' own Alembic revisions (``idemhook db upgrade`` applies them).
         self.migrations: list[Path] = []
+        #: Plugins' own routes (``IDEMHOOK_BLUEPRINT``) and where each came from.
+        self.blueprints: list[tuple[Blueprint, str]] = []
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
 
     def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
@@ -355,6 +379,10 @@ class Registry:
         if registration not in self.registrations:
             self.registrations.append(registration)
             self._cache.clear()
+
+    def add_blueprint(self, blueprint: Blueprint, where: str) -> None:
+        if all(known is not blueprint for known, _where in self.blueprints):
+            self.blueprints.append((blueprint, where))
 
     def add_sender(self, found: Sender, where: str = "") -> None:
         known = self.senders.get(found.kind)
@@ -492,14 +520,53 @@ def _add(registry: Registry, obj: Any, where: str) -> None:
         except ValueError:  # no signature to inspect (a builtin): let it be called
             pass
         registry.add_sender(found_sender, where)
-    migrations = getattr(obj, MIGRATIONS_ATTRIBUTE, None) if isinstance(obj, ModuleType) else None
+    module = obj if isinstance(obj, ModuleType) else None
+    migrations = getattr(module, MIGRATIONS_ATTRIBUTE, None)
     if migrations is not None:
         _add_migrations(registry, migrations, where)
-    if not found and not senders and migrations is None:
+    blueprint = getattr(module, BLUEPRINT_ATTRIBUTE, None)
+    if blueprint is not None:
+        if not isinstance(blueprint, Blueprint):
+            raise ConfigError(
+                f"{where}: {BLUEPRINT_ATTRIBUTE} must be a flask.Blueprint, not "
+                f"{type(blueprint).__name__}"
+            )
+        registry.add_blueprint(blueprint, where)
+    if not found and not senders and migrations is None and blueprint is None:
         raise ConfigError(
             f"{where} registers no handlers: decorate its functions with "
             "@handler(source, event_type) or @sender(kind) (from idemhook)"
         )
+
+
+def register_blueprints(app: Flask, registry: Registry) -> None:
+    """Serve the plugins' own routes (``IDEMHOOK_BLUEPRINT``) on ``app``.
+
+    Called by ``create_app`` after idemhook's own routes and before the API sources'
+    paths: a plugin route that another route already serves (the same rule and
+    method), or a blueprint name already taken, stops start-up naming the plugin.
+    """
+    for blueprint, where in registry.blueprints:
+        taken = {
+            (rule.rule, method): rule.endpoint
+            for rule in app.url_map.iter_rules()
+            for method in rule.methods or ()
+        }
+        try:
+            app.register_blueprint(blueprint)
+        except ValueError as exc:  # Flask: the blueprint's name is already registered
+            raise ConfigError(f"{where}: {BLUEPRINT_ATTRIBUTE}: {exc}") from None
+        prefix = f"{blueprint.name}."
+        for rule in app.url_map.iter_rules():
+            if not rule.endpoint.startswith(prefix):
+                continue
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+                other = taken.get((rule.rule, method))
+                if other is not None:
+                    raise ConfigError(
+                        f"{where}: {BLUEPRINT_ATTRIBUTE} route {method} {rule.rule} is already "
+                        f"served by {other}"
+                    )
 
 
 def _add_migrations(registry: Registry, location: Any, where: str) -> None:

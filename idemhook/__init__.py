@@ -2,6 +2,7 @@
 
     from idemhook import handler, Ignore, Reject, Response, Event
     from idemhook import sender, Message          # the outbox (docs/outbox.md)
+    from idemhook import api_view                 # an API's own routes (docs/plugins.md)
 
 ``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
 and, through its pytest plugin, the ``idemhook`` fixture. The service itself
@@ -13,6 +14,7 @@ adding one is one line.
 from importlib.metadata import PackageNotFoundError, version
 
 from app import create_app as create_app
+from app.operations import api_view as api_view
 from app.outbox import Message as Message
 from app.plugins import Event as Event
 from app.plugins import Ignore as Ignore

@@ -62,12 +62,19 @@ printf '  export IDEMHOOK_CONFIG=%q DATABASE_URL=%q DEMO_WEBHOOK_SECRET=%q HUBSP
 echo "  $BIN/idemhook send hubspot examples/crm/events/contact_creation.json --url http://127.0.0.1:$PORT"
 echo
 echo "The email-send API example (docs/outbox.md) sends one email per Idempotency-Key, however"
-echo "often a client retries; \`idemhook worker\` delivers it to the mail sink, which prints it here:"
+echo "often a client retries (every retry is answered 202 with the same id); \`idemhook worker\`"
+echo "delivers it to the mail sink, which prints it here:"
 echo
-printf '  curl -X POST http://127.0.0.1:%s/webhooks/emails -H %q -H %q -H %q -d %q\n' "$PORT" \
+printf '  curl -X POST http://127.0.0.1:%s/v1/emails -H %q -H %q -H %q -d %q\n' "$PORT" \
   "Authorization: Bearer $EMAIL_API_TOKEN" "Idempotency-Key: demo-$(date +%s%N)" \
   "Content-Type: application/json" \
   '{"to": "ada@example.com", "subject": "Hello from idemhook", "text": "Sent once."}'
+echo
+echo "Then see it sent (queued, sent or failed; when; the SMTP server's answer), with ID the"
+echo "answer's id:"
+echo
+printf '  curl http://127.0.0.1:%s/v1/emails/ID -H %q\n' "$PORT" \
+  "Authorization: Bearer $EMAIL_API_TOKEN"
 echo
 
 echo "The dashboard: http://127.0.0.1:$PORT/dashboard ($token_note; docs/dashboard.md)"

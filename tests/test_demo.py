@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -48,22 +49,43 @@ def test_demo_prints_a_curl_that_gets_processed(tmp_path: Path):
         again = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True)
         assert '"status":"duplicate"' in again.stdout.replace(" ", "")
 
-        # The email API's curl, twice: one email reaches the sink, which prints it.
-        [email_curl] = [line.strip() for line in output.splitlines() if "/webhooks/emails" in line]
-        for expected in ("processed", "duplicate"):
-            sent = subprocess.run(["bash", "-c", email_curl], capture_output=True, text=True)
-            assert f'"status":"{expected}"' in sent.stdout.replace(" ", ""), sent
+        # The email API's curl, twice (-i: to see the status line and headers too): the
+        # same 202 both times, the second replayed; one email reaches the sink, which
+        # prints it.
+        [email_curl] = [line.strip() for line in output.splitlines() if "/v1/emails -H" in line]
+        answers = []
+        for _ in range(2):
+            shown = _run(email_curl.replace("curl ", "curl -i ", 1))
+            head, _, body = shown.partition("\n\n")  # text mode: CRLF read as LF
+            assert head.startswith("HTTP/1.1 202"), shown
+            answers.append((head, json.loads(body)))
+        (first_head, first), (again_head, again) = answers
+        assert first == again and first["status"] == "queued" and isinstance(first["id"], int)
+        assert "Idempotent-Replayed" not in first_head
+        assert "Idempotent-Replayed: true" in again_head
         deadline = time.monotonic() + 60
         while "Subject: Hello from idemhook" not in demo.log():
             assert time.monotonic() < deadline, demo.log()
             time.sleep(0.1)  # polling the sink's output, bounded by the deadline
         assert demo.log().count("Subject: Hello from idemhook") == 1
+        # The status curl, with the answer's id: sent, with the sink's answer.
+        [status_curl] = [line.strip() for line in output.splitlines() if "/v1/emails/ID" in line]
+        status = json.loads(_run(status_curl.replace("/v1/emails/ID", f"/v1/emails/{first['id']}")))
+        assert status["status"] == "sent" and status["sent_at"], status
+        assert status["smtp"].startswith("250 "), status
         _log_in_to_the_printed_dashboard(output)
     finally:
         demo.stop()
     assert demo.process.returncode == 143  # stopped by its SIGTERM, not killed
     with pytest.raises(ProcessLookupError):  # the sink, the worker and gunicorn stopped too
         os.killpg(demo.pid, 0)
+
+
+def _run(command: str) -> str:
+    """Run a printed command line as a user pastes it; its output."""
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done
+    return done.stdout
 
 
 def _log_in_to_the_printed_dashboard(output: str) -> None:

@@ -75,13 +75,28 @@ API_FORM = {
 }
 
 
+#: The email-send API example (examples/email_api), whose plugin route the spec documents.
+EXAMPLE = {
+    "plugins": ["examples.email_api.handlers"],
+    "sources": {
+        "emails": {
+            "scheme": "idempotency-key",
+            "auth": "bearer",
+            "path": "/v1/emails",
+            "secret": "email-example-token-0123",
+        }
+    },
+}
+
+
 def test_every_route_is_documented_and_every_documented_path_is_routed(make_app):
-    app = make_app(API_FORM, IDEMHOOK_ADMIN_TOKEN=TOKEN)
+    apps = [make_app(API_FORM, IDEMHOOK_ADMIN_TOKEN=TOKEN), make_app(EXAMPLE)]
     # An API source's routes are static rules: /webhooks/<its name>, and its path, which
     # the spec documents once by its example, /v1/emails.
     documented_as = {"operations.receive": "/webhooks/{}", "operations.receive_path": "/v1/emails"}
     routed = {
         (documented_as.get(rule.endpoint) or _shape(rule.rule), method.lower())
+        for app in apps
         for rule in app.url_map.iter_rules()
         # The dashboard's HTML pages are for people, not API clients: docs/dashboard.md
         # lists them (tests/dashboard/test_docs.py keeps that list in step).

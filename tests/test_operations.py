@@ -6,6 +6,8 @@ run against a real gunicorn in tests/test_operations_concurrency.py.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import threading
@@ -17,6 +19,7 @@ import pytest
 from app.testing.postgres import _connect_args
 from idemhook.testing import deliver, signed
 from tests.reliability.conftest import wait_for
+from tests.test_events_cli import closed_port
 
 SECRET = "charges-signing-secret"
 UUID = "8e03978e-40d5-43e8-bc93-6894a57f9324"
@@ -378,3 +381,54 @@ def test_every_problem_type_links_to_its_entry_in_the_docs(make_app, sql):
         page, fragment = problem["type"].split("#")
         assert page == "docs/idempotency-keys.md"
         assert fragment == problem["error"] and fragment in documented, problem
+
+
+# -- a plugin's own routes of an API (@api_view) -----------------------------------------------
+
+READS = {**API_SOURCES, "plugins": [*API_SOURCES["plugins"], "tests.plugins.reads"]}
+
+
+def hmac_get(secret: str) -> str:
+    """The X-Signature of a GET with no Idempotency-Key and no body: HMAC over ``"."``."""
+    return "sha256=" + hmac.new(secret.encode(), b".", hashlib.sha256).hexdigest()
+
+
+def test_an_api_view_authenticates_the_sources_client_as_post_does(make_app):
+    api = make_app(READS).test_client()
+    deliver(api, "charges", {"amount": 1}, key="v-1")
+    shown = api.get("/v1/charges/7", headers={"X-Signature": hmac_get(SECRET)})
+    assert (shown.status_code, shown.json) == (200, {"client": None, "n": 7, "effects": 1})
+    assert shown.content_type == "application/json"
+    orders = "acme-order-secret-0123"
+    mine = api.get("/v1/orders/mine", headers={"X-Client": "acme", "X-Signature": hmac_get(orders)})
+    assert (mine.status_code, mine.json) == (200, {"client": "acme", "effects": 0})
+    assert mine.headers["X-Seen"] == "1"
+    refused = [
+        api.get("/v1/charges/7"),
+        api.get("/v1/charges/7", headers={"X-Signature": hmac_get("not-the-secret")}),
+        # acme's name with globex's secret: no client signed it.
+        api.get(
+            "/v1/orders/mine",
+            headers={"X-Client": "acme", "X-Signature": hmac_get("globex-order-secret-01")},
+        ),
+        api.get("/v1/orders/mine", headers={"X-Signature": hmac_get(orders)}),
+    ]
+    assert [r.status_code for r in refused] == [401, 401, 401, 401]
+    assert [r.json["error"] for r in refused] == [
+        "missing_signature", "invalid_signature", "invalid_signature", "missing_credentials"
+    ]
+    assert all(r.content_type == "application/problem+json" for r in refused)
+
+
+def test_an_api_views_own_response_and_a_lost_database_are_answered_as_the_api_does(
+    make_app, db_url
+):
+    api = make_app(READS).test_client()
+    mine = api.get("/v1/charges/0", headers={"X-Signature": hmac_get(SECRET)})
+    assert (mine.status_code, mine.content_type) == (404, "application/problem+json")
+    assert mine.json["title"] == "Not found"
+    down = make_app(READS, DATABASE_URL=db_url.set(host="127.0.0.1", port=closed_port()))
+    lost = down.test_client().get("/v1/charges/7", headers={"X-Signature": hmac_get(SECRET)})
+    assert (lost.status_code, lost.content_type) == (503, "application/problem+json")
+    assert lost.json["error"] == "database_unavailable"
+    assert lost.headers["Retry-After"] == "1"

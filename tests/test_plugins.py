@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.plugins import Registry, handler
+from idemhook import Response
 
 SECRET = "plugin-test-secret"
 
@@ -63,6 +64,19 @@ def test_routing_exact_prefix_star_and_any_source():
     assert patterns("crm", "refund.created") == [("*", "refund.*")]
     assert patterns("crm", "order.paid") == []
     assert patterns("shop", None) == [("shop", "*")]  # a source without event_type
+
+
+def test_a_response_may_choose_a_json_content_type_and_nothing_else():
+    problem = Response(400, {"error": "x"}, {"content-type": "Application/Problem+JSON"})
+    assert problem.headers == (("Content-Type", "application/problem+json"),)
+    assert Response(200, [], [("Content-Type", "application/json")]).headers == (
+        ("Content-Type", "application/json"),
+    )
+    for value in ("text/html", "application/json; charset=utf-8", "application/jsonx"):
+        with pytest.raises(ValueError, match="not a JSON media type"):
+            Response(200, {}, {"Content-Type": value})
+    with pytest.raises(ValueError, match="'Set-Cookie' is not allowed"):
+        Response(200, {}, {"Set-Cookie": "a=b"})
 
 
 def test_star_may_only_end_a_pattern():

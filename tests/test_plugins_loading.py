@@ -207,3 +207,108 @@ def test_console_script_refuses_a_broken_plugin_naming_it(tmp_path):
     assert run.stderr.startswith("Error: plugin 'crm_sync' (from plugins) failed to import: ")
     assert "hubspot_sdk_that_is_not_installed" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# -- a plugin's own routes (IDEMHOOK_BLUEPRINT) ------------------------------------------------
+
+API = {"scheme": "idempotency-key", "auth": "bearer", "secret": "api-token-0123456789"}
+
+
+def test_a_blueprint_alone_is_a_plugin_and_its_routes_are_served(modules, monkeypatch):
+    modules(
+        status_page="""
+        from flask import Blueprint
+
+        IDEMHOOK_BLUEPRINT = Blueprint("status_page", __name__)
+
+
+        @IDEMHOOK_BLUEPRINT.get("/v1/status")
+        def status():
+            return {"ok": True}
+        """
+    )
+    app = build(["status_page"])
+    assert app.test_client().get("/v1/status").json == {"ok": True}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    listed = app.test_cli_runner().invoke(args=["handlers", "list"])
+    assert "plugin route: GET /v1/status  status_page.status" in listed.output.splitlines()
+
+
+def test_a_blueprint_attribute_that_is_not_a_blueprint_stops_start_up(modules):
+    modules(not_bp="IDEMHOOK_BLUEPRINT = {'/v1/x': print}\n")
+    with pytest.raises(
+        ConfigError, match=r"plugin 'not_bp' .*: IDEMHOOK_BLUEPRINT must be a flask.Blueprint"
+    ):
+        build(["not_bp"])
+
+
+@pytest.mark.parametrize(
+    ("name", "rule", "error"),
+    [
+        ("events_too", "/events", "route GET /events is already served by api.list_events"),
+        ("api", "/v1/mine", ": .*'api'"),  # the read API's blueprint name
+    ],
+)
+def test_a_blueprint_that_takes_a_route_or_name_stops_start_up(modules, name, rule, error):
+    module = f"taker_{name}"
+    plugin = f"""
+        from flask import Blueprint
+
+        IDEMHOOK_BLUEPRINT = Blueprint({name!r}, __name__)
+
+
+        @IDEMHOOK_BLUEPRINT.get({rule!r})
+        def mine():
+            return {{}}
+        """
+    modules(**{module: plugin})
+    with pytest.raises(ConfigError, match=rf"plugin '{module}' .*: IDEMHOOK_BLUEPRINT ?{error}"):
+        build([module], {**SOURCES, "api": API})
+
+
+def test_an_api_path_that_a_plugin_route_serves_stops_start_up(modules):
+    modules(
+        poster="""
+        from flask import Blueprint
+
+        IDEMHOOK_BLUEPRINT = Blueprint("poster", __name__)
+
+
+        @IDEMHOOK_BLUEPRINT.post("/v1/emails")
+        def post():
+            return {}
+        """
+    )
+    with pytest.raises(ConfigError, match=r"\[sources.api\] path: '/v1/emails' is already"):
+        build(["poster"], {"api": {**API, "path": "/v1/emails"}})
+
+
+def test_an_api_view_of_a_source_that_is_not_an_api_stops_start_up(modules):
+    modules(
+        typo_view="""
+        from flask import Blueprint
+
+        from idemhook import api_view
+
+        IDEMHOOK_BLUEPRINT = Blueprint("typo_view", __name__)
+
+
+        @IDEMHOOK_BLUEPRINT.get("/v1/things/<n>")
+        @api_view("shop")
+        def thing(client, db, n):
+            return {}
+        """
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"route typo_view.thing: @api_view\('shop'\) names no idempotency-key source "
+        r"of the sources file \(its idempotency-key sources: api\)",
+    ):
+        build(["typo_view"], {**SOURCES, "api": API})
+
+
+def test_a_blueprint_listed_and_installed_is_registered_once(entry_points):
+    entry_points("email_api", "examples.email_api.handlers")
+    app = build(["examples.email_api.handlers"], {"emails": API})
+    rules = [r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith("email_api.")]
+    assert rules == ["/v1/emails/<email_id>"]

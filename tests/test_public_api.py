@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import app.operations
 import app.outbox
 import app.plugins
 import app.testing
@@ -27,6 +28,8 @@ def test_handler_api_is_the_services_own() -> None:
     assert idemhook.Event is app.plugins.Event
     assert idemhook.sender is app.plugins.sender
     assert idemhook.Message is app.outbox.Message
+    assert idemhook.Response is app.plugins.Response
+    assert idemhook.api_view is app.operations.api_view
     assert idemhook.testing.Kit is app.testing.Kit
     assert idemhook.testing.deliver is app.testing.deliver
     assert idemhook.testing.signed is app.testing.signed

@@ -14,7 +14,7 @@ handlers_cli = AppGroup("handlers", help="Inspect the registered event handlers 
 @handlers_cli.command("list")
 def handlers_list() -> None:
     """Print every source, type pattern and handler (module:function), in run order, then
-    each outbox kind's sender and retry policy."""
+    each outbox kind's sender and retry policy, plugin migrations and plugin routes."""
     registry = current_app.extensions["idemhook.registry"]
     rows = [("SOURCE", "TYPE", "HANDLER")]
     rows += [(r.source, r.pattern, r.name) for r in registry.registrations]
@@ -35,6 +35,11 @@ def handlers_list() -> None:
         )
     for folder in registry.migrations:
         click.echo(f"plugin migrations: {_shown(folder)}")
+    prefixes = tuple(f"{blueprint.name}." for blueprint, _where in registry.blueprints)
+    for rule in current_app.url_map.iter_rules() if prefixes else ():
+        if rule.endpoint.startswith(prefixes):
+            methods = ", ".join(sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
+            click.echo(f"plugin route: {methods} {rule.rule}  {rule.endpoint}")
 
 
 def _shown(folder: Path) -> str:
