@@ -29,7 +29,6 @@ _update = text(
 
 @handler("bench", "*")
 @handler("bench_batch", "*")
-@handler("bench_async", "*")
 def count(event: Event, db: Any) -> dict[str, int]:
     """Count the event against its account (one row of 10,000)."""
     account = int(event.payload["account"])

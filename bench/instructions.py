@@ -41,7 +41,7 @@ import tomllib
 from typing import Any
 
 from .load import event, new_ids, sign
-from .run import SECRET, SOURCES_TOML
+from .run import ASYNC_SOURCE_TOML, SECRET, SOURCES_TOML
 
 VARIANTS = (
     "baseline",
@@ -213,7 +213,11 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     from app import create_app
     from app.claim import Outcome
 
-    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
+    config = tomllib.loads(SOURCES_TOML)
+    if variant == "async-ack":  # the asynchronous source and its handler, beside the others
+        config = tomllib.loads(SOURCES_TOML + ASYNC_SOURCE_TOML)
+        config["plugins"].append("bench.async_handler")
+    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": config})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
     quiet = variant in ("no-log", "intake-only")
