@@ -30,6 +30,7 @@ from . import (
     settings,
     sources,
 )
+from .accept import Acceptor
 from .claim import Claimer
 from .json_provider import JSONProvider
 
@@ -71,9 +72,11 @@ def create_app(
         handler_timeout_ms=app.config["IDEMHOOK_HANDLER_TIMEOUT_MS"],
         claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
-    intake.init_app(app, intake.Receiver(loaded.sources, claimer))
+    acceptor = Acceptor(database, observers=[logs.log_outcome])
+    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
     health.init_app(app)
-    metrics.init_app(app, claimer)
+    queued = [name for name, source in loaded.sources.items() if source.asynchronous]
+    metrics.init_app(app, claimer, acceptor, queued)
     api.init_app(app)
     dashboard.init_app(app)
     # The plugins' own routes (IDEMHOOK_BLUEPRINT), after idemhook's: none may take one.

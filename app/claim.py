@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from . import failures
-from .db import Database, dumps, is_disconnect
+from .db import Database, dumps, is_disconnect, is_timeout
 from .dispatch import ClaimSession, HandlerRun, run_handlers
 from .errors import ServiceUnavailable
 from .lanes import Lane
@@ -205,7 +205,7 @@ class Claimer:
         try:
             row = lane.execute(self.statements.claim_sql, params).fetchone()
         except DBAPIError as exc:
-            if _is_timeout(exc) and not is_disconnect(exc):
+            if is_timeout(exc) and not is_disconnect(exc):
                 raise ServiceUnavailable(
                     f"Event {event.id!r} is being processed by another delivery right now; "
                     "retry shortly.",
@@ -355,11 +355,6 @@ def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
         handler=run.handler,
         error_type=type(run.error).__name__,
     )
-
-
-def _is_timeout(exc: DBAPIError) -> bool:
-    # 55P03 lock_not_available, 57014 query_canceled (statement_timeout).
-    return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")
 
 
 def _unavailable() -> ServiceUnavailable:

@@ -337,3 +337,9 @@ def is_disconnect(exc: BaseException | None) -> bool:
         orig = exc.orig
         return exc.__class__.__name__ == "OperationalError" and getattr(orig, "pgcode", "") is None
     return False
+
+
+def is_timeout(exc: DBAPIError) -> bool:
+    """True when PostgreSQL gave up waiting: a lock timeout (55P03) or a statement timeout."""
+    # 55P03 lock_not_available, 57014 query_canceled (statement_timeout).
+    return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")

@@ -49,6 +49,18 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
     return events
 
 
+def order_keys_of(source: Source, events: list[Event]) -> list[str]:
+    """Each event's order key, read where the source's ``order_key`` points (docs/async.md).
+
+    Checked like an event ID (400 ``missing_order_key``, ``invalid_order_key``),
+    before anything is stored.
+    """
+    locator = source.order_key
+    if locator is None:
+        raise ValueError(f"source {source.name!r} has no order_key")
+    return [_identifier(locator, e.payload, e.headers, "order_key") for e in events]
+
+
 def _identifier(locator: Locator, item: Any, headers: Any, key: str) -> str:
     """Read an event ID or type and check it can be stored and compared as-is."""
     value = locator.read(item, headers)

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
 from .events import events_of
-from .models import delivery_failures, processed_events
+from .models import delivery_failures, event_queue, processed_events
+from .outcome import Status
 from .plugins import Event
 from .queries import Filters, failure_filters
 from .sources import Source
@@ -143,7 +144,9 @@ def retry_failure(
     signature was verified then and is not stored, so it is not checked again),
     and the event goes through :meth:`app.claim.Claimer.apply` like a delivery.
     An event that has been applied since is skipped: claiming it again would only
-    count a duplicate.
+    count a duplicate. An asynchronous source's event (``received``, waiting for a
+    backoff, or ``failed``) is handed back to ``idemhook worker`` instead: see
+    :func:`requeue`.
     """
     failures, events = delivery_failures, processed_events
     with claimer.database.session() as session:
@@ -160,6 +163,8 @@ def retry_failure(
                 events.c.source == source, events.c.event_id == event_id
             )
         ).scalar()
+    if applied in (Status.RECEIVED, Status.FAILED):
+        return requeue(claimer.database.engine, source, event_id)
     if applied is not None:
         return RetryResult(source, event_id, "skipped", f"already recorded as {applied}")
     src = sources.get(source)
@@ -184,6 +189,61 @@ def retry_failure(
     outcome = claimer.apply(found[:1], raw_body)[0]
     detail = outcome.error if outcome.status == "failed" else outcome.result
     return RetryResult(source, event_id, str(outcome.status), detail)
+
+
+def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
+    """Make an asynchronous event due now with a fresh set of attempts (docs/async.md).
+
+    For a ``failed`` event (every allowed attempt failed) or one waiting for its
+    next attempt. ``idemhook worker`` applies it like a new one (workers are
+    notified); for a source with ``order_key``, it is again its key's head if later
+    events of the key still wait, so it goes first. An event a worker is applying
+    right now is left alone.
+    """
+    events, queue = processed_events, event_queue
+    key = (events.c.source == source, events.c.event_id == event_id)
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(events.c.id, events.c.status, events.c.order_key, events.c.received_at)
+            .where(*key)
+            .with_for_update()
+        ).first()
+        if row is None or row.status not in (Status.RECEIVED, Status.FAILED):
+            found = "deleted" if row is None else f"recorded as {row.status}"
+            return RetryResult(source, event_id, "skipped", f"already {found}")
+        # The clock the ack and the worker use: PostgreSQL's own (the demo's: ours).
+        now = func.now() if conn.dialect.name == "postgresql" else datetime.now(UTC)
+        if row.status == Status.RECEIVED:
+            queued = conn.execute(
+                select(queue.c.id).where(queue.c.id == row.id).with_for_update(skip_locked=True)
+            ).first()
+            if queued is None:
+                return RetryResult(
+                    source, event_id, "skipped", "a worker is applying it right now"
+                )
+            conn.execute(update(queue).where(queue.c.id == row.id).values(next_attempt_at=now))
+        else:
+            conn.execute(
+                insert(queue).values(
+                    id=row.id,
+                    source=source,
+                    order_key=row.order_key,
+                    next_attempt_at=now,
+                    received_at=row.received_at,
+                )
+            )
+        conn.execute(
+            update(events)
+            .where(events.c.id == row.id)
+            .values(status=str(Status.RECEIVED), attempts=0, result=None)
+        )
+        if conn.dialect.name == "postgresql":
+            from .accept import CHANNEL  # (accept reads safe_headers from here)
+
+            conn.execute(select(func.pg_notify(CHANNEL, "")))
+    return RetryResult(
+        source, event_id, "accepted", f"due now for idemhook worker (was {row.status})"
+    )
 
 
 def pending_failures(session: Session, filters: Filters) -> Iterator[tuple[str, str]]:

@@ -3,7 +3,9 @@
 Checks run cheapest first and before anything is stored: unknown source (404),
 body size (413, enforced before the body is read), content type (415),
 signature (401), JSON and event fields (400). Only then does the claim open a
-transaction.
+transaction: the claim that runs the handlers (:mod:`app.claim`), or for a source
+with ``mode = "async"`` the one that records the events for ``idemhook worker``
+and answers at once (:mod:`app.accept`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from .accept import Acceptor
 from .claim import Claimer, Outcome
 from .errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
 from .events import events_of
+from .outcome import Status
 from .schemes import Delivery, Reply
 from .sources import Source
 
@@ -23,11 +27,12 @@ bp = Blueprint("intake", __name__)
 
 
 class Receiver:
-    """Per-app state of the intake: the configured sources and the claimer."""
+    """Per-app state of the intake: the configured sources, the claimer and the acceptor."""
 
-    def __init__(self, sources: Mapping[str, Source], claimer: Claimer) -> None:
+    def __init__(self, sources: Mapping[str, Source], claimer: Claimer, acceptor: Acceptor) -> None:
         self.sources = sources
         self.claimer = claimer
+        self.acceptor = acceptor
 
 
 def init_app(app: Flask, receiver: Receiver) -> None:
@@ -55,6 +60,10 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
         return render_reply(early)
     payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
+    if source.asynchronous:
+        outcomes = receiver.acceptor.accept(source, events)
+        answer = source.scheme.respond(source, outcomes)
+        return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
     outcomes = receiver.claimer.apply(events, body)
     answer = source.scheme.respond(source, outcomes)
     return render_reply(answer) if answer is not None else respond(source, outcomes)
@@ -132,6 +141,21 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
             )
         raise HandlerFailed(message, events=events)
     return jsonify({"status": "ok", "events": events})
+
+
+def acknowledge(source: Source, outcomes: list[Outcome]) -> tuple[Response, int]:
+    """An asynchronous source's answer: ``ack_status`` while any event waits, else 200.
+
+    A new event, or a duplicate of one still waiting for the worker, is
+    ``accepted``; a duplicate of an event the worker has finished is answered with
+    its stored result, as a synchronous source answers it.
+    """
+    waiting = any(o.status is Status.ACCEPTED for o in outcomes)
+    status = source.ack_status if waiting else 200
+    if source.batch is None:
+        return jsonify(outcomes[0].to_dict()), status
+    events = [o.to_dict() for o in outcomes]
+    return jsonify({"status": "accepted" if waiting else "ok", "events": events}), status
 
 
 def render_reply(reply: Reply) -> Response:

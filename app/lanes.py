@@ -66,6 +66,7 @@ class Lane:
         self.session = session
         self.pipelined = lanes.pipelined
         self._begin = lanes.begin_sql
+        self._alone = lanes.alone_sql
         self._lanes = weakref.ref(lanes)
         dbapi_connection = connection.connection.dbapi_connection
         if dbapi_connection is None:
@@ -99,15 +100,19 @@ class Lane:
         # Listeners (tracing) see the claim's statements through SQLAlchemy's own path.
         self._traced = bool(self.connection.dispatch.before_cursor_execute)
 
-    def savepoint(self) -> None:
+    def savepoint(self, *, now: bool = False) -> None:
         """Start the next event's savepoint (on PostgreSQL: with the next statement).
 
         The previous event's savepoint is released first, so a delivery holds
-        one savepoint at a time however many events it has.
+        one savepoint at a time however many events it has. ``now``: send it at
+        once, for work whose next statement does not go through the lane (a
+        handler's, through the session).
         """
         release, self._savepoint = self._savepoint, True
         if self.pipelined:
             self._pending = (RELEASE + "; " if release else "") + SAVEPOINT + "; "
+            if now:
+                self.execute("")
             return
         if release:
             self.execute(RELEASE)
@@ -127,6 +132,9 @@ class Lane:
             elif self._pending:
                 sql = self._pending + sql
             self._pending = ""
+        return self._run(sql, params)
+
+    def _run(self, sql: str, params: Mapping[str, Any] | None) -> Any:
         if self._traced:
             return self.connection.exec_driver_sql(sql, dict(params or {}))
         if statement_log.isEnabledFor(logging.INFO):
@@ -139,6 +147,20 @@ class Lane:
         except self._dialect.loaded_dbapi.Error as exc:
             raise self._wrap(exc, sql, params) from exc
         return self.cursor
+
+    def execute_alone(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """PostgreSQL: run ``sql`` as a transaction of its own, committed when this returns.
+
+        One message, led by the ``SET LOCAL`` timeouts: PostgreSQL runs the
+        statements of one message as one implicit transaction and commits it after
+        the last (an error rolls all of them back), so there is no ``BEGIN`` or
+        ``COMMIT`` to send and one round trip does it all. What is returned holds
+        the last statement's rows.
+        """
+        if self._transaction is not None or not self.pipelined:
+            raise RuntimeError("execute_alone: PostgreSQL, outside a transaction only")
+        self._traced = bool(self.connection.dispatch.before_cursor_execute)
+        return self._run(self._alone + sql, params)
 
     def commit(self, sql: str | None = None, params: Mapping[str, Any] | None = None) -> None:
         """Run ``sql`` (if any), then commit; on PostgreSQL both leave in one message."""
@@ -217,6 +239,8 @@ class Lanes:
         self.pipelined = engine.dialect.name == "postgresql"
         #: What the first statement of each transaction is prefixed with (PostgreSQL).
         self.begin_sql = "BEGIN; " + (f"{timeouts.sql}; " if timeouts else "")
+        #: The same for a transaction of one message (:meth:`Lane.execute_alone`).
+        self.alone_sql = f"{timeouts.sql}; " if timeouts else ""
         #: Bumped by every disconnect and dispose: lanes of older generations are closed.
         self.generation = 0
         self._idle: list[Lane] = []

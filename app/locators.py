@@ -1,8 +1,9 @@
 """Where a value sits in a delivery: ``body:<dotted.path>`` or ``header:<Name>``.
 
-Also, for ``event_id`` only, ``sha256:body`` (a hash of the event's content, an
-explicit opt-in) and, for ``event_id`` and ``event_type``, a list of locators
-whose values are composed into one string (see :class:`Composite`).
+Also, for ``event_id`` (and ``order_key``, which takes any locator ``event_id``
+does), ``sha256:body`` (a hash of the event's content, an explicit opt-in) and,
+for those and ``event_type``, a list of locators whose values are composed into
+one string (see :class:`Composite`).
 
 Locators are parsed once at start-up (a bad spec stops it) and then read each
 event's ID, type or batch list without further parsing.
@@ -161,17 +162,17 @@ def parse(spec: Any, *, source: str, key: str) -> Locator:
     if isinstance(spec, AnyHeader):  # a scheme's default, already built
         return spec
     if isinstance(spec, list | tuple):
-        if key not in ("event_id", "event_type") or len(spec) < 2:
+        if key not in ("event_id", "event_type", "order_key") or len(spec) < 2:
             raise ConfigError(
-                f"{where}: a list of locators (a composite key) is allowed for event_id and "
-                "event_type only, with at least two entries"
+                f"{where}: a list of locators (a composite key) is allowed for event_id, "
+                "event_type and order_key only, with at least two entries"
             )
         parts = tuple(_simple(item, where) for item in spec)
-        if key == "event_id":
+        if key != "event_type":
             return Composite(parts)
         return Composite(parts, separator=".", escape=False)
     if spec == "sha256:body":
-        if key != "event_id":
+        if key not in ("event_id", "order_key"):
             raise ConfigError(f"{where}: 'sha256:body' is allowed for event_id only")
         return BodyHash()
     return _simple(spec, where)

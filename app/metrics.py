@@ -8,6 +8,13 @@
 - ``idemhook_handler_duration_seconds{source}``: time in handlers per event.
 - ``idemhook_claim_wait_seconds{source}``: time of the claim ``INSERT``, which
   includes waiting for a concurrent delivery of the same event to finish.
+- ``idemhook_events_queued{source}`` and
+  ``idemhook_events_oldest_queued_age_seconds{source}``: asynchronous sources'
+  events received and not processed yet, read at each scrape
+  (:class:`QueueCollector`); ``idemhook_events_processing_delay_seconds{source}``:
+  receipt to processed, observed by ``idemhook worker``, which also counts its
+  attempts in ``idemhook_events_total`` (outcomes processed, ignored, rejected,
+  retry, failed) and their handler time.
 - ``idemhook_outbox_messages{status}`` (pending, dead) and
   ``idemhook_outbox_oldest_pending_age_seconds``: read from ``outbox_messages``
   at each scrape (:class:`OutboxCollector`), whichever process serves it.
@@ -44,9 +51,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from .accept import Acceptor
 from .admin import require_admin_token
 from .claim import Claimer, Outcome
-from .models import outbox_messages
+from .models import event_queue, outbox_messages
 from .outbox_status import MessageStatus
 from .plugins import Event
 
@@ -55,6 +63,8 @@ OTHER_TYPE = "other"
 
 # Webhook work is milliseconds; providers give up after 5-30 s.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# An asynchronous event waits milliseconds for the worker, or a backoff of up to an hour.
+_DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 bp = Blueprint("metrics", __name__)
 
@@ -96,6 +106,14 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.delay = Histogram(
+            "idemhook_events_processing_delay_seconds",
+            "Asynchronous sources: time from an event's receipt to the commit of its "
+            "handlers' work by idemhook worker, by source.",
+            ["source"],
+            buckets=_DELAY_BUCKETS,
+            registry=self.registry,
+        )
 
     def type_label(self, source: str, event_type: str | None) -> str:
         """``event_type`` itself while this source has few distinct types, else "other"."""
@@ -121,6 +139,18 @@ class Metrics:
         """Record the claim or handler time of one event (a Claimer timer)."""
         histogram = self.claim_wait if phase == "claim" else self.handlers
         self._child(histogram, event.source).observe(seconds)
+
+    def observe_applied(self, event: Event, outcome: str, seconds: float | None) -> None:
+        """Count one attempt of ``idemhook worker`` at an asynchronous event (``seconds``:
+        its handlers' time; None when no handler matched)."""
+        type_ = self.type_label(event.source, event.type)
+        self._child(self.events, event.source, type_, outcome).inc()
+        if seconds is not None:
+            self._child(self.handlers, event.source).observe(seconds)
+
+    def observe_delay(self, source: str, seconds: float) -> None:
+        """Record the receipt-to-processed time of one asynchronous event."""
+        self._child(self.delay, source).observe(seconds)
 
     def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
         """Record one HTTP request (``status``: the three digits of its status line)."""
@@ -195,6 +225,57 @@ class OutboxCollector:
             "Age of the oldest outbox message not sent yet (0 when none is pending).",
             value=age,
         )
+
+
+class QueueCollector:
+    """Asynchronous sources' waiting events at scrape time, per source.
+
+    ``idemhook_events_queued{source}``: events received and not processed yet
+    (status ``received``: waiting for a worker, in its hands, or in a backoff);
+    ``idemhook_events_oldest_queued_age_seconds{source}``: how long the oldest of
+    them has waited since its receipt. Read from ``event_queue`` (only events still
+    to apply); every configured asynchronous source is reported, 0 when none waits.
+    """
+
+    def __init__(self, engine: Engine, sources: list[str]) -> None:
+        self.engine = engine
+        self.sources = sorted(sources)
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        table = event_queue
+        try:
+            with self.engine.begin() as conn:
+                rows = conn.execute(
+                    select(table.c.source, func.count(), func.min(table.c.received_at)).group_by(
+                        table.c.source
+                    )
+                ).all()
+                now = conn.execute(select(func.now())).scalar()
+        except SQLAlchemyError:
+            return
+        found = {source: (count, oldest) for source, count, oldest in rows}
+        queued = GaugeMetricFamily(
+            "idemhook_events_queued",
+            "Asynchronous sources: events received and not processed yet, by source.",
+            labels=["source"],
+        )
+        age = GaugeMetricFamily(
+            "idemhook_events_oldest_queued_age_seconds",
+            "Asynchronous sources: age of the oldest event not processed yet (0 when none).",
+            labels=["source"],
+        )
+        for source in sorted(set(self.sources) | set(found)):
+            count, oldest = found.get(source, (0, None))
+            queued.add_metric([source], count)
+            waited = 0.0
+            if oldest is not None and now is not None:
+                waited = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+            age.add_metric([source], waited)
+        yield queued
+        yield age
 
 
 class OutboxMetrics:
@@ -298,10 +379,16 @@ class _NotingViews(dict):
         return dict.__getitem__(self, endpoint)
 
 
-def init_app(app: Flask, claimer: Claimer) -> Metrics:
+def init_app(
+    app: Flask, claimer: Claimer, acceptor: Acceptor | None = None, queued: list[str] = ()
+) -> Metrics:
+    """``queued``: the asynchronous sources (their waiting events are reported)."""
     metrics_ = Metrics()
     metrics_.attach(claimer)
+    if acceptor is not None:
+        acceptor.observers.append(metrics_.observe_event)
     metrics_.add_collector(OutboxCollector(claimer.database.engine))
+    metrics_.add_collector(QueueCollector(claimer.database.engine, list(queued)))
     app.extensions["idemhook.metrics"] = metrics_
     app.view_functions = _NotingViews(app.view_functions)
     app.wsgi_app = RequestTimer(app.wsgi_app, metrics_)  # type: ignore[method-assign]

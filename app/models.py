@@ -1,4 +1,5 @@
-"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``.
+"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``
+(and ``event_queue``, asynchronous sources' events waiting for the worker).
 
 Column names are a public contract (``docs/querying.md`` explains each one).
 The schema itself is created by the Alembic revisions in ``migrations/``; these
@@ -93,6 +94,10 @@ class ProcessedEvent(Base):
     #: While ``in_flight``: the lease of the request that runs it, and its owner.
     locked_until: Mapped[datetime | None] = mapped_column(Timestamp)
     lock_owner: Mapped[str | None] = mapped_column(String(32))
+    #: Asynchronous sources (docs/async.md): the worker's failed attempts so far, and
+    #: the event's order key (the value at the source's ``order_key``).
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    order_key: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),
@@ -142,6 +147,43 @@ processed_events = ProcessedEvent.__table__
 delivery_failures = DeliveryFailure.__table__
 
 
+class QueuedEvent(Base):
+    """An asynchronous source's event waiting for ``idemhook worker`` (docs/async.md).
+
+    One row per ``processed_events`` row with status ``received`` (same ``id``),
+    inserted with it by the claim and deleted in the transaction that records the
+    event's outcome. A worker holds the row's lock (``FOR UPDATE SKIP LOCKED``)
+    while the event's handlers run; the event's own row stays unlocked, so a
+    duplicate delivery is counted and answered without waiting for the handlers.
+    """
+
+    __tablename__ = "event_queue"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String(64))
+    order_key: Mapped[str | None] = mapped_column(String(255))
+    #: When the event is due: its receipt, or the end of a backoff after a failure.
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # The worker's scan: what is due, oldest first.
+        Index("ix_event_queue_due", "next_attempt_at", "id"),
+        # The worker's probe: an earlier waiting event of the same source and order key.
+        Index(
+            "ix_event_queue_order",
+            "source",
+            "order_key",
+            "id",
+            postgresql_where=text("order_key IS NOT NULL"),
+            sqlite_where=text("order_key IS NOT NULL"),
+        ),
+    )
+
+
+event_queue = QueuedEvent.__table__
+
+
 class OutboxMessage(Base):
     """One side effect to deliver outside the database, added in a claim's transaction.
 
@@ -158,7 +200,7 @@ class OutboxMessage(Base):
     key: Mapped[str] = mapped_column(String(512))
     payload: Mapped[Any | None] = mapped_column(JSONType)
     status: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
     leased_by: Mapped[str | None] = mapped_column(String(128))
     last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)

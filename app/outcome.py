@@ -18,15 +18,28 @@ class Status(StrEnum):
     REJECTED = "rejected"
     #: Already applied: nothing ran (answers only, never stored).
     DUPLICATE = "duplicate"
-    #: A handler raised, or its transaction could not commit (answers only, never stored).
+    #: A handler raised, or its transaction could not commit (answered; stored only for an
+    #: asynchronous event whose every allowed attempt failed).
     FAILED = "failed"
     #: An ``idempotency-key`` request whose operation is running now: its key is leased
     #: (``locked_until``) by the request that runs it (docs/idempotency-keys.md).
     IN_FLIGHT = "in_flight"
+    #: Asynchronous source: claimed with its payload, waiting for ``idemhook worker``
+    #: (stored, never answered: the answer says ``accepted``).
+    RECEIVED = "received"
+    #: Asynchronous source: recorded and left to the worker (answers only, never stored).
+    ACCEPTED = "accepted"
 
 
 #: The statuses a claim row can hold (the table's check constraint).
-STORED_STATUSES = (Status.PROCESSED, Status.IGNORED, Status.REJECTED, Status.IN_FLIGHT)
+STORED_STATUSES = (
+    Status.PROCESSED,
+    Status.IGNORED,
+    Status.REJECTED,
+    Status.IN_FLIGHT,
+    Status.RECEIVED,
+    Status.FAILED,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,8 @@ class Outcome:
         body: dict[str, Any] = {"event_id": self.event_id, "status": str(self.status)}
         if self.status is Status.FAILED:
             body["error"] = self.error
+        elif self.status is Status.ACCEPTED:
+            pass  # nothing has run yet: no result
         else:
             body["result"] = self.result
         return body

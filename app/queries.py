@@ -26,9 +26,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from .models import delivery_failures, outbox_messages, processed_events
+from .models import delivery_failures, event_queue, outbox_messages, processed_events
 
 EVENTS = processed_events
+QUEUE = event_queue
 FAILURES = delivery_failures
 OUTBOX = outbox_messages
 
@@ -157,9 +158,16 @@ def _page(
 
 # -- processed events ------------------------------------------------------------------------
 
-#: Every column of processed_events; listings leave payload and headers out (``show`` has them).
-EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
+#: Every column of processed_events, and when a waiting asynchronous event is due (from
+#: ``event_queue``; null for every other event). Listings leave payload and headers out.
+EVENT_COLUMNS = (*(c.name for c in EVENTS.columns), "next_attempt_at")
 LIST_COLUMNS = tuple(name for name in EVENT_COLUMNS if name not in ("payload", "headers"))
+#: processed_events with each waiting event's queue row.
+_EVENTS_QUEUED = EVENTS.outerjoin(QUEUE, QUEUE.c.id == EVENTS.c.id)
+
+
+def _event_column(name: str) -> Any:
+    return QUEUE.c.next_attempt_at if name == "next_attempt_at" else EVENTS.c[name]
 _TIMES = {
     "received_at",
     "processed_at",
@@ -211,7 +219,10 @@ def list_events(
     session: Session, filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of events, newest first, and the cursor of the next page (or None)."""
-    query = _event_filters(select(*(EVENTS.c[name] for name in LIST_COLUMNS)), filters)
+    query = _event_filters(
+        select(*(_event_column(name) for name in LIST_COLUMNS)).select_from(_EVENTS_QUEUED),
+        filters,
+    )
     rows, next_cursor = _page(session, query, EVENTS.c.received_at, EVENTS.c.id, limit, cursor)
     return [_row(r._mapping, LIST_COLUMNS) for r in rows], next_cursor
 
@@ -219,7 +230,9 @@ def list_events(
 def get_event(session: Session, source: str, event_id: str) -> dict[str, Any] | None:
     """The whole row of one event with its failures (oldest first), or None."""
     row = session.execute(
-        select(EVENTS).where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
+        select(*(_event_column(name) for name in EVENT_COLUMNS))
+        .select_from(_EVENTS_QUEUED)
+        .where(EVENTS.c.source == source, EVENTS.c.event_id == event_id)
     ).first()
     if row is None:
         return None
@@ -252,13 +265,18 @@ def failures_of(session: Session, source: str, event_id: str) -> list[dict[str, 
 # -- failures --------------------------------------------------------------------------------
 
 
+#: Statuses of an event that is over and not failed: its failures are resolved.
+RESOLVED_STATUSES = ("processed", "ignored", "rejected")
+
+
 def applied_since_failure(failures: Any = FAILURES) -> Any:
     """SQL: the failed event has a claim row now.
 
     A failure rolls its claim back, and a delivery that finds a claim is a
     duplicate rather than a failure; so a claim row for a failed event can only
     come from a later delivery (or retry) that succeeded. An ``in_flight`` key
-    is not applied yet.
+    is not applied yet; nor is an asynchronous source's event while the worker
+    retries it (``received``) or after it gave up (``failed``).
 
     A scalar subquery, not ``EXISTS``: PostgreSQL may run an ``EXISTS`` as a hash
     of the whole of processed_events (a sequential scan of millions of rows to
@@ -270,7 +288,7 @@ def applied_since_failure(failures: Any = FAILURES) -> Any:
         .where(
             EVENTS.c.source == failures.c.source,
             EVENTS.c.event_id == failures.c.event_id,
-            EVENTS.c.status != "in_flight",
+            EVENTS.c.status.in_(RESOLVED_STATUSES),
         )
         .limit(1)
         .scalar_subquery()

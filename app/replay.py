@@ -34,6 +34,10 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
     ``replay_count`` are written in the same transaction as the handlers' work.
     A handler that raises or rejects rolls all of it back and
     :class:`ReplayFailed` is raised: the stored row stays as it was.
+
+    An asynchronous source's event is replayed the same way once ``idemhook
+    worker`` has finished with it (a ``failed`` one is then applied here, and
+    recorded as the handlers' outcome); one still waiting for the worker is refused.
     """
     events = processed_events
     session: ClaimSession = claimer.sessions()
@@ -45,6 +49,12 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
         row = session.execute(query).first()
         if row is None:
             raise ActionRefused(f"no event {event_id!r} from source {source!r}")
+        if row.status == Status.RECEIVED:
+            raise ActionRefused(
+                f"event {event_id!r} has not been applied yet: it waits for idemhook worker "
+                f"(failed attempts so far: {row.attempts}); `idemhook failures retry "
+                f"{source} {event_id}` makes it due now"
+            )
         if row.status == Status.IN_FLIGHT:
             raise ActionRefused(
                 f"event {event_id!r} is in flight: the request that holds its key is running"

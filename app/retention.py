@@ -2,6 +2,8 @@
 
 Exactly-once holds only while a claim exists (docs/guarantees.md): keep claims
 longer than the longest retry window of your providers (``LONGEST_RETRY_WINDOW``).
+An asynchronous source's event still waiting for the worker (``received``) is
+never pruned, however old: it is the queue, and its payload is what the worker runs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def prune(
                 EVENTS.c.status == "in_flight", EVENTS.c.locked_until > (now or datetime.now(UTC))
             )
             old = and_(old, ~live)
+            # An asynchronous event still waiting for the worker is the queue itself.
+            old = and_(old, EVENTS.c.status != "received")
         if payloads_only:
             old = and_(old, table.c.payload.is_not(None))
             changes: dict[str, Any] = {"payload": None, "headers": None}

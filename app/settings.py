@@ -59,8 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "IDEMHOOK_TRUSTED_PROXIES": 0,
     # `idemhook worker`: how often it looks for due work when no NOTIFY woke it.
     "IDEMHOOK_WORKER_POLL_MS": 1000,
-    # `idemhook worker`: most outbox messages taken in one transaction.
+    # `idemhook worker`: most outbox messages (or received events) taken in one transaction.
     "IDEMHOOK_WORKER_BATCH": 50,
+    # `idemhook worker`: longest one received event's handlers may run (asynchronous
+    # sources, docs/async.md): far above the provider's few seconds, which no longer apply.
+    "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS": 60000,
     # `idemhook worker`: the URL it LISTENs on (a direct or session-mode connection);
     # empty: DATABASE_URL; "off": no LISTEN, polling only (docs/outbox.md).
     "IDEMHOOK_WORKER_LISTEN_URL": "",

@@ -33,10 +33,35 @@ COMMON_KEYS = frozenset(
         "content_types",
         "allow_unverified",
         "public_url",
+        "mode",
+        "ack_status",
+        "order_key",
+        "max_attempts",
+        "backoff_seconds",
+        "max_backoff_seconds",
     }
 )
+#: The keys that only an asynchronous source (``mode = "async"``) reads.
+ASYNC_KEYS = ("ack_status", "order_key", "max_attempts", "backoff_seconds", "max_backoff_seconds")
+MODES = ("sync", "async")
+#: What an asynchronous source may answer a delivery it accepted with.
+ACK_STATUSES = (202, 200)
 DEFAULT_CONTENT_TYPES = ("application/json",)
 DEFAULT_MAX_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How ``idemhook worker`` retries an asynchronous source's failed events.
+
+    The same policy and defaults as an outbox sender's (docs/outbox.md): the wait
+    after failed attempt *n* is ``min(max_backoff, backoff x 2^(n-1))``, its upper
+    half drawn at random; after ``max_attempts`` failures the event is ``failed``.
+    """
+
+    max_attempts: int = 10
+    backoff_seconds: float = 5.0
+    max_backoff_seconds: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +79,16 @@ class Source:
     content_types: tuple[str, ...]
     #: Base URL the sender calls (overrides IDEMHOOK_PUBLIC_URL for this source).
     public_url: str | None = None
+    #: ``mode = "async"``: deliveries are claimed and answered at once; ``idemhook
+    #: worker`` runs the handlers (docs/async.md).
+    asynchronous: bool = False
+    #: What an accepted asynchronous delivery is answered with (202, or 200).
+    ack_status: int = 202
+    #: Where an asynchronous event's order key is: events with equal keys are applied
+    #: one at a time, in the order they were received. None: no order promised.
+    order_key: Locator | None = None
+    #: The worker's retries of an asynchronous source's failed events.
+    retries: Retries = field(default_factory=Retries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +184,12 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         if not isinstance(batch, locators.BodyPath):
             raise ConfigError(f"[sources.{name}] batch: must be 'none', 'array' or 'body:<path>'")
 
+    asynchronous = _mode(settings, name) == "async"
+    if asynchronous and scheme.operation:
+        raise ConfigError(
+            f'[sources.{name}] mode = "async": an {scheme_name} source answers with its '
+            "operation's own result, which only its handler can give; it runs in the request"
+        )
     return Source(
         name=name,
         scheme=scheme,
@@ -159,7 +200,60 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         max_body_bytes=_positive_int(settings, "max_body_bytes", default_max_body, name),
         content_types=_content_types(settings, name),
         public_url=_public_url(settings, name),
+        asynchronous=asynchronous,
+        **(_async_settings(settings, name) if asynchronous else {}),
     )
+
+
+def _mode(settings: Mapping[str, Any], source: str) -> str:
+    mode = settings.get("mode", "sync")
+    if mode not in MODES:
+        raise ConfigError(
+            f'[sources.{source}] mode: "sync" (handlers run in the request, the default) or '
+            f'"async" (answered at once, handlers run by idemhook worker), got {mode!r}'
+        )
+    if mode == "sync":
+        given = [key for key in ASYNC_KEYS if key in settings]
+        if given:
+            raise ConfigError(
+                f"[sources.{source}] {', '.join(given)}: only an asynchronous source reads "
+                f'{"this key" if len(given) == 1 else "these keys"}; set mode = "async" '
+                "(docs/async.md) or remove them"
+            )
+    return mode
+
+
+def _async_settings(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The keys of an asynchronous source (docs/configuration.md), checked."""
+    ack_status = settings.get("ack_status", ACK_STATUSES[0])
+    if isinstance(ack_status, bool) or ack_status not in ACK_STATUSES:
+        raise ConfigError(
+            f"[sources.{source}] ack_status: 202 (the default) or 200 (for providers that "
+            f"want 200), got {ack_status!r}"
+        )
+    order_key = (
+        locators.parse(settings["order_key"], source=source, key="order_key")
+        if settings.get("order_key") is not None
+        else None
+    )
+    defaults = Retries()
+    retries = Retries(
+        max_attempts=_positive_int(settings, "max_attempts", defaults.max_attempts, source),
+        backoff_seconds=_positive_number(
+            settings, "backoff_seconds", defaults.backoff_seconds, source
+        ),
+        max_backoff_seconds=_positive_number(
+            settings, "max_backoff_seconds", defaults.max_backoff_seconds, source
+        ),
+    )
+    return {"ack_status": ack_status, "order_key": order_key, "retries": retries}
+
+
+def _positive_number(settings: Mapping[str, Any], key: str, default: float, source: str) -> float:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"[sources.{source}] {key}: must be a positive number of seconds")
+    return float(value)
 
 
 def _public_url(settings: Mapping[str, Any], source: str) -> str | None:

@@ -19,6 +19,8 @@ Variants (``--variants``):
   Flask, routing, verification, parsing and the answer.
 - ``no-watchdog``: the claim runs on the request thread, without a handler deadline.
 - ``baseline-batch``, ``receiver-batch``: batches of 100 events (counted per event).
+- ``async-ack``: the receiver's asynchronous source (``mode = "async"``): verify, claim
+  as received, answer 202; no handler runs (``idemhook worker`` would run it).
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -39,7 +41,7 @@ import tomllib
 from typing import Any
 
 from .load import event, new_ids, sign
-from .run import SECRET, SOURCES_TOML
+from .run import ASYNC_SOURCE_TOML, SECRET, SOURCES_TOML
 
 VARIANTS = (
     "baseline",
@@ -51,6 +53,7 @@ VARIANTS = (
     "no-watchdog",
     "baseline-batch",
     "receiver-batch",
+    "async-ack",
 )
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
@@ -163,7 +166,7 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
         for environ in batch:
             body = b"".join(app(environ, start_response))
-            if not status[-1].startswith("200"):
+            if not status[-1].startswith(("200", "202")):
                 raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
@@ -210,7 +213,11 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     from app import create_app
     from app.claim import Outcome
 
-    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": tomllib.loads(SOURCES_TOML)})
+    config = tomllib.loads(SOURCES_TOML)
+    if variant == "async-ack":  # the asynchronous source and its handler, beside the others
+        config = tomllib.loads(SOURCES_TOML + ASYNC_SOURCE_TOML)
+        config["plugins"].append("bench.async_handler")
+    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": config})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
     quiet = variant in ("no-log", "intake-only")
@@ -238,6 +245,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
 
         claimer.watchdog.run = lambda work, on_overrun: work(Job())
 
+    if variant == "async-ack":
+        return app, "/webhooks/bench_async"
     return app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
     ) else "/webhooks/bench"

@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL
 from app import create_app, migrate
 from app.testing import postgres
 
-from . import handler, outbox
+from . import asynchronous, handler, outbox
 from .load import (
     BenchError,
     drive,
@@ -53,9 +53,12 @@ PATHS = {
     ("receiver", "single"): "/webhooks/bench",
     ("receiver", "batch"): "/webhooks/bench_batch",
     ("receiver", "keyed"): "/v1/bench",
+    # mode = "async": verify, claim, answer 202 (the handler runs in idemhook worker).
+    ("receiver", "async"): "/webhooks/bench_async",
     ("baseline", "single"): "/webhooks/baseline",
     ("baseline", "batch"): "/webhooks/baseline_batch",
     ("baseline", "keyed"): "/webhooks/baseline_api",
+    ("baseline", "async"): "/webhooks/baseline",
 }
 #: application_name of each server's database connections (the receiver's is set in app.db).
 APPLICATION_NAMES = {"receiver": "idemhook", "baseline": "idemhook_bench_baseline"}
@@ -83,6 +86,10 @@ class Plan:
     outbox_messages: int = 20_000
     outbox_rate: float = 100
     outbox_seconds: float = 20
+    #: The asynchronous scenarios (bench/asynchronous.py): events drained by 2 workers, and
+    #: the length of the paced run at half the drain rate.
+    async_events: int = 20_000
+    async_seconds: float = 10
     gunicorn: tuple[str, ...] = ()
     #: Scenario names to run (development); empty: all of them.
     only: tuple[str, ...] = ()
@@ -101,6 +108,8 @@ QUICK = Plan(
     rss_segment_seconds=1,
     outbox_messages=2_000,
     outbox_seconds=3,
+    async_events=2_000,
+    async_seconds=2,
     gunicorn=("--workers", "1"),
 )
 
@@ -123,11 +132,24 @@ batch = "array"
 max_batch = 100
 """
 
-#: What the HTTP bench's receiver serves: the webhook sources and an API beside them.
+#: An asynchronous source beside them (``mode = "async"``, the same handler, its own module).
+ASYNC_SOURCE_TOML = f"""
+[sources.bench_async]
+scheme = "hmac-sha256"
+secret = "{SECRET}"
+event_id = "body:id"
+event_type = "body:type"
+mode = "async"
+"""
+
+#: What the HTTP bench's receiver serves: the webhook sources, an API and an asynchronous
+#: source beside them.
 RUN_SOURCES_TOML = (
     SOURCES_TOML.replace(
-        'plugins = ["bench.handler"]', 'plugins = ["bench.handler", "bench.api_handler"]'
+        'plugins = ["bench.handler"]',
+        'plugins = ["bench.handler", "bench.api_handler", "bench.async_handler"]',
     )
+    + ASYNC_SOURCE_TOML
     + f"""
 [sources.bench_api]
 scheme = "idempotency-key"
@@ -537,6 +559,59 @@ class Bench:
         self.save()
         return result
 
+    def async_scenarios(self) -> None:
+        """``async_ack`` (A/B: the ack path against the baseline), then ``async_drain``.
+
+        No worker runs during the ack rounds: their events wait, and are deleted
+        before the workers start. The drain is compared with the receiver's all-new
+        events/s of this run (measured here when ``new`` did not run).
+        """
+        plan = self.plan
+        self.scenario("async_ack", "async", new_ids, label="async source: the ack (no handler)")
+        asynchronous.forget(self.db_url)  # no worker ran: what the ack recorded waits
+        if plan.only and "async_drain" not in plan.only:
+            return
+        new = self.results["scenarios"].get("new")
+        reference = new["median"]["receiver"]["events_per_s"] if new else self._sync_reference()
+        config = self.work / "webhooks.toml"
+
+        def pace(rate: float) -> dict[str, Any]:
+            ids = new_ids(int(rate * plan.async_seconds * 1.5) + 200)
+            path = self._file("async-paced", ids)
+            try:
+                return self._one(
+                    "receiver",
+                    "async",
+                    path,
+                    seconds=plan.async_seconds,
+                    connections=plan.connections * 2,
+                    rate=rate,
+                )
+            finally:
+                path.unlink()
+
+        ack = self.results["scenarios"].get("async_ack")
+        ack_peak = ack["median"]["receiver"]["rps"] if ack else None
+        self.results["async"] = asynchronous.run(
+            self.db_url, self.work, config, events=plan.async_events, reference=reference,
+            pace=pace, ack_peak=ack_peak, log=log,
+        )
+        self.save()
+
+    def _sync_reference(self) -> float:
+        """The receiver's all-new single events/s (median of the plan's rounds), alone."""
+        rates = []
+        for rnd in range(self.plan.rounds):
+            path = self._file(f"async-reference-{rnd}", new_ids(int(3000 * self.plan.seconds)))
+            run = self._one(
+                "receiver", "single", path, seconds=self.plan.seconds,
+                connections=self.plan.connections,
+            )
+            path.unlink()
+            rates.append(run["rps"])
+        log(f"synchronous receiver, all new (the drain's reference): {rates} req/s")
+        return round(statistics.median(rates), 1)
+
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
@@ -634,6 +709,7 @@ class Bench:
                 log=log,
             )
             self.save()
+        self.async_scenarios()
         self.results["seconds"] = round(time.monotonic() - started, 1)
         self.results["loadavg_end"] = os.getloadavg()
         self.results["targets"] = [] if plan.only else targets(self.results)
@@ -796,6 +872,33 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ),
     ]
     upper_bounds |= {len(out) - 2, len(out) - 1}
+    queued = results["async"]
+    drained, paced = queued["drain"], queued["latency"]
+    out += [
+        (
+            "Async source: the ack path >= 0.90 x baseline req/s",
+            sc["async_ack"]["ratio_rps"],
+            0.90,
+            f"ratio {sc['async_ack']['ratio_rps']} (per round: "
+            f"{sc['async_ack']['ratios_by_round']}); CPU-cost ratio {sc['async_ack']['ratio_cpu']}",
+        ),
+        (
+            f"Async: {queued['workers']} workers drain >= 0.90 x the synchronous receiver's "
+            "all-new events/s (same handler)",
+            drained["ratio"],
+            0.90,
+            f"{drained['per_s']} events/s vs {queued['reference_events_per_s']:.0f} "
+            f"({drained['events']:,} events in {drained['seconds']} s)",
+        ),
+        (
+            "Async: receipt-to-processed p99 < 100 ms at 50% of the drain rate",
+            paced["p99_ms"],
+            100.0,
+            f"p99 {paced['p99_ms']} ms, p50 {paced['p50_ms']} ms at {paced['achieved_rps']:.0f} "
+            f"events/s ({paced['rate']} offered{paced['capped']})",
+        ),
+    ]
+    upper_bounds |= {len(out) - 1}
     checks = []
     for i, (what, value, bound, detail) in enumerate(out):
         upper = i in upper_bounds

@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL, make_url
 
 from app import create_app, migrate
 from app.testing import postgres
-from tests.plugins import recorder
+from tests.plugins import queued, recorder
 
 SECRET = "test-secret"
 
@@ -45,8 +45,10 @@ TABLES = (
     "processed_events",
     "delivery_failures",
     "outbox_messages",
+    "event_queue",
     "test_effects",
     "test_failures",
+    "test_applied",
 )
 
 
@@ -68,7 +70,7 @@ def _migrate(url: URL | str) -> None:
     migrate.upgrade(app)
     engine = app.extensions["idemhook.db"].engine
     with engine.begin() as conn:
-        for ddl in recorder.TABLES:
+        for ddl in (*recorder.TABLES, *queued.tables(engine.dialect.name)):
             conn.execute(text(ddl))
     engine.dispose()
 

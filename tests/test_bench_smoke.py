@@ -37,6 +37,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
         "batch",
         "paced",
         *(f"rows_{n}" for n in SMOKE.prefill),
+        "async_ack",
     }
     for name, scenario in saved["scenarios"].items():
         for server in ("receiver", "baseline"):
@@ -53,7 +54,10 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert latency["messages"] == int(SMOKE.outbox_rate * SMOKE.outbox_seconds)
     assert latency["p99_ms"] >= latency["p50_ms"] > 0
     assert saved["idempotency"]["ratio_rps"] > 0  # replays against new keys, reported
-    assert len(results["targets"]) == 10
+    queued = saved["async"]
+    assert queued["drain"]["events"] == SMOKE.async_events and queued["drain"]["per_s"] > 0
+    assert queued["latency"]["p99_ms"] >= queued["latency"]["p50_ms"] > 0
+    assert len(results["targets"]) == 13
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")
@@ -61,6 +65,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert "{{" not in text
     assert "| all new events |" in text
     assert "commit-to-send p50 < 10 ms" in text and "messages/s**" in text
+    assert "receipt-to-processed p99 < 100 ms" in text and "events/s**" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,6 +134,7 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
             "no-watchdog": served,
             "baseline-batch": served * instructions.BATCH,
             "receiver-batch": served * instructions.BATCH,
+            "async-ack": 0,  # acknowledged only: idemhook worker runs the handler
         }
         assert observed("receiver") == (True, True)
         assert observed("no-log") == (False, True)

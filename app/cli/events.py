@@ -9,6 +9,7 @@ from flask import current_app
 
 from .. import queries, replay, retention
 from ..db import get_db
+from ..models import EVENT_STATUSES
 from .common import (
     DatabaseGroup,
     database_only,
@@ -22,12 +23,18 @@ from .common import (
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
 
 LIST_TABLE = ("received_at", "source", "event_id", "event_type", "status", "duplicate_count")
+#: With ``--status received``: where each waiting event stands with the worker.
+WAITING_TABLE = (*LIST_TABLE[:5], "attempts", "next_attempt_at", "order_key")
 
 
 @database_only
 @events_cli.command("list")
 @filter_options
-@click.option("--status", help="Only this status (processed, ignored, ...).")
+@click.option(
+    "--status",
+    type=click.Choice(EVENT_STATUSES),
+    help="Only this status (received: waiting for idemhook worker, docs/async.md).",
+)
 @click.option("--client", help="Only this client's keys (idempotency-key sources).")
 @click.option(
     "--limit",
@@ -44,7 +51,7 @@ def events_list(source, event_type, since, until, status, client, limit, as_json
     if as_json:
         emit_json_lines(rows)
     else:
-        emit_table(rows, LIST_TABLE)
+        emit_table(rows, WAITING_TABLE if status == "received" else LIST_TABLE)
 
 
 @database_only

@@ -1,16 +1,20 @@
-"""``idemhook worker``: the long-running process that delivers outbox messages (docs/outbox.md)."""
+"""``idemhook worker``: the long-running process that delivers outbox messages (docs/outbox.md)
+and applies asynchronous sources' received events (docs/async.md)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 from prometheus_client import start_http_server
 
-from ..db import get_db
-from ..metrics import OutboxCollector, OutboxMetrics
+from ..applying import Applier
+from ..db import Database, Timeouts, build_engine
+from ..metrics import Metrics, OutboxCollector, OutboxMetrics, QueueCollector
 from ..sending import Delivery
-from ..worker import Worker
+from ..worker import Work, Worker
 from .common import ConfigMissing
 
 
@@ -23,7 +27,10 @@ def _address(value: str | None) -> tuple[str, int] | None:
     return host or "0.0.0.0", int(port)
 
 
-@click.command("worker", short_help="Deliver outbox messages until stopped (SIGTERM).")
+@click.command(
+    "worker",
+    short_help="Deliver outbox messages, apply received events (until SIGTERM).",
+)
 @click.option(
     "--metrics-bind",
     metavar="HOST:PORT",
@@ -31,38 +38,76 @@ def _address(value: str | None) -> tuple[str, int] | None:
 )
 @with_appcontext
 def worker_command(metrics_bind: str | None) -> None:
-    """Deliver due outbox messages through their senders, until SIGTERM or Ctrl-C.
+    """Deliver due outbox messages and apply asynchronous sources' received events,
+    until SIGTERM or Ctrl-C.
 
     Run as many as you like, on as many machines: they share the work
     (FOR UPDATE SKIP LOCKED). It wakes on LISTEN/NOTIFY when a claim that added
-    messages commits, and polls every IDEMHOOK_WORKER_POLL_MS. On SIGTERM it
-    finishes the message in hand and gives back the rest of its batch.
+    messages or received events commits, and polls every IDEMHOOK_WORKER_POLL_MS.
+    On SIGTERM it finishes the message or event in hand and gives back the rest.
     """
     address = _address(metrics_bind)
     config = current_app.config
     registry = current_app.extensions["idemhook.registry"]
-    if not registry.senders:
+    sources = current_app.extensions["idemhook.receiver"].sources
+    queued = sorted(name for name, source in sources.items() if source.asynchronous)
+    if not registry.senders and not queued:
         raise ConfigMissing(
-            "no @sender is registered, so `idemhook worker` has nothing to deliver: list the "
-            "module of your senders in `plugins` (IDEMHOOK_CONFIG) or install it with an "
-            "idemhook.handlers entry point (docs/outbox.md)"
+            'no @sender is registered and no source has mode = "async", so `idemhook '
+            "worker` has nothing to do: list the module of your senders in `plugins` "
+            "(IDEMHOOK_CONFIG) or install it with an idemhook.handlers entry point "
+            "(docs/outbox.md), or make a source asynchronous (docs/async.md)"
         )
-    database = get_db()
-    metrics = OutboxMetrics()
+    database = _database(config)
+    metrics = Metrics()
+    outbox_metrics = OutboxMetrics(registry=metrics.registry)
     if address is not None:
         metrics.registry.register(OutboxCollector(database.engine))
+        metrics.registry.register(QueueCollector(database.engine, queued))
         start_http_server(address[1], addr=address[0], registry=metrics.registry)
-    delivery = Delivery(
-        database, registry.senders, batch=config["IDEMHOOK_WORKER_BATCH"], metrics=metrics
-    )
+    batch = config["IDEMHOOK_WORKER_BATCH"]
+    works: list[Work] = []
+    if registry.senders:
+        works.append(Delivery(database, registry.senders, batch=batch, metrics=outbox_metrics))
+    if queued:
+        # Every configured source: one switched back to sync may still have events waiting.
+        works.append(
+            Applier(
+                database,
+                registry,
+                sources,
+                batch=batch,
+                metrics=metrics,
+                handler_timeout_ms=config["IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS"],
+            )
+        )
     listen = config["IDEMHOOK_WORKER_LISTEN_URL"]
     postgresql = database.engine.dialect.name == "postgresql"
     listen_url = None if listen == "off" or not postgresql else (listen or config["DATABASE_URL"])
     worker = Worker(
-        [delivery],
+        works,
         poll_seconds=config["IDEMHOOK_WORKER_POLL_MS"] / 1000,
         listen_url=listen_url,
         connect_timeout_ms=config["IDEMHOOK_STATEMENT_TIMEOUT_MS"],
     )
     worker.install_signal_handlers()
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        database.engine.dispose()
+
+
+def _database(config: Any) -> Database:
+    """The worker's own connections: the claim's timeouts, but room for slow handlers.
+
+    A received event's handlers may run for ``IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS``
+    (the provider is not waiting any more), so the backstop that ends a session
+    idle in its transaction is that plus the statement timeout.
+    """
+    statement = int(config["IDEMHOOK_STATEMENT_TIMEOUT_MS"])
+    handler = int(config["IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS"])
+    timeouts = Timeouts(statement, statement, handler + statement)
+    mode = config["IDEMHOOK_POOL_MODE"]
+    # One lane at a time, and one more for each claim thread a stuck handler may hold.
+    engine = build_engine(config["DATABASE_URL"], timeouts=timeouts, pool_size=4, pool_mode=mode)
+    return Database(engine, timeouts=timeouts, pool_mode=mode)

@@ -61,6 +61,16 @@ class Kit:
         """
         return deliver(self.client, source, payload, headers, as_client=client, key=key)
 
+    def apply_received(self) -> int:
+        """Apply the events asynchronous sources have received, as ``idemhook worker`` would.
+
+        In this process, one batch after another until nothing is due (an event
+        waiting for a backoff stays); returns how many attempts were made.
+        """
+        from ..applying import apply_due
+
+        return apply_due(self.app)
+
     def sql(self, statement: str, **params: Any) -> list[Row]:
         """Run one SQL statement in its own transaction; return the rows (if any)."""
         with self.engine.begin() as conn:

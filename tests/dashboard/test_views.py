@@ -60,11 +60,12 @@ def test_overview_counts_the_last_24_hours_per_source(browser, sql):
     seed(sql, "gone", "g1", ago=timedelta(hours=3))  # a source no longer configured
     page = browser.get("/dashboard").text
     # events: a0 a1 a2 inv rej; duplicates 2 of 7 deliveries
+    # (The last figure is Pending: events of asynchronous sources waiting for the worker.)
     assert _row(page, "acme") == (
-        "acme | 5 | 2 | 28.6% | 1 | 1 | 1 | "
+        "acme | 5 | 2 | 28.6% | 1 | 1 | 1 | 0 | "
         "http://localhost/webhooks/acme (as this page was reached)"
     )
-    assert _row(page, "open").startswith("open | 0 | 0 | - | 0 | 0 | 0 |")
+    assert _row(page, "open").startswith("open | 0 | 0 | - | 0 | 0 | 0 | 0 |")
     assert _row(page, "gone").startswith("gone (not configured) | 1 | 0 | 0.0%")
     assert _row(page, "All sources").startswith("All sources | 6 | 2 |")
     # The chart draws one bar of events and one of duplicates per hour.
@@ -105,9 +106,22 @@ def test_unresolved_failures_on_the_overview(browser, sql):
 
 def test_overview_leaves_out_queues_that_do_not_exist(browser):
     page = browser.get("/dashboard").text
-    assert "Pending" not in page and "waiting to be processed" not in page  # no async mode
-    assert not overview.async_queues()
+    assert "waiting to be processed" not in page  # nothing waits for the worker
     assert "Outbox pending 0 Outbox dead 0" in text_of(page)  # the outbox is always there
+
+
+def test_overview_shows_what_waits_for_the_worker_per_asynchronous_source(make_app, sql):
+    from tests.test_accept import ASYNC_SOURCES
+
+    app = make_app(ASYNC_SOURCES, IDEMHOOK_ADMIN_TOKEN=TOKEN)
+    b = Browser(app.test_client())
+    b.login()
+    deliver(b.client, "queued", {"id": "w1", "type": "t"})
+    deliver(b.client, "queued", {"id": "w2", "type": "t"})
+    assert overview.async_queues()
+    page = b.get("/dashboard").text
+    assert "queued: waiting to be processed 2" in text_of(page)
+    assert _row(page, "queued").startswith("queued | 2 | 0 | 0.0% | 0 | 0 | 0 | 2 (oldest")
 
 
 # -- events ----------------------------------------------------------------------------------
