@@ -6,6 +6,10 @@ class), and nothing else from the request: never a payload, a header, a
 signature, a secret or an exception's message (which may quote the payload).
 Lines go to stderr through the ``idemhook`` logger, which gunicorn
 leaves alone, so they appear under gunicorn, ``flask run`` and the CLI alike.
+
+An asynchronous source's event gets its line from ``idemhook worker`` when the
+worker has applied it (with the attempt and the delay since receipt); its
+acknowledgement by the web process is logged at DEBUG only.
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ FORMATS = ("text", "json")
 FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms", "handler", "error")
 #: The fields of an outbox delivery line (app.sending), in order (``error`` only when set).
 MESSAGE_FIELDS = ("kind", "message_id", "attempt", "outcome", "duration_ms", "error")
-_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS))
+#: The worker's line for an asynchronous event (app.applying), in order.
+APPLIED_FIELDS = (
+    "source",
+    "event_id",
+    "event_type",
+    "outcome",
+    "attempt",
+    "duration_ms",
+    "delay_ms",
+    "handler",
+    "error",
+    "retry_in_s",
+)
+_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS))
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
@@ -49,6 +66,26 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
     if outcome.error_type is not None:
         fields["error"] = outcome.error_type
     log_fields(log, logging.INFO, fields)
+
+
+def log_accepted(event: Event, outcome: Outcome, seconds: float) -> None:
+    """Log an asynchronous source's acknowledgement, at DEBUG (an :class:`app.accept.Acceptor`
+    observer).
+
+    The event's line at INFO is the worker's, when it has applied the event (with its
+    outcome, attempt and delay, :mod:`app.applying`); the ack path, measured against a
+    bare receiver, does not pay for a second one unless asked to.
+    """
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    fields = {
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "outcome": str(outcome.status),
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    log_fields(log, logging.DEBUG, fields)
 
 
 def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
