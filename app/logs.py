@@ -14,6 +14,7 @@ acknowledgement by the web process is logged at DEBUG only.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -50,9 +51,9 @@ APPLIED_FIELDS = (
 _ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS))
 
 
-def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
+def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = logging.INFO) -> None:
     """Log one line for ``event`` (a :class:`app.claim.Claimer` observer)."""
-    if not log.isEnabledFor(logging.INFO):
+    if not log.isEnabledFor(level):
         return
     fields = {
         "source": event.source,
@@ -65,27 +66,14 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float) -> None:
         fields["handler"] = outcome.handler
     if outcome.error_type is not None:
         fields["error"] = outcome.error_type
-    log_fields(log, logging.INFO, fields)
+    log_fields(log, level, fields)
 
 
-def log_accepted(event: Event, outcome: Outcome, seconds: float) -> None:
-    """Log an asynchronous source's acknowledgement, at DEBUG (an :class:`app.accept.Acceptor`
-    observer).
-
-    The event's line at INFO is the worker's, when it has applied the event (with its
-    outcome, attempt and delay, :mod:`app.applying`); the ack path, measured against a
-    bare receiver, does not pay for a second one unless asked to.
-    """
-    if not log.isEnabledFor(logging.DEBUG):
-        return
-    fields = {
-        "source": event.source,
-        "event_id": event.id,
-        "event_type": event.type,
-        "outcome": str(outcome.status),
-        "duration_ms": round(seconds * 1000, 2),
-    }
-    log_fields(log, logging.DEBUG, fields)
+#: An asynchronous source's acknowledgement (an :class:`app.accept.Acceptor` observer): at
+#: DEBUG, since the event's INFO line is the worker's once it has applied the event (with
+#: its attempt and delay, :mod:`app.applying`); the ack path, measured against a bare
+#: receiver, does not pay for a second line unless asked to.
+log_accepted = functools.partial(log_outcome, level=logging.DEBUG)
 
 
 def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
