@@ -72,7 +72,7 @@ def create_app(
         handler_timeout_ms=app.config["IDEMHOOK_HANDLER_TIMEOUT_MS"],
         claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
-    acceptor = Acceptor(database, observers=[logs.log_outcome])
+    acceptor = Acceptor(database, observers=[logs.log_accepted])
     intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]

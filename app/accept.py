@@ -319,7 +319,7 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
         try:
             with database.lanes.lane() as lane:
                 lane.execute_alone(_NOTIFY_PG)
-        except DBAPIError as exc:  # the workers' poll covers a lost notification
+        except Exception as exc:  # noqa: BLE001 (the workers' poll covers a lost notification)
             failures += 1
             log.warning("could not notify the workers (%s); they will poll", type(exc).__name__)
             pause = min(5.0, 0.1 * 2**failures)

@@ -6,6 +6,7 @@ the process around it (real worker processes: ``tests/reliability/test_async_wor
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
@@ -280,3 +281,48 @@ def test_a_source_switched_back_to_sync_still_has_its_waiting_events_applied(mak
     later = make_app({**SOURCES, "sources": {**SOURCES["sources"], "unhandled": sync}})
     assert apply_due(later) == 1
     assert sql("SELECT status FROM processed_events") == [("ignored",)]
+
+
+def test_the_take_reads_the_queue_through_its_indexes(app, sql, pg_url):
+    """20,000 waiting events over 2,000 order keys: the take and its head check stay index reads."""
+    sql(
+        "INSERT INTO processed_events (source, event_id, status, received_at, payload, "
+        "duplicate_count, last_seen_at, order_key) SELECT 'ordered', 'e' || g, 'received', "
+        "now(), '{}', 0, now(), 'k' || (g % 2000) FROM generate_series(1, 20000) AS g"
+    )
+    sql(
+        "INSERT INTO event_queue SELECT id, source, order_key, received_at, received_at "
+        "FROM processed_events"
+    )
+    sql("ANALYZE event_queue")
+    sql("ANALYZE processed_events")
+    applier = Applier(
+        app.extensions["idemhook.db"],
+        app.extensions["idemhook.registry"],
+        app.extensions["idemhook.receiver"].sources,
+    )
+    engine = app.extensions["idemhook.db"].engine
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("EXPLAIN (FORMAT JSON) " + applier._take_sql, {"limit": 50})
+        plan = json.dumps(cursor.fetchone()[0])
+    finally:
+        raw.rollback()
+        raw.close()
+    assert "ix_event_queue_due" in plan and "ix_event_queue_order" in plan
+    assert '"Seq Scan"' not in plan
+    assert apply_due(app, limit=50) >= 50
+    # Only heads were taken: each key's applied events are its first ones, in order.
+    applied = sql(
+        "SELECT e.order_key, array_agg(e.id ORDER BY a.n) FROM test_applied a "
+        "JOIN processed_events e ON e.event_id = a.event_id GROUP BY 1"
+    )
+    for key, ids in applied:
+        [(first,)] = sql(
+            "SELECT array_agg(id ORDER BY id) FROM (SELECT id FROM processed_events "
+            "WHERE order_key = :k ORDER BY id LIMIT :n) AS f",
+            k=key,
+            n=len(ids),
+        )
+        assert ids == first, key
