@@ -170,6 +170,8 @@ class Applier:
         self._next_due_sql = _compile(_next_due(names, dialect.name == "postgresql"), dialect)
         counted, due = _attempted(dialect.name == "postgresql")
         self._counted_sql, self._due_sql = _compile(counted, dialect), _compile(due, dialect)
+        #: PostgreSQL: both in one message.
+        self._counted_and_due_sql = "; ".join((self._counted_sql, self._due_sql))
         self._dequeue_sql = _compile(_dequeue(), dialect)
         self._lock_sql = _compile(_lock(), dialect)
         self._postgresql = dialect.name == "postgresql"
@@ -355,7 +357,7 @@ class Applier:
             lane.execute(self._counted_sql, params)
             batch.done.append(taken.row_id)
         elif self._postgresql:
-            lane.execute(f"{self._counted_sql}; {self._due_sql}", params)
+            lane.execute(self._counted_and_due_sql, params)
         else:
             lane.execute(self._counted_sql, params)
             lane.execute(self._due_sql, params)
