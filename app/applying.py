@@ -21,8 +21,12 @@ small batch at a time, each batch **one transaction** on a claim lane:
    a ``delivery_failures`` row, and is due again after :func:`app.worker.backoff`,
    or ``failed`` after the source's ``max_attempts``. A finished event's queue row
    is deleted.
-4. **commit**: the results, the queue and every handler's writes together, or
-   nothing.
+4. **commit**: the results, the queue, the failure rows and every handler's
+   writes together, or nothing. (The synchronous claim writes its failure rows
+   after its transaction, which it rolls back; here the failed attempt itself is
+   committed, its count and its backoff, and its failure row must be there when
+   any worker can take the event again: a handler that looks at its event's
+   failures, or an operator, never sees an attempt without its row.)
 
 **Order keys.** An event whose source sets ``order_key`` is taken only when no
 earlier event (lower ``id``) with the same source and key is still queued::
@@ -67,6 +71,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal_column,
     or_,
     select,
@@ -82,7 +87,7 @@ from .dispatch import HandlerRun, run_handlers
 from .errors import ServiceUnavailable
 from .lanes import Lane
 from .logs import log_fields
-from .models import event_queue, processed_events
+from .models import delivery_failures, event_queue, processed_events
 from .outcome import Status
 from .plugins import Event, Registry
 from .sources import Source
@@ -134,7 +139,7 @@ class _Batch:
     stored: list[tuple[int, Status, str]] = field(default_factory=list)
     #: Queue rows of finished events (stored, or failed for good), deleted with the COMMIT.
     done: list[int] = field(default_factory=list)
-    #: ``delivery_failures`` rows, written after the transaction (as the claim does).
+    #: ``delivery_failures`` rows, written in the batch's transaction, before its COMMIT.
     failures: list[dict[str, Any]] = field(default_factory=list)
     applied: list[_Applied] = field(default_factory=list)
 
@@ -267,8 +272,12 @@ class Applier:
         """The statements sent with the COMMIT: dequeue finished events, store results.
 
         ``processed_at`` is the time of the commit for every event of the batch: when
-        its handlers' work became visible (PostgreSQL: ``clock_timestamp()``).
+        its handlers' work became visible (PostgreSQL: ``clock_timestamp()``). The
+        batch's failure rows are written first, in the same transaction (one
+        statement; only a batch with a failed or rejected attempt has any).
         """
+        if batch.failures:
+            lane.connection.execute(insert(delivery_failures), batch.failures)
         if not batch.stored and not batch.done:
             return None, None
         if self._postgresql:
@@ -457,8 +466,7 @@ class Applier:
     # -- telling -------------------------------------------------------------------------------
 
     def _finish(self, batch: _Batch) -> None:
-        """After the commit: the failure rows, then a log line and metrics per attempt."""
-        failures.record(self.database.engine, batch.failures)
+        """After the commit: a log line and metrics per attempt."""
         for applied in batch.applied:
             self._report(applied)
 

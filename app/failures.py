@@ -1,8 +1,10 @@
 """``delivery_failures``: recording a failed attempt, and retrying failed events.
 
-A failure row is written in a transaction of its own, after the claim's
-transaction has ended (rolled back, or committed with a rejection), so it
-survives whatever happened to the claim.
+A synchronous claim's failure row is written in a transaction of its own, after
+the claim's transaction has ended (rolled back, or committed with a rejection),
+so it survives whatever happened to the claim. ``idemhook worker`` commits a
+failed attempt (its count and its backoff), so it writes the attempt's row in
+that same transaction (:mod:`app.applying`).
 """
 
 from __future__ import annotations
