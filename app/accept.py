@@ -9,7 +9,8 @@ On PostgreSQL the whole delivery is **one message and one implicit transaction**
 (:meth:`app.lanes.Lane.execute_alone`): the ``SET LOCAL`` timeouts, for a source
 with ``order_key`` an advisory lock per key, and one statement::
 
-    WITH claimed AS (INSERT INTO processed_events ... VALUES (...), ...
+    WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d),   -- the events: one JSON parameter
+         claimed AS (INSERT INTO processed_events ... SELECT ... FROM jsonb_array_elements(...)
                      ON CONFLICT (source, event_id)
                      DO UPDATE SET duplicate_count = duplicate_count + 1 ... RETURNING ...),
          queued AS (INSERT INTO event_queue SELECT ... FROM claimed WHERE <new>)
@@ -53,6 +54,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from sqlalchemy.dialects import sqlite
@@ -73,11 +75,19 @@ CHANNEL = "idemhook_events"
 #: First key of the order keys' advisory locks, so they never meet an application's own.
 ORDER_LOCK_SPACE = 0x69646D68  # "idmh"
 #: The claim of a delivery's new events and their queue rows, in one statement (a
-#: data-modifying CTE, ``queued``, runs whether or not it is referenced).
+#: data-modifying CTE, ``queued``, runs whether or not it is referenced). The events come
+#: as one JSON parameter, ``{"h": headers, "e": [[id, type, payload, order key], ...]}``:
+#: psycopg2 spends about 10,000 instructions on each parameter it quotes, so four per
+#: event cost more than the JSON text (whose parts are written once each, below).
+#: ``ORDER BY n``: ids are drawn in the delivery's order (receipt order per order key).
 _ACCEPT_PG = (
-    "WITH claimed AS (INSERT INTO processed_events AS e (source, event_id, event_type, "
+    "WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d), "
+    "claimed AS (INSERT INTO processed_events AS e (source, event_id, event_type, "
     "status, received_at, payload, headers, duplicate_count, last_seen_at, replay_count, "
-    "order_key) VALUES {rows} ON CONFLICT (source, event_id) DO UPDATE SET "
+    "order_key) SELECT {source}, a.x->>0, a.x->>1, 'received', now(), a.x->2, d.d->'h', 0, "
+    "now(), 0, a.x->>3 FROM d, jsonb_array_elements(d.d->'e') WITH ORDINALITY AS a(x, n) "
+    "ORDER BY a.n "
+    "ON CONFLICT (source, event_id) DO UPDATE SET "
     "duplicate_count = e.duplicate_count + 1, last_seen_at = excluded.last_seen_at "
     "RETURNING e.id, e.source, e.event_id, e.duplicate_count, e.status, e.result, "
     "e.order_key, e.received_at), "
@@ -86,8 +96,11 @@ _ACCEPT_PG = (
     "WHERE duplicate_count = 0) "
     "SELECT event_id, duplicate_count, status, result FROM claimed"
 )
-#: The shortest time between two notifications of one process (seconds).
-NOTIFY_INTERVAL = 0.005
+#: The shortest time between two notifications of one process (seconds). Each is a
+#: transaction and wakes every worker: at 5 ms, two web processes under load sent one per
+#: three acks, and the ack path lost about a tenth of its requests/s to them (make bench);
+#: an idle worker hears of a new event at most this much later (docs/async.md).
+NOTIFY_INTERVAL = 0.02
 #: The notifier's transaction: a notification needs no disk flush.
 _NOTIFY_PG = f"SET LOCAL synchronous_commit TO OFF; SELECT pg_notify('{CHANNEL}', '')"
 
@@ -107,8 +120,8 @@ class Acceptor:
         self._dialect = dialect
         self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
         self._result = _processor(processed_events.c.result.type, dialect, bind=False)
-        #: The statement per (source, number of distinct events), written once.
-        self._sql: dict[tuple[str, int], str] = {}
+        #: The statement per source (its name a literal), written once.
+        self._sql: dict[str, str] = {}
         #: Wakes the workers after a claim with new events commits (PostgreSQL).
         self.notifier = Notifier(database) if self._postgresql else None
 
@@ -175,19 +188,17 @@ class Acceptor:
     ) -> dict[str, tuple[int, str, Any]]:
         if not self._postgresql:
             return self._claim_sqlite(source, events, distinct, keys)
-        # Only what differs per delivery is a parameter: psycopg2 spends about 10,000
-        # instructions on each string it quotes, 30,000 on a timestamp (the time of
-        # receipt is the database's now(), the clock the worker compares with).
-        params: dict[str, Any] = {"h": dumps(safe_headers(events[0].headers))}
-        for n, i in enumerate(distinct):
+        # The time of receipt is the database's now(), the clock the worker compares with.
+        items = []
+        for i in distinct:
             event = events[i]
-            params[f"i{n}"] = event.id
-            params[f"t{n}"] = event.type
-            params[f"p{n}"] = dumps(event.payload)
-            if keys is not None:
-                params[f"k{n}"] = keys[i]
-        shape = (source.name, len(distinct))
-        sql = self._sql.get(shape) or self._compile(source, len(distinct))
+            items.append(
+                f"[{_string(event.id)},{_string(event.type)},{dumps(event.payload)},"
+                f"{_string(keys[i]) if keys is not None else 'null'}]"
+            )
+        document = f'{{"h":{dumps(safe_headers(events[0].headers))},"e":[{",".join(items)}]}}'
+        params: dict[str, Any] = {"d": document}
+        sql = self._sql.get(source.name) or self._compile(source)
         if keys is not None:
             locks = sorted({f"{source.name}\n{key}" for key in keys})
             sql = "".join(_lock(n) for n in range(len(locks))) + sql
@@ -199,19 +210,11 @@ class Acceptor:
             for event_id, duplicates, status, result in rows
         }
 
-    def _compile(self, source: Source, count: int) -> str:
-        """The statement for ``count`` distinct events of ``source`` (cached per shape)."""
-        # A source name is [A-Za-z0-9_.-] (app.sources): safe as a literal.
-        name = f"'{source.name}'"
-        key = (lambda n: f"%(k{n})s") if source.order_key is not None else (lambda n: "NULL")
-        rows = ", ".join(
-            f"({name}, %(i{n})s, %(t{n})s, 'received', now(), %(p{n})s, %(h)s, 0, now(), 0, "
-            f"{key(n)})"
-            for n in range(count)
-        )
-        sql = _ACCEPT_PG.format(rows=rows)
-        if len(self._sql) < 1024:  # sources x batch sizes
-            self._sql[(source.name, count)] = sql
+    def _compile(self, source: Source) -> str:
+        """The statement for ``source``: its name, [A-Za-z0-9_.-] (app.sources), a literal."""
+        sql = _ACCEPT_PG.format(source=f"'{source.name}'")
+        if len(self._sql) < 1024:
+            self._sql[source.name] = sql
         return sql
 
     # -- SQLite (the demo): one transaction, one statement per event -------------------------
@@ -328,6 +331,11 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
             pause = sent + NOTIFY_INTERVAL - time.monotonic()
         del database  # held only while sending
         time.sleep(max(0.0, pause))
+
+
+def _string(value: str | None) -> str:
+    """``value`` as a JSON string (IDs, types and keys are checked: no NUL, no lone surrogate)."""
+    return "null" if value is None else encode_basestring(value)
 
 
 def _lock(n: int) -> str:

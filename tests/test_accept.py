@@ -181,6 +181,27 @@ def test_the_claim_notifies_the_workers_when_it_commits_and_only_for_new_events(
         listener.close()
 
 
+def test_a_burst_of_acks_shares_notifications_and_the_last_is_followed_by_one(queued, pg_url):
+    # Each notification is a transaction and wakes every worker: a busy web process must not
+    # send one per ack (the ack path lost a tenth of its requests/s to them in make bench),
+    # yet the workers must always hear of the last commit.
+    notifier = queued.extensions["idemhook.receiver"].acceptor.notifier
+    listener = psycopg2.connect(**_connect_args(pg_url))
+    listener.autocommit = True
+    try:
+        listener.cursor().execute("LISTEN idemhook_events")
+        for _ in range(1000):
+            notifier.poke()  # what each committed ack does
+        heard = []
+        while got := notifications(listener):  # until 0.5 s pass without one
+            heard += got
+        assert 1 <= len(heard) <= 5  # shared: the pokes took about a millisecond
+        notifier.poke()  # a lone ack later: notified too
+        assert notifications(listener) == ["idemhook_events"]
+    finally:
+        listener.close()
+
+
 def notifications(connection) -> list[str]:
     """The channels notified so far (the claim has committed when its answer is back)."""
     select.select([connection], [], [], 0.5)
