@@ -39,6 +39,7 @@ class Report:
     event_id: str = "?"
     event_type: str = "-"
     batch: str = "one event per request"
+    mode: str = "sync: handlers run in the request"
     secret: str = "?"
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -109,6 +110,8 @@ def inspect_sources() -> list[Report]:
         if source.batch is not None:
             where = "the body" if not source.batch.parts else str(source.batch)
             report.batch = f"a list at {where}, at most {source.max_batch}"
+        if source.asynchronous:
+            report.mode = _async_mode(source)
         path = getattr(scheme, "path", None)
         if path:  # an API (idempotency-key): its clients call its path
             report.url = f"{root or 'https://<your-host>'}{path}"
@@ -130,6 +133,16 @@ def inspect_sources() -> list[Report]:
         ):
             report.warnings.append("no handler: events will be recorded as ignored")
     return reports
+
+
+def _async_mode(source: sources_module.Source) -> str:
+    """How an asynchronous source answers, orders and retries (docs/async.md)."""
+    retries = source.retries
+    order = f"in order per {source.order_key}" if source.order_key else "no order promised"
+    return (
+        f"async: answered {source.ack_status}, applied by idemhook worker, {order}, "
+        f"at most {retries.max_attempts} attempts"
+    )
 
 
 def _warn_short(report: Report, keys: tuple[bytes, ...], setting: str) -> None:
@@ -178,6 +191,7 @@ def _show(reports: list[Report]) -> None:
         click.echo(f"  event id   {report.event_id}")
         click.echo(f"  event type {report.event_type}")
         click.echo(f"  batch      {report.batch}")
+        click.echo(f"  mode       {report.mode}")
         click.echo(f"  secret     {report.secret}")
         for problem in report.problems:
             click.echo(f"  PROBLEM    {problem}")

@@ -29,6 +29,28 @@ def test_sources_lists_url_scheme_locators_and_secret_status(make_app) -> None:
     assert PROVIDER_SOURCES["sources"]["stripe"]["secret"] not in out
 
 
+def test_sources_show_whether_handlers_run_in_the_request_or_in_the_worker(make_app) -> None:
+    config = {
+        "sources": {
+            "crm": {"scheme": "hubspot", "secret": "s" * 32},
+            "queued": {
+                **{"scheme": "hubspot", "secret": "s" * 32},
+                "mode": "async",
+                "ack_status": 200,
+                "order_key": "body:objectId",
+                "max_attempts": 4,
+            },
+        }
+    }
+    out = make_app(config).test_cli_runner().invoke(args=["sources"]).output
+    crm, queued = out.split("\nqueued\n", 1)
+    assert "mode       sync: handlers run in the request" in crm
+    assert (
+        "mode       async: answered 200, applied by idemhook worker, in order per "
+        "body:objectId, at most 4 attempts"
+    ) in queued
+
+
 def test_sources_check_passes_on_a_good_config(make_app) -> None:
     config = {
         **PROVIDER_SOURCES,
