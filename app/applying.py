@@ -47,6 +47,18 @@ unblocks the key. No advisory lock is held by workers: a lock alone would keep
 a key's events apart but not in order (the head in its backoff would be
 overtaken), and the head check alone already keeps them apart.
 
+**A worker that dies holding an event** (SIGKILL, the OOM killer, a crash in
+native code) loses its transaction, and the next worker takes the event at once.
+An event that kills every worker that runs it must not do so forever: before its
+handlers run, each take is counted (``processed_events.interruptions + 1``) in a
+transaction of its own, on a second lane, and taken back in the batch's commit.
+What remains is the number of workers that ended while they held the event. An
+event with interruptions is taken alone (so that the events beside it are not
+blamed with it), and one with :data:`MAX_INTERRUPTIONS` is not run again: it ends
+``failed`` with a ``delivery_failures`` row saying so (``idemhook failures retry``
+gives it a fresh start). PostgreSQL only: the demo's SQLite has one writer at a
+time, and its worker runs in one process.
+
 **Batches** grow while handlers are quick and shrink to one event when they are
 slow (a running mean), so a slow event never keeps other events waiting in the
 same transaction while another worker could run them. Between events the batch
@@ -106,6 +118,8 @@ DEFAULT_BATCH = 50
 WATCHED_THREADS = 4
 #: A batch is sized to run its handlers in about this long (a running mean per event).
 BATCH_SECONDS = 0.05
+#: Workers an event may take down (ended while they held it) before it ends ``failed``.
+MAX_INTERRUPTIONS = 3
 _RECEIVED = literal_column(f"'{Status.RECEIVED}'")
 
 
@@ -117,6 +131,8 @@ class _Taken:
     source: str
     event: Event
     attempts: int
+    #: Workers that ended while they held this event (PostgreSQL; 0 on SQLite).
+    interruptions: int = 0
 
 
 @dataclass(slots=True)
@@ -128,6 +144,8 @@ class _Applied:
     seconds: float
     run: HandlerRun | None = None
     delay: float | None = None
+    #: False for an event ended without running its handlers (too many interruptions).
+    ran: bool = True
 
 
 @dataclass(slots=True)
@@ -142,6 +160,8 @@ class _Batch:
     #: ``delivery_failures`` rows, written in the batch's transaction, before its COMMIT.
     failures: list[dict[str, Any]] = field(default_factory=list)
     applied: list[_Applied] = field(default_factory=list)
+    #: Events whose take was counted in ``interruptions`` (taken back with the COMMIT).
+    counted: list[int] = field(default_factory=list)
 
 
 class Applier:
@@ -187,6 +207,10 @@ class Applier:
             else None
         )
         self._overrun: _Batch | None = None
+        #: The counted takes of the batch running now (:meth:`_overran` gives them back).
+        self._counted: list[int] = []
+        #: Counted takes of batches lost to an error, given back before the next batch.
+        self._take_back: list[int] = []
 
     # -- the straight line ---------------------------------------------------------------------
 
@@ -231,7 +255,26 @@ class Applier:
             return _Batch(busy=True)
 
     def _transaction(self, worker: Worker, job: Job) -> _Batch | None:
+        if self._take_back:
+            self._give_back_takes()
+        self._counted = []
         batch = _Batch()
+        try:
+            return self._batch(worker, job, batch)
+        except BaseException:
+            # Lost with the connection (a restart), or an error of ours: not an interruption
+            # of this event. Given back before the next batch (if the COMMIT did get through,
+            # the count is back already: the statement stops at 0).
+            if not job.abandoned:  # else: given back by _overran
+                self._take_back.extend(batch.counted)
+            raise
+
+    def _give_back_takes(self) -> None:
+        with self.database.lanes.lane() as side:
+            side.execute_alone(_GIVE_BACK_PG, {"ids": self._take_back})
+        self._take_back = []
+
+    def _batch(self, worker: Worker, job: Job, batch: _Batch) -> _Batch | None:
         refused: DBAPIError | None = None
         with self.database.lanes.lane() as lane:
             lane.begin()
@@ -245,10 +288,17 @@ class Applier:
                     return None
                 if self._postgresql:
                     job.backend = rows[0][-1]  # pg_backend_pid(): who holds the locks
-                for row in rows:
+                taken = self._suspects_alone([self._taken(row) for row in rows])
+                for event in taken:
+                    if event.interruptions >= MAX_INTERRUPTIONS:
+                        self._given_up(event, batch)
+                if self._postgresql:
+                    self._count_takes(batch, taken)
+                for event in taken:
                     if worker.stopping or job.abandoned:
                         break  # the event in hand is done; the rest are released
-                    self._event(lane, self._taken(row), batch, job)
+                    if event.interruptions < MAX_INTERRUPTIONS:
+                        self._event(lane, event, batch, job)
                 if not job.may_commit():  # given up on (a handler overran): roll back
                     lane.rollback()
                     return None
@@ -268,6 +318,51 @@ class Applier:
         self._resize(batch)
         return batch
 
+    def _suspects_alone(self, taken: list[_Taken]) -> list[_Taken]:
+        """The batch to run: as taken, or only the first event that interrupted a worker.
+
+        The others are released with the commit, uncounted: should the suspect kill
+        this worker too, only its own count goes up.
+        """
+        if len(taken) > 1:
+            for event in taken:
+                if event.interruptions:
+                    return [event]
+        return taken
+
+    def _count_takes(self, batch: _Batch, taken: list[_Taken]) -> None:
+        """Count the takes of the events about to run, committed before any handler runs."""
+        ids = [event.row_id for event in taken if event.interruptions < MAX_INTERRUPTIONS]
+        if not ids:
+            return
+        with self.database.lanes.lane() as side:
+            side.execute_alone(_COUNT_TAKES_PG, {"ids": ids})
+        batch.counted = ids
+        self._counted = ids
+        for event in taken:
+            if event.interruptions:
+                log.warning(
+                    "event %s of %s: %d worker(s) ended while they held it; trying it alone "
+                    "(at %d it ends failed)",
+                    event.event.id,
+                    event.source,
+                    event.interruptions,
+                    MAX_INTERRUPTIONS,
+                )
+
+    def _given_up(self, taken: _Taken, batch: _Batch) -> None:
+        """``failed`` without running: the event was held by every worker that ended."""
+        error = RuntimeError(
+            f"{taken.interruptions} idemhook worker processes ended (killed, out of memory, "
+            "a crash) while they applied this event; it is not run again: `idemhook "
+            "failures retry` gives it a fresh start"
+        )
+        run = HandlerRun(Status.FAILED, handler="idemhook worker", error=error)
+        batch.failures.append(_failure(taken, run))
+        batch.stored.append((taken.row_id, Status.FAILED, dumps({"failed": run.summary})))
+        batch.done.append(taken.row_id)
+        batch.applied.append(_Applied(taken, "failed", 0.0, run, ran=False))
+
     def _closing(self, lane: Lane, batch: _Batch) -> tuple[str | None, dict[str, Any] | None]:
         """The statements sent with the COMMIT: dequeue finished events, store results.
 
@@ -278,10 +373,11 @@ class Applier:
         """
         if batch.failures:
             lane.connection.execute(insert(delivery_failures), batch.failures)
-        if not batch.stored and not batch.done:
+        if not batch.stored and not batch.done and not batch.counted:
             return None, None
         if self._postgresql:
             params = {
+                "counted": batch.counted,
                 "done": batch.done,
                 "ids": [row_id for row_id, _, _ in batch.stored],
                 "statuses": [str(status) for _, status, _ in batch.stored],
@@ -297,6 +393,7 @@ class Applier:
 
     def _taken(self, row: Any) -> _Taken:
         row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
+        interruptions = row[8]
         if isinstance(received_at, str):  # SQLite hands back text through the lane
             received_at = datetime.fromisoformat(received_at)
         if received_at.tzinfo is None:
@@ -306,7 +403,7 @@ class Applier:
         if isinstance(headers, str):
             headers = loads(headers)
         event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
-        return _Taken(row_id, source, event, attempts)
+        return _Taken(row_id, source, event, attempts, interruptions)
 
     def _event(self, lane: Lane, taken: _Taken, batch: _Batch, job: Job) -> None:
         event = taken.event
@@ -380,7 +477,7 @@ class Applier:
         naming the COMMIT's error, in a transaction of its own, and the next batches
         take one event at a time, so that the event at fault is found.
         """
-        counted = _Batch()
+        counted = _Batch(counted=batch.counted)  # the refused COMMIT gave no take back
         run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
         with self.database.lanes.lane() as lane:
             lane.begin()
@@ -413,7 +510,8 @@ class Applier:
         if backend is not None:
             with self.database.engine.connect() as conn:
                 conn.execute(select(func.pg_terminate_backend(backend)))
-        batch = _Batch()
+        # The abandoned batch never commits: its counted takes are taken back here.
+        batch = _Batch(counted=self._counted)
         with self.database.lanes.lane() as lane:
             lane.begin()
             try:
@@ -479,7 +577,7 @@ class Applier:
             if self.metrics is not None:
                 self.metrics.observe_delay(event.source, delay)
         if self.metrics is not None:
-            seconds = applied.seconds if applied.run is not None else None
+            seconds = applied.seconds if applied.run is not None and applied.ran else None
             self.metrics.observe_applied(event, applied.outcome, seconds)
         fields: dict[str, Any] = {
             "source": event.source,
@@ -527,6 +625,7 @@ def _take(sources: list[str], postgresql: bool) -> Any:
         e.c.headers,
         e.c.received_at,
         e.c.attempts,
+        e.c.interruptions,
     ]
     if postgresql:  # the session holding the locks, in case a handler overruns
         columns.append(func.pg_backend_pid())
@@ -621,13 +720,30 @@ def _compile(statement: Any, dialect: Any) -> str:
 _PARAMETERS = frozenset(
     {"now", "limit", "row_id", "status", "result", "delay", "next_attempt_at"}
 )
-#: Sent with a batch's COMMIT: its finished events leave the queue; their results stored.
+#: Sent with a batch's COMMIT: its counted takes taken back; its finished events leave the
+#: queue; their results stored.
 _FINISH_PG = (
+    "UPDATE processed_events SET interruptions = interruptions - 1 "
+    "WHERE id = ANY(CAST(%(counted)s AS bigint[])); "
     "DELETE FROM event_queue WHERE id = ANY(%(done)s); "
     "UPDATE processed_events AS e SET status = v.status, result = CAST(v.result AS jsonb), "
     "processed_at = clock_timestamp() "
     "FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(statuses)s AS text[]), "
     "CAST(%(results)s AS text[])) AS v(id, status, result) WHERE e.id = v.id"
+)
+
+
+#: A batch's takes, counted in a transaction of their own before its handlers run.
+_COUNT_TAKES_PG = (
+    "UPDATE processed_events SET interruptions = interruptions + 1 "
+    "WHERE id = ANY(CAST(%(ids)s AS bigint[]))"
+)
+
+
+#: Takes of a batch lost to an error (not to the worker's end), given back; never below 0.
+_GIVE_BACK_PG = (
+    "UPDATE processed_events SET interruptions = GREATEST(interruptions - 1, 0) "
+    "WHERE id = ANY(CAST(%(ids)s AS bigint[]))"
 )
 
 

@@ -196,6 +196,9 @@ def retry_failure(
 def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
     """Make an asynchronous event due now with a fresh set of attempts (docs/async.md).
 
+    (And of interruptions: an event given up on because workers kept dying with it
+    runs again, presumably once what killed them is mended.)
+
     For a ``failed`` event (every allowed attempt failed) or one waiting for its
     next attempt. ``idemhook worker`` applies it like a new one (workers are
     notified); for a source with ``order_key``, it is again its key's head if later
@@ -237,7 +240,7 @@ def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
         conn.execute(
             update(events)
             .where(events.c.id == row.id)
-            .values(status=str(Status.RECEIVED), attempts=0, result=None)
+            .values(status=str(Status.RECEIVED), attempts=0, interruptions=0, result=None)
         )
         if conn.dialect.name == "postgresql":
             from .accept import CHANNEL  # (accept reads safe_headers from here)

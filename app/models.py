@@ -98,6 +98,8 @@ class ProcessedEvent(Base):
     #: the event's order key (the value at the source's ``order_key``).
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     order_key: Mapped[str | None] = mapped_column(String(255))
+    #: Asynchronous sources: workers that ended (killed, crashed) while they held the event.
+    interruptions: Mapped[int] = mapped_column(Integer, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),

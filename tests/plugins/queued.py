@@ -14,12 +14,15 @@ the row is written:
 - ``{"block": true}``: label the session ``idemhook-worker-<pid>`` (visible in
   ``pg_stat_activity``) and wait for advisory lock :data:`LOCK_KEY`, which the test
   holds: the handler is stuck in its transaction until the test lets go;
-- ``{"mail": true}``: add an ``email`` outbox message (sent by the worker too).
+- ``{"mail": true}``: add an ``email`` outbox message (sent by the worker too);
+- ``{"die": true}``: SIGKILL the process running the handler, as the OOM killer
+  would (only ever sent to real worker processes).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from sqlalchemy import text
@@ -58,6 +61,8 @@ def apply(event, db):
             "pid": os.getpid(),
         },
     )
+    if payload.get("die"):
+        os.kill(os.getpid(), signal.SIGKILL)
     if payload.get("block"):
         db.execute(
             text("SELECT set_config('application_name', :name, true)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import threading
 import time
 from collections import Counter, defaultdict
@@ -21,11 +22,12 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
+from app.applying import MAX_INTERRUPTIONS
 from app.testing.postgres import _connect_args
 from tests.conftest import SECRET
 from tests.plugins.queued import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for
-from tests.servers import gunicorn, worker
+from tests.servers import gunicorn, start_worker, toml, worker
 
 pytestmark = [pytest.mark.fault, pytest.mark.gunicorn]
 
@@ -135,6 +137,52 @@ def test_a_worker_killed_mid_handler_leaves_the_event_to_another_which_applies_i
     row = status_of(sql, "k1")
     assert (row.attempts, row.result) == (0, {"applied": "k1"})  # a death is no failed attempt
     assert sql("SELECT count(*) FROM delivery_failures") == [(0,)]
+    # ... but it is remembered: one worker ended while it held the event.
+    assert sql("SELECT interruptions FROM processed_events WHERE event_id = 'k1'") == [(1,)]
+
+
+def test_an_event_that_kills_every_worker_ends_failed_and_the_others_are_applied_once(
+    clean_db, sql, tmp_path
+):
+    # An event whose handler takes its process down (the OOM killer, a crash in native
+    # code) must not take down every worker forever: after MAX_INTERRUPTIONS it ends
+    # failed without running, and the events beside it are applied, each once.
+    config = tmp_path / "webhooks.toml"
+    config.write_text(toml(ASYNC_SOURCES))
+    events = [*(f"before-{n}" for n in range(4)), "poison", *(f"after-{n}" for n in range(4))]
+    with gunicorn(ASYNC_SOURCES, clean_db) as server:
+        for event_id in events:  # one at a time: received in this order
+            payload = {"id": event_id, "die": event_id == "poison"}
+            assert signed_post(server.url, "queued", payload).status_code == 202
+    for n in range(MAX_INTERRUPTIONS):
+        doomed = start_worker(config, clean_db, env=WORKER_ENV, log_path=tmp_path / f"w{n}.log")
+        assert doomed.process.wait(timeout=GUARD_SECONDS) == -signal.SIGKILL, doomed.log()
+    assert sql(
+        "SELECT status, interruptions FROM processed_events WHERE event_id = 'poison'"
+    ) == [("received", MAX_INTERRUPTIONS)]
+    with worker(ASYNC_SOURCES, clean_db, env=WORKER_ENV) as survivor:
+        wait_for(lambda: processed_count(sql) == len(events) - 1, "the other events")
+        wait_for(lambda: status_of(sql, "poison").status == "failed", "the poison to fail")
+        survivor.wait_log("event_id=poison event_type=- outcome=failed")
+        assert survivor.process.poll() is None  # alive: the poison never ran again
+    poison = status_of(sql, "poison")
+    failed = {"failed": "idemhook worker raised RuntimeError"}
+    assert (poison.attempts, poison.result) == (0, failed)
+    [(error,)] = sql("SELECT error FROM delivery_failures WHERE event_id = 'poison'")
+    assert error.startswith(
+        f"idemhook worker raised RuntimeError: {MAX_INTERRUPTIONS} idemhook worker processes "
+        "ended (killed, out of memory, a crash) while they applied this event"
+    )
+    # Every other event applied once; its batch-mates at the first death were counted once,
+    # and never again: an event with interruptions is taken alone.
+    assert sql("SELECT event_id, count(*) FROM test_applied GROUP BY 1 ORDER BY 1") == [
+        (event_id, 1) for event_id in sorted(events) if event_id != "poison"
+    ]
+    blamed = dict(
+        sql("SELECT event_id, interruptions FROM processed_events WHERE event_id <> 'poison'")
+    )
+    assert set(blamed.values()) == {0, 1}, blamed
+    assert sql("SELECT count(*) FROM delivery_failures WHERE event_id <> 'poison'") == [(0,)]
 
 
 def blocked_worker(sql) -> int | None:
