@@ -891,7 +891,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"({drained['events']:,} events in {drained['seconds']} s)",
         ),
         (
-            "Async: receipt-to-processed p99 < 100 ms at 50% of the drain rate",
+            "Async: receipt-to-processed p99 < 100 ms at half load (half the drain rate, or "
+            "half the ack path's peak where that is lower)",
             paced["p99_ms"],
             100.0,
             f"p99 {paced['p99_ms']} ms, p50 {paced['p50_ms']} ms at {paced['achieved_rps']:.0f} "
