@@ -200,9 +200,10 @@ def test_operators_see_waiting_events_and_replay_refuses_them(app, send, runner,
         "attempts",
         "next_attempt_at",
         "order_key",
+        "interruptions",
     ]
     assert line.split()[1:5] == ["ordered", "w1", "-", "received"]
-    assert line.split()[5] == "1" and line.split()[7] == "deal-1"
+    assert line.split()[5] == "1" and line.split()[7:] == ["deal-1", "0"]
     refused = runner.invoke(args=["events", "replay", "ordered", "w1", "--force"])
     assert refused.exit_code == 1
     assert "has not been applied yet: it waits for idemhook worker" in refused.output

@@ -24,7 +24,13 @@ events_cli = DatabaseGroup("events", help="Query, replay and prune processed eve
 
 LIST_TABLE = ("received_at", "source", "event_id", "event_type", "status", "duplicate_count")
 #: With ``--status received``: where each waiting event stands with the worker.
-WAITING_TABLE = (*LIST_TABLE[:5], "attempts", "next_attempt_at", "order_key")
+WAITING_TABLE = (
+    *LIST_TABLE[:5],
+    "attempts",
+    "next_attempt_at",
+    "order_key",
+    "interruptions",  # last: the columns before it keep their places
+)
 
 
 @database_only
