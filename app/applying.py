@@ -207,8 +207,8 @@ class Applier:
             else None
         )
         self._overrun: _Batch | None = None
-        #: The counted takes of the batch running now (:meth:`_overran` gives them back).
-        self._counted: list[int] = []
+        #: The batch running now (:meth:`_overran` gives its counted takes back).
+        self._running = _Batch()
         #: Counted takes of batches lost to an error, given back before the next batch.
         self._take_back: list[int] = []
 
@@ -257,8 +257,7 @@ class Applier:
     def _transaction(self, worker: Worker, job: Job) -> _Batch | None:
         if self._take_back:
             self._give_back_takes()
-        self._counted = []
-        batch = _Batch()
+        batch = self._running = _Batch()
         try:
             return self._batch(worker, job, batch)
         except BaseException:
@@ -289,16 +288,16 @@ class Applier:
                 if self._postgresql:
                     job.backend = rows[0][-1]  # pg_backend_pid(): who holds the locks
                 taken = self._suspects_alone([self._taken(row) for row in rows])
+                runnable = [e for e in taken if e.interruptions < MAX_INTERRUPTIONS]
                 for event in taken:
                     if event.interruptions >= MAX_INTERRUPTIONS:
                         self._given_up(event, batch)
-                if self._postgresql:
-                    self._count_takes(batch, taken)
-                for event in taken:
+                if self._postgresql and runnable:
+                    self._count_takes(batch, runnable)
+                for event in runnable:
                     if worker.stopping or job.abandoned:
                         break  # the event in hand is done; the rest are released
-                    if event.interruptions < MAX_INTERRUPTIONS:
-                        self._event(lane, event, batch, job)
+                    self._event(lane, event, batch, job)
                 if not job.may_commit():  # given up on (a handler overran): roll back
                     lane.rollback()
                     return None
@@ -330,16 +329,13 @@ class Applier:
                     return [event]
         return taken
 
-    def _count_takes(self, batch: _Batch, taken: list[_Taken]) -> None:
+    def _count_takes(self, batch: _Batch, runnable: list[_Taken]) -> None:
         """Count the takes of the events about to run, committed before any handler runs."""
-        ids = [event.row_id for event in taken if event.interruptions < MAX_INTERRUPTIONS]
-        if not ids:
-            return
+        ids = [event.row_id for event in runnable]
         with self.database.lanes.lane() as side:
             side.execute_alone(_COUNT_TAKES_PG, {"ids": ids})
         batch.counted = ids
-        self._counted = ids
-        for event in taken:
+        for event in runnable:
             if event.interruptions:
                 log.warning(
                     "event %s of %s: %d worker(s) ended while they held it; trying it alone "
@@ -511,7 +507,7 @@ class Applier:
             with self.database.engine.connect() as conn:
                 conn.execute(select(func.pg_terminate_backend(backend)))
         # The abandoned batch never commits: its counted takes are taken back here.
-        batch = _Batch(counted=self._counted)
+        batch = _Batch(counted=self._running.counted)
         with self.database.lanes.lane() as lane:
             lane.begin()
             try:
