@@ -56,6 +56,32 @@ def failures(sql):
     return sql("SELECT event_id, permanent, error FROM delivery_failures ORDER BY id")
 
 
+def test_a_failed_attempt_and_its_failure_row_commit_together_or_not_at_all(app, send, sql):
+    # The worker commits a failed attempt (its count, its backoff): its delivery_failures
+    # row is in that transaction, so nobody ever sees the attempt without its row. Shown
+    # by a failure row PostgreSQL refuses: the attempt is not recorded either.
+    send("queued", {"id": "f1", "type": "t", "fail": "always"})
+    sql(
+        "CREATE FUNCTION refuse_failure() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'no failure rows today'; END $$"
+    )
+    sql(
+        "CREATE TRIGGER refuse_failure BEFORE INSERT ON delivery_failures "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_failure()"
+    )
+    try:
+        with pytest.raises(Exception, match="no failure rows today"):
+            apply_due(app)
+    finally:
+        sql("DROP TRIGGER refuse_failure ON delivery_failures")
+        sql("DROP FUNCTION refuse_failure()")
+    assert (row(sql, "f1").status, row(sql, "f1").attempts) == ("received", 0)
+    assert failures(sql) == []
+    assert apply_due(app) == 1  # the next look counts the attempt, with its row
+    assert row(sql, "f1").attempts == 1
+    assert [(e, permanent) for e, permanent, _ in failures(sql)] == [("f1", False)]
+
+
 def test_each_outcome_is_recorded_with_the_handlers_work_and_leaves_the_queue(app, send, sql):
     send("queued", {"id": "ok", "type": "t"})
     send("queued", {"id": "skip", "type": "t", "ignore": "not ours"})
