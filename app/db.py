@@ -120,8 +120,22 @@ def timeouts_of(config: Any) -> Timeouts:
     return Timeouts(statement, statement, handler + statement)
 
 
+#: The ``application_name`` of each process role (``IDEMHOOK_APPLICATION_NAME`` overrides it).
+APPLICATION_NAMES = {"web": "idemhook-web", "worker": "idemhook-worker", "cli": "idemhook-cli"}
+
+
+def application_name(config: Any) -> str:
+    """The name this process's connections carry in ``pg_stat_activity``."""
+    return config.get("IDEMHOOK_APPLICATION_NAME") or APPLICATION_NAMES["web"]
+
+
 def build_engine(
-    url: URL, *, timeouts: Timeouts, pool_size: int, pool_mode: str = "keep"
+    url: URL,
+    *,
+    timeouts: Timeouts,
+    pool_size: int,
+    pool_mode: str = "keep",
+    name: str = APPLICATION_NAMES["web"],
 ) -> Engine:
     """Create the engine for ``url`` with the timeouts and pool the claim path relies on."""
     if pool_mode not in POOL_MODES:
@@ -145,7 +159,7 @@ def build_engine(
         json_deserializer=loads,
         connect_args={
             # The only startup parameter: poolers refuse `options`, all accept this one.
-            "application_name": "idemhook",
+            "application_name": name,
             "connect_timeout": 3,
             "keepalives": 1,
             "keepalives_idle": 30,
@@ -285,6 +299,7 @@ def init_app(app: Flask) -> Database:
         timeouts=timeouts,
         pool_size=app.config["IDEMHOOK_POOL_SIZE"],
         pool_mode=pool_mode,
+        name=application_name(app.config),
     )
     database = Database(engine, timeouts=timeouts, pool_mode=pool_mode)
     app.extensions["idemhook.db"] = database
@@ -304,7 +319,11 @@ def migration_engine(app: Flask) -> Engine:
         url = app.config.get("IDEMHOOK_MIGRATION_DATABASE_URL") or app.config["DATABASE_URL"]
         lock_ms = int(app.config["IDEMHOOK_STATEMENT_TIMEOUT_MS"])
         found = app.extensions["idemhook.migration_engine"] = build_engine(
-            url, timeouts=Timeouts(0, lock_ms, 0), pool_size=1, pool_mode="session-pooler"
+            url,
+            timeouts=Timeouts(0, lock_ms, 0),
+            pool_size=1,
+            pool_mode="session-pooler",
+            name=application_name(app.config),
         )
     return found
 

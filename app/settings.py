@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
     # Longest one event's handlers may run before the delivery is answered 503
     # handler_timeout and rolled back. 0: twice IDEMHOOK_STATEMENT_TIMEOUT_MS.
     "IDEMHOOK_HANDLER_TIMEOUT_MS": 0,
+    # The application_name of every database connection this process opens, as
+    # pg_stat_activity shows it. Empty: by role, "idemhook-web" (the web app),
+    # "idemhook-worker" (`idemhook worker`), "idemhook-cli" (every other command).
+    "IDEMHOOK_APPLICATION_NAME": "",
     # Connections kept per worker process.
     "IDEMHOOK_POOL_SIZE": 4,
     # "keep": keep connections (direct, or a transaction-mode pooler such as PgBouncer's

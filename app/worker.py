@@ -88,13 +88,20 @@ def worker_name() -> str:
 class Listener:
     """A ``LISTEN`` connection of its own; reconnects when it is lost, never raises."""
 
-    def __init__(self, url: URL, channels: Sequence[str], *, connect_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        url: URL,
+        channels: Sequence[str],
+        *,
+        connect_timeout_ms: int,
+        name: str = "idemhook-worker-listen",
+    ) -> None:
         self.channels = tuple(dict.fromkeys(channels))
         # No pool (one connection, held for good) and no SET LOCAL: LISTEN runs outside
         # any transaction, in autocommit.
         self.engine = build_engine(
             url, timeouts=Timeouts(connect_timeout_ms, connect_timeout_ms, 0), pool_size=1,
-            pool_mode="session-pooler",
+            pool_mode="session-pooler", name=name,
         )
         self._raw: Any = None
         self._retry_at = 0.0
@@ -176,6 +183,7 @@ class Worker:
         poll_seconds: float = 1.0,
         listen_url: URL | None = None,
         connect_timeout_ms: int = 2000,
+        listen_name: str = "idemhook-worker-listen",
     ) -> None:
         if not works:
             raise ValueError("a worker needs at least one kind of work")
@@ -183,7 +191,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         channels = [channel for work in self.works for channel in work.channels]
         self.listener = (
-            Listener(listen_url, channels, connect_timeout_ms=connect_timeout_ms)
+            Listener(listen_url, channels, connect_timeout_ms=connect_timeout_ms, name=listen_name)
             if listen_url is not None and channels
             else None
         )

@@ -75,7 +75,7 @@ def test_lost_connections_are_replaced_and_the_delivery_retried(client, sql):
     def kill_receiver_connections():
         sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'idemhook'"
+            "WHERE datname = current_database() AND application_name = 'idemhook-web'"
         )
 
     assert deliver(client, "acme", {"id": "k1", "type": "contact.updated"}).status_code == 200

@@ -79,7 +79,7 @@ def test_an_idle_lane_is_outside_any_transaction(make_app, sql, pg_url):
     # Seen from another connection: the kept one is idle, not "idle in transaction".
     states = sql(
         "SELECT state FROM pg_stat_activity "
-        "WHERE application_name = 'idemhook' AND datname = current_database() "
+        "WHERE application_name = 'idemhook-web' AND datname = current_database() "
         "AND pid <> pg_backend_pid()"
     )
     assert states and {s[0] for s in states} == {"idle"}

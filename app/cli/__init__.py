@@ -11,6 +11,7 @@ when it runs, and only what it needs (:mod:`.common`: ``database_only``,
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from flask import Flask
 from flask.cli import ScriptInfo
 
 from .. import settings
+from ..db import APPLICATION_NAMES
 from ..errors import ConfigError
 from .common import NEEDS_ATTRIBUTE, ConfigMissing
 from .db import db_cli
@@ -81,9 +83,14 @@ def _create_app() -> Flask:
     ctx = click.get_current_context(silent=True)
     needs = getattr(ctx.command, NEEDS_ATTRIBUTE, None) if ctx is not None else None
     what = f"`{ctx.command_path}`" if ctx is not None else "this command"
+    # Each process says what it is in pg_stat_activity (unless the operator named it).
+    role = "worker" if ctx is not None and ctx.command.name == "worker" else "cli"
+    named = None
+    if not os.environ.get("IDEMHOOK_APPLICATION_NAME"):
+        named = {"IDEMHOOK_APPLICATION_NAME": APPLICATION_NAMES[role]}
     try:
         if needs == "database":
-            return create_app(database_only=True)
+            return create_app(named, database_only=True)
         if needs == "sources":
             config = settings.load()["IDEMHOOK_CONFIG"]
             if not Path(config).exists():
@@ -91,7 +98,7 @@ def _create_app() -> Flask:
                     f"{what} needs the sources file: {config} does not exist in {Path.cwd()} "
                     "(set IDEMHOOK_CONFIG)"
                 )
-        return create_app()
+        return create_app(named)
     except ConfigError as exc:  # a start-up error is one line, not a traceback
         raise ConfigMissing(str(exc)) from None
 

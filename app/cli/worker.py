@@ -11,7 +11,7 @@ from flask.cli import with_appcontext
 from prometheus_client import start_http_server
 
 from ..applying import Applier
-from ..db import Database, Timeouts, build_engine
+from ..db import Database, Timeouts, application_name, build_engine
 from ..metrics import Metrics, OutboxCollector, OutboxMetrics, QueueCollector
 from ..sending import Delivery
 from ..worker import Work, Worker
@@ -89,6 +89,7 @@ def worker_command(metrics_bind: str | None) -> None:
         poll_seconds=config["IDEMHOOK_WORKER_POLL_MS"] / 1000,
         listen_url=listen_url,
         connect_timeout_ms=config["IDEMHOOK_STATEMENT_TIMEOUT_MS"],
+        listen_name=f"{application_name(config)}-listen",
     )
     worker.install_signal_handlers()
     try:
@@ -109,5 +110,11 @@ def _database(config: Any) -> Database:
     timeouts = Timeouts(statement, statement, handler + statement)
     mode = config["IDEMHOOK_POOL_MODE"]
     # One lane at a time, and one more for each claim thread a stuck handler may hold.
-    engine = build_engine(config["DATABASE_URL"], timeouts=timeouts, pool_size=4, pool_mode=mode)
+    engine = build_engine(
+        config["DATABASE_URL"],
+        timeouts=timeouts,
+        pool_size=4,
+        pool_mode=mode,
+        name=application_name(config),
+    )
     return Database(engine, timeouts=timeouts, pool_mode=mode)

@@ -321,7 +321,7 @@ def test_a_handler_sleeping_10_s_is_answered_at_once_and_applied_once_later(clea
 def worker_in_transaction(sql) -> bool:
     rows = sql(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = 'idemhook' AND state = 'idle in transaction'"
+        "AND application_name = 'idemhook-worker' AND state = 'idle in transaction'"
     )
     return rows[0][0] > 0
 

@@ -215,7 +215,7 @@ def keep_connections(server: Server, url: URL) -> dict[int, set[int]]:
         for (pid,) in _sql(
             url,
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = 'idemhook' AND state = 'idle'",
+            "AND application_name = 'idemhook-web' AND state = 'idle'",
         )
     }
     return {worker: backends[worker] & idle for worker in workers}
