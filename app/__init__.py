@@ -27,6 +27,7 @@ from . import (
     metrics,
     operations,
     plugins,
+    problems,
     settings,
     sources,
 )
@@ -81,6 +82,7 @@ def create_app(
     dashboard.init_app(app)
     # The plugins' own routes (IDEMHOOK_BLUEPRINT), after idemhook's: none may take one.
     plugins.register_blueprints(app, registry)
+    problems.init_app(app)
     # Last of the routes: an API source's path must not take one of the others.
     operations.init_app(app, loaded.sources, claimer)
     cli.init_app(app)

@@ -33,19 +33,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from . import failures
-from .db import Database, dumps, is_disconnect, is_timeout
+from .attempt import overrun, watched
+from .db import Database, dumps, is_disconnect
 from .dispatch import ClaimSession, HandlerRun, run_handlers
 from .errors import ServiceUnavailable
 from .lanes import Lane
-from .models import processed_events
 from .outcome import Outcome, Status
 from .plugins import Event, Registry
 from .statements import ClaimStatements
+from .store import claims
 from .watchdog import Job, Watchdog
 
 __all__ = ["ClaimSession", "Claimer", "Outcome", "Status"]
@@ -63,13 +63,11 @@ class _Transaction:
     outcomes: list[Outcome] = field(default_factory=list)
     #: Result rows of applied events, stored by one statement sent with the COMMIT.
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: ``delivery_failures`` rows, written after the transaction ends.
+    #: ``delivery_failures`` rows, written after the transaction ends (on its lane).
     failures: list[dict[str, Any]] = field(default_factory=list)
     #: Observer and timer calls, made once the transaction's fate is known.
     observed: list[tuple[Event, Outcome, float]] = field(default_factory=list)
     timings: list[tuple[Event, str, float]] = field(default_factory=list)
-    #: What PostgreSQL answered a COMMIT it refused.
-    refused: DBAPIError | None = None
     #: The delivery's headers as stored with each claim (JSON; one request, one value).
     headers: str = "{}"
 
@@ -106,225 +104,8 @@ class Claimer:
 
     def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
         """Claim and handle ``events``; answer when done, or 503 when a handler overruns."""
-        return self.watchdog.run(
-            lambda job: self._apply(events, raw_body, job),
-            on_overrun=lambda job: self._overran(job, raw_body),
-        )
-
-    def _apply(self, events: Sequence[Event], raw_body: bytes, job: Job) -> list[Outcome]:
-        try:
-            return self._transaction(events, raw_body, job)
-        except DBAPIError as exc:
-            if job.abandoned:
-                return []  # answered already (handler_timeout); nothing of it was kept
-            if not is_disconnect(exc) or job.handlers_ran:
-                if is_disconnect(exc):
-                    return self._after_lost_connection(events, exc)
-                raise
-        # Lost before any handler started: a kept connection that did not survive a
-        # database restart (every idle lane is retired with it). Safe to try once more.
-        try:
-            return self._transaction(events, raw_body, job)
-        except DBAPIError as exc:
-            if is_disconnect(exc):
-                return self._after_lost_connection(events, exc)
-            raise
-
-    def _transaction(self, events: Sequence[Event], raw_body: bytes, job: Job) -> list[Outcome]:
-        tx = _Transaction(headers=dumps(failures.safe_headers(events[0].headers)))
-        with self.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                for event in events:
-                    if job.abandoned:
-                        lane.rollback()
-                        return []
-                    tx.outcomes.append(self._event(lane, event, job, tx, raw_body))
-                self._commit(lane, job, tx)
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-                lane.session.close()
-        if job.abandoned:
-            return []  # the request has been answered; nothing of this claim was kept
-        if tx.refused is not None:
-            tx = self._commit_failed(events, tx, raw_body, tx.refused)
-        failures.record(self.database.engine, tx.failures)
-        self._report(tx)
-        return tx.outcomes
-
-    # -- one event -----------------------------------------------------------------------------
-
-    def _event(
-        self, lane: Lane, event: Event, job: Job, tx: _Transaction, raw_body: bytes
-    ) -> Outcome:
-        """Claim ``event`` and run its handlers inside its own savepoint."""
-        started = time.perf_counter()
-        registrations = self.registry.for_event(event.source, event.type)
-        lane.savepoint()
-        status = Status.PROCESSED if registrations else Status.IGNORED
-        row = self._claim(lane, event, status, tx.headers)
-        tx.timings.append((event, "claim", time.perf_counter() - started))
-        if row.duplicates:
-            pending = tx.stored.get(event.id)  # a repeat inside this delivery
-            result = pending["value"] if pending is not None else row.result
-            return self._done(tx, event, Outcome(event.id, Status.DUPLICATE, result), started)
-        if not registrations:
-            return self._done(tx, event, Outcome(event.id, Status.IGNORED), started)
-
-        job.handlers_started(event)
-        handlers_started = time.perf_counter()
-        run = run_handlers(registrations, event, lane.session, senders=self.registry.senders)
-        job.handlers_ended()
-        tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
-        if run.status is Status.FAILED and is_disconnect(run.error):
-            raise run.error  # type: ignore[misc]  # the lost connection, handled by _apply
-
-        if run.status in (Status.PROCESSED, Status.IGNORED):
-            stored = self.statements.result_row(row.id, run.status, run.stored or "null")
-            if self._postgresql:
-                tx.stored[event.id] = {**stored, "value": run.result}
-            else:
-                lane.execute(self.statements.finish_sql, stored)
-            return self._done(tx, event, Outcome(event.id, run.status, run.result), started)
-
-        # Failed or rejected: undo this event's claim and effects, keep the others'.
-        lane.session.close()
-        lane.rollback_to_savepoint()
-        if run.status is Status.REJECTED:
-            outcome = self._claim_rejected(lane, event, run, tx.headers)
-            if outcome.status is Status.REJECTED:
-                tx.failures.append(_failure(event, run, raw_body))
-        else:
-            outcome = _failed_outcome(event, run)
-            tx.failures.append(_failure(event, run, raw_body))
-        return self._done(tx, event, outcome, started)
-
-    def _claim(self, lane: Lane, event: Event, status: Status, headers: str) -> Any:
-        params = self.statements.claim_params(event, status, headers)
-        try:
-            row = lane.execute(self.statements.claim_sql, params).fetchone()
-        except DBAPIError as exc:
-            if is_timeout(exc) and not is_disconnect(exc):
-                raise ServiceUnavailable(
-                    f"Event {event.id!r} is being processed by another delivery right now; "
-                    "retry shortly.",
-                    code="event_in_progress",
-                ) from exc
-            raise
-        return self.statements.claim_row(row)
-
-    def _claim_rejected(
-        self, lane: Lane, event: Event, run: HandlerRun, headers: str
-    ) -> Outcome:
-        """Claim ``event`` as rejected (its effects are already rolled back)."""
-        row = self._claim(lane, event, Status.REJECTED, headers)
-        if row.duplicates:  # another delivery claimed it while ours rolled back
-            return Outcome(event.id, Status.DUPLICATE, row.result)
-        stored = self.statements.result_row(
-            row.id, Status.REJECTED, dumps(run.result, strict=True)
-        )
-        lane.execute(self.statements.finish_sql, stored)
-        return Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
-
-    @staticmethod
-    def _done(tx: _Transaction, event: Event, outcome: Outcome, started: float) -> Outcome:
-        tx.observed.append((event, outcome, time.perf_counter() - started))
-        return outcome
-
-    # -- the end of the transaction ------------------------------------------------------------
-
-    def _commit(self, lane: Lane, job: Job, tx: _Transaction) -> None:
-        """Store the results and commit (``tx.refused``: what PostgreSQL refused).
-
-        A lost connection is raised (the caller looks up what committed); an
-        abandoned claim (its handler overran) is rolled back instead.
-        """
-        sql, params = self._closing_statement(tx)
-        if not job.may_commit():
-            lane.rollback()
-            return
-        try:
-            lane.commit(sql, params)
-        except DBAPIError as exc:
-            if is_disconnect(exc):
-                raise
-            lane.rollback()
-            tx.refused = exc
-
-    def _closing_statement(self, tx: _Transaction) -> tuple[str | None, dict[str, Any] | None]:
-        """The statement sent with the COMMIT: the results to store, or none.
-
-        A transaction that only counted duplicates changes nothing but
-        ``duplicate_count`` and ``last_seen_at``. With ``synchronous_commit`` off
-        for it, PostgreSQL answers the commit before the WAL reaches the disk: a
-        crash in the next fraction of a second can lose those counts, never an
-        event, a result or a failure (docs/guarantees.md), and the duplicate path
-        no longer waits for a disk flush.
-        """
-        if tx.stored:
-            return self.statements.store(list(tx.stored.values()))
-        if self._postgresql and all(o.status is Status.DUPLICATE for o in tx.outcomes):
-            return "SET LOCAL synchronous_commit TO OFF", None
-        return None, None
-
-    def _commit_failed(
-        self, events: Sequence[Event], tx: _Transaction, raw_body: bytes, error: DBAPIError
-    ) -> _Transaction:
-        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
-
-        Nothing of the transaction remains: every event it claimed failed, and
-        each gets a ``delivery_failures`` row naming the commit's error.
-        """
-        failed = _Transaction()
-        for event, outcome in zip(events, tx.outcomes, strict=True):
-            if outcome.status is Status.DUPLICATE:
-                failed.outcomes.append(outcome)
-                continue
-            run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
-            failed.outcomes.append(_failed_outcome(event, run))
-            failed.failures.append(_failure(event, run, raw_body))
-        failed.observed = [(e, o, 0.0) for e, o in zip(events, failed.outcomes, strict=True)]
-        failed.timings = tx.timings
-        return failed
-
-    def _after_lost_connection(self, events: Sequence[Event], lost: DBAPIError) -> list[Outcome]:
-        """The connection died at or after the handlers: never run them again here.
-
-        Look at the claims on a fresh connection: committed (our COMMIT landed
-        before the connection died, or another delivery applied them since), they
-        are answered as the duplicates they now are; otherwise 503.
-        """
-        keys = [(e.source, e.id) for e in events]
-        table = processed_events
-        try:
-            with self.database.engine.connect() as conn:
-                found = dict(
-                    conn.execute(
-                        select(table.c.event_id, table.c.result).where(
-                            tuple_(table.c.source, table.c.event_id).in_(keys)
-                        )
-                    ).all()
-                )
-        except DBAPIError as exc:
-            raise _unavailable() from exc
-        if all(e.id in found for e in events):
-            return [Outcome(e.id, Status.DUPLICATE, found[e.id]) for e in events]
-        raise _unavailable() from lost
-
-    def _overran(self, job: Job, raw_body: bytes) -> None:
-        """Record the handler that overran (called by the request thread, once)."""
-        event = job.event
-        limit = round(self.watchdog.limit * 1000)
-        error = TimeoutError(
-            f"the handlers ran longer than IDEMHOOK_HANDLER_TIMEOUT_MS ({limit} ms); the "
-            "delivery was answered 503 handler_timeout and its transaction rolled back"
-        )
-        run = HandlerRun(Status.FAILED, handler="handlers", error=error)
-        outcome = _failed_outcome(event, run)
-        failures.record(self.database.engine, [_failure(event, run, raw_body)])
-        for observer in self.observers:
-            observer(event, outcome, self.watchdog.limit)
+        attempt = _Delivery(self, events, raw_body)
+        return watched(self.watchdog, attempt, on_overrun=attempt.overran)
 
     def _report(self, tx: _Transaction) -> None:
         for timing in tx.timings:
@@ -335,16 +116,199 @@ class Claimer:
                 observer(*observed)
 
 
-def _failure(event: Event, run: HandlerRun, raw_body: bytes) -> dict[str, Any]:
-    if run.error is None:  # pragma: no cover (failed and rejected runs carry their error)
-        raise ValueError("a failed handler run without its error")
-    return failures.failure_row(
-        event,
-        error=run.error_text,
-        cause=run.error,
-        raw_body=raw_body,
-        permanent=run.status is Status.REJECTED,
-    )
+class _Delivery:
+    """One delivery's claim: an :class:`app.attempt.Attempt` (the bracket decides its faults)."""
+
+    def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:
+        self.claimer = claimer
+        self.events = events
+        self.raw_body = raw_body
+        self.tx = _Transaction()
+        #: The event whose claim statement runs now (named when it waits too long).
+        self.claiming: Event | None = None
+
+    def once(self, job: Job) -> list[Outcome]:
+        claimer = self.claimer
+        tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(self.events[0].headers)))
+        with claimer.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                for event in self.events:
+                    if job.abandoned:
+                        lane.rollback()
+                        return []
+                    tx.outcomes.append(self._event(lane, event, job))
+                sql, params = self._closing_statement()
+                if not job.may_commit():  # answered handler_timeout already: keep nothing
+                    lane.rollback()
+                    return []
+                lane.commit(sql, params)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+            # On the attempt's own lane: never waits for the pool (docs/guarantees.md).
+            failures.write(lane, tx.failures)
+        claimer._report(tx)
+        return tx.outcomes
+
+    # -- one event -----------------------------------------------------------------------------
+
+    def _event(self, lane: Lane, event: Event, job: Job) -> Outcome:
+        """Claim ``event`` and run its handlers inside its own savepoint."""
+        claimer, tx = self.claimer, self.tx
+        started = time.perf_counter()
+        registrations = claimer.registry.for_event(event.source, event.type)
+        lane.savepoint()
+        status = Status.PROCESSED if registrations else Status.IGNORED
+        row = self._claim(lane, event, status)
+        tx.timings.append((event, "claim", time.perf_counter() - started))
+        if row.duplicates:
+            pending = tx.stored.get(event.id)  # a repeat inside this delivery
+            result = pending["value"] if pending is not None else row.result
+            return self._done(event, Outcome(event.id, Status.DUPLICATE, result), started)
+        if not registrations:
+            return self._done(event, Outcome(event.id, Status.IGNORED), started)
+
+        job.handlers_started(event)
+        handlers_started = time.perf_counter()
+        run = run_handlers(registrations, event, lane.session, senders=claimer.registry.senders)
+        job.handlers_ended()
+        tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
+
+        if run.status in (Status.PROCESSED, Status.IGNORED):
+            stored = claimer.statements.result_row(row.id, run.status, run.stored or "null")
+            if claimer._postgresql:
+                tx.stored[event.id] = {**stored, "value": run.result}
+            else:
+                lane.execute(claimer.statements.finish_sql, stored)
+            return self._done(event, Outcome(event.id, run.status, run.result), started)
+
+        # Failed or rejected: undo this event's claim and effects, keep the others'.
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        if run.status is Status.REJECTED:
+            outcome = self._claim_rejected(lane, event, run)
+            if outcome.status is Status.REJECTED:
+                tx.failures.append(failures.failure_of(event, run, self.raw_body))
+        else:
+            outcome = _failed_outcome(event, run)
+            tx.failures.append(failures.failure_of(event, run, self.raw_body))
+        return self._done(event, outcome, started)
+
+    def _claim(self, lane: Lane, event: Event, status: Status) -> Any:
+        statements = self.claimer.statements
+        self.claiming = event
+        row = lane.execute(
+            statements.claim_sql, statements.claim_params(event, status, self.tx.headers)
+        ).fetchone()
+        self.claiming = None
+        return statements.claim_row(row)
+
+    def _claim_rejected(self, lane: Lane, event: Event, run: HandlerRun) -> Outcome:
+        """Claim ``event`` as rejected (its effects are already rolled back)."""
+        row = self._claim(lane, event, Status.REJECTED)
+        if row.duplicates:  # another delivery claimed it while ours rolled back
+            return Outcome(event.id, Status.DUPLICATE, row.result)
+        statements = self.claimer.statements
+        stored = statements.result_row(row.id, Status.REJECTED, dumps(run.result, strict=True))
+        lane.execute(statements.finish_sql, stored)
+        return Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
+
+    def _done(self, event: Event, outcome: Outcome, started: float) -> Outcome:
+        self.tx.observed.append((event, outcome, time.perf_counter() - started))
+        return outcome
+
+    def _closing_statement(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The statement sent with the COMMIT: the results to store, or none.
+
+        A transaction that only counted duplicates changes nothing but
+        ``duplicate_count`` and ``last_seen_at``. With ``synchronous_commit`` off
+        for it, PostgreSQL answers the commit before the WAL reaches the disk: a
+        crash in the next fraction of a second can lose those counts, never an
+        event, a result or a failure (docs/guarantees.md), and the duplicate path
+        no longer waits for a disk flush.
+        """
+        tx, claimer = self.tx, self.claimer
+        if tx.stored:
+            return claimer.statements.store(list(tx.stored.values()))
+        if claimer._postgresql and all(o.status is Status.DUPLICATE for o in tx.outcomes):
+            return "SET LOCAL synchronous_commit TO OFF", None
+        return None, None
+
+    # -- what the bracket decided ----------------------------------------------------------------
+
+    def refused(self, error: DBAPIError) -> list[Outcome]:
+        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
+
+        Nothing of the transaction remains: every event it claimed failed, and
+        each gets a ``delivery_failures`` row naming the commit's error.
+        """
+        tx, failed = self.tx, _Transaction()
+        for event, outcome in zip(self.events, tx.outcomes, strict=True):
+            if outcome.status is Status.DUPLICATE:
+                failed.outcomes.append(outcome)
+                continue
+            run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+            failed.outcomes.append(_failed_outcome(event, run))
+            failed.failures.append(failures.failure_of(event, run, self.raw_body))
+        failed.observed = [
+            (e, o, 0.0) for e, o in zip(self.events, failed.outcomes, strict=True)
+        ]
+        failed.timings = tx.timings
+        with self.claimer.database.lanes.lane() as lane:
+            failures.write(lane, failed.failures)
+        self.claimer._report(failed)
+        return failed.outcomes
+
+    def resolve(self, lost: DBAPIError) -> list[Outcome]:
+        """The connection died at or after the handlers: never run them again here.
+
+        Look at the claims on a fresh connection: committed (our COMMIT landed
+        before the connection died, or another delivery applied them since), they
+        are answered as the duplicates they now are; otherwise 503. Nothing is
+        changed: a claim of ours that did not commit left nothing behind.
+        """
+        keys = [(e.source, e.id) for e in self.events]
+        try:
+            found = claims.results(self.claimer.database.engine, keys)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+        if all(e.id in found for e in self.events):
+            return [Outcome(e.id, Status.DUPLICATE, found[e.id]) for e in self.events]
+        raise self.unavailable(lost) from lost
+
+    def in_progress(self, error: DBAPIError) -> Exception:
+        which = f"Event {self.claiming.id!r}" if self.claiming is not None else "This event"
+        return ServiceUnavailable(
+            f"{which} is being processed by another delivery right now; retry shortly.",
+            code="event_in_progress",
+        )
+
+    def unavailable(self, error: DBAPIError) -> Exception:
+        return ServiceUnavailable(
+            "The database is unavailable; nothing was recorded. Retry shortly.",
+            code="database_unavailable",
+        )
+
+    def abandoned(self) -> list[Outcome]:
+        return []  # answered already (handler_timeout); nothing of it was kept
+
+    def overran(self, job: Job) -> None:
+        """Record the handler that overran (called by the request thread, once)."""
+        claimer = self.claimer
+        event = job.event
+        run = overrun(
+            claimer.watchdog,
+            "IDEMHOOK_HANDLER_TIMEOUT_MS",
+            "the delivery was answered 503 handler_timeout and its transaction rolled back",
+        )
+        failures.record(claimer.database.reserve, [failures.failure_of(event, run, self.raw_body)])
+        outcome = _failed_outcome(event, run)
+        for observer in claimer.observers:
+            observer(event, outcome, claimer.watchdog.limit)
 
 
 def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
@@ -354,11 +318,4 @@ def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
         error=run.summary,
         handler=run.handler,
         error_type=type(run.error).__name__,
-    )
-
-
-def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The database is unavailable; nothing was recorded. Retry shortly.",
-        code="database_unavailable",
     )

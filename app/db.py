@@ -25,6 +25,7 @@ PostgreSQL sessions.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import weakref
@@ -270,11 +271,17 @@ class Database:
     """What :func:`init_app` keeps on ``app.extensions["idemhook.db"]``."""
 
     def __init__(
-        self, engine: Engine, *, timeouts: Timeouts | None = None, pool_mode: str = "keep"
+        self,
+        engine: Engine,
+        *,
+        timeouts: Timeouts | None = None,
+        pool_mode: str = "keep",
+        name: str = APPLICATION_NAMES["web"],
     ) -> None:
         from .lanes import Lanes
 
         self.engine = engine
+        self.name = name
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.timeouts = timeouts
         self.pool_mode = pool_mode
@@ -284,6 +291,25 @@ class Database:
 
     def session(self) -> Session:
         return self.sessions()
+
+    @functools.cached_property
+    def reserve(self) -> Engine:
+        """Connections of their own, outside the pool, for rows written beside an attempt.
+
+        The request thread records a handler that overran while its claim thread
+        still holds the attempt's connection, and handlers that overran may hold
+        every connection of the pool: such a row must never wait for one. No
+        connection is kept (overruns are rare); SQLite (one writer) uses the engine.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return self.engine
+        return build_engine(
+            self.engine.url,
+            timeouts=self.timeouts or Timeouts(2000, 2000, 0),
+            pool_size=1,
+            pool_mode="session-pooler",
+            name=self.name,
+        )
 
 
 def _pool_size(engine: Engine) -> int:
@@ -301,7 +327,9 @@ def init_app(app: Flask) -> Database:
         pool_mode=pool_mode,
         name=application_name(app.config),
     )
-    database = Database(engine, timeouts=timeouts, pool_mode=pool_mode)
+    database = Database(
+        engine, timeouts=timeouts, pool_mode=pool_mode, name=application_name(app.config)
+    )
     app.extensions["idemhook.db"] = database
     return database
 

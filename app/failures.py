@@ -2,9 +2,13 @@
 
 A synchronous claim's failure row is written in a transaction of its own, after
 the claim's transaction has ended (rolled back, or committed with a rejection),
-so it survives whatever happened to the claim. ``idemhook worker`` commits a
-failed attempt (its count and its backoff), so it writes the attempt's row in
-that same transaction (:mod:`app.applying`).
+so it survives whatever happened to the claim: on the attempt's own lane
+(:func:`write`), so recording a failure never waits for a connection of the
+request pool, which handlers that overran may hold. A handler that overran is
+recorded by the request thread on a reserved connection of its own
+(:attr:`app.db.Database.reserve`). ``idemhook worker`` commits a failed attempt
+(its count and its backoff), so it writes the attempt's row in that same
+transaction (:mod:`app.applying`).
 """
 
 from __future__ import annotations
@@ -15,19 +19,23 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
+from .dispatch import HandlerRun
 from .events import events_of
 from .models import delivery_failures, event_queue, processed_events
 from .outcome import Status
 from .plugins import Event
 from .queries import Filters, failure_filters
 from .sources import Source
+
+if TYPE_CHECKING:
+    from .lanes import Lane
 
 log = logging.getLogger("idemhook.claim")
 
@@ -93,6 +101,39 @@ def failure_row(
         "permanent": permanent,
         "failed_at": datetime.now(UTC),
     }
+
+
+def failure_of(event: Event, run: HandlerRun, raw_body: bytes) -> dict[str, Any]:
+    """The ``delivery_failures`` row of a failed or rejected run of ``event``'s handlers."""
+    if run.error is None:  # pragma: no cover (failed and rejected runs carry their error)
+        raise ValueError("a failed handler run without its error")
+    return failure_row(
+        event,
+        error=run.error_text,
+        cause=run.error,
+        raw_body=raw_body,
+        permanent=run.status is Status.REJECTED,
+    )
+
+
+def write(lane: Lane, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` on ``lane`` in a transaction of their own (the attempt's has ended).
+
+    As :func:`record`: a database error is logged, never raised.
+    """
+    if not rows:
+        return
+    try:
+        lane.begin()
+        if lane.pipelined:
+            lane.execute("")  # BEGIN and the timeouts, before SQLAlchemy's INSERT
+        lane.connection.execute(insert(delivery_failures), rows)
+        lane.commit()
+    except SQLAlchemyError as exc:
+        lane.rollback()
+        log.warning(
+            "could not record %d delivery failure(s): %s", len(rows), type(exc).__name__
+        )
 
 
 def record(engine: Engine, rows: list[dict[str, Any]]) -> None:

@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from . import failures
+from .attempt import overrun, watched
 from .claim import Claimer
 from .db import dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
@@ -58,6 +60,8 @@ REJECTED_STATUS = 422
 #: SQLSTATE of a CHECK violation, and the constraint the lease guard trips.
 _CHECK_VIOLATION = "23514"
 _STATUS_CHECK = "ck_processed_events_status"
+#: SQLSTATE division_by_zero: the fenced finishing statement found no row of ours.
+_ROW_GONE = "22012"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,10 @@ class KeyRequest:
     raw_body: bytes
     #: Seconds the key stays taken once claimed (the source's ``key_ttl``).
     key_ttl: int
+    #: The source's ``replay_errors``: a failed operation's 500 is stored and replayed.
+    replay_errors: bool = False
+    #: The problem ``type`` of ``handler_failed`` (worked out in the request's context).
+    failed_type: str = "about:blank"
 
 
 class KeyClaimer:
@@ -105,67 +113,17 @@ class KeyClaimer:
         self._lease_prefix = "SET LOCAL synchronous_commit TO OFF; "
         self._begin = self.database.lanes.begin_sql
 
-    # -- the straight line ---------------------------------------------------------------------
-
     def apply(self, request: KeyRequest) -> Answer:
         """Claim the key and run the operation, or answer from the key (409, 422, replay)."""
-        owner = uuid.uuid4().hex
-        answer = self.claimer.watchdog.run(
-            lambda job: self._apply(request, owner, job),
-            on_overrun=lambda job: self._overran(request, job),
-        )
+        attempt = _Operation(self, request)
+        answer = watched(self.claimer.watchdog, attempt, on_overrun=attempt.overran)
         if answer is None:  # pragma: no cover (only an abandoned claim returns None)
             raise ServiceUnavailable("The operation was abandoned; retry shortly.")
         return answer
 
-    def _apply(self, request: KeyRequest, owner: str, job: Job) -> Answer | None:
-        try:
-            return self._attempt(request, owner, job)
-        except DBAPIError as exc:
-            if job.abandoned:
-                self._release_quietly(request, owner)
-                return None
-            if not is_disconnect(exc):
-                raise
-            if job.handlers_ran:
-                return self._after_lost_connection(request, owner, exc)
-        # Lost before any handler started (a kept connection that did not survive a
-        # database restart): try once more with the same owner, which takes its own lease
-        # back if the first try's did commit.
-        try:
-            return self._attempt(request, owner, job)
-        except DBAPIError as exc:
-            if is_disconnect(exc):
-                return self._after_lost_connection(request, owner, exc)
-            raise
+    # -- statements ----------------------------------------------------------------------------
 
-    def _attempt(self, request: KeyRequest, owner: str, job: Job) -> Answer | None:
-        event = request.event
-        params = self._params(request, owner)
-        with self.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                started = time.perf_counter()
-                try:
-                    row = self._lease(lane, params)
-                except DBAPIError as exc:
-                    if _is_timeout(exc) and not is_disconnect(exc):
-                        # Its row is locked (an operator's `events replay` of the key).
-                        raise _in_use(request, "its row is locked by another operation") from exc
-                    raise
-                self._time(event, "claim", started)
-                if row is None or row.lock_owner != owner:
-                    lane.rollback()
-                    return self._answer_from(request, row, started)
-                return self._operate(lane, request, row.id, owner, job, started)
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-                lane.session.close()
-
-    # -- the two transactions ------------------------------------------------------------------
-
-    def _lease(self, lane: Lane, params: dict[str, Any]) -> KeyRow | None:
+    def lease(self, lane: Lane, params: dict[str, Any]) -> KeyRow | None:
         """Count a replay or claim the key (committed), then read it in a new transaction."""
         s = self.statements
         if self._postgresql:
@@ -180,185 +138,38 @@ class KeyClaimer:
         lane.begin()
         return s.key_row(lane.execute(s.read_sql, params).fetchone())
 
-    def _operate(
-        self, lane: Lane, request: KeyRequest, row_id: int, owner: str, job: Job, started: float
-    ) -> Answer | None:
-        """Run the handlers in the open transaction and store their answer with their work."""
-        event = request.event
-        registrations = self.claimer.registry.for_event(event.source, event.type)
-        if registrations:
-            job.handlers_started(event)
-            handlers_started = time.perf_counter()
-            run = run_handlers(
-                registrations, event, lane.session, senders=self.claimer.registry.senders
-            )
-            job.handlers_ended()
-            self._time(event, "handlers", handlers_started)
-        else:
-            run = HandlerRun(Status.IGNORED, None, "null")
-        if run.status is Status.FAILED:
-            if is_disconnect(run.error):
-                raise run.error  # type: ignore[misc]  # the lost connection, handled by _apply
-            lane.session.close()
-            lane.rollback()
-            self._release(lane, row_id, owner)
-            raise self._failed(request, run, started)
-        if run.status is Status.REJECTED:
-            # Its work is undone; the key is kept, answered as rejected from now on.
-            lane.session.close()
-            lane.rollback()
-            lane.begin()
-            answer = Answer(REJECTED_STATUS, run.result)
-            stored = dumps(run.result, strict=True)
-        else:
-            response = run.response or Response(200)
-            stored = run.stored or "null"
-            # Answered as every replay will be: the body as it is stored.
-            answer = Answer(response.status, loads(stored), response.headers)
-        params = {
-            "row_id": row_id,
-            "lock_owner": owner,
-            "status": str(run.status),
-            "result": stored,
-            "response_status": answer.status,
-            "response_headers": dumps([list(pair) for pair in answer.headers]),
-            "processed_at": self.statements.timestamp(datetime.now(UTC)),
-        }
-        if not job.may_commit():  # answered handler_timeout already: keep nothing
-            lane.session.close()
-            lane.rollback()
-            self._release(lane, row_id, owner)
-            return None
-        try:
-            lane.commit(self.statements.finish_sql, params)
-        except DBAPIError as exc:
-            if is_disconnect(exc):
-                raise
-            lane.rollback()
-            if _lease_lost(exc):
-                raise _in_use(request, "its lease ran out and another request took it") from exc
-            # PostgreSQL refused the COMMIT (a deferred constraint): nothing was kept.
-            self._release(lane, row_id, owner)
-            commit = HandlerRun(Status.FAILED, handler="COMMIT", error=exc)
-            raise self._failed(request, commit, started) from exc
-        if run.status is Status.REJECTED:
-            failures.record(self.database.engine, [_failure(request, run)])
-        outcome = Outcome(event.id, run.status, answer.body, handler=run.handler)
-        self._observe(event, outcome, started)
-        return answer
+    def finish(self, lane: Lane, params: dict[str, Any]) -> None:
+        """Store the answer and commit, only while the key's row is still this request's.
 
-    def _release(self, lane: Lane, row_id: int, owner: str) -> None:
+        The finishing statement is fenced: a lease taken over makes the status CHECK
+        refuse it, and a row that vanished (deleted by an operator, or freed by a
+        request that gave up) refuses the COMMIT too; nothing of the operation is kept.
+        """
+        if self._postgresql:
+            lane.commit(self.statements.finish_checked_sql, params)
+            return
+        if lane.execute(self.statements.finish_sql, params).rowcount != 1:
+            raise KeyLost()
+        lane.commit()
+
+    def release(self, lane: Lane, row_id: int, owner: str) -> None:
         """Delete this request's claim (its transaction is over): the key is free again."""
         lane.begin()
         sql = self.statements.release_sql
         params = {"row_id": row_id, "lock_owner": owner}
         lane.commit(self._lease_prefix + sql if self._postgresql else sql, params)
 
-    # -- answering from the key ----------------------------------------------------------------
-
-    def _answer_from(self, request: KeyRequest, row: KeyRow | None, started: float) -> Answer:
-        event = request.event
-        if row is None or row.status == Status.IN_FLIGHT:
-            raise _in_use(request, "a request with it is still running")
-        if (
-            row.fingerprint is not None
-            and request.fingerprint is not None
-            and row.fingerprint != request.fingerprint
-        ):
-            raise UnprocessableContent(
-                f"The {KEY_HEADER} {request.key!r} was used for a different request (another "
-                "method, path, Content-Type or body); nothing was run. Use a new key for a new "
-                "request.",
-                code="idempotency_key_mismatch",
-            )
-        self._observe(event, Outcome(event.id, Status.DUPLICATE, row.result), started)
-        headers = tuple((str(name), str(value)) for name, value in row.response_headers or ())
-        return Answer(row.response_status or 200, row.result, headers, replayed=True)
-
-    def _after_lost_connection(
-        self, request: KeyRequest, owner: str, lost: DBAPIError
-    ) -> Answer:
-        """The connection died at or after the handlers: answer from what committed, or 503."""
-        event = request.event
-        table = processed_events
-        try:
-            with self.database.engine.connect() as conn:
-                row = conn.execute(
-                    table.select().where(
-                        table.c.source == event.source, table.c.event_id == event.id
-                    )
-                ).first()
-                if row is not None and row.lock_owner == owner:
-                    # Not committed: free the key for the client's retry.
-                    conn.execute(table.delete().where(table.c.id == row.id))
-                    conn.commit()
-        except DBAPIError as exc:
-            raise _unavailable() from exc
-        if row is None or row.status == Status.IN_FLIGHT:
-            raise _unavailable() from lost
-        headers = tuple((str(n), str(v)) for n, v in row.response_headers or ())
-        return Answer(row.response_status or 200, row.result, headers)
-
-    # -- failures, overruns, observers -----------------------------------------------------------
-
-    def _failed(self, request: KeyRequest, run: HandlerRun, started: float) -> HandlerFailed:
-        """Record a failed operation; the error to answer (500, the key free)."""
-        event = request.event
-        failures.record(self.database.engine, [_failure(request, run)])
-        outcome = Outcome(
-            event.id,
-            Status.FAILED,
-            error=run.summary,
-            handler=run.handler,
-            error_type=type(run.error).__name__,
-        )
-        self._observe(event, outcome, started)
-        return HandlerFailed(
-            f"The operation failed ({run.summary}); nothing was kept and the key "
-            f"{request.key!r} is free: retry with it.",
-        )
-
-    def _overran(self, request: KeyRequest, job: Job) -> None:
-        """Record the handler that overran (called by the request thread, once)."""
-        limit = round(self.claimer.watchdog.limit * 1000)
-        error = TimeoutError(
-            f"the handlers ran longer than IDEMHOOK_HANDLER_TIMEOUT_MS ({limit} ms); the "
-            "request was answered 503 handler_timeout and its transaction rolled back"
-        )
-        run = HandlerRun(Status.FAILED, handler="handlers", error=error)
-        failures.record(self.database.engine, [_failure(request, run)])
-        event = request.event
-        outcome = Outcome(event.id, Status.FAILED, error=run.summary, handler=run.handler)
-        for observer in self.claimer.observers:
-            observer(event, outcome, self.claimer.watchdog.limit)
-
-    def _release_quietly(self, request: KeyRequest, owner: str) -> None:
-        """After an abandoned claim failed in SQL: free the key if the lease is still ours."""
-        table = processed_events
-        event = request.event
-        try:
-            with self.database.engine.begin() as conn:
-                conn.execute(
-                    table.delete().where(
-                        table.c.source == event.source,
-                        table.c.event_id == event.id,
-                        table.c.lock_owner == owner,
-                    )
-                )
-        except DBAPIError:
-            pass  # the lease expires by itself
-
-    def _observe(self, event: Event, outcome: Outcome, started: float) -> None:
+    def observe(self, event: Event, outcome: Outcome, started: float) -> None:
         seconds = time.perf_counter() - started
         for observer in self.claimer.observers:
             observer(event, outcome, seconds)
 
-    def _time(self, event: Event, phase: str, started: float) -> None:
+    def time(self, event: Event, phase: str, started: float) -> None:
         seconds = time.perf_counter() - started
         for timer in self.claimer.timers:
             timer(event, phase, seconds)
 
-    def _params(self, request: KeyRequest, owner: str) -> dict[str, Any]:
+    def params(self, request: KeyRequest, owner: str) -> dict[str, Any]:
         event = request.event
         ts = self.statements.timestamp
         now = datetime.now(UTC)
@@ -380,26 +191,277 @@ class KeyClaimer:
         }
 
 
-def _failure(request: KeyRequest, run: HandlerRun) -> dict[str, Any]:
-    if run.error is None:  # pragma: no cover (failed and rejected runs carry their error)
-        raise ValueError("a failed handler run without its error")
-    return failures.failure_row(
-        request.event,
-        error=run.error_text,
-        cause=run.error,
-        raw_body=request.raw_body,
-        permanent=run.status is Status.REJECTED,
-    )
+class KeyLost(Exception):
+    """SQLite: the finishing statement found the key's row gone (PostgreSQL: a refused COMMIT)."""
 
 
-def _is_timeout(exc: DBAPIError) -> bool:
-    # 55P03 lock_not_available (lock_timeout), 57014 query_canceled (statement_timeout).
-    return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")
+class _Operation:
+    """One request's operation: an :class:`app.attempt.Attempt` (the bracket decides faults).
+
+    ``owner`` is its token: the lease, the finishing statement and every release are
+    fenced by it, so nothing this attempt does can touch a row another request (or
+    this attempt's own COMMIT, still running on the server) is committing.
+    """
+
+    def __init__(self, keys: KeyClaimer, request: KeyRequest) -> None:
+        self.keys = keys
+        self.request = request
+        self.owner = uuid.uuid4().hex
+        self.row_id: int | None = None
+        self.started = time.perf_counter()
+        #: ``delivery_failures`` rows, written on the lane once the transaction has ended.
+        self.failures: list[dict[str, Any]] = []
+
+    def once(self, job: Job) -> Answer | None:
+        keys, event = self.keys, self.request.event
+        with keys.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                row = keys.lease(lane, keys.params(self.request, self.owner))
+                keys.time(event, "claim", self.started)
+                if row is None or row.lock_owner != self.owner:
+                    lane.rollback()
+                    return self._answer_from(row)
+                self.row_id = row.id
+                return self._operate(lane, job)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+                rows, self.failures = self.failures, []
+                failures.write(lane, rows)
+
+    def _operate(self, lane: Lane, job: Job) -> Answer | None:
+        """Run the handlers in the open transaction and store their answer with their work."""
+        keys, request = self.keys, self.request
+        event = request.event
+        registrations = keys.claimer.registry.for_event(event.source, event.type)
+        if registrations:
+            job.handlers_started(event)
+            handlers_started = time.perf_counter()
+            run = run_handlers(
+                registrations, event, lane.session, senders=keys.claimer.registry.senders
+            )
+            job.handlers_ended()
+            keys.time(event, "handlers", handlers_started)
+        else:
+            run = HandlerRun(Status.IGNORED, None, "null")
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
+        if run.status is not Status.PROCESSED and run.status is not Status.IGNORED:
+            # Failed or rejected: its work is undone.
+            lane.session.close()
+            lane.rollback()
+            self.failures.append(failures.failure_of(event, run, request.raw_body))
+            if run.status is Status.FAILED and not request.replay_errors:
+                keys.release(lane, self._row_id, self.owner)
+                raise self._failed(run)
+            lane.begin()
+        if run.status is Status.FAILED:  # replay_errors: the 500 is the key's answer
+            problem = self._failed(run)
+            body = _problem_body(problem, request.failed_type)
+            answer = Answer(500, body, ((CONTENT_TYPE_HEADER, PROBLEM_JSON),))
+            stored = dumps(body, strict=True)
+        elif run.status is Status.REJECTED:
+            # The key is kept, answered as rejected from now on.
+            answer = Answer(REJECTED_STATUS, run.result)
+            stored = dumps(run.result, strict=True)
+        else:
+            response = run.response or Response(200)
+            stored = run.stored or "null"
+            # Answered as every replay will be: the body as it is stored.
+            answer = Answer(response.status, loads(stored), response.headers)
+        params = {
+            "row_id": self._row_id,
+            "lock_owner": self.owner,
+            "status": str(run.status),
+            "result": stored,
+            "response_status": answer.status,
+            "response_headers": dumps([list(pair) for pair in answer.headers]),
+            "processed_at": keys.statements.timestamp(datetime.now(UTC)),
+        }
+        if not job.may_commit():  # answered handler_timeout already: keep nothing
+            lane.session.close()
+            lane.rollback()
+            self.failures.clear()
+            keys.release(lane, self._row_id, self.owner)
+            return None
+        try:
+            keys.finish(lane, params)
+        except KeyLost:
+            self.failures.clear()
+            raise _in_use(request, _LOST_LEASE) from None
+        outcome = Outcome(event.id, run.status, answer.body, handler=run.handler)
+        keys.observe(event, outcome, self.started)
+        return answer
+
+    @property
+    def _row_id(self) -> int:
+        if self.row_id is None:  # pragma: no cover (set once the lease is ours)
+            raise RuntimeError("the key's row is not leased")
+        return self.row_id
+
+    def _answer_from(self, row: KeyRow | None) -> Answer:
+        """Someone else's key: 422 for another request (first, whatever its state), 409 while
+        it runs, else its stored answer, replayed."""
+        request = self.request
+        event = request.event
+        if (
+            row is not None
+            and row.fingerprint is not None
+            and request.fingerprint is not None
+            and row.fingerprint != request.fingerprint
+        ):
+            raise UnprocessableContent(
+                f"The {KEY_HEADER} {request.key!r} was used for a different request (another "
+                "method, path, Content-Type or body); nothing was run. Use a new key for a new "
+                "request.",
+                code="idempotency_key_mismatch",
+            )
+        if row is None or row.status == Status.IN_FLIGHT:
+            raise _in_use(request, "a request with it is still running")
+        self.keys.observe(event, Outcome(event.id, Status.DUPLICATE, row.result), self.started)
+        return Answer(row.response_status or 200, row.result, _headers(row.response_headers),
+                      replayed=True)
+
+    def _failed(self, run: HandlerRun) -> HandlerFailed:
+        """The error of a failed operation (observed here; its row is written on the lane)."""
+        request = self.request
+        event = request.event
+        outcome = Outcome(
+            event.id,
+            Status.FAILED,
+            error=run.summary,
+            handler=run.handler,
+            error_type=type(run.error).__name__,
+        )
+        self.keys.observe(event, outcome, self.started)
+        if request.replay_errors:
+            return HandlerFailed(
+                f"The operation failed ({run.summary}); nothing of it was kept. This answer "
+                f"is stored: a retry with the key {request.key!r} gets it again; use a new key "
+                "to try again."
+            )
+        return HandlerFailed(
+            f"The operation failed ({run.summary}); nothing was kept and the key "
+            f"{request.key!r} is free: retry with it.",
+        )
+
+    # -- what the bracket decided ----------------------------------------------------------------
+
+    def refused(self, error: DBAPIError) -> Answer | None:
+        """The COMMIT was refused: nothing was kept. A lost lease is 409; else 500, key free."""
+        request = self.request
+        if _lease_lost(error):
+            raise _in_use(request, _LOST_LEASE) from error
+        commit = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+        with self.keys.database.lanes.lane() as lane:
+            self.keys.release(lane, self._row_id, self.owner)
+            failures.write(lane, [failures.failure_of(request.event, commit, request.raw_body)])
+        raise self._failed(commit) from error
+
+    def resolve(self, lost: DBAPIError) -> Answer:
+        """The connection died at or after the handlers: answer from what committed, or 503.
+
+        The key is freed only if it is still this attempt's and still in flight (the
+        release is fenced by the owner token, which the finishing statement clears): a
+        release that meets this attempt's own COMMIT still running on the server waits
+        for it, and then finds nothing of ours to free.
+        """
+        request = self.request
+        event = request.event
+        try:
+            with self.keys.database.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    self.keys.statements.release_sql,
+                    {"row_id": self._row_id, "lock_owner": self.owner},
+                )
+                row = conn.execute(
+                    select(
+                        processed_events.c.status,
+                        processed_events.c.result,
+                        processed_events.c.response_status,
+                        processed_events.c.response_headers,
+                    ).where(
+                        processed_events.c.source == event.source,
+                        processed_events.c.event_id == event.id,
+                    )
+                ).first()
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+        if row is None or row.status == Status.IN_FLIGHT:
+            raise self.unavailable(lost) from lost
+        return Answer(row.response_status or 200, row.result, _headers(row.response_headers))
+
+    def in_progress(self, error: DBAPIError) -> Exception:
+        # The key's row is locked by another transaction (an operator's `events replay`).
+        return _in_use(self.request, "its row is locked by another operation")
+
+    def unavailable(self, error: DBAPIError) -> Exception:
+        return ServiceUnavailable(
+            "The database is unavailable; nothing was recorded. Retry with the same key "
+            "shortly.",
+            code="database_unavailable",
+        )
+
+    def abandoned(self) -> Answer | None:
+        """An abandoned operation failed in SQL: free the key if the lease is still ours."""
+        if self.row_id is None:
+            return None
+        try:
+            with self.keys.database.reserve.begin() as conn:
+                conn.exec_driver_sql(
+                    self.keys.statements.release_sql,
+                    {"row_id": self.row_id, "lock_owner": self.owner},
+                )
+        except DBAPIError:
+            pass  # the lease expires by itself
+        return None
+
+    def overran(self, job: Job) -> None:
+        """Record the handler that overran (called by the request thread, once)."""
+        keys, request = self.keys, self.request
+        run = overrun(
+            keys.claimer.watchdog,
+            "IDEMHOOK_HANDLER_TIMEOUT_MS",
+            "the request was answered 503 handler_timeout and its transaction rolled back",
+        )
+        event = request.event
+        failures.record(
+            keys.database.reserve, [failures.failure_of(event, run, request.raw_body)]
+        )
+        outcome = Outcome(event.id, Status.FAILED, error=run.summary, handler=run.handler)
+        for observer in keys.claimer.observers:
+            observer(event, outcome, keys.claimer.watchdog.limit)
+
+
+_LOST_LEASE = "its lease ran out, or its record was removed, while it ran; nothing was kept"
+CONTENT_TYPE_HEADER = "Content-Type"
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem_body(error: HandlerFailed, type_: str) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "title": "Operation failed",
+        "status": error.status_code,
+        "detail": error.message,
+        "error": error.code,
+        "message": error.message,
+    }
+
+
+def _headers(stored: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(name), str(value)) for name, value in stored or ())
 
 
 def _lease_lost(exc: DBAPIError) -> bool:
+    """The finishing statement was refused because the key's row is no longer ours."""
     orig = exc.orig
-    if getattr(orig, "pgcode", None) == _CHECK_VIOLATION:
+    code = getattr(orig, "pgcode", None)
+    if code == _ROW_GONE:
+        return True
+    if code == _CHECK_VIOLATION:
         diag = getattr(orig, "diag", None)
         return getattr(diag, "constraint_name", None) == _STATUS_CHECK
     # SQLite names the constraint in the message.
@@ -412,12 +474,3 @@ def _in_use(request: KeyRequest, why: str) -> Conflict:
         "seconds: you will get its answer.",
         code="idempotency_key_in_use",
     )
-
-
-def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The database is unavailable; nothing was recorded. Retry with the same key shortly.",
-        code="database_unavailable",
-    )
-
-

@@ -188,7 +188,16 @@ def _receive(operations: Operations, source: Source, received_at: datetime) -> A
         request.headers.get("Content-Type", ""),
         body,
     )
-    return operations.keys.apply(KeyRequest(event, key, fingerprint, body, scheme.key_ttl))
+    key_request = KeyRequest(
+        event,
+        key,
+        fingerprint,
+        body,
+        scheme.key_ttl,
+        replay_errors=scheme.replay_errors,
+        failed_type=problems.type_uri("handler_failed"),
+    )
+    return operations.keys.apply(key_request)
 
 
 def render(answer: Answer) -> Response:

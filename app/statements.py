@@ -263,7 +263,9 @@ class KeyStatements:
     - :attr:`read_sql`: the key's row, read after the lease has committed.
     - :attr:`finish_sql`: store the response by id; unless the lease is still this
       request's, the status becomes :data:`LEASE_LOST` and the CHECK refuses the commit.
-    - :attr:`release_sql`: delete this request's own in-flight claim (the key is free).
+    - :attr:`finish_checked_sql`: the same, refused when no row was updated.
+    - :attr:`release_sql`: delete this request's own in-flight claim (the key is free);
+      fenced by the owner token, which the finishing statement clears.
     """
 
     def __init__(self, dialect: Any) -> None:
@@ -369,6 +371,11 @@ class KeyStatements:
             )
         )
         self.finish_sql = self._compile(finish)
+        #: PostgreSQL: the same, refused (division by zero, SQLSTATE 22012) unless it
+        #: updated the row: sent with the COMMIT, it makes the COMMIT fail when the key's
+        #: row vanished while the operation ran, so that its work is never kept.
+        finished = self._compile(finish.returning(c.id))
+        self.finish_checked_sql = f"WITH finished AS ({finished}) SELECT 1 / count(*) FROM finished"
         release = delete(table).where(
             c.id == bindparam("row_id", type_=Integer),
             c.lock_owner == bindparam("lock_owner", type_=String),

@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
 from .errors import ServiceUnavailable
@@ -40,8 +41,16 @@ log = logging.getLogger("idemhook.claim")
 T = TypeVar("T")
 
 
+class Stage(IntEnum):
+    """How far one try of an attempt has gone (what a fault then means: :mod:`app.attempt`)."""
+
+    BEFORE_HANDLERS = 0
+    HANDLERS = 1
+    COMMIT = 2
+
+
 class Job:
-    """One delivery's claim as its request thread sees it."""
+    """One attempt as its watcher (the request thread, or the worker's loop) sees it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -49,13 +58,20 @@ class Job:
         self._past_commit = False  # COMMIT sent, or the claim has ended
         #: When the running event's handlers started (``time.monotonic``), else None.
         self.handlers_since: float | None = None
-        #: The event whose handlers run now, and whether any handler has run at all.
+        #: The event whose handlers run now (or ran last).
         self.event: Any = None
-        self.handlers_ran = False
+        #: How far the current try has gone.
+        self.stage = Stage.BEFORE_HANDLERS
+        #: PostgreSQL: the backend of the try's transaction (ended if its handler overruns).
+        self.backend: int | None = None
+
+    @property
+    def handlers_ran(self) -> bool:
+        return self.stage >= Stage.HANDLERS
 
     def handlers_started(self, event: Any) -> None:
         self.event = event
-        self.handlers_ran = True
+        self.stage = Stage.HANDLERS
         self.handlers_since = time.monotonic()
 
     def handlers_ended(self) -> None:
@@ -67,6 +83,7 @@ class Job:
             if self.abandoned:
                 return False
             self._past_commit = True
+            self.stage = Stage.COMMIT
             return True
 
     def end(self) -> bool:

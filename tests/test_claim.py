@@ -179,9 +179,11 @@ def test_a_lost_connection_is_answered_from_what_committed_never_by_running_agai
     def event(event_id):
         return Event("acme", event_id, "contact.updated", {}, Headers(), datetime.now(UTC))
 
-    [outcome] = claimer._after_lost_connection([event("lost-1")], lost)
+    from app.claim import _Delivery
+
+    [outcome] = _Delivery(claimer, [event("lost-1")], b"").resolve(lost)
     assert outcome.status is Status.DUPLICATE
     assert outcome.result == applied.json["result"]
     with pytest.raises(ServiceUnavailable) as refused:
-        claimer._after_lost_connection([event("lost-1"), event("lost-2")], lost)
+        _Delivery(claimer, [event("lost-1"), event("lost-2")], b"").resolve(lost)
     assert refused.value.code == "database_unavailable"

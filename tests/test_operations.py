@@ -12,6 +12,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -121,7 +122,7 @@ def test_same_key_for_another_request_is_422_and_changes_nothing(api, sql, chang
     assert refused.status_code == 422
     assert refused.content_type == "application/problem+json"
     assert refused.json["error"] == "idempotency_key_mismatch"
-    assert refused.json["type"] == "docs/idempotency-keys.md#idempotency_key_mismatch"
+    assert refused.json["type"] == "http://localhost/problems/idempotency_key_mismatch"
     assert refused.json["status"] == 422
     assert "m-1" in refused.json["detail"]
     assert sql("SELECT * FROM processed_events") == before  # not even duplicate_count
@@ -193,7 +194,7 @@ def test_credentials_are_checked_before_the_key(api, sql, headers, status, code)
     assert (response.status_code, response.json["error"]) == (status, code)
     assert response.content_type == "application/problem+json"
     problem = response.json
-    assert problem["type"] == f"docs/idempotency-keys.md#{code}"
+    assert problem["type"] == f"http://localhost/problems/{code}"
     assert problem["status"] == status and problem["title"] and problem["detail"]
     assert problem["message"] == problem["detail"]
     if status == 401:
@@ -378,9 +379,16 @@ def test_every_problem_type_links_to_its_entry_in_the_docs(make_app, sql):
     }
     documented = anchors()
     for problem in problems:
-        page, fragment = problem["type"].split("#")
-        assert page == "docs/idempotency-keys.md"
-        assert fragment == problem["error"] and fragment in documented, problem
+        # An absolute link to a page this server serves, explaining the code...
+        link = urlsplit(problem["type"])
+        assert (link.scheme, link.netloc, link.path) == (
+            "http", "localhost", f"/problems/{problem['error']}"
+        ), problem
+        page = api.get(link.path)
+        assert page.status_code == 200 and page.content_type.startswith("text/html")
+        assert problem["error"] in page.text and problem["title"] in page.text
+        # ...and documented in docs/idempotency-keys.md, where IDEMHOOK_DOCS_URL points.
+        assert problem["error"] in documented, problem
 
 
 # -- a plugin's own routes of an API (@api_view) -----------------------------------------------

@@ -117,4 +117,4 @@ def _database(config: Any) -> Database:
         pool_mode=mode,
         name=application_name(config),
     )
-    return Database(engine, timeouts=timeouts, pool_mode=mode)
+    return Database(engine, timeouts=timeouts, pool_mode=mode, name=application_name(config))

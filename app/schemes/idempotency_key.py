@@ -54,7 +54,16 @@ class IdempotencyKey(Scheme):
     """Stripe-style idempotency keys from your own clients; the source answers as an API."""
 
     option_keys = frozenset(
-        {"auth", "signature_header", "clients", "client_header", "path", "key_ttl", "fingerprint"}
+        {
+            "auth",
+            "signature_header",
+            "clients",
+            "client_header",
+            "path",
+            "key_ttl",
+            "fingerprint",
+            "replay_errors",
+        }
     )
     defaults = {"event_id": f"header:{KEY_HEADER}"}
     operation = True
@@ -95,6 +104,11 @@ class IdempotencyKey(Scheme):
         if not isinstance(fingerprint, bool):
             raise ConfigError(f"{where} fingerprint: must be true or false")
         self.fingerprint = fingerprint
+        replay_errors = config.get("replay_errors", False)
+        if not isinstance(replay_errors, bool):
+            raise ConfigError(f"{where} replay_errors: must be true or false")
+        #: Store an operation that failed (500) and replay it, as Stripe does.
+        self.replay_errors = replay_errors
         if config.get("event_id", self.defaults["event_id"]) != self.defaults["event_id"]:
             raise ConfigError(
                 f"{where} event_id: an idempotency-key source is keyed by the {KEY_HEADER} "
