@@ -156,11 +156,16 @@ def run(attempt: Attempt[T], job: Job) -> T:
             raise
 
 
-def retrying(work: Callable[[], T], unavailable: Callable[[DBAPIError], Exception]) -> T:
-    """Run ``work`` (idempotent, no handlers), once more on a fresh connection if it was lost."""
+def retrying(
+    work: Callable[[bool], T], unavailable: Callable[[DBAPIError], Exception]
+) -> T:
+    """Run ``work`` (idempotent, no handlers), once more on a fresh connection if it was lost.
+
+    ``work(again)`` is told whether it runs again (its first try may have landed).
+    """
     for tries in range(1, MAX_TRIES + 1):
         try:
-            return work()
+            return work(tries > 1)
         except DBAPIError as exc:
             decision = decide(classify(exc), Stage.BEFORE_HANDLERS, tries)
             if decision is Decision.RETRY:

@@ -19,6 +19,7 @@ from app.errors import ConfigError
 from app.outbox import add_message
 from app.plugins import Reject, Sender
 from app.sending import Delivery
+from app.store.outbox import Start
 from app.worker import Worker, backoff
 from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
@@ -235,13 +236,51 @@ def test_a_result_after_the_lease_was_lost_does_not_overwrite_the_new_holders(ap
     add(app)
     slow = delivery(app, lambda m: {"by": "slow"})
     fast = delivery(app, lambda m: {"by": "fast"})
-    lease, [message] = slow._take()
+    [message] = slow.store.take("slow:1", 1)
+    start = Start(message.id, f"slow:1/{message.id}", 60.0)
+    _, attempts = slow.store.step("slow:1", [], start)
     make_due(sql)  # the slow worker's lease expired: another worker takes the message
     fast.step(idle_worker(fast))
-    outcome = slow._send(slow.senders["email"], message)
-    slow._record(lease, [outcome])
+    outcome = slow._send(slow.senders["email"], message, attempts, start.token)
+    kept, _ = slow.store.step("slow:1", [outcome.record], None)
+    assert kept == set()  # logged as lease_lost
     [row] = sql("SELECT status, result, attempts FROM outbox_messages")
     assert (row.status, row.result, row.attempts) == ("sent", {"by": "fast"}, 2)
+
+
+def test_taken_messages_are_charged_only_when_their_own_send_starts(app, sql):
+    # A worker that dies with a batch in hand charges nothing to the messages it had not
+    # started, and they are due again after a short hold, not a whole lease.
+    add(app, count=3)
+    work = delivery(app, print)
+    taken = work.store.take("gone:1", 10)
+    work.store.step("gone:1", [], Start(taken[0].id, f"gone:1/{taken[0].id}", 60.0))
+    rows = sql(
+        "SELECT attempts, leased_by, next_attempt_at - now() < interval '3 seconds' AS soon "
+        "FROM outbox_messages ORDER BY id"
+    )
+    assert [(r.attempts, r.leased_by, r.soon) for r in rows] == [
+        (1, f"gone:1/{taken[0].id}", False),  # its send started: charged, its lease
+        (0, "gone:1", True),
+        (0, "gone:1", True),
+    ]
+
+
+def test_a_step_sent_again_after_a_lost_connection_charges_and_records_once(app, sql):
+    add(app, count=2)
+    work = delivery(app, print)
+    first, second = work.store.take("w:1", 10)
+    start = Start(first.id, f"w:1/{first.id}", 60.0)
+    assert work.store.step("w:1", [], start) == (set(), 1)
+    assert work.store.step("w:1", [], start, again=True) == (set(), 1)  # charged once
+    outcome = work._send(work.senders["email"], first, 1, start.token)
+    following = Start(second.id, f"w:1/{second.id}", 60.0)
+    assert work.store.step("w:1", [outcome.record], following) == ({first.id}, 1)
+    # The reply was lost: the same step again finds the record stored, the start made.
+    again = work.store.step("w:1", [outcome.record], following, again=True)
+    assert again == ({first.id}, 1)
+    rows = sql("SELECT status, attempts FROM outbox_messages ORDER BY id")
+    assert [(r.status, r.attempts) for r in rows] == [("sent", 1), ("pending", 1)]
 
 
 def test_a_stopping_worker_gives_back_what_it_took_and_did_not_start(app, sql):
@@ -273,8 +312,8 @@ def test_batches_respect_the_configured_size_and_skip_locked_rows(app, sql):
     add(app, count=5)
     first = Delivery(app.extensions["idemhook.db"], {"email": Sender("email", print)}, batch=2)
     second = Delivery(app.extensions["idemhook.db"], {"email": Sender("email", print)}, batch=10)
-    _lease, taken = first._take()
-    _lease2, rest = second._take()
+    taken = first.store.take("first:1", first.batch)
+    rest = second.store.take("second:1", second.batch)
     assert len(taken) == 2 and len(rest) == 3
     assert not {m.id for m in taken} & {m.id for m in rest}
 
