@@ -58,9 +58,9 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import DBAPIError
 
-from .db import Database, dumps, is_disconnect, is_timeout
+from .attempt import retrying
+from .db import Database, dumps
 from .errors import ServiceUnavailable
 from .events import order_keys_of
 from .failures import safe_headers
@@ -158,24 +158,18 @@ class Acceptor:
         keys: list[str] | None,
     ) -> dict[str, tuple[int, str, Any]]:
         """Claim; once more on a fresh connection if the first was lost (a restart)."""
-        for attempt in (1, 2):
-            try:
-                return self._claim(source, events, distinct, keys)
-            except DBAPIError as exc:
-                if is_timeout(exc) and not is_disconnect(exc):
-                    raise ServiceUnavailable(
-                        "Another delivery of this event (or of its order key) is being "
-                        "recorded right now; retry shortly.",
-                        code="event_in_progress",
-                    ) from exc
-                if not is_disconnect(exc):
-                    raise
-                if attempt == 2:
-                    raise ServiceUnavailable(
-                        "The database is unavailable; nothing was recorded. Retry shortly.",
-                        code="database_unavailable",
-                    ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retrying(
+            lambda _again: self._claim(source, events, distinct, keys),
+            unavailable=lambda _exc: ServiceUnavailable(
+                "The database is unavailable; nothing was recorded. Retry shortly.",
+                code="database_unavailable",
+            ),
+            in_progress=lambda _exc: ServiceUnavailable(
+                "Another delivery of this event (or of its order key) is being recorded "
+                "right now; retry shortly.",
+                code="event_in_progress",
+            ),
+        )
 
     # -- PostgreSQL: one message --------------------------------------------------------------
 

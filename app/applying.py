@@ -72,38 +72,24 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    Float,
-    Integer,
-    String,
-    bindparam,
-    delete,
-    exists,
-    func,
-    insert,
-    literal_column,
-    or_,
-    select,
-    update,
-)
 from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import Headers
 
 from . import failures
 from .accept import CHANNEL
+from .attempt import overrun, run, watched
 from .db import Database, dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
 from .errors import ServiceUnavailable
 from .lanes import Lane
 from .logs import log_fields
-from .models import delivery_failures, event_queue, processed_events
 from .outcome import Status
 from .plugins import Event, Registry
 from .sources import Source
-from .statements import ClaimStatements, _processor
+from .store.event_queue import EventQueue, end_backend
 from .watchdog import Job, Watchdog
 from .worker import backoff
 
@@ -120,7 +106,6 @@ WATCHED_THREADS = 4
 BATCH_SECONDS = 0.05
 #: Workers an event may take down (ended while they held it) before it ends ``failed``.
 MAX_INTERRUPTIONS = 3
-_RECEIVED = literal_column(f"'{Status.RECEIVED}'")
 
 
 @dataclass(slots=True)
@@ -187,19 +172,8 @@ class Applier:
         self.max_batch = max(1, batch)
         self.batch = 1  # grows while handlers are quick
         self._handler_seconds: float | None = None  # running mean per event
-        dialect = database.engine.dialect
-        self.statements = ClaimStatements(dialect)
-        self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
-        names = sorted(self.sources)
-        self._take_sql = _compile(_take(names, dialect.name == "postgresql"), dialect)
-        self._next_due_sql = _compile(_next_due(names, dialect.name == "postgresql"), dialect)
-        counted, due = _attempted(dialect.name == "postgresql")
-        self._counted_sql, self._due_sql = _compile(counted, dialect), _compile(due, dialect)
-        #: PostgreSQL: both in one message.
-        self._counted_and_due_sql = "; ".join((self._counted_sql, self._due_sql))
-        self._dequeue_sql = _compile(_dequeue(), dialect)
-        self._lock_sql = _compile(_lock(), dialect)
-        self._postgresql = dialect.name == "postgresql"
+        self.queue = EventQueue(database.engine.dialect, sorted(self.sources))
+        self._postgresql = self.queue.postgresql
         #: The handler deadline (PostgreSQL: the watchdog can end a stuck session).
         self.watchdog = (
             Watchdog(handler_timeout_ms, threads=WATCHED_THREADS)
@@ -207,8 +181,6 @@ class Applier:
             else None
         )
         self._overrun: _Batch | None = None
-        #: The batch running now (:meth:`_overran` gives its counted takes back).
-        self._running = _Batch()
         #: Counted takes of batches lost to an error, given back before the next batch.
         self._take_back: list[int] = []
 
@@ -219,7 +191,7 @@ class Applier:
             return None
         batch = self._apply(worker)
         if batch is None:
-            return self._next_due()
+            return self.queue.next_due(self.database.lanes)
         if batch.busy:
             return None  # the poll: a claim thread may be free by then
         self._finish(batch)
@@ -228,21 +200,21 @@ class Applier:
     def release(self) -> None:
         """Nothing to give back: what a batch took is released when its transaction ends."""
 
-    # -- one batch, one transaction ------------------------------------------------------------
-
     def _apply(self, worker: Worker) -> _Batch | None:
         """Take, run and record one batch; None when nothing was due.
 
         With a handler deadline, the batch runs on a claim thread watched by this
         one (:mod:`app.watchdog`): a handler that overruns it is given up on
-        (:meth:`_overran`), and its transaction never commits.
+        (:meth:`_Round.overran`), and its transaction never commits.
         """
+        if self._take_back:
+            self.queue.give_back_takes(self.database.lanes, self._take_back)
+            self._take_back = []
+        round_ = _Round(self, worker)
         if self.watchdog is None:
-            return self._transaction(worker, Job())
+            return run(round_, Job())
         try:
-            return self.watchdog.run(
-                lambda job: self._transaction(worker, job), on_overrun=self._overran
-            )
+            return watched(self.watchdog, round_, on_overrun=round_.overran)
         except ServiceUnavailable as exc:
             overrun, self._overrun = self._overrun, None
             if overrun is not None:  # handler_timeout: the attempt is recorded
@@ -253,272 +225,6 @@ class Applier:
                 exc.code,
             )
             return _Batch(busy=True)
-
-    def _transaction(self, worker: Worker, job: Job) -> _Batch | None:
-        if self._take_back:
-            self._give_back_takes()
-        batch = self._running = _Batch()
-        try:
-            return self._batch(worker, job, batch)
-        except BaseException:
-            # Lost with the connection (a restart), or an error of ours: not an interruption
-            # of this event. Given back before the next batch (if the COMMIT did get through,
-            # the count is back already: the statement stops at 0).
-            if not job.abandoned:  # else: given back by _overran
-                self._take_back.extend(batch.counted)
-            raise
-
-    def _give_back_takes(self) -> None:
-        with self.database.lanes.lane() as side:
-            side.execute_alone(_GIVE_BACK_PG, {"ids": self._take_back})
-        self._take_back = []
-
-    def _batch(self, worker: Worker, job: Job, batch: _Batch) -> _Batch | None:
-        refused: DBAPIError | None = None
-        with self.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                params = {"limit": self.batch}
-                if not self._postgresql:  # PostgreSQL compares with its own now()
-                    params["now"] = self._timestamp(datetime.now(UTC))
-                rows = lane.execute(self._take_sql, params).fetchall()
-                if not rows:
-                    lane.rollback()
-                    return None
-                if self._postgresql:
-                    job.backend = rows[0][-1]  # pg_backend_pid(): who holds the locks
-                taken = self._suspects_alone([self._taken(row) for row in rows])
-                runnable = [e for e in taken if e.interruptions < MAX_INTERRUPTIONS]
-                for event in taken:
-                    if event.interruptions >= MAX_INTERRUPTIONS:
-                        self._given_up(event, batch)
-                if self._postgresql and runnable:
-                    self._count_takes(batch, runnable)
-                for event in runnable:
-                    if worker.stopping or job.abandoned:
-                        break  # the event in hand is done; the rest are released
-                    self._event(lane, event, batch, job)
-                if not job.may_commit():  # given up on (a handler overran): roll back
-                    lane.rollback()
-                    return None
-                try:
-                    lane.commit(*self._closing(lane, batch))
-                except DBAPIError as exc:
-                    if is_disconnect(exc):
-                        raise
-                    lane.rollback()
-                    refused = exc
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-                lane.session.close()
-        if refused is not None:
-            batch = self._commit_refused(batch, refused)
-        self._resize(batch)
-        return batch
-
-    def _suspects_alone(self, taken: list[_Taken]) -> list[_Taken]:
-        """The batch to run: as taken, or only the first event that interrupted a worker.
-
-        The others are released with the commit, uncounted: should the suspect kill
-        this worker too, only its own count goes up.
-        """
-        if len(taken) > 1:
-            for event in taken:
-                if event.interruptions:
-                    return [event]
-        return taken
-
-    def _count_takes(self, batch: _Batch, runnable: list[_Taken]) -> None:
-        """Count the takes of the events about to run, committed before any handler runs."""
-        ids = [event.row_id for event in runnable]
-        with self.database.lanes.lane() as side:
-            side.execute_alone(_COUNT_TAKES_PG, {"ids": ids})
-        batch.counted = ids
-        for event in runnable:
-            if event.interruptions:
-                log.warning(
-                    "event %s of %s: %d worker(s) ended while they held it; trying it alone "
-                    "(at %d it ends failed)",
-                    event.event.id,
-                    event.source,
-                    event.interruptions,
-                    MAX_INTERRUPTIONS,
-                )
-
-    def _given_up(self, taken: _Taken, batch: _Batch) -> None:
-        """``failed`` without running: the event was held by every worker that ended."""
-        error = RuntimeError(
-            f"{taken.interruptions} idemhook worker processes ended (killed, out of memory, "
-            "a crash) while they applied this event; it is not run again: `idemhook "
-            "failures retry` gives it a fresh start"
-        )
-        run = HandlerRun(Status.FAILED, handler="idemhook worker", error=error)
-        batch.failures.append(_failure(taken, run))
-        batch.stored.append((taken.row_id, Status.FAILED, dumps({"failed": run.summary})))
-        batch.done.append(taken.row_id)
-        batch.applied.append(_Applied(taken, "failed", 0.0, run, ran=False))
-
-    def _closing(self, lane: Lane, batch: _Batch) -> tuple[str | None, dict[str, Any] | None]:
-        """The statements sent with the COMMIT: dequeue finished events, store results.
-
-        ``processed_at`` is the time of the commit for every event of the batch: when
-        its handlers' work became visible (PostgreSQL: ``clock_timestamp()``). The
-        batch's failure rows are written first, in the same transaction (one
-        statement; only a batch with a failed or rejected attempt has any).
-        """
-        if batch.failures:
-            lane.connection.execute(insert(delivery_failures), batch.failures)
-        if not batch.stored and not batch.done and not batch.counted:
-            return None, None
-        if self._postgresql:
-            params = {
-                "counted": batch.counted,
-                "done": batch.done,
-                "ids": [row_id for row_id, _, _ in batch.stored],
-                "statuses": [str(status) for _, status, _ in batch.stored],
-                "results": [result for _, _, result in batch.stored],
-            }
-            return _FINISH_PG, params
-        for row_id in batch.done:
-            lane.execute(self._dequeue_sql, {"row_id": row_id})
-        if not batch.stored:
-            return None, None
-        rows = [self.statements.result_row(i, status, text) for i, status, text in batch.stored]
-        return self.statements.store(rows)
-
-    def _taken(self, row: Any) -> _Taken:
-        row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
-        interruptions = row[8]
-        if isinstance(received_at, str):  # SQLite hands back text through the lane
-            received_at = datetime.fromisoformat(received_at)
-        if received_at.tzinfo is None:
-            received_at = received_at.replace(tzinfo=UTC)
-        if isinstance(payload, str):
-            payload = loads(payload)
-        if isinstance(headers, str):
-            headers = loads(headers)
-        event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
-        return _Taken(row_id, source, event, attempts, interruptions)
-
-    def _event(self, lane: Lane, taken: _Taken, batch: _Batch, job: Job) -> None:
-        event = taken.event
-        registrations = self.registry.for_event(event.source, event.type)
-        if not registrations:
-            batch.stored.append((taken.row_id, Status.IGNORED, "null"))
-            batch.done.append(taken.row_id)
-            batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
-            return
-        # Sent at once: the handlers' statements go through the session, not the lane.
-        lane.savepoint(now=True)
-        started = time.perf_counter()
-        job.handlers_started(taken)
-        run = run_handlers(registrations, event, lane.session, senders=self.registry.senders)
-        job.handlers_ended()
-        seconds = time.perf_counter() - started
-        if run.status is Status.FAILED and is_disconnect(run.error):
-            raise run.error  # type: ignore[misc]  # the worker loop backs off; nothing kept
-        if run.status in (Status.PROCESSED, Status.IGNORED):
-            batch.stored.append((taken.row_id, run.status, run.stored or "null"))
-            batch.done.append(taken.row_id)
-            batch.applied.append(_Applied(taken, str(run.status), seconds, run))
-            return
-        # Rejected or failed: undo this event's effects, keep the other events'.
-        lane.session.close()
-        lane.rollback_to_savepoint()
-        if run.status is Status.REJECTED:
-            batch.failures.append(_failure(taken, run))
-            batch.stored.append((taken.row_id, Status.REJECTED, dumps(run.result, strict=True)))
-            batch.done.append(taken.row_id)
-            batch.applied.append(_Applied(taken, str(Status.REJECTED), seconds, run))
-            return
-        self._failed(lane, taken, run, seconds, batch)
-
-    def _failed(
-        self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float, batch: _Batch
-    ) -> None:
-        """Count the failed attempt: due again after a backoff, or ``failed`` at the limit."""
-        batch.failures.append(_failure(taken, run))
-        retries = self.sources[taken.source].retries
-        attempt = taken.attempts + 1
-        if attempt >= retries.max_attempts:
-            status, delay, result = Status.FAILED, None, dumps({"failed": run.summary})
-        else:
-            status, result = Status.RECEIVED, None
-            delay = backoff(attempt, retries.backoff_seconds, retries.max_backoff_seconds)
-        params: dict[str, Any] = {
-            "row_id": taken.row_id,
-            "status": str(status),
-            "result": result,
-            "delay": delay or 0.0,
-        }
-        if not self._postgresql:  # PostgreSQL: now() + the delay, its own clock
-            due = datetime.now(UTC) + timedelta(seconds=delay or 0.0)
-            params["next_attempt_at"] = self._timestamp(due)
-        if status is Status.FAILED:
-            lane.execute(self._counted_sql, params)
-            batch.done.append(taken.row_id)
-        elif self._postgresql:
-            lane.execute(self._counted_and_due_sql, params)
-        else:
-            lane.execute(self._counted_sql, params)
-            lane.execute(self._due_sql, params)
-        outcome = "failed" if status is Status.FAILED else "retry"
-        batch.applied.append(_Applied(taken, outcome, seconds, run, delay))
-
-    def _commit_refused(self, batch: _Batch, error: DBAPIError) -> _Batch:
-        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
-
-        Nothing of the batch remains; each event it ran counts a failed attempt
-        naming the COMMIT's error, in a transaction of its own, and the next batches
-        take one event at a time, so that the event at fault is found.
-        """
-        counted = _Batch(counted=batch.counted)  # the refused COMMIT gave no take back
-        run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
-        with self.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                for applied in batch.applied:
-                    lane.execute(self._lock_sql, {"row_id": applied.taken.row_id})
-                    self._failed(lane, applied.taken, run, applied.seconds, counted)
-                lane.commit(*self._closing(lane, counted))
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-        self.batch = self.max_batch = 1
-        return counted
-
-    def _overran(self, job: Job) -> None:
-        """A handler ran past the deadline: free its locks, count the attempt (main thread).
-
-        Its transaction is marked abandoned and never commits; its database session
-        is ended now (``pg_terminate_backend``), so the event's queue row is free,
-        and the attempt is recorded like a handler's exception.
-        """
-        taken: _Taken = job.event
-        limit = round(self.watchdog.limit * 1000) if self.watchdog else 0
-        error = TimeoutError(
-            f"the handlers ran longer than IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS ({limit} ms); "
-            "the worker gave up on them and their transaction was rolled back"
-        )
-        run = HandlerRun(Status.FAILED, handler="handlers", error=error)
-        backend = getattr(job, "backend", None)
-        if backend is not None:
-            with self.database.engine.connect() as conn:
-                conn.execute(select(func.pg_terminate_backend(backend)))
-        # The abandoned batch never commits: its counted takes are taken back here.
-        batch = _Batch(counted=self._running.counted)
-        with self.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                # Waits (up to the lock timeout) for the ended session to let go of the row.
-                lane.execute(self._lock_sql, {"row_id": taken.row_id})
-                self._failed(lane, taken, run, self.watchdog.limit if self.watchdog else 0, batch)
-                lane.commit(*self._closing(lane, batch))
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-        self._overrun = batch
 
     def _resize(self, batch: _Batch) -> None:
         """Grow the batch while handlers are quick; one event at a time when they are slow."""
@@ -531,31 +237,45 @@ class Applier:
         fits = int(BATCH_SECONDS / per_event) if per_event > 0 else self.max_batch
         self.batch = max(1, min(self.max_batch, fits, self.batch * 2))
 
-    def _next_due(self) -> float | None:
-        """Seconds until the earliest received event due later falls due (None: none).
+    def _failed(self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float,
+                batch: _Batch) -> None:
+        """Count the failed attempt: due again after a backoff, or ``failed`` at the limit."""
+        batch.failures.append(_failure(taken, run))
+        retries = self.sources[taken.source].retries
+        attempt = taken.attempts + 1
+        if attempt >= retries.max_attempts:
+            status, delay, result = Status.FAILED, None, dumps({"failed": run.summary})
+            batch.done.append(taken.row_id)
+        else:
+            status, result = Status.RECEIVED, None
+            delay = backoff(attempt, retries.backoff_seconds, retries.max_backoff_seconds)
+        self.queue.attempt_failed(lane, taken.row_id, str(status), result, delay)
+        outcome = "failed" if status is Status.FAILED else "retry"
+        batch.applied.append(_Applied(taken, outcome, seconds, run, delay))
 
-        Events due now that the take did not return are held by another worker or
-        wait behind an earlier event of their order key: the worker that finishes
-        those takes again at once.
-        """
+    def _closing(self, lane: Lane, batch: _Batch) -> tuple[str | None, dict[str, Any] | None]:
+        return self.queue.closing(
+            lane,
+            failures=batch.failures,
+            counted=batch.counted,
+            done=batch.done,
+            stored=[(i, str(status), text) for i, status, text in batch.stored],
+        )
+
+    def _record_alone(self, taken: _Taken, run: HandlerRun, seconds: float,
+                      batch: _Batch) -> _Batch:
+        """Record one failed attempt at ``taken`` in a transaction of its own."""
         with self.database.lanes.lane() as lane:
-            if lane.pipelined:  # seconds from PostgreSQL's now()
-                [(seconds,)] = lane.execute_alone(self._next_due_sql).fetchall()
-                return None if seconds is None else max(0.0, float(seconds))
-            now = datetime.now(UTC)
             lane.begin()
             try:
-                row = lane.execute(self._next_due_sql, {"now": self._timestamp(now)}).fetchone()
+                # Waits (up to the lock timeout) for a session that held it to let go.
+                self.queue.lock(lane, taken.row_id)
+                self._failed(lane, taken, run, seconds, batch)
+                lane.commit(*self._closing(lane, batch))
             finally:
-                lane.rollback()
-        due = row[0] if row else None
-        if due is None:
-            return None
-        if isinstance(due, str):
-            due = datetime.fromisoformat(due)
-        if due.tzinfo is None:
-            due = due.replace(tzinfo=UTC)
-        return max(0.0, (due - now).total_seconds())
+                if lane.in_transaction:
+                    lane.rollback()
+        return batch
 
     # -- telling -------------------------------------------------------------------------------
 
@@ -600,91 +320,241 @@ class Applier:
         log_fields(log, level, fields)
 
 
-# -- the statements ----------------------------------------------------------------------------
+class _Round:
+    """One batch: an :class:`app.attempt.Attempt` (the bracket decides what faults mean)."""
 
+    def __init__(self, applier: Applier, worker: Worker) -> None:
+        self.applier = applier
+        self.worker = worker
+        self.batch = _Batch()
+        #: The event whose handlers run now: charged an interruption if they cost the session.
+        self.in_hand: _Taken | None = None
 
-def _take(sources: list[str], postgresql: bool) -> Any:
-    q = event_queue.alias("q")
-    p = event_queue.alias("p")
-    e = processed_events.alias("e")
-    earlier = exists().where(
-        p.c.source == q.c.source,
-        p.c.order_key == q.c.order_key,
-        p.c.id < q.c.id,
-    )
-    columns = [
-        q.c.id,
-        e.c.source,
-        e.c.event_id,
-        e.c.event_type,
-        e.c.payload,
-        e.c.headers,
-        e.c.received_at,
-        e.c.attempts,
-        e.c.interruptions,
-    ]
-    if postgresql:  # the session holding the locks, in case a handler overruns
-        columns.append(func.pg_backend_pid())
-    take = (
-        select(*columns)
-        .select_from(q.join(e, e.c.id == q.c.id))
-        .where(
-            q.c.next_attempt_at <= (func.now() if postgresql else bindparam("now", type_=String)),
-            _among(q.c.source, sources),
-            or_(q.c.order_key.is_(None), ~earlier),
+    def once(self, job: Job) -> _Batch | None:
+        applier = self.applier
+        batch = self.batch = _Batch()
+        try:
+            return self._batch(job, batch)
+        except BaseException:
+            # Lost with the connection (a restart), or an error of ours: given back before
+            # the next batch (a COMMIT that did get through gave them back already: the
+            # statement stops at 0). The bracket charges the event in hand when its own
+            # handlers cost the session (:meth:`resolve`).
+            if not job.abandoned:  # else: given back by overran
+                applier._take_back.extend(batch.counted)
+            raise
+
+    def _batch(self, job: Job, batch: _Batch) -> _Batch | None:
+        applier = self.applier
+        with applier.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                rows = applier.queue.take(lane, applier.batch)
+                if not rows:
+                    lane.rollback()
+                    return None
+                if applier._postgresql:
+                    job.backend = rows[0][-1]  # pg_backend_pid(): who holds the locks
+                taken = _suspects_alone([_taken(row) for row in rows])
+                runnable = [e for e in taken if e.interruptions < MAX_INTERRUPTIONS]
+                for event in taken:
+                    if event.interruptions >= MAX_INTERRUPTIONS:
+                        _given_up(event, batch)
+                if applier._postgresql and runnable:
+                    self._count_takes(batch, runnable)
+                for event in runnable:
+                    if self.worker.stopping or job.abandoned:
+                        break  # the event in hand is done; the rest are released
+                    self._event(lane, event, batch, job)
+                if not job.may_commit():  # given up on (a handler overran): roll back
+                    lane.rollback()
+                    return None
+                lane.commit(*applier._closing(lane, batch))
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+        applier._resize(batch)
+        return batch
+
+    def _count_takes(self, batch: _Batch, runnable: list[_Taken]) -> None:
+        """Count the takes of the events about to run, committed before any handler runs."""
+        ids = [event.row_id for event in runnable]
+        self.applier.queue.count_takes(self.applier.database.lanes, ids)
+        batch.counted = ids
+        for event in runnable:
+            if event.interruptions:
+                log.warning(
+                    "event %s of %s: %d worker(s) ended while they held it; trying it alone "
+                    "(at %d it ends failed)",
+                    event.event.id,
+                    event.source,
+                    event.interruptions,
+                    MAX_INTERRUPTIONS,
+                )
+
+    def _event(self, lane: Lane, taken: _Taken, batch: _Batch, job: Job) -> None:
+        applier = self.applier
+        event = taken.event
+        registrations = applier.registry.for_event(event.source, event.type)
+        if not registrations:
+            batch.stored.append((taken.row_id, Status.IGNORED, "null"))
+            batch.done.append(taken.row_id)
+            batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
+            return
+        # Sent at once: the handlers' statements go through the session, not the lane.
+        lane.savepoint(now=True)
+        started = time.perf_counter()
+        job.handlers_started(taken)
+        self.in_hand = taken
+        run_ = run_handlers(registrations, event, lane.session, senders=applier.registry.senders)
+        job.handlers_ended()
+        seconds = time.perf_counter() - started
+        if run_.status is Status.FAILED and is_disconnect(run_.error):
+            raise run_.error  # type: ignore[misc]  # the lost session: the bracket decides
+        self.in_hand = None
+        if run_.status in (Status.PROCESSED, Status.IGNORED):
+            batch.stored.append((taken.row_id, run_.status, run_.stored or "null"))
+            batch.done.append(taken.row_id)
+            batch.applied.append(_Applied(taken, str(run_.status), seconds, run_))
+            return
+        # Rejected or failed: undo this event's effects, keep the other events'.
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        if run_.status is Status.REJECTED:
+            batch.failures.append(_failure(taken, run_))
+            batch.stored.append((taken.row_id, Status.REJECTED, dumps(run_.result, strict=True)))
+            batch.done.append(taken.row_id)
+            batch.applied.append(_Applied(taken, str(Status.REJECTED), seconds, run_))
+            return
+        applier._failed(lane, taken, run_, seconds, batch)
+
+    # -- what the bracket decided ----------------------------------------------------------------
+
+    def resolve(self, lost: DBAPIError) -> _Batch:
+        """The session was lost while a handler ran (or at the COMMIT): nothing of the
+        batch is kept, unless the COMMIT landed.
+
+        When the event in hand's own handlers cost the session (a statement that ended
+        its backend, an OOM kill of it, a pooler's timeout), its counted take is kept: an
+        interruption, as if the worker had died with it. It is then taken alone, and
+        after :data:`MAX_INTERRUPTIONS` it ends ``failed``, while the other events flow.
+        """
+        applier, job_event = self.applier, self.in_hand
+        self.in_hand = None
+        if job_event is not None and job_event.row_id in applier._take_back:
+            applier._take_back.remove(job_event.row_id)
+            log.warning(
+                "event %s of %s: the worker's database session was lost while its handlers "
+                "ran (%s); counted as an interruption (at %d it ends failed)",
+                job_event.event.id,
+                job_event.source,
+                _first_line(lost),
+                MAX_INTERRUPTIONS,
+            )
+        return _Batch()
+
+    def refused(self, error: DBAPIError) -> _Batch:
+        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
+
+        Nothing of the batch remains; each event it ran counts a failed attempt
+        naming the COMMIT's error, in a transaction of its own, and the next batches
+        take one event at a time, so that the event at fault is found.
+        """
+        applier, batch = self.applier, self.batch
+        applier._take_back = [i for i in applier._take_back if i not in batch.counted]
+        counted = _Batch(counted=batch.counted)  # the refused COMMIT gave no take back
+        run_ = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+        with applier.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                for applied in batch.applied:
+                    applier.queue.lock(lane, applied.taken.row_id)
+                    applier._failed(lane, applied.taken, run_, applied.seconds, counted)
+                lane.commit(*applier._closing(lane, counted))
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+        applier.batch = applier.max_batch = 1
+        applier._resize(counted)
+        return counted
+
+    def in_progress(self, error: DBAPIError) -> Exception:
+        return error  # the worker's loop backs off and says so
+
+    def unavailable(self, error: DBAPIError) -> Exception:
+        return error  # the worker's loop backs off and says so
+
+    def abandoned(self) -> _Batch | None:
+        return None  # given up on by the watchdog: overran recorded the attempt
+
+    def overran(self, job: Job) -> None:
+        """A handler ran past the deadline: free its locks, count the attempt (main thread).
+
+        Its transaction is marked abandoned and never commits; its database session
+        is ended now (``pg_terminate_backend``), so the event's queue row is free,
+        and the attempt is recorded like a handler's exception.
+        """
+        applier = self.applier
+        taken: _Taken = job.event
+        assert applier.watchdog is not None
+        run_ = overrun(
+            applier.watchdog,
+            "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS",
+            "the worker gave up on them and their transaction was rolled back",
         )
-        .order_by(q.c.next_attempt_at, q.c.id)
-        .limit(bindparam("limit", type_=Integer))
-        .with_for_update(skip_locked=True, of=q)
+        if job.backend is not None:
+            end_backend(applier.database.engine, job.backend)
+        # The abandoned batch never commits: its counted takes are taken back here.
+        batch = _Batch(counted=self.batch.counted)
+        applier._overrun = applier._record_alone(taken, run_, applier.watchdog.limit, batch)
+
+
+def _suspects_alone(taken: list[_Taken]) -> list[_Taken]:
+    """The batch to run: as taken, or only the first event that interrupted a worker.
+
+    The others are released with the commit, uncounted: should the suspect kill
+    this worker too, only its own count goes up.
+    """
+    if len(taken) > 1:
+        for event in taken:
+            if event.interruptions:
+                return [event]
+    return taken
+
+
+def _given_up(taken: _Taken, batch: _Batch) -> None:
+    """``failed`` without running: the event was held by every worker that ended."""
+    error = RuntimeError(
+        f"{taken.interruptions} idemhook worker processes ended (killed, out of memory, a "
+        "crash) while they applied this event, or lost their database session in its "
+        "handlers; it is not run again: `idemhook failures retry` gives it a fresh start"
     )
-    # SQLite's LIMIT wants an OFFSET, which would otherwise be a parameter of its own.
-    return take if postgresql else take.offset(literal_column("0"))
+    run_ = HandlerRun(Status.FAILED, handler="idemhook worker", error=error)
+    batch.failures.append(_failure(taken, run_))
+    batch.stored.append((taken.row_id, Status.FAILED, dumps({"failed": run_.summary})))
+    batch.done.append(taken.row_id)
+    batch.applied.append(_Applied(taken, "failed", 0.0, run_, ran=False))
 
 
-def _lock() -> Any:
-    q = event_queue
-    return select(q.c.id).where(q.c.id == bindparam("row_id", type_=Integer)).with_for_update()
+def _taken(row: Any) -> _Taken:
+    row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
+    interruptions = row[8]
+    if isinstance(received_at, str):  # SQLite hands back text through the lane
+        received_at = datetime.fromisoformat(received_at)
+    if received_at.tzinfo is None:
+        received_at = received_at.replace(tzinfo=UTC)
+    if isinstance(payload, str):
+        payload = loads(payload)
+    if isinstance(headers, str):
+        headers = loads(headers)
+    event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
+    return _Taken(row_id, source, event, attempts, interruptions)
 
 
-def _next_due(sources: list[str], postgresql: bool) -> Any:
-    q = event_queue
-    if postgresql:
-        earliest = func.min(q.c.next_attempt_at)
-        return select(func.extract("epoch", earliest - func.now())).where(
-            q.c.next_attempt_at > func.now(), _among(q.c.source, sources)
-        )
-    return select(func.min(q.c.next_attempt_at)).where(
-        q.c.next_attempt_at > bindparam("now", type_=String),
-        _among(q.c.source, sources),
-    )
-
-
-def _attempted(postgresql: bool) -> tuple[Any, Any]:
-    """A failed attempt: counted on the event (``failed`` at the limit); when due again."""
-    t = processed_events
-    counted = (
-        update(t)
-        .where(t.c.id == bindparam("row_id", type_=Integer))
-        .values(
-            attempts=t.c.attempts + literal_column("1"),
-            status=bindparam("status", type_=String),
-            result=bindparam("result", type_=String),
-        )
-    )
-    q = event_queue
-    if postgresql:  # now() + make_interval(0, ..., secs => delay)
-        zero = literal_column("0")
-        delay = func.make_interval(zero, zero, zero, zero, zero, zero, bindparam("delay", Float))
-        when: Any = func.now() + delay
-    else:
-        when = bindparam("next_attempt_at", type_=String)
-    due = update(q).where(q.c.id == bindparam("row_id", type_=Integer)).values(next_attempt_at=when)
-    return counted, due
-
-
-def _dequeue() -> Any:
-    q = event_queue
-    return delete(q).where(q.c.id == bindparam("row_id", type_=Integer))
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
 def _failure(taken: _Taken, run: HandlerRun) -> dict[str, Any]:
@@ -697,50 +567,6 @@ def _failure(taken: _Taken, run: HandlerRun) -> dict[str, Any]:
         raw_body=dumps(taken.event.payload).encode(),
         permanent=run.status is Status.REJECTED,
     )
-
-
-def _among(column: Any, names: list[str]) -> Any:
-    # Source names are [A-Za-z0-9_.-] (app.sources): written into the SQL, compiled once.
-    return column.in_([literal_column(f"'{name}'") for name in names])
-
-
-def _compile(statement: Any, dialect: Any) -> str:
-    compiled = statement.compile(dialect=dialect)
-    unnamed = [name for name in compiled.params if name not in _PARAMETERS]
-    if unnamed:  # a literal compiled in as a parameter would never be passed
-        raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
-    return str(compiled)
-
-
-#: The parameters the worker's statements are given.
-_PARAMETERS = frozenset(
-    {"now", "limit", "row_id", "status", "result", "delay", "next_attempt_at"}
-)
-#: Sent with a batch's COMMIT: its counted takes taken back; its finished events leave the
-#: queue; their results stored.
-_FINISH_PG = (
-    "UPDATE processed_events SET interruptions = interruptions - 1 "
-    "WHERE id = ANY(CAST(%(counted)s AS bigint[])); "
-    "DELETE FROM event_queue WHERE id = ANY(%(done)s); "
-    "UPDATE processed_events AS e SET status = v.status, result = CAST(v.result AS jsonb), "
-    "processed_at = clock_timestamp() "
-    "FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(statuses)s AS text[]), "
-    "CAST(%(results)s AS text[])) AS v(id, status, result) WHERE e.id = v.id"
-)
-
-
-#: A batch's takes, counted in a transaction of their own before its handlers run.
-_COUNT_TAKES_PG = (
-    "UPDATE processed_events SET interruptions = interruptions + 1 "
-    "WHERE id = ANY(CAST(%(ids)s AS bigint[]))"
-)
-
-
-#: Takes of a batch lost to an error (not to the worker's end), given back; never below 0.
-_GIVE_BACK_PG = (
-    "UPDATE processed_events SET interruptions = GREATEST(interruptions - 1, 0) "
-    "WHERE id = ANY(CAST(%(ids)s AS bigint[]))"
-)
 
 
 class _Running:

@@ -157,7 +157,9 @@ def run(attempt: Attempt[T], job: Job) -> T:
 
 
 def retrying(
-    work: Callable[[bool], T], unavailable: Callable[[DBAPIError], Exception]
+    work: Callable[[bool], T],
+    unavailable: Callable[[DBAPIError], Exception],
+    in_progress: Callable[[DBAPIError], Exception] | None = None,
 ) -> T:
     """Run ``work`` (idempotent, no handlers), once more on a fresh connection if it was lost.
 
@@ -172,6 +174,8 @@ def retrying(
                 continue
             if decision is Decision.UNAVAILABLE:
                 raise unavailable(exc) from exc
+            if decision is Decision.IN_PROGRESS and in_progress is not None:
+                raise in_progress(exc) from exc
             raise
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -212,7 +212,7 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
     #: The event whose handler added it (none when added outside a handler).
     source: Mapped[str | None] = mapped_column(String(64))
-    event_id: Mapped[str | None] = mapped_column(String(255))
+    event_id: Mapped[str | None] = mapped_column(String(EVENT_ID_LENGTH))
 
     __table_args__ = (
         UniqueConstraint("kind", "key"),

@@ -126,6 +126,12 @@ class Delivery:
                 self.release()
                 return
             sender = self.senders[message.kind]
+            if message.attempts >= sender.max_attempts:
+                # Every allowed attempt ended with its worker gone (a message that kills
+                # its worker, or a lease shorter than a send): not handed out again.
+                done.append(_given_up(sender, message, lease))
+                self._held = (lease, rest)
+                continue
             hold: Sequence[int] = ()
             if rest and time.monotonic() - held_at > HOLD_SECONDS / 2:
                 hold, held_at = [m.id for m in rest], time.monotonic()
@@ -165,16 +171,6 @@ class Delivery:
             taken.id, taken.kind, taken.key, taken.payload, attempts, taken.created_at,
             taken.source, taken.event_id,
         )
-        if attempts > sender.max_attempts:
-            # Every allowed attempt ended with its worker gone (a message that kills its
-            # worker, or a lease shorter than a send): stop handing it out.
-            error = (
-                f"gave up after {sender.max_attempts} attempts: each time, the worker sending "
-                "it stopped before recording the result (killed, or a send longer than "
-                f"lease_seconds={sender.lease_seconds:g})"
-            )
-            record = Record(taken.id, token, MessageStatus.DEAD, error=error)
-            return _Outcome(message, record, error_type="LeaseExpired")
         started = time.perf_counter()
         try:
             value = sender.func(message)
@@ -228,6 +224,22 @@ class Delivery:
         elif status == "dead":
             level = logging.ERROR
         log_fields(log, level, fields)
+
+
+def _given_up(sender: Sender, taken: Taken, lease: str) -> _Outcome:
+    """``dead`` without a send: each allowed attempt ended before its result was recorded."""
+    error = (
+        f"gave up after {sender.max_attempts} attempts: each time, the worker sending "
+        "it stopped before recording the result (killed, or a send longer than "
+        f"lease_seconds={sender.lease_seconds:g})"
+    )
+    message = Message(
+        taken.id, taken.kind, taken.key, taken.payload, taken.attempts, taken.created_at,
+        taken.source, taken.event_id,
+    )
+    # Recorded under the batch's token: it was never started.
+    record = Record(taken.id, lease, MessageStatus.DEAD, error=error)
+    return _Outcome(message, record, error_type="LeaseExpired")
 
 
 def _result_text(sender: Sender, value: Any) -> str:

@@ -243,14 +243,21 @@ class Worker:
             log.info("worker %s stopped", worker_name())
 
     def _step(self) -> float:
-        """Give every kind one batch; the seconds to wait before the next round."""
+        """Give every kind one batch; the seconds to wait before the next round.
+
+        After a database error the loop waits the pause its log line announces
+        (exponential, up to :data:`MAX_ERROR_BACKOFF`), whatever the poll interval:
+        the kinds share one database.
+        """
         wait = self.poll_seconds
+        failed = False
         for work in self.works:
             if self.stopping:
                 break
             try:
                 due = work.step(self)
             except SQLAlchemyError as exc:
+                failed = True
                 self._errors += 1
                 pause = backoff(self._errors, 0.2, MAX_ERROR_BACKOFF)
                 gone = is_disconnect(exc)
@@ -261,11 +268,12 @@ class Worker:
                     _first_line(exc),
                     pause,
                 )
-                wait = min(wait, pause) if wait else pause
+                wait = pause
                 continue
-            self._errors = 0
-            if due is not None:
+            if due is not None and not failed:
                 wait = min(wait, max(due, 0.0))
+        if not failed:
+            self._errors = 0
         return wait
 
     def _wait(self, seconds: float) -> None:

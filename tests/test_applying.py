@@ -332,7 +332,7 @@ def test_the_take_reads_the_queue_through_its_indexes(app, sql, pg_url):
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
-        cursor.execute("EXPLAIN (FORMAT JSON) " + applier._take_sql, {"limit": 50})
+        cursor.execute("EXPLAIN (FORMAT JSON) " + applier.queue._take_sql, {"limit": 50})
         plan = json.dumps(cursor.fetchone()[0])
     finally:
         raw.rollback()
