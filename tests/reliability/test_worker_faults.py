@@ -120,7 +120,10 @@ def stopped(pid: int) -> bool:
 
 @contextmanager
 def released(directory: Path) -> Iterator[None]:
-    """On the way out, release every held send, so no worker waits for its hold's guard."""
+    """On the way out, release every held send, so no worker waits for its hold's guard.
+
+    (Entered after the workers: it is left before they are stopped.)
+    """
     try:
         yield
     finally:
@@ -139,7 +142,7 @@ def test_a_send_during_which_the_workers_session_ends_is_recorded_once_not_sent_
     if ending == "idle_session_timeout":
         # The database ends any session idle for 1 s (libpq passes PGOPTIONS on).
         env["PGOPTIONS"] = "-c idle_session_timeout=1000"
-    with released(tmp_path), worker(SENDERS, clean_db, env=env) as running:
+    with worker(SENDERS, clean_db, env=env) as running, released(tmp_path):
         wait_for(lambda: calls(tmp_path), "the send to start")
         if ending == "terminated":  # a failover, a restart, an administrator
             pids = [s.pid for s in sessions(clean_db, WORKER)]
@@ -177,7 +180,7 @@ def test_quick_messages_are_recorded_sent_while_a_slow_batch_mate_sends_and_neve
     quick = add(clean_db, "quick", [{"n": n} for n in range(5)], "quick")
     [slow] = add(clean_db, "slow", [{"n": 5}], "slow")
     env = trace_env(tmp_path)
-    with released(tmp_path), worker(SENDERS, clean_db, env=env) as first:
+    with worker(SENDERS, clean_db, env=env) as first, released(tmp_path):
         wait_for(lambda: calls(tmp_path, kind="slow"), "the slow send to start")
         # The quick messages went first, in the same worker's batch.
         assert [c["id"] for c in calls(tmp_path, kind="quick", pid=first.pid)] == quick
