@@ -123,7 +123,7 @@ def test_a_key_operation_whose_connection_is_cut_during_commit_is_applied_once(
         f"the operation ran more than once for one key (first answer {first.status_code} "
         f"{first.text.strip()}, final {final.status_code} {final.text.strip()})"
     )
-    # Told the truth: the operation's answer (it did commit), or 503, nothing kept.
+    # The operation committed: its own answer, or a 503 whose retry gets it replayed.
     assert first.status_code in (201, 503), first.text
     if first.status_code == 503:
         assert first.json()["error"] == "database_unavailable"
