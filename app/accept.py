@@ -69,40 +69,16 @@ from .outcome import Outcome, Status
 from .plugins import Event
 from .sources import Source
 from .statements import _processor
+from .store.claims import ACCEPT_PG, order_lock_sql
+from .store.notify import notify_sql
 
 #: The channel a committing asynchronous claim NOTIFYs (payload: empty).
 CHANNEL = "idemhook_events"
-#: First key of the order keys' advisory locks, so they never meet an application's own.
-ORDER_LOCK_SPACE = 0x69646D68  # "idmh"
-#: The claim of a delivery's new events and their queue rows, in one statement (a
-#: data-modifying CTE, ``queued``, runs whether or not it is referenced). The events come
-#: as one JSON parameter, ``{"h": headers, "e": [[id, type, payload, order key], ...]}``:
-#: psycopg2 spends about 10,000 instructions on each parameter it quotes, so four per
-#: event cost more than the JSON text (whose parts are written once each, below).
-#: ``ORDER BY n``: ids are drawn in the delivery's order (receipt order per order key).
-_ACCEPT_PG = (
-    "WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d), "
-    "claimed AS (INSERT INTO processed_events AS e (source, event_id, event_type, "
-    "status, received_at, payload, headers, duplicate_count, last_seen_at, replay_count, "
-    "order_key) SELECT {source}, a.x->>0, a.x->>1, 'received', now(), a.x->2, d.d->'h', 0, "
-    "now(), 0, a.x->>3 FROM d, jsonb_array_elements(d.d->'e') WITH ORDINALITY AS a(x, n) "
-    "ORDER BY a.n "
-    "ON CONFLICT (source, event_id) DO UPDATE SET "
-    "duplicate_count = e.duplicate_count + 1, last_seen_at = excluded.last_seen_at "
-    "RETURNING e.id, e.source, e.event_id, e.duplicate_count, e.status, e.result, "
-    "e.order_key, e.received_at), "
-    "queued AS (INSERT INTO event_queue (id, source, order_key, next_attempt_at, received_at) "
-    "SELECT id, source, order_key, received_at, received_at FROM claimed "
-    "WHERE duplicate_count = 0) "
-    "SELECT event_id, duplicate_count, status, result FROM claimed"
-)
 #: The shortest time between two notifications of one process (seconds). Each is a
 #: transaction and wakes every worker: at 5 ms, two web processes under load sent one per
 #: three acks, and the ack path lost about a tenth of its requests/s to them (make bench);
 #: an idle worker hears of a new event at most this much later (docs/async.md).
 NOTIFY_INTERVAL = 0.02
-#: The notifier's transaction: a notification needs no disk flush.
-_NOTIFY_PG = f"SET LOCAL synchronous_commit TO OFF; SELECT pg_notify('{CHANNEL}', '')"
 
 Observer = Callable[[Event, Outcome, float], None]
 log = logging.getLogger("idemhook.claim")
@@ -195,7 +171,7 @@ class Acceptor:
         sql = self._sql.get(source.name) or self._compile(source)
         if keys is not None:
             locks = sorted({f"{source.name}\n{key}" for key in keys})
-            sql = "".join(_lock(n) for n in range(len(locks))) + sql
+            sql = "".join(order_lock_sql(n) for n in range(len(locks))) + sql
             params.update({f"lock_{n}": key for n, key in enumerate(locks)})
         with self.database.lanes.lane() as lane:
             rows = lane.execute_alone(sql, params).fetchall()
@@ -206,7 +182,7 @@ class Acceptor:
 
     def _compile(self, source: Source) -> str:
         """The statement for ``source``: its name, [A-Za-z0-9_.-] (app.sources), a literal."""
-        sql = _ACCEPT_PG.format(source=f"'{source.name}'")
+        sql = ACCEPT_PG.format(source=f"'{source.name}'")
         if len(self._sql) < 1024:
             self._sql[source.name] = sql
         return sql
@@ -315,7 +291,7 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
         sent = time.monotonic()
         try:
             with database.lanes.lane() as lane:
-                lane.execute_alone(_NOTIFY_PG)
+                lane.execute_alone(notify_sql(CHANNEL))
         except Exception as exc:  # noqa: BLE001 (the workers' poll covers a lost notification)
             failures += 1
             log.warning("could not notify the workers (%s); they will poll", type(exc).__name__)
@@ -330,10 +306,6 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
 def _string(value: str | None) -> str:
     """``value`` as a JSON string (IDs, types and keys are checked: no NUL, no lone surrogate)."""
     return "null" if value is None else encode_basestring(value)
-
-
-def _lock(n: int) -> str:
-    return f"SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, hashtext(%(lock_{n})s)); "
 
 
 def _first_of_each(events: Sequence[Event]) -> list[int]:

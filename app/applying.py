@@ -91,7 +91,7 @@ from .plugins import Event, Registry
 from .sources import Source
 from .store.event_queue import EventQueue, end_backend
 from .watchdog import Job, Watchdog
-from .worker import backoff
+from .worker import backoff, first_line
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -449,7 +449,7 @@ class _Round:
                 "ran (%s); counted as an interruption (at %d it ends failed)",
                 job_event.event.id,
                 job_event.source,
-                _first_line(lost),
+                first_line(lost),
                 MAX_INTERRUPTIONS,
             )
         return _Batch()
@@ -552,21 +552,9 @@ def _taken(row: Any) -> _Taken:
     return _Taken(row_id, source, event, attempts, interruptions)
 
 
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-
-
 def _failure(taken: _Taken, run: HandlerRun) -> dict[str, Any]:
-    """The ``delivery_failures`` row of a failed or rejected attempt."""
-    return failures.failure_row(
-        taken.event,
-        error=run.error_text,
-        cause=run.error or RuntimeError(run.error_text),
-        # The worker never had the request's body: the event's JSON stands for it.
-        raw_body=dumps(taken.event.payload).encode(),
-        permanent=run.status is Status.REJECTED,
-    )
+    # The worker never had the request's body: the event's JSON stands for it.
+    return failures.failure_of(taken.event, run, dumps(taken.event.payload).encode())
 
 
 class _Running:

@@ -235,7 +235,7 @@ class _Delivery:
         if tx.stored:
             return claimer.statements.store(list(tx.stored.values()))
         if claimer._postgresql and all(o.status is Status.DUPLICATE for o in tx.outcomes):
-            return "SET LOCAL synchronous_commit TO OFF", None
+            return claimer.statements.duplicates_only_sql, None
         return None, None
 
     # -- what the bracket decided ----------------------------------------------------------------

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from . import failures
@@ -47,7 +46,6 @@ from .db import dumps, is_disconnect, loads
 from .dispatch import HandlerRun, run_handlers
 from .errors import Conflict, HandlerFailed, ServiceUnavailable, UnprocessableContent
 from .lanes import Lane
-from .models import processed_events
 from .outcome import Outcome, Status
 from .plugins import Event, Response
 from .schemes.idempotency_key import KEY_HEADER
@@ -107,11 +105,9 @@ class KeyClaimer:
         #: the claim is abandoned and never commits; a statement (or the COMMIT) in flight
         #: then still has the statement timeout; and one more for the clocks of instances.
         self.lease_seconds = (claimer.watchdog.limit * 1000 + 2 * statement_ms) / 1000 + 1
-        # The lease commits in its own transaction, without waiting for its WAL flush: a
-        # crash that loses it loses the request that held it too. The operation's COMMIT
-        # flushes the WAL up to it.
-        self._lease_prefix = "SET LOCAL synchronous_commit TO OFF; "
-        self._begin = self.database.lanes.begin_sql
+        self._lease_message = self.statements.lease_message.format(
+            begin=self.database.lanes.begin_sql
+        )
 
     def apply(self, request: KeyRequest) -> Answer:
         """Claim the key and run the operation, or answer from the key (409, 422, replay)."""
@@ -127,11 +123,7 @@ class KeyClaimer:
         """Count a replay or claim the key (committed), then read it in a new transaction."""
         s = self.statements
         if self._postgresql:
-            sql = (
-                f"{self._lease_prefix}{s.count_sql}; {s.lease_sql}; COMMIT; "
-                f"{self._begin}{s.read_sql}"
-            )
-            return s.key_row(lane.execute(sql, params).fetchone())
+            return s.key_row(lane.execute(self._lease_message, params).fetchone())
         lane.execute(s.count_sql, params)
         lane.execute(s.lease_sql, params)
         lane.commit()
@@ -155,9 +147,9 @@ class KeyClaimer:
     def release(self, lane: Lane, row_id: int, owner: str) -> None:
         """Delete this request's claim (its transaction is over): the key is free again."""
         lane.begin()
-        sql = self.statements.release_sql
+        s = self.statements
         params = {"row_id": row_id, "lock_owner": owner}
-        lane.commit(self._lease_prefix + sql if self._postgresql else sql, params)
+        lane.commit(s.release_message if self._postgresql else s.release_sql, params)
 
     def observe(self, event: Event, outcome: Outcome, started: float) -> None:
         seconds = time.perf_counter() - started
@@ -371,22 +363,9 @@ class _Operation:
         request = self.request
         event = request.event
         try:
-            with self.keys.database.engine.begin() as conn:
-                conn.exec_driver_sql(
-                    self.keys.statements.release_sql,
-                    {"row_id": self._row_id, "lock_owner": self.owner},
-                )
-                row = conn.execute(
-                    select(
-                        processed_events.c.status,
-                        processed_events.c.result,
-                        processed_events.c.response_status,
-                        processed_events.c.response_headers,
-                    ).where(
-                        processed_events.c.source == event.source,
-                        processed_events.c.event_id == event.id,
-                    )
-                ).first()
+            row = self.keys.statements.release_and_read(
+                self.keys.database.engine, event.source, event.id, self._row_id, self.owner
+            )
         except DBAPIError as exc:
             raise self.unavailable(exc) from exc
         if row is None or row.status == Status.IN_FLIGHT:
@@ -409,11 +388,7 @@ class _Operation:
         if self.row_id is None:
             return None
         try:
-            with self.keys.database.reserve.begin() as conn:
-                conn.exec_driver_sql(
-                    self.keys.statements.release_sql,
-                    {"row_id": self.row_id, "lock_owner": self.owner},
-                )
+            self.keys.statements.release_on(self.keys.database.reserve, self.row_id, self.owner)
         except DBAPIError:
             pass  # the lease expires by itself
         return None

@@ -116,6 +116,8 @@ class ClaimStatements:
         self._timestamp = _processor(table.c.received_at.type, dialect, bind=True)
         self._result = _processor(table.c.result.type, dialect, bind=False)
         self._store_many: dict[int, str] = {}  # see store_many_sql
+        #: Sent with the COMMIT of a transaction that only counted duplicates: no disk flush.
+        self.duplicates_only_sql = "SET LOCAL synchronous_commit TO OFF"
 
     def _compile(self, statement: Any, names: Collection[str] = _PARAMETERS) -> str:
         compiled = statement.compile(dialect=self.dialect)
@@ -383,6 +385,35 @@ class KeyStatements:
         self.release_sql = self._compile(release)
         self.timestamp = _processor(c.received_at.type, dialect, bind=True)
         self._json = _processor(c.result.type, dialect, bind=False)
+        # The lease commits in its own transaction, without waiting for its WAL flush: a
+        # crash that loses it loses the request that held it too. The operation's COMMIT
+        # flushes the WAL up to it.
+        no_flush = "SET LOCAL synchronous_commit TO OFF; "
+        #: PostgreSQL, one message: count a replay, lease, commit, begin (with ``begin``,
+        #: the lane's BEGIN and timeouts) and read the key's row.
+        self.lease_message = (
+            f"{no_flush}{self.count_sql}; {self.lease_sql}; COMMIT; {{begin}}{self.read_sql}"
+        )
+        #: PostgreSQL: the release, committed without a disk flush.
+        self.release_message = no_flush + self.release_sql
+        self._read_answer = select(
+            c.status, c.result, c.response_status, c.response_headers
+        ).where(key)
+
+    def release_and_read(self, engine: Any, source: str, event_id: str, row_id: int,
+                         owner: str) -> Any:
+        """On a fresh connection: free the key if it is still ``owner``'s and in flight
+        (waiting for a transaction that is committing it), then read its answer."""
+        with engine.begin() as conn:
+            conn.exec_driver_sql(self.release_sql, {"row_id": row_id, "lock_owner": owner})
+            return conn.execute(
+                self._read_answer, {"source": source, "event_id": event_id}
+            ).first()
+
+    def release_on(self, engine: Any, row_id: int, owner: str) -> None:
+        """Free the key on ``engine`` if its lease is still ``owner``'s."""
+        with engine.begin() as conn:
+            conn.exec_driver_sql(self.release_sql, {"row_id": row_id, "lock_owner": owner})
 
     def _compile(self, statement: Any) -> str:
         compiled = statement.compile(dialect=self.dialect)

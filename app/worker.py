@@ -35,11 +35,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from psycopg2 import sql as pgsql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .db import Timeouts, build_engine, is_disconnect
+from .store.notify import listen
 
 log = logging.getLogger("idemhook.worker")
 
@@ -127,16 +127,14 @@ class Listener:
             raw = self.engine.raw_connection()
             connection = raw.dbapi_connection
             connection.autocommit = True
-            with connection.cursor() as cursor:
-                for channel in self.channels:  # an identifier: no bound parameter for it
-                    cursor.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
+            listen(connection, self.channels)
         except (DBAPIError, self.engine.dialect.loaded_dbapi.Error) as exc:
             self._failures += 1
             delay = backoff(self._failures, 0.5, MAX_ERROR_BACKOFF)
             self._retry_at = time.monotonic() + delay
             log.warning(
                 "cannot LISTEN (%s); polling, trying again in %.1f s",
-                _first_line(exc),
+                first_line(exc),
                 delay,
             )
             return False
@@ -153,7 +151,7 @@ class Listener:
         try:
             connection.poll()
         except self.engine.dialect.loaded_dbapi.Error as exc:
-            log.warning("the LISTEN connection was lost (%s); polling meanwhile", _first_line(exc))
+            log.warning("the LISTEN connection was lost (%s); polling meanwhile", first_line(exc))
             self.close()
             return True  # look for work at once: something may have been missed
         got = bool(connection.notifies)
@@ -235,7 +233,7 @@ class Worker:
                     work.release()
                 except SQLAlchemyError as exc:
                     log.warning("%s: could not give back its work (%s); its leases will expire",
-                                work.name, _first_line(exc))
+                                work.name, first_line(exc))
             if self.listener is not None:
                 self.listener.dispose()
             os.close(self._wake_r)
@@ -265,7 +263,7 @@ class Worker:
                     "%s: %s (%s); trying again in %.1f s",
                     work.name,
                     "the database is unreachable" if gone else "a statement failed",
-                    _first_line(exc),
+                    first_line(exc),
                     pause,
                 )
                 wait = pause
@@ -290,6 +288,6 @@ class Worker:
                 pass
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
