@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
+from app import create_app
+from app.errors import ConfigError
 from app.testing.postgres import _connect_args
 from idemhook.testing import deliver, signed
 from tests.reliability.conftest import wait_for
@@ -440,3 +442,61 @@ def test_an_api_views_own_response_and_a_lost_database_are_answered_as_the_api_d
     assert (lost.status_code, lost.content_type) == (503, "application/problem+json")
     assert lost.json["error"] == "database_unavailable"
     assert lost.headers["Retry-After"] == "1"
+
+
+# -- errors replayed on request (replay_errors), problem type pages ---------------------------
+
+
+def test_a_failed_operation_is_not_kept_and_its_retry_runs_again_by_default(api, sql):
+    failed = deliver(api, "emails", {"fail": "smtp down"}, as_client="acme", key="f-1")
+    assert (failed.status_code, failed.json["error"]) == (500, "handler_failed")
+    assert "is free: retry with it" in failed.json["detail"]
+    assert sql("SELECT count(*) FROM processed_events") == [(0,)]  # the key is free
+    retried = deliver(api, "emails", {"fail": "smtp down"}, as_client="acme", key="f-1")
+    assert retried.status_code == 500 and "Idempotent-Replayed" not in retried.headers
+    assert sql("SELECT count(*) FROM delivery_failures") == [(2,)]  # it ran twice
+
+
+def test_replay_errors_stores_the_500_and_replays_it_without_running_again(make_app, sql):
+    sources = {**API_SOURCES, "sources": {
+        **API_SOURCES["sources"],
+        "emails": {**API_SOURCES["sources"]["emails"], "replay_errors": True},
+    }}
+    api = make_app(sources).test_client()
+    failed = deliver(api, "emails", {"fail": "smtp down"}, as_client="acme", key="f-1")
+    assert failed.status_code == 500
+    assert failed.content_type == "application/problem+json"
+    assert failed.json["error"] == "handler_failed" and "is stored" in failed.json["detail"]
+    for _ in range(2):
+        again = deliver(api, "emails", {"fail": "smtp down"}, as_client="acme", key="f-1")
+        assert again.status_code == 500 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.content_type == "application/problem+json"
+        assert again.json == failed.json
+    # It ran once: one failure row, none of its work kept; the key holds the 500.
+    assert sql("SELECT count(*) FROM delivery_failures") == [(1,)]
+    assert effects(sql, "emails") == []
+    [key] = sql("SELECT status, response_status, duplicate_count FROM processed_events")
+    assert (key.status, key.response_status, key.duplicate_count) == ("failed", 500, 2)
+    # Another key runs normally.
+    ok = deliver(api, "emails", {"to": "a@example.com"}, as_client="acme", key="f-2")
+    assert ok.status_code == 201
+
+
+def test_replay_errors_must_be_a_boolean(pg_url):
+    sources = {"sources": {"emails": {**API_SOURCES["sources"]["emails"], "replay_errors": 1}}}
+    with pytest.raises(ConfigError, match=r"replay_errors: must be true or false"):
+        create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": sources})
+
+
+def test_an_unknown_problem_type_page_is_a_json_404(api):
+    missing = api.get("/problems/no_such_code")
+    assert (missing.status_code, missing.json["error"]) == (404, "unknown_problem_type")
+    assert api.get("/problems/..%2Fetc").status_code == 404
+
+
+def test_problem_types_link_to_the_published_docs_when_configured(make_app):
+    api = make_app(API_SOURCES, IDEMHOOK_DOCS_URL="https://docs.example.com/idemhook/").test_client()
+    refused = api.post("/v1/emails", json={"to": "x"})
+    assert refused.json["type"] == (
+        "https://docs.example.com/idemhook/idempotency-keys.md#missing_credentials"
+    )

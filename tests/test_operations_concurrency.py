@@ -171,11 +171,11 @@ def test_a_worker_killed_in_flight_leaves_a_lease_that_expires(signer, db_url, s
         [(app_name,)] = wait_for(
             lambda: sql(
                 "SELECT application_name FROM pg_stat_activity WHERE datname = "
-                "current_database() AND application_name LIKE 'idemhook-worker-%'"
+                "current_database() AND application_name LIKE 'test-handler-%'"
             ),
             "the operation to be running",
         )
-        os.kill(int(app_name.removeprefix("idemhook-worker-")), signal.SIGKILL)
+        os.kill(int(app_name.removeprefix("test-handler-")), signal.SIGKILL)
         first.join(timeout=GUARD)
         assert isinstance(answers[0], requests.ConnectionError)
         [lease] = sql("SELECT status, locked_until > now() AS live FROM processed_events")

@@ -1,7 +1,7 @@
 """A handler that blocks inside the claim's transaction, for fault tests.
 
 It writes its effect (a test_effects row) first, then labels its database
-session ``idemhook-worker-<pid>`` (visible in pg_stat_activity, so a test can
+session ``test-handler-<pid>`` (visible in pg_stat_activity, so a test can
 find which gunicorn worker holds the event) and blocks as the payload asks:
 
 - ``{"block": "lock"}``: waits for PostgreSQL advisory lock :data:`LOCK_KEY`,
@@ -18,7 +18,7 @@ from sqlalchemy import text
 from idemhook import handler
 
 LOCK_KEY = 7_000_007
-APPLICATION_NAME_PREFIX = "idemhook-worker-"
+APPLICATION_NAME_PREFIX = "test-handler-"
 
 
 @handler("blocking", "*")

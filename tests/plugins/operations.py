@@ -4,7 +4,7 @@ The payload chooses what the operation does: ``{"decline": true}`` answers 402 a
 card processor would, ``{"fail": "..."}`` raises after writing its effect (rolled
 back), ``{"reject": "..."}`` returns ``Reject``, ``{"sleep": s}`` keeps the operation
 running for ``s`` seconds (the request in flight; its database session is then labelled
-``idemhook-worker-<pid>`` in pg_stat_activity, so a test can find the worker), and
+``test-handler-<pid>`` in pg_stat_activity, so a test can find the worker), and
 ``{"plain": value}`` returns the value itself instead of a ``Response``.
 """
 
@@ -31,7 +31,7 @@ def operate(event, db):
     if isinstance(payload.get("sleep"), int | float):
         db.execute(
             text("SELECT set_config('application_name', :name, true)"),  # this transaction
-            {"name": f"idemhook-worker-{os.getpid()}"},
+            {"name": f"test-handler-{os.getpid()}"},
         )
         time.sleep(payload["sleep"])
     if payload.get("fail"):

@@ -11,7 +11,7 @@ the row is written:
   in ``delivery_failures`` (so: fail ``n`` times, then succeed); ``"always"``: raise;
 - ``{"reject": reason}``: return ``Reject(reason)``;
 - ``{"ignore": reason}``: return ``Ignore(reason)``;
-- ``{"block": true}``: label the session ``idemhook-worker-<pid>`` (visible in
+- ``{"block": true}``: label the session ``test-handler-<pid>`` (visible in
   ``pg_stat_activity``) and wait for advisory lock :data:`LOCK_KEY`, which the test
   holds: the handler is stuck in its transaction until the test lets go;
 - ``{"mail": true}``: add an ``email`` outbox message (sent by the worker too);
@@ -30,7 +30,7 @@ from sqlalchemy import text
 from idemhook import Ignore, Reject, handler
 
 LOCK_KEY = 7_000_014
-APPLICATION_NAME_PREFIX = "idemhook-worker-"
+APPLICATION_NAME_PREFIX = "test-handler-"
 #: The async test sources use these names; handlers match all of their types.
 SOURCES = ("queued", "queued_batch", "ordered")
 
