@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
@@ -43,7 +43,7 @@ from .logs import log_fields
 from .outbox import CHANNEL, Message
 from .outbox_status import MessageStatus
 from .plugins import Reject, Sender
-from .store.outbox import HOLD_SECONDS, OutboxStore, Record, Start, Taken
+from .store.outbox import HOLD_SECONDS, OutboxStore, Record, Start
 from .worker import backoff, worker_name
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ class Delivery:
         self.metrics = metrics
         self._worker = worker_name()
         self._batches = 0
-        #: Taken and not yet started (given back on stop).
-        self._held: tuple[str, list[Taken]] | None = None
+        #: Message and not yet started (given back on stop).
+        self._held: tuple[str, list[Message]] | None = None
         #: Outcomes whose step the database refused (it was down): recorded first next time.
         self._unrecorded: list[_Outcome] = []
 
@@ -115,7 +115,7 @@ class Delivery:
 
     # -- one batch -----------------------------------------------------------------------------
 
-    def _deliver(self, lease: str, taken: list[Taken], worker: Worker) -> None:
+    def _deliver(self, lease: str, taken: list[Message], worker: Worker) -> None:
         done: list[_Outcome] = []
         held_at = time.monotonic()
         for position, message in enumerate(taken):
@@ -166,11 +166,8 @@ class Delivery:
 
     # -- send ----------------------------------------------------------------------------------
 
-    def _send(self, sender: Sender, taken: Taken, attempts: int, token: str) -> _Outcome:
-        message = Message(
-            taken.id, taken.kind, taken.key, taken.payload, attempts, taken.created_at,
-            taken.source, taken.event_id,
-        )
+    def _send(self, sender: Sender, taken: Message, attempts: int, token: str) -> _Outcome:
+        message = replace(taken, attempts=attempts)  # counting this one
         started = time.perf_counter()
         try:
             value = sender.func(message)
@@ -226,20 +223,16 @@ class Delivery:
         log_fields(log, level, fields)
 
 
-def _given_up(sender: Sender, taken: Taken, lease: str) -> _Outcome:
+def _given_up(sender: Sender, taken: Message, lease: str) -> _Outcome:
     """``dead`` without a send: each allowed attempt ended before its result was recorded."""
     error = (
         f"gave up after {sender.max_attempts} attempts: each time, the worker sending "
         "it stopped before recording the result (killed, or a send longer than "
         f"lease_seconds={sender.lease_seconds:g})"
     )
-    message = Message(
-        taken.id, taken.kind, taken.key, taken.payload, taken.attempts, taken.created_at,
-        taken.source, taken.event_id,
-    )
     # Recorded under the batch's token: it was never started.
     record = Record(taken.id, lease, MessageStatus.DEAD, error=error)
-    return _Outcome(message, record, error_type="LeaseExpired")
+    return _Outcome(taken, record, error_type="LeaseExpired")
 
 
 def _result_text(sender: Sender, value: Any) -> str:

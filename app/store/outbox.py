@@ -29,6 +29,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 
 from ..db import Database, loads
 from ..models import outbox_messages as TABLE
+from ..outbox import Message
 from ..outbox_status import MessageStatus
 
 #: How long a taken, not yet started message stays with its batch (extended while the
@@ -91,20 +92,6 @@ _NEXT_DUE_PG = (
 
 
 @dataclass(frozen=True, slots=True)
-class Taken:
-    """One message as the take returned it (``attempts``: before this one)."""
-
-    id: int
-    kind: str
-    key: str
-    payload: Any
-    attempts: int
-    created_at: datetime
-    source: str | None
-    event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class Record:
     """The outcome of one started message, to store."""
 
@@ -140,14 +127,17 @@ class OutboxStore:
             cursor = lane.execute_alone(sql, params)
             return cursor.fetchall() if cursor.description else []
 
-    def take(self, lease: str, limit: int) -> list[Taken]:
-        """Take up to ``limit`` due messages of our kinds for the batch ``lease``."""
+    def take(self, lease: str, limit: int) -> list[Message]:
+        """Take up to ``limit`` due messages of our kinds for the batch ``lease``.
+
+        Each one's ``attempts`` are those made before: its send is not started yet.
+        """
         if self._postgresql:
             params = {"kinds": self.kinds, "limit": limit, "lease": lease, "hold": HOLD_SECONDS}
             rows = self._run(_TAKE_PG, params)
         else:
             rows = self._take_sqlite(lease, limit)
-        return sorted((Taken(*row[:5], _aware(row[5]), *row[6:]) for row in rows),
+        return sorted((Message(*row[:5], _aware(row[5]), *row[6:]) for row in rows),
                       key=lambda m: m.id)
 
     def step(
