@@ -15,25 +15,15 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import (
-    api,
-    cli,
-    dashboard,
-    db,
-    errors,
-    health,
-    intake,
-    logs,
-    metrics,
-    operations,
-    plugins,
-    problems,
-    settings,
-    sources,
-)
-from .accept import Acceptor
-from .claim import Claimer
-from .json_provider import JSONProvider
+from idemhook._web import api, dashboard, health, intake, metrics, operations, problems
+from idemhook import _cli as cli
+from idemhook._store import database as db
+from idemhook._values import errors
+from idemhook._engine import logs, registry as plugins
+from idemhook._config import settings, sources
+from idemhook._engine.accept import Acceptor
+from idemhook._engine.claim import Claimer
+from idemhook._web.json_provider import JSONProvider
 
 log = logging.getLogger("idemhook")
 

@@ -32,7 +32,7 @@ import psycopg2
 import requests
 from sqlalchemy.engine import make_url
 
-from app.testing import postgres
+from idemhook.testing import postgres
 from tests.servers import ROOT, gunicorn
 
 from .run import fill, human, log, prepare_database

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is not installed: apt-get install valgrind", file=sys.stderr)
         return 2
-    from app.testing import postgres
+    from idemhook.testing import postgres
 
     server, cluster = postgres.server_url()
     url = prepare(server)
@@ -210,8 +210,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
 
-    from app import create_app
-    from app.claim import Outcome
+    from idemhook import create_app
+    from idemhook._engine.claim import Outcome
 
     config = tomllib.loads(SOURCES_TOML)
     if variant == "async-ack":  # the asynchronous source and its handler, beside the others
@@ -223,7 +223,7 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     quiet = variant in ("no-log", "intake-only")
     idemhook_log.setLevel(logging.WARNING if quiet else logging.INFO)
     if variant in ("no-metrics", "intake-only"):
-        from app.metrics import RequestTimer
+        from idemhook._web.metrics import RequestTimer
 
         metrics = app.extensions["idemhook.metrics"]
         claimer.observers.remove(metrics.observe_event)
@@ -241,7 +241,7 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     if variant == "intake-only":
         claimer.apply = lambda events, body: [Outcome(events[0].id, "processed", None)]
     if variant == "no-watchdog":
-        from app.watchdog import Job
+        from idemhook._engine.watchdog import Job
 
         claimer.watchdog.run = lambda work, on_overrun: work(Job())
 

@@ -13,8 +13,8 @@ import json
 import os
 import time
 
-from app import create_app
-from app.testing import postgres
+from idemhook import create_app
+from idemhook.testing import postgres
 
 from .load import event, new_ids, sign
 from .run import SECRET, SOURCES_TOML, prepare_database

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.outbox import add_message
+from idemhook._engine.outbox import add_message
 from tests.servers import start_worker
 
 WORKERS = 2

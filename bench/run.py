@@ -30,8 +30,9 @@ import psycopg2
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from app import create_app, migrate
-from app.testing import postgres
+from idemhook import create_app
+from idemhook._store import migrate
+from idemhook.testing import postgres
 
 from . import asynchronous, handler, outbox
 from .load import (
@@ -373,7 +374,7 @@ class Bench:
         ``Location``) and, for the receiver, its fingerprint, so that the replays are
         answered from it rather than refused as other requests.
         """
-        from app.schemes.idempotency_key import IdempotencyKey
+        from idemhook._config.schemes.idempotency_key import IdempotencyKey
 
         scheme = IdempotencyKey("bench_api", {"secret": SECRET})
         path = PATHS[("receiver", "keyed")]

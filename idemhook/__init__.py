@@ -13,15 +13,15 @@ adding one is one line.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from app import create_app as create_app
-from app.operations import api_view as api_view
-from app.outbox import Message as Message
-from app.plugins import Event as Event
-from app.plugins import Ignore as Ignore
-from app.plugins import Reject as Reject
-from app.plugins import Response as Response
-from app.plugins import handler as handler
-from app.plugins import sender as sender
+from idemhook import create_app as create_app
+from idemhook._web.operations import api_view as api_view
+from idemhook._engine.outbox import Message as Message
+from idemhook._engine.registry import Event as Event
+from idemhook._engine.registry import Ignore as Ignore
+from idemhook._engine.registry import Reject as Reject
+from idemhook._engine.registry import Response as Response
+from idemhook._engine.registry import handler as handler
+from idemhook._engine.registry import sender as sender
 
 try:
     __version__ = version("idemhook")

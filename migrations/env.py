@@ -7,8 +7,8 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.models import Base
-from app.settings import normalise_database_url
+from idemhook._store.models import Base
+from idemhook._config.settings import normalise_database_url
 
 config = context.config
 target_metadata = Base.metadata

@@ -10,8 +10,9 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from app import create_app, migrate
-from app.testing import postgres
+from idemhook import create_app
+from idemhook._store import migrate
+from idemhook.testing import postgres
 from tests.plugins import queued, recorder
 
 SECRET = "test-secret"

@@ -12,10 +12,10 @@ import select
 import psycopg2
 import pytest
 
-from app import sources
-from app.applying import apply_due
-from app.errors import ConfigError
-from app.testing.postgres import _connect_args
+from idemhook._config import sources
+from idemhook._engine.applier import apply_due
+from idemhook._values.errors import ConfigError
+from idemhook.testing.postgres import _connect_args
 from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 
@@ -224,7 +224,7 @@ def test_the_synchronous_sources_beside_it_are_untouched(make_app, sql):
 
 
 def test_on_sqlite_the_demo_accepts_and_applies_the_same_way(make_app, sqlite_url, sql):
-    from app import create_app
+    from idemhook import create_app
 
     app = create_app({"DATABASE_URL": sqlite_url, "IDEMHOOK_CONFIG": ASYNC_SOURCES})
     try:

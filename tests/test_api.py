@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.errors import ConfigError
+from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
 from tests.test_events_cli import NOW, seed, timedelta
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.applying import Applier, apply_due
-from app.metrics import Metrics
+from idemhook._engine.applier import Applier, apply_due
+from idemhook._web.metrics import Metrics
 from idemhook.testing import Kit, deliver
 from tests.test_accept import ASYNC
 
@@ -289,7 +289,7 @@ def test_metrics_count_the_queue_and_what_the_worker_did(app, send, sql):
 
 
 def test_the_test_kit_applies_received_events_for_plugin_authors(pg_url):
-    from app.testing.receiver import build
+    from idemhook.testing.receiver import build
 
     kit = Kit(build(pg_url, SOURCES, {}, migrate=False))
     try:

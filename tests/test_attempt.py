@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from app.attempt import MAX_TRIES, Decision, Fault, classify, decide, run
-from app.watchdog import Job, Stage
+from idemhook._engine.attempt import MAX_TRIES, Decision, Fault, classify, decide, run
+from idemhook._engine.watchdog import Job, Stage
 
 
 @pytest.mark.parametrize(

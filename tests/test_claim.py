@@ -139,7 +139,7 @@ def test_payload_that_jsonb_refuses_is_stored_faithfully(client, sql):
     response = deliver(client, "acme", raw)
     assert response.status_code == 200 and response.json["status"] == "processed"
     app = client.application
-    from app.models import ProcessedEvent
+    from idemhook._store.models import ProcessedEvent
 
     with app.extensions["idemhook.db"].session() as session:
         stored = session.query(ProcessedEvent).one().payload
@@ -167,9 +167,9 @@ def test_a_lost_connection_is_answered_from_what_committed_never_by_running_agai
     from sqlalchemy.exc import OperationalError
     from werkzeug.datastructures import Headers
 
-    from app.errors import ServiceUnavailable
-    from app.outcome import Status
-    from app.plugins import Event
+    from idemhook._values.errors import ServiceUnavailable
+    from idemhook._values.outcome import Status
+    from idemhook._engine.registry import Event
 
     applied = deliver(client, "acme", {"id": "lost-1", "type": "contact.updated"})
     assert applied.json["status"] == "processed"
@@ -179,7 +179,7 @@ def test_a_lost_connection_is_answered_from_what_committed_never_by_running_agai
     def event(event_id):
         return Event("acme", event_id, "contact.updated", {}, Headers(), datetime.now(UTC))
 
-    from app.claim import _Delivery
+    from idemhook._engine.claim import _Delivery
 
     [outcome] = _Delivery(claimer, [event("lost-1")], b"").resolve(lost)
     assert outcome.status is Status.DUPLICATE

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import pytest
 
-from app.cli import cli
+from idemhook._cli import cli
 from idemhook.testing import deliver
 
 IDEMHOOK = str(Path(sys.executable).with_name("idemhook"))

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app import create_app
-from app.testing.kit import signed
+from idemhook import create_app
+from idemhook.testing.kit import signed
 from tests.conftest import SOURCES
 from tests.servers import gunicorn
 

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.testing import postgres
+from idemhook.testing import postgres
 from tests.servers import ROOT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn

@@ -9,8 +9,8 @@ from flask import request
 from sqlalchemy import text
 from werkzeug.exceptions import BadRequest, InternalServerError, RequestedRangeNotSatisfiable
 
-from app.errors import INTERNAL_MESSAGE
-from app.testing.kit import deliver
+from idemhook._values.errors import INTERNAL_MESSAGE
+from idemhook.testing.kit import deliver
 from tests.test_openapi_routes import conforms
 
 EVENT = {"id": "u1", "type": "contact.updated", "card": "4242-secret"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app import create_app
-from app.testing import postgres
+from idemhook import create_app
+from idemhook.testing import postgres
 from idemhook.testing import deliver
 from tests.conftest import SOURCES
 from tests.test_plugins import LEDGER, ledger
@@ -363,7 +363,7 @@ def test_console_script_reports_an_unreachable_database_in_one_line(db_url, tmp_
 
 
 def test_times_with_an_offset_are_the_same_instant_in_utc():
-    from app.queries import parse_when
+    from idemhook._store.queries import parse_when
 
     assert parse_when("2026-11-01T02:00+02:00") == datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
     assert parse_when("2026-11-01T00:00") == parse_when("2026-11-01T00:00Z")

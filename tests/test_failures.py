@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import EnvironHeaders, Headers
 from werkzeug.test import EnvironBuilder
 
-from app.failures import safe_headers
+from idemhook._engine.failures import safe_headers
 
 SECRET_NAMES = ("X-Signature", "Authorization", "Cookie", "X-Hub-Signature-256", "X-Api-Token")
 names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,20}\Z")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app import create_app
+from idemhook import create_app
 from idemhook.testing import deliver, signed
 
 VALID = {"id": "evt_ok", "type": "contact.updated"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.schemes import SCHEMES
+from idemhook._config.schemes import SCHEMES
 from idemhook.testing import deliver
 from tests.schemes.conftest import PROVIDER_SOURCES
 

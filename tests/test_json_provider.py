@@ -12,7 +12,7 @@ from flask.json.provider import DefaultJSONProvider
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.json_provider import JSONProvider
+from idemhook._web.json_provider import JSONProvider
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -139,7 +139,7 @@ def test_an_app_dropped_without_dispose_gives_its_connections_back(make_app, pg_
     # make_app only empties the tables afterwards: an app it built would be kept alive.
     import gc
 
-    from app import create_app
+    from idemhook import create_app
     from tests.conftest import SOURCES
 
     app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from app import create_app, logs, migrate
-from app.errors import ConfigError
-from app.logs import TEXT_FORMAT, TextFormatter
-from app.testing import postgres
+from idemhook import create_app
+from idemhook._engine import logs
+from idemhook._store import migrate
+from idemhook._values.errors import ConfigError
+from idemhook._engine.logs import TEXT_FORMAT, TextFormatter
+from idemhook.testing import postgres
 from idemhook.testing import deliver
 from tests.conftest import SECRET
 from tests.reliability.conftest import WHOAMI_SOURCES, signed_post

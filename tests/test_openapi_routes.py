@@ -12,7 +12,7 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
-from app import create_app
+from idemhook import create_app
 from idemhook.testing import deliver, signed
 from tests.conftest import SOURCES
 from tests.reliability.conftest import wait_for

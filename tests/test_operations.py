@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
-from app import create_app
-from app.errors import ConfigError
-from app.testing.postgres import _connect_args
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
+from idemhook.testing.postgres import _connect_args
 from idemhook.testing import deliver, signed
 from tests.reliability.conftest import wait_for
 from tests.test_events_cli import closed_port

@@ -8,8 +8,8 @@ import shlex
 
 import pytest
 
-from app import create_app
-from app.errors import ConfigError
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
 from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import lines

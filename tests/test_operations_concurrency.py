@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app import create_app
+from idemhook import create_app
 from idemhook.testing import signed
 from tests.reliability.conftest import wait_for
 from tests.servers import gunicorn

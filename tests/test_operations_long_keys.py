@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from app import create_app
+from idemhook import create_app
 from idemhook.testing import signed
 from tests.reliability.conftest import GUARD_SECONDS
 from tests.servers import gunicorn

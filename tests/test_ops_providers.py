@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.schemes.salesforce_outbound import envelope
+from idemhook._config.schemes.salesforce_outbound import envelope
 from idemhook.testing import deliver
 from tests.schemes.conftest import ORG, PROVIDER_SOURCES
 from tests.schemes.test_receiver import NOTIFICATIONS

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import text
 
-from app import create_app
-from app.errors import ConfigError
-from app.outbox import add_message
-from app.plugins import Reject, Sender
-from app.sending import Delivery
-from app.store.outbox import Start
-from app.worker import Worker, backoff
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
+from idemhook._engine.outbox import add_message
+from idemhook._engine.registry import Reject, Sender
+from idemhook._engine.sender import Delivery
+from idemhook._store.outbox import Start
+from idemhook._engine.worker import Worker, backoff
 from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 
@@ -417,7 +417,7 @@ def test_the_worker_refuses_to_start_without_a_sender(make_app):
 
 
 def test_the_listen_url_is_normalised_off_is_accepted_and_a_bad_one_refused(monkeypatch):
-    from app import settings
+    from idemhook._config import settings
 
     monkeypatch.setenv("DATABASE_URL", "sqlite://")
     monkeypatch.setenv("IDEMHOOK_WORKER_LISTEN_URL", "postgres://u@db.example/app")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.plugins import Registry, handler
+from idemhook._engine.registry import Registry, handler
 from idemhook import Response
 
 SECRET = "plugin-test-secret"
@@ -215,7 +215,7 @@ def test_ignore_raised_from_deep_inside_counts_like_returned(idemhook):
 def test_outcomes_and_plugin_migrations_on_sqlite(tmp_path):
     from sqlalchemy import create_engine, text
 
-    from app import create_app
+    from idemhook import create_app
     from idemhook.testing import deliver
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"

@@ -8,7 +8,7 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-from app import create_app
+from idemhook import create_app
 from tests.servers import gunicorn
 from tests.test_plugins import LEDGER
 

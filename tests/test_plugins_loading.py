@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from app import create_app
-from app.errors import ConfigError
-from app.plugins import ENTRY_POINT_GROUP, MIGRATIONS_GROUP
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
+from idemhook._engine.registry import ENTRY_POINT_GROUP, MIGRATIONS_GROUP
 
 SOURCES = {
     "shop": {

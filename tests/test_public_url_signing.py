@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import URL
 
-from app.testing import postgres
+from idemhook.testing import postgres
 from tests.servers import ROOT, gunicorn
 
 PUBLIC = "https://hooks.example.com/prefix"

@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from app import create_app, migrate
-from app.testing import postgres
+from idemhook import create_app
+from idemhook._store import migrate
+from idemhook.testing import postgres
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "querying.md"
 QUERIES = {

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 import app.gunicorn_conf
-from app.testing import postgres
+from idemhook.testing import postgres
 from tests.servers import ROOT, START_TIMEOUT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn

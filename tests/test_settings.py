@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app import create_app
-from app.errors import ConfigError
-from app.settings import normalise_database_url
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
+from idemhook._config.settings import normalise_database_url
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ wraps a receiver under test with row assertions; the pytest plugin
 (``app.testing.pytest_plugin``, enabled on install) provides the ``idemhook`` fixture.
 """
 
-from .kit import deliver, signed
-from .receiver import ANY, Kit
+from idemhook.testing.kit import deliver, signed
+from idemhook.testing.receiver import ANY, Kit
 
 __all__ = ["ANY", "Kit", "deliver", "signed"]

@@ -8,7 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from ..signing import encode, endpoint_url, find_source, signed_request, signing_url
+from idemhook._config.signing import encode, endpoint_url, find_source, signed_request, signing_url
 
 __all__ = ["deliver", "encode", "signed"]
 

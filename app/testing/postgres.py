@@ -27,7 +27,7 @@ import psycopg2
 from psycopg2 import sql
 from sqlalchemy.engine import URL, make_url
 
-from ..settings import normalise_database_url
+from idemhook._config.settings import normalise_database_url
 
 
 class NoPostgres(RuntimeError):

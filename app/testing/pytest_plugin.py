@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import URL
 
-from .postgres import NoPostgres, create_database, drop_database, server_url
-from .receiver import Kit, build
+from idemhook.testing.postgres import NoPostgres, create_database, drop_database, server_url
+from idemhook.testing.receiver import Kit, build
 
 __all__ = ["Kit", "Templates"]
 

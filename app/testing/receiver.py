@@ -11,9 +11,9 @@ from sqlalchemy import Row, text
 from sqlalchemy.engine import URL
 from werkzeug.test import TestResponse
 
-from .. import create_app
-from .. import migrate as migrations
-from .kit import deliver
+from idemhook import create_app
+from idemhook._store import migrate as migrations
+from idemhook.testing.kit import deliver
 
 #: Stands for "any value" in the ``assert_*`` helpers' optional arguments.
 ANY: Any = object()
@@ -67,7 +67,7 @@ class Kit:
         In this process, one batch after another until nothing is due (an event
         waiting for a backoff stays); returns how many attempts were made.
         """
-        from ..applying import apply_due
+        from idemhook._engine.applier import apply_due
 
         return apply_due(self.app)
 

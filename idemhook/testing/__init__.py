@@ -7,7 +7,7 @@ from :mod:`idemhook.testing.pytest_plugin`, enabled when idemhook is installed.
 Importing this module does not need pytest.
 """
 
-from app.testing import ANY as ANY
-from app.testing import Kit as Kit
-from app.testing import deliver as deliver
-from app.testing import signed as signed
+from idemhook.testing import ANY as ANY
+from idemhook.testing import Kit as Kit
+from idemhook.testing import deliver as deliver
+from idemhook.testing import signed as signed

@@ -9,8 +9,8 @@ import time
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from app.dashboard import access
-from app.errors import ConfigError
+from idemhook._web.dashboard import access
+from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
 from tests.dashboard.conftest import HTML, TOKEN, Browser, csrf_of
 

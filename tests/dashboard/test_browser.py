@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from app import create_app
-from app.outbox import add_message
-from app.plugins import Sender
-from app.sending import Delivery
-from app.testing.kit import signed
-from app.worker import Worker
+from idemhook import create_app
+from idemhook._engine.outbox import add_message
+from idemhook._engine.registry import Sender
+from idemhook._engine.sender import Delivery
+from idemhook.testing.kit import signed
+from idemhook._engine.worker import Worker
 from tests.browser import chromium_page
 from tests.conftest import SOURCES
 from tests.dashboard.conftest import TOKEN

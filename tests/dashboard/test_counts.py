@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app import create_app
-from app.dashboard.counts import Count, approximately, bounded_count
-from app.models import processed_events
+from idemhook import create_app
+from idemhook._web.dashboard.counts import Count, approximately, bounded_count
+from idemhook._store.models import processed_events
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.settings import DEFAULTS
+from idemhook._config.settings import DEFAULTS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

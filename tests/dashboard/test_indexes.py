@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import event, text
 
-from app.queries import encode_cursor
+from idemhook._store.queries import encode_cursor
 from tests.dashboard.conftest import Browser
 
 EVENT_ROWS = 60_000

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.sending import Delivery
-from app.worker import Worker
+from idemhook._engine.sender import Delivery
+from idemhook._engine.worker import Worker
 from examples.email_api.handlers import PROBLEMS, TITLES, validate
 from examples.email_api.sender import message_id
 from tests.mail import SmtpServer

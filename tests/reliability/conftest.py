@@ -14,7 +14,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.testing.postgres import Cluster, create_database, find_bindir
+from idemhook.testing.postgres import Cluster, create_database, find_bindir
 from tests.conftest import SECRET, SOURCES, TABLES, _migrate
 
 T = TypeVar("T")

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg2
 from flask import Flask
 
-from app.db import get_db
-from app.testing.postgres import _connect_args
+from idemhook._store.database import get_db
+from idemhook.testing.postgres import _connect_args
 from idemhook import create_app
 from idemhook.testing import deliver
 

@@ -22,8 +22,8 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from app.applying import MAX_INTERRUPTIONS
-from app.testing.postgres import _connect_args
+from idemhook._engine.applier import MAX_INTERRUPTIONS
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SECRET
 from tests.plugins.queued import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for
@@ -248,7 +248,7 @@ def test_fails_twice_then_succeeds_after_two_backoffs_and_always_failing_ends_fa
 
 
 def app_runner(url):
-    from app import create_app
+    from idemhook import create_app
 
     app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": ASYNC_SOURCES})
     return app.test_cli_runner()

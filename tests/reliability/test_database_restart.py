@@ -20,7 +20,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.testing.postgres import _connect_args
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SOURCES
 from tests.plugins.whoami import LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, WHOAMI_SOURCES, signed_post, wait_for

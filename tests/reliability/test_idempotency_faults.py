@@ -18,8 +18,8 @@ import pytest
 import requests
 from sqlalchemy.engine import URL
 
-from app import create_app
-from app.testing.postgres import _connect_args
+from idemhook import create_app
+from idemhook.testing.postgres import _connect_args
 from idemhook.testing import signed
 from tests.faults import Proxy, sessions
 from tests.plugins import held_operation

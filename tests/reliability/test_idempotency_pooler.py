@@ -20,8 +20,8 @@ import pytest
 import requests
 from sqlalchemy.engine import URL
 
-from app import create_app
-from app.testing.pgbouncer import PgBouncer
+from idemhook import create_app
+from idemhook.testing.pgbouncer import PgBouncer
 from idemhook.testing import signed
 from tests.reliability.conftest import GUARD_SECONDS
 from tests.servers import gunicorn

@@ -13,7 +13,7 @@ import re
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.outbox import add_message
+from idemhook._engine.outbox import add_message
 from tests.mail import SmtpServer
 from tests.reliability.conftest import signed_post, wait_for
 from tests.servers import gunicorn, worker
@@ -152,7 +152,7 @@ def test_three_workers_send_each_of_2000_pending_messages_exactly_once(clean_db,
 
 
 def create_app_runner(url):
-    from app import create_app
+    from idemhook import create_app
 
     app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": {}}, database_only=True)
     return app.test_cli_runner()

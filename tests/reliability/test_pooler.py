@@ -27,10 +27,10 @@ import pytest
 import requests
 from sqlalchemy.engine import URL
 
-from app import create_app
-from app.testing import postgres
-from app.testing.pgbouncer import PgBouncer
-from app.testing.postgres import _connect_args
+from idemhook import create_app
+from idemhook.testing import postgres
+from idemhook.testing.pgbouncer import PgBouncer
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SECRET
 from tests.plugins.probe import SETTINGS
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for

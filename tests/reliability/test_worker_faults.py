@@ -30,8 +30,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 
-from app.applying import MAX_INTERRUPTIONS
-from app.outbox import add_message
+from idemhook._engine.applier import MAX_INTERRUPTIONS
+from idemhook._engine.outbox import add_message
 from tests.conftest import SECRET, SOURCES
 from tests.faults import sessions, terminate
 from tests.plugins.traced import TRACE_ENV, calls, release

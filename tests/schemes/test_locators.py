@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
-from app import settings, sources
-from app.errors import ConfigError
-from app.locators import MISSING, Composite, parse
+from idemhook._config import settings, sources
+from idemhook._values.errors import ConfigError
+from idemhook._config.locators import MISSING, Composite, parse
 
 HUBSPOT_KEY = ["body:portalId", "body:subscriptionId", "body:eventId", "body:occurredAt"]
 

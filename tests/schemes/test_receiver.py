@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app.schemes import Delivery
-from app.schemes.salesforce_outbound import envelope
+from idemhook._config.schemes import Delivery
+from idemhook._config.schemes.salesforce_outbound import envelope
 from idemhook.testing import deliver, signed
 
 from .conftest import ORG, PROVIDER_SOURCES

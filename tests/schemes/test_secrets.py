@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import standardwebhooks
 
-from app import create_app
-from app.errors import ConfigError
-from app.schemes import SCHEMES
+from idemhook import create_app
+from idemhook._values.errors import ConfigError
+from idemhook._config.schemes import SCHEMES
 from idemhook.testing import deliver
 from tests.servers import toml
 

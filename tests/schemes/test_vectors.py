@@ -11,8 +11,8 @@ import stripe
 from hubspot.utils.signature import Signature as HubSpotSignature
 from werkzeug.datastructures import Headers
 
-from app.errors import Unauthorized
-from app.schemes import SCHEMES, Delivery
+from idemhook._values.errors import Unauthorized
+from idemhook._config.schemes import SCHEMES, Delivery
 
 HUBSPOT_SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"
 HUBSPOT_BODY = b"{'example_field':'example_value'}"

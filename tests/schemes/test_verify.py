@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from werkzeug.datastructures import Headers
 
-from app.errors import ConfigError, Unauthorized
-from app.schemes import SCHEMES, Delivery, Scheme
-from app.schemes.base import check_freshness
+from idemhook._values.errors import ConfigError, Unauthorized
+from idemhook._config.schemes import SCHEMES, Delivery, Scheme
+from idemhook._config.schemes.base import check_freshness
 
 URL = "https://hooks.example.com/webhooks/src"
 BODY = b'{"id": "evt_1", "type": "contact.created", "n": 1}'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.testing import postgres
+from idemhook.testing import postgres
 
 DEAD = "postgresql+psycopg2://postgres@127.0.0.1:1/postgres"
 

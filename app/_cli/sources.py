@@ -1,0 +1,222 @@
+"""``idemhook sources`` and ``idemhook sources check``: what to register at each provider.
+
+Both work from the sources file alone, source by source, so that one broken
+source (a secret whose environment variable is unset) is reported by name
+instead of stopping the whole app from loading: ``sources check`` is meant for
+a deploy's release phase.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from flask import current_app, has_app_context
+from flask.cli import ScriptInfo
+
+from idemhook._config import settings as settings_module
+from idemhook._config import sources as sources_module
+from idemhook._values.errors import ConfigError
+from idemhook._engine.registry import Registry
+from idemhook._config.schemes import SCHEMES
+from idemhook._cli.common import ConfigMissing
+
+#: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
+MIN_SECRET_BYTES = 16
+
+
+@dataclass
+class Report:
+    """One source as ``idemhook sources`` shows it."""
+
+    name: str
+    url: str
+    scheme: str = "?"
+    event_id: str = "?"
+    event_type: str = "-"
+    batch: str = "one event per request"
+    mode: str = "sync: handlers run in the request"
+    secret: str = "?"
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _context() -> tuple[Mapping[str, Any], Registry | None]:
+    """The settings, and the handler registry when the app itself could be built."""
+    if has_app_context():
+        return current_app.config, current_app.extensions.get("idemhook.registry")
+    info = click.get_current_context().find_object(ScriptInfo)
+    if info is not None:
+        try:
+            app = info.load_app()
+            return app.config, app.extensions.get("idemhook.registry")
+        except (ConfigError, click.ClickException):
+            pass  # a start-up error (main() wraps it for the console): diagnosed below
+    try:
+        return settings_module.load(), None
+    except ConfigError as exc:
+        raise ConfigMissing(str(exc)) from None
+
+
+def _tables(config: Any) -> Mapping[str, Any]:
+    if isinstance(config, Mapping):
+        data = config
+    else:
+        path = Path(config)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise click.ClickException(f"IDEMHOOK_CONFIG: {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise click.ClickException(
+                f"IDEMHOOK_CONFIG: {path} is not valid TOML: {exc}"
+            ) from None
+    tables = data.get("sources", {})
+    if not isinstance(tables, Mapping):
+        raise click.ClickException("IDEMHOOK_CONFIG: [sources] must be a table")
+    return tables
+
+
+def inspect_sources() -> list[Report]:
+    """Check every configured source on its own and describe it."""
+    config, registry = _context()
+    base = config.get("IDEMHOOK_PUBLIC_URL") or ""
+    reports = []
+    for name, table in _tables(config["IDEMHOOK_CONFIG"]).items():
+        public = table.get("public_url") if isinstance(table, Mapping) else None
+        root = (public if isinstance(public, str) else base).rstrip("/")
+        report = Report(name, f"{root or 'https://<your-host>'}/webhooks/{name}")
+        reports.append(report)
+        if not root:
+            report.warnings.append(
+                "no public URL: set IDEMHOOK_PUBLIC_URL (or public_url) to print the exact URL"
+            )
+        try:
+            source = sources_module.parse_source(
+                name, table, default_max_body=config["IDEMHOOK_MAX_BODY_BYTES"]
+            )
+        except ConfigError as exc:
+            report.problems.append(str(exc))
+            _describe_unloadable(report, table, str(exc))
+            continue
+        scheme = source.scheme
+        report.scheme = scheme.name
+        report.event_id = str(source.event_id)
+        report.event_type = str(source.event_type) if source.event_type else "-"
+        if source.batch is not None:
+            where = "the body" if not source.batch.parts else str(source.batch)
+            report.batch = f"a list at {where}, at most {source.max_batch}"
+        if source.asynchronous:
+            report.mode = _async_mode(source)
+        path = getattr(scheme, "path", None)
+        if path:  # an API (idempotency-key): its clients call its path
+            report.url = f"{root or 'https://<your-host>'}{path}"
+        clients = getattr(scheme, "clients", {})
+        if not scheme.needs_secret:
+            report.secret = "not needed"
+        elif None not in clients and clients:
+            report.secret = f"resolves ({len(clients)} clients: {', '.join(map(str, clients))})"
+            for client, keys in clients.items():
+                _warn_short(report, keys, f"clients.{client}")
+        else:
+            count = len(scheme.secrets)
+            report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")
+            _warn_short(report, scheme.keys, "secret")
+        if (
+            registry is not None
+            and not registry.for_event(name, None)
+            and not any(r.source in ("*", name) for r in registry.registrations)
+        ):
+            report.warnings.append("no handler: events will be recorded as ignored")
+    return reports
+
+
+def _async_mode(source: sources_module.Source) -> str:
+    """How an asynchronous source answers, orders and retries (docs/async.md)."""
+    retries = source.retries
+    order = f"in order per {source.order_key}" if source.order_key else "no order promised"
+    return (
+        f"async: answered {source.ack_status}, applied by idemhook worker, {order}, "
+        f"at most {retries.max_attempts} attempts"
+    )
+
+
+def _warn_short(report: Report, keys: tuple[bytes, ...], setting: str) -> None:
+    for index, key in enumerate(keys, start=1):
+        if len(key) < MIN_SECRET_BYTES:
+            which = f"{setting}[{index}]" if len(keys) > 1 else setting
+            report.warnings.append(
+                f"{which} is only {len(key)} bytes: a short secret can be guessed; "
+                f"use at least {MIN_SECRET_BYTES} random bytes"
+            )
+
+
+def _spec(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _describe_unloadable(report: Report, table: Any, problem: str) -> None:
+    """Fill in what the raw table (and its scheme's defaults) say, for a source that failed."""
+    if not isinstance(table, Mapping):
+        return
+    scheme_cls = SCHEMES.get(table.get("scheme")) if isinstance(table.get("scheme"), str) else None
+    settings = {**(scheme_cls.defaults if scheme_cls else {}), **table}
+    report.scheme = str(table.get("scheme", "?"))
+    report.event_id = _spec(settings.get("event_id", "?"))
+    report.event_type = _spec(settings.get("event_type", "-"))
+    batch = settings.get("batch", "none")
+    if batch != "none":
+        where = "the body" if batch == "array" else str(batch)
+        report.batch = f"a list at {where}, at most {settings.get('max_batch', 100)}"
+    if "] secret" not in problem and "] clients." not in problem:
+        report.secret = "?"
+    elif "is not set" in problem:
+        report.secret = "does not resolve"
+    else:
+        report.secret = "refused"
+
+
+def _show(reports: list[Report]) -> None:
+    if not reports:
+        click.echo("No sources are configured (IDEMHOOK_CONFIG has no [sources.<name>]).")
+    for report in reports:
+        click.echo(f"{report.name}\n  register   {report.url}")
+        click.echo(f"  scheme     {report.scheme}")
+        click.echo(f"  event id   {report.event_id}")
+        click.echo(f"  event type {report.event_type}")
+        click.echo(f"  batch      {report.batch}")
+        click.echo(f"  mode       {report.mode}")
+        click.echo(f"  secret     {report.secret}")
+        for problem in report.problems:
+            click.echo(f"  PROBLEM    {problem}")
+        for warning in report.warnings:
+            click.echo(f"  warning    {warning}")
+
+
+@click.group(
+    "sources",
+    invoke_without_command=True,
+    short_help="What to register at each provider; `check` for a release phase.",
+)
+@click.pass_context
+def sources_cli(ctx: click.Context) -> None:
+    """List the configured sources: the URL to register, scheme, ID, type, secret status."""
+    if ctx.invoked_subcommand is None:
+        _show(inspect_sources())
+
+
+@sources_cli.command("check")
+def check_command() -> None:
+    """Exit non-zero if any source has a problem (for a deploy's release phase)."""
+    reports = inspect_sources()
+    _show(reports)
+    broken = [r.name for r in reports if r.problems]
+    if broken:
+        raise click.ClickException(f"{len(broken)} source(s) with problems: {', '.join(broken)}")
+    click.echo(f"ok: {len(reports)} source(s)")

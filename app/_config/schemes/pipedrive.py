@@ -1,0 +1,64 @@
+"""``pipedrive``: HTTP Basic credentials set on the webhook (Pipedrive signs nothing)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from idemhook._values.errors import ConfigError, Unauthorized
+from idemhook._config.schemes.base import Delivery, Scheme, matches_any, register
+
+
+def basic_header(username: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP Basic credentials."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+@register("pipedrive")
+class Pipedrive(Scheme):
+    """Webhooks v2: ``Authorization: Basic`` with ``username`` and the secret as password.
+
+    ``http_auth_user``/``http_auth_password`` on Pipedrive's side; several
+    passwords may be configured while one is changed. The ID is ``meta.id``,
+    the type ``<meta.entity>.<meta.action>`` (``deal.change``).
+    """
+
+    option_keys = frozenset({"username"})
+    defaults = {
+        "event_id": "body:meta.id",
+        "event_type": ["body:meta.entity", "body:meta.action"],
+    }
+
+    def __init__(self, source: str, config: Mapping[str, Any]) -> None:
+        super().__init__(source, config)
+        username = config.get("username")
+        if not isinstance(username, str) or not username.strip() or ":" in username:
+            raise ConfigError(
+                f"[sources.{source}] username: required, the HTTP auth user set on the "
+                "Pipedrive webhook (no ':')"
+            )
+        self.username = username
+        self._expected = tuple(basic_header(username, secret) for secret in self.secrets)
+
+    def verify(self, delivery: Delivery) -> None:
+        given = delivery.headers.get("Authorization")
+        if not given:
+            error = Unauthorized(
+                "The Authorization header is missing: set the HTTP auth user and password on "
+                "the Pipedrive webhook.",
+                code="missing_credentials",
+            )
+            error.headers["WWW-Authenticate"] = 'Basic realm="idemhook"'
+            raise error
+        if not matches_any(self._expected, given.strip()):
+            error = Unauthorized(
+                "The HTTP Basic credentials do not match this source's username and secret.",
+                code="invalid_credentials",
+            )
+            error.headers["WWW-Authenticate"] = 'Basic realm="idemhook"'
+            raise error
+
+    def sign(self, delivery: Delivery) -> dict[str, str]:
+        return {"Authorization": self._expected[0]}

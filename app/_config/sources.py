@@ -1,0 +1,300 @@
+"""The sources file (``IDEMHOOK_CONFIG``): which senders exist and how each is verified.
+
+Parsed once at start-up into immutable :class:`Source` objects; every mistake
+raises :class:`~app.errors.ConfigError` naming the source and the key.
+See ``docs/configuration.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idemhook._config import locators
+from idemhook._values.errors import ConfigError
+from idemhook._config.locators import Locator
+from idemhook._config.schemes import SCHEMES, Scheme
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+COMMON_KEYS = frozenset(
+    {
+        "scheme",
+        "secret",
+        "event_id",
+        "event_type",
+        "batch",
+        "max_batch",
+        "max_body_bytes",
+        "content_types",
+        "allow_unverified",
+        "public_url",
+        "mode",
+        "ack_status",
+        "order_key",
+        "max_attempts",
+        "backoff_seconds",
+        "max_backoff_seconds",
+    }
+)
+#: The keys that only an asynchronous source (``mode = "async"``) reads.
+ASYNC_KEYS = ("ack_status", "order_key", "max_attempts", "backoff_seconds", "max_backoff_seconds")
+MODES = ("sync", "async")
+#: What an asynchronous source may answer a delivery it accepted with.
+ACK_STATUSES = (202, 200)
+DEFAULT_CONTENT_TYPES = ("application/json",)
+DEFAULT_MAX_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How ``idemhook worker`` retries an asynchronous source's failed events.
+
+    The same policy and defaults as an outbox sender's (docs/outbox.md): the wait
+    after failed attempt *n* is ``min(max_backoff, backoff x 2^(n-1))``, its upper
+    half drawn at random; after ``max_attempts`` failures the event is ``failed``.
+    """
+
+    max_attempts: int = 10
+    backoff_seconds: float = 5.0
+    max_backoff_seconds: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One ``[sources.<name>]`` table, resolved and validated."""
+
+    name: str
+    scheme: Scheme
+    event_id: Locator
+    event_type: Locator | None
+    #: Where the list of events is (``batch = "array"`` is the body itself); None: one event.
+    batch: Locator | None
+    max_batch: int
+    max_body_bytes: int
+    content_types: tuple[str, ...]
+    #: Base URL the sender calls (overrides IDEMHOOK_PUBLIC_URL for this source).
+    public_url: str | None = None
+    #: ``mode = "async"``: deliveries are claimed and answered at once; ``idemhook
+    #: worker`` runs the handlers (docs/async.md).
+    asynchronous: bool = False
+    #: What an accepted asynchronous delivery is answered with (202, or 200).
+    ack_status: int = 202
+    #: Where an asynchronous event's order key is: events with equal keys are applied
+    #: one at a time, in the order they were received. None: no order promised.
+    order_key: Locator | None = None
+    #: The worker's retries of an asynchronous source's failed events.
+    retries: Retries = field(default_factory=Retries)
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesFile:
+    plugins: tuple[str, ...]
+    sources: Mapping[str, Source]
+    #: ``[outbox.<kind>]`` tables: a sender's retry policy set here (app.plugins).
+    outbox: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> SourcesFile:
+    """Read and validate the sources file (or an already-parsed dict, from tests)."""
+    if isinstance(config, Mapping):
+        data: Mapping[str, Any] = config
+        origin = "the given config"
+    else:
+        path = Path(config)
+        origin = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"IDEMHOOK_CONFIG: {path} does not exist; copy webhooks.example.toml to start"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"IDEMHOOK_CONFIG: {path} is not valid TOML: {exc}") from None
+
+    unknown = set(data) - {"plugins", "sources", "outbox"}
+    if unknown:
+        raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}")
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"{origin}: plugins must be a list of module names")
+    tables = data.get("sources", {})
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{origin}: [sources] must be a table of [sources.<name>] tables")
+    sources = {
+        name: _source(name, table, default_max_body=max_body_bytes)
+        for name, table in tables.items()
+    }
+    outbox = data.get("outbox", {})
+    if not isinstance(outbox, Mapping) or not all(isinstance(t, Mapping) for t in outbox.values()):
+        raise ConfigError(f"{origin}: [outbox] must be a table of [outbox.<kind>] tables")
+    return SourcesFile(plugins=tuple(plugins), sources=sources, outbox=outbox)
+
+
+def parse_source(name: str, table: Any, *, default_max_body: int) -> Source:
+    """Validate one ``[sources.<name>]`` table (``idemhook sources`` checks them one by one)."""
+    return _source(name, table, default_max_body=default_max_body)
+
+
+def _source(name: str, table: Any, *, default_max_body: int) -> Source:
+    if not SOURCE_NAME.match(name):
+        raise ConfigError(
+            f"[sources.{name}]: a source name is 1-64 letters, digits, '.', '_' or '-' "
+            "(it becomes part of the URL)"
+        )
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[sources.{name}] must be a table")
+    scheme_name = table.get("scheme")
+    scheme_cls = SCHEMES.get(scheme_name) if isinstance(scheme_name, str) else None
+    if scheme_cls is None:
+        raise ConfigError(
+            f"[sources.{name}] scheme: unknown scheme {scheme_name!r}; "
+            f"choose one of {', '.join(sorted(SCHEMES))}"
+        )
+    unknown = set(table) - COMMON_KEYS - scheme_cls.option_keys
+    if unknown:
+        raise ConfigError(
+            f"[sources.{name}]: unknown key(s) {', '.join(sorted(unknown))} "
+            f"for scheme {scheme_name!r}"
+        )
+    if "allow_unverified" in table and not isinstance(table["allow_unverified"], bool):
+        raise ConfigError(f"[sources.{name}] allow_unverified: must be true or false")
+    settings = {**scheme_cls.defaults, **table}
+    scheme = scheme_cls(name, settings)
+
+    if "event_id" not in settings:
+        raise ConfigError(f'[sources.{name}] event_id: missing; e.g. event_id = "body:id"')
+    event_id = locators.parse(settings["event_id"], source=name, key="event_id")
+    event_type = (
+        locators.parse(settings["event_type"], source=name, key="event_type")
+        if settings.get("event_type") is not None
+        else None
+    )
+    batch_spec = settings.get("batch", "none")
+    if batch_spec == "none":
+        batch = None
+    elif batch_spec == "array":
+        batch = locators.BodyPath(())
+    else:
+        batch = locators.parse(batch_spec, source=name, key="batch")
+        if not isinstance(batch, locators.BodyPath):
+            raise ConfigError(f"[sources.{name}] batch: must be 'none', 'array' or 'body:<path>'")
+
+    asynchronous = _mode(settings, name) == "async"
+    if asynchronous and scheme.operation:
+        raise ConfigError(
+            f'[sources.{name}] mode = "async": an {scheme_name} source answers with its '
+            "operation's own result, which only its handler can give; it runs in the request"
+        )
+    return Source(
+        name=name,
+        scheme=scheme,
+        event_id=event_id,
+        event_type=event_type,
+        batch=batch,
+        max_batch=_positive_int(settings, "max_batch", DEFAULT_MAX_BATCH, name),
+        max_body_bytes=_positive_int(settings, "max_body_bytes", default_max_body, name),
+        content_types=_content_types(settings, name),
+        public_url=_public_url(settings, name),
+        asynchronous=asynchronous,
+        **(_async_settings(settings, name) if asynchronous else {}),
+    )
+
+
+def _mode(settings: Mapping[str, Any], source: str) -> str:
+    mode = settings.get("mode", "sync")
+    if mode not in MODES:
+        raise ConfigError(
+            f'[sources.{source}] mode: "sync" (handlers run in the request, the default) or '
+            f'"async" (answered at once, handlers run by idemhook worker), got {mode!r}'
+        )
+    if mode == "sync":
+        given = [key for key in ASYNC_KEYS if key in settings]
+        if given:
+            raise ConfigError(
+                f"[sources.{source}] {', '.join(given)}: only an asynchronous source reads "
+                f'{"this key" if len(given) == 1 else "these keys"}; set mode = "async" '
+                "(docs/async.md) or remove them"
+            )
+    return mode
+
+
+def _async_settings(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The keys of an asynchronous source (docs/configuration.md), checked."""
+    ack_status = settings.get("ack_status", ACK_STATUSES[0])
+    if isinstance(ack_status, bool) or ack_status not in ACK_STATUSES:
+        raise ConfigError(
+            f"[sources.{source}] ack_status: 202 (the default) or 200 (for providers that "
+            f"want 200), got {ack_status!r}"
+        )
+    order_key = (
+        locators.parse(settings["order_key"], source=source, key="order_key")
+        if settings.get("order_key") is not None
+        else None
+    )
+    defaults = Retries()
+    retries = Retries(
+        max_attempts=_positive_int(settings, "max_attempts", defaults.max_attempts, source),
+        backoff_seconds=_positive_number(
+            settings, "backoff_seconds", defaults.backoff_seconds, source
+        ),
+        max_backoff_seconds=_positive_number(
+            settings, "max_backoff_seconds", defaults.max_backoff_seconds, source
+        ),
+    )
+    return {"ack_status": ack_status, "order_key": order_key, "retries": retries}
+
+
+def _positive_number(settings: Mapping[str, Any], key: str, default: float, source: str) -> float:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"[sources.{source}] {key}: must be a positive number of seconds")
+    return float(value)
+
+
+def _public_url(settings: Mapping[str, Any], source: str) -> str | None:
+    value = settings.get("public_url")
+    if value is None:
+        return None
+    problem = check_public_url(value)
+    if problem:
+        raise ConfigError(f"[sources.{source}] public_url: {problem}")
+    return value.rstrip("/")
+
+
+def check_public_url(value: Any) -> str | None:
+    """Say what is wrong with a public base URL (``https://host[/prefix]``), or None."""
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        return f"expected a base URL like 'https://hooks.example.com', got {value!r}"
+    if "?" in value or "#" in value or "/webhooks/" in value + "/":
+        return (
+            f"{value!r} must be the base URL only (scheme, host, optional path prefix); "
+            "idemhook appends /webhooks/<source>"
+        )
+    return None
+
+
+def _positive_int(settings: Mapping[str, Any], key: str, default: int, source: str) -> int:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"[sources.{source}] {key}: must be a positive whole number")
+    return value
+
+
+def _content_types(settings: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    value = settings.get("content_types", DEFAULT_CONTENT_TYPES)
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) and "/" in v for v in value)
+    ):
+        raise ConfigError(
+            f"[sources.{source}] content_types: a list of media types like 'application/json'"
+        )
+    return tuple(v.lower() for v in value)

@@ -1,0 +1,321 @@
+"""The claim: record an event's ID and apply its handlers in one transaction.
+
+For each event of a delivery, in one transaction on a lane (:mod:`app.lanes`):
+
+1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (:mod:`app.statements`).
+   A returned ``duplicate_count`` above 0 means the event was already applied: the
+   duplicate is counted and nothing runs. A concurrent duplicate waits on the
+   unique index until the first transaction ends (bounded by the lock timeout:
+   ``503 event_in_progress``).
+2. **run handlers** (:func:`app.dispatch.run_handlers`, the one handler path).
+3. **store** the result: sent with the COMMIT, one statement for the whole delivery.
+4. **commit**.
+
+Each event runs inside a savepoint (``SAVEPOINT``/``RELEASE`` travel in the
+round trip of its claim on PostgreSQL), so a handler's failure or ``Reject``
+rolls back that event alone: a failed event is answered 500 and recorded in
+``delivery_failures``; a rejected one is claimed as ``rejected``. No handler
+ever runs twice in one delivery: the transaction is tried again only when its
+connection was lost before any handler started (a kept connection that did not
+survive a database restart). A connection lost later is answered from a fresh
+connection's look at the claims: committed, they are duplicates; not, ``503``.
+
+The whole claim runs on a claim thread watched by the request
+(:mod:`app.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
+is answered ``503 handler_timeout`` and its transaction never commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import sessionmaker
+
+from idemhook._engine import failures
+from idemhook._engine.attempt import overrun, watched
+from idemhook._store.database import Database, dumps, is_disconnect
+from idemhook._engine.dispatch import ClaimSession, HandlerRun, run_handlers
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._store.lanes import Lane
+from idemhook._values.outcome import Outcome, Status
+from idemhook._engine.registry import Event, Registry
+from idemhook._store.statements import ClaimStatements
+from idemhook._store import claims
+from idemhook._engine.watchdog import Job, Watchdog
+
+__all__ = ["ClaimSession", "Claimer", "Outcome", "Status"]
+
+log = logging.getLogger("idemhook.claim")
+
+Observer = Callable[[Event, Outcome, float], None]
+Timer = Callable[[Event, str, float], None]
+
+
+@dataclass(slots=True)
+class _Transaction:
+    """What one claim transaction has done so far, kept until it commits."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    #: Result rows of applied events, stored by one statement sent with the COMMIT.
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``delivery_failures`` rows, written after the transaction ends (on its lane).
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Observer and timer calls, made once the transaction's fate is known.
+    observed: list[tuple[Event, Outcome, float]] = field(default_factory=list)
+    timings: list[tuple[Event, str, float]] = field(default_factory=list)
+    #: The delivery's headers as stored with each claim (JSON; one request, one value).
+    headers: str = "{}"
+
+
+class Claimer:
+    """Applies events exactly once against one database with one handler registry."""
+
+    def __init__(
+        self,
+        database: Database,
+        registry: Registry,
+        observers: Sequence[Observer] = (),
+        *,
+        handler_timeout_ms: int = 4000,
+        claim_threads: int = 8,
+    ) -> None:
+        self.database = database
+        self.registry = registry
+        #: Called after each event with (event, outcome, seconds); logging and metrics.
+        self.observers: list[Observer] = list(observers)
+        #: Called with (event, phase, seconds) for phase "claim" (the INSERT, including
+        #: any wait on a concurrent delivery of the same event) and "handlers".
+        self.timers: list[Timer] = []
+        engine = database.engine
+        #: Sessions outside the claim (replay).
+        self.sessions = sessionmaker(engine, class_=ClaimSession, expire_on_commit=False)
+        self.statements = ClaimStatements(engine.dialect)
+        #: At most as many claim threads as the pool has connections (size + overflow),
+        #: so a claim never waits for a connection behind handlers that overran.
+        self.watchdog = Watchdog(handler_timeout_ms, threads=claim_threads)
+        self._postgresql = engine.dialect.name == "postgresql"
+
+    # -- the straight line ---------------------------------------------------------------------
+
+    def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
+        """Claim and handle ``events``; answer when done, or 503 when a handler overruns."""
+        attempt = _Delivery(self, events, raw_body)
+        return watched(self.watchdog, attempt, on_overrun=attempt.overran)
+
+    def _report(self, tx: _Transaction) -> None:
+        for timing in tx.timings:
+            for timer in self.timers:
+                timer(*timing)
+        for observed in tx.observed:
+            for observer in self.observers:
+                observer(*observed)
+
+
+class _Delivery:
+    """One delivery's claim: an :class:`app.attempt.Attempt` (the bracket decides its faults)."""
+
+    def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:
+        self.claimer = claimer
+        self.events = events
+        self.raw_body = raw_body
+        self.tx = _Transaction()
+        #: The event whose claim statement runs now (named when it waits too long).
+        self.claiming: Event | None = None
+
+    def once(self, job: Job) -> list[Outcome]:
+        claimer = self.claimer
+        tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(self.events[0].headers)))
+        with claimer.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                for event in self.events:
+                    if job.abandoned:
+                        lane.rollback()
+                        return []
+                    tx.outcomes.append(self._event(lane, event, job))
+                sql, params = self._closing_statement()
+                if not job.may_commit():  # answered handler_timeout already: keep nothing
+                    lane.rollback()
+                    return []
+                lane.commit(sql, params)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+            # On the attempt's own lane: never waits for the pool (docs/guarantees.md).
+            failures.write(lane, tx.failures)
+        claimer._report(tx)
+        return tx.outcomes
+
+    # -- one event -----------------------------------------------------------------------------
+
+    def _event(self, lane: Lane, event: Event, job: Job) -> Outcome:
+        """Claim ``event`` and run its handlers inside its own savepoint."""
+        claimer, tx = self.claimer, self.tx
+        started = time.perf_counter()
+        registrations = claimer.registry.for_event(event.source, event.type)
+        lane.savepoint()
+        status = Status.PROCESSED if registrations else Status.IGNORED
+        row = self._claim(lane, event, status)
+        tx.timings.append((event, "claim", time.perf_counter() - started))
+        if row.duplicates:
+            pending = tx.stored.get(event.id)  # a repeat inside this delivery
+            result = pending["value"] if pending is not None else row.result
+            return self._done(event, Outcome(event.id, Status.DUPLICATE, result), started)
+        if not registrations:
+            return self._done(event, Outcome(event.id, Status.IGNORED), started)
+
+        job.handlers_started(event)
+        handlers_started = time.perf_counter()
+        run = run_handlers(registrations, event, lane.session, senders=claimer.registry.senders)
+        job.handlers_ended()
+        tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
+
+        if run.status in (Status.PROCESSED, Status.IGNORED):
+            stored = claimer.statements.result_row(row.id, run.status, run.stored or "null")
+            if claimer._postgresql:
+                tx.stored[event.id] = {**stored, "value": run.result}
+            else:
+                lane.execute(claimer.statements.finish_sql, stored)
+            return self._done(event, Outcome(event.id, run.status, run.result), started)
+
+        # Failed or rejected: undo this event's claim and effects, keep the others'.
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        if run.status is Status.REJECTED:
+            outcome = self._claim_rejected(lane, event, run)
+            if outcome.status is Status.REJECTED:
+                tx.failures.append(failures.failure_of(event, run, self.raw_body))
+        else:
+            outcome = _failed_outcome(event, run)
+            tx.failures.append(failures.failure_of(event, run, self.raw_body))
+        return self._done(event, outcome, started)
+
+    def _claim(self, lane: Lane, event: Event, status: Status) -> Any:
+        statements = self.claimer.statements
+        self.claiming = event
+        row = lane.execute(
+            statements.claim_sql, statements.claim_params(event, status, self.tx.headers)
+        ).fetchone()
+        self.claiming = None
+        return statements.claim_row(row)
+
+    def _claim_rejected(self, lane: Lane, event: Event, run: HandlerRun) -> Outcome:
+        """Claim ``event`` as rejected (its effects are already rolled back)."""
+        row = self._claim(lane, event, Status.REJECTED)
+        if row.duplicates:  # another delivery claimed it while ours rolled back
+            return Outcome(event.id, Status.DUPLICATE, row.result)
+        statements = self.claimer.statements
+        stored = statements.result_row(row.id, Status.REJECTED, dumps(run.result, strict=True))
+        lane.execute(statements.finish_sql, stored)
+        return Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
+
+    def _done(self, event: Event, outcome: Outcome, started: float) -> Outcome:
+        self.tx.observed.append((event, outcome, time.perf_counter() - started))
+        return outcome
+
+    def _closing_statement(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The statement sent with the COMMIT: the results to store, or none.
+
+        A transaction that only counted duplicates changes nothing but
+        ``duplicate_count`` and ``last_seen_at``. With ``synchronous_commit`` off
+        for it, PostgreSQL answers the commit before the WAL reaches the disk: a
+        crash in the next fraction of a second can lose those counts, never an
+        event, a result or a failure (docs/guarantees.md), and the duplicate path
+        no longer waits for a disk flush.
+        """
+        tx, claimer = self.tx, self.claimer
+        if tx.stored:
+            return claimer.statements.store(list(tx.stored.values()))
+        if claimer._postgresql and all(o.status is Status.DUPLICATE for o in tx.outcomes):
+            return claimer.statements.duplicates_only_sql, None
+        return None, None
+
+    # -- what the bracket decided ----------------------------------------------------------------
+
+    def refused(self, error: DBAPIError) -> list[Outcome]:
+        """PostgreSQL refused the COMMIT (a deferred constraint, a serialization failure).
+
+        Nothing of the transaction remains: every event it claimed failed, and
+        each gets a ``delivery_failures`` row naming the commit's error.
+        """
+        tx, failed = self.tx, _Transaction()
+        for event, outcome in zip(self.events, tx.outcomes, strict=True):
+            if outcome.status is Status.DUPLICATE:
+                failed.outcomes.append(outcome)
+                continue
+            run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
+            failed.outcomes.append(_failed_outcome(event, run))
+            failed.failures.append(failures.failure_of(event, run, self.raw_body))
+        failed.observed = [
+            (e, o, 0.0) for e, o in zip(self.events, failed.outcomes, strict=True)
+        ]
+        failed.timings = tx.timings
+        with self.claimer.database.lanes.lane() as lane:
+            failures.write(lane, failed.failures)
+        self.claimer._report(failed)
+        return failed.outcomes
+
+    def resolve(self, lost: DBAPIError) -> list[Outcome]:
+        """The connection died at or after the handlers: never run them again here.
+
+        Look at the claims on a fresh connection: committed (our COMMIT landed
+        before the connection died, or another delivery applied them since), they
+        are answered as the duplicates they now are; otherwise 503. Nothing is
+        changed: a claim of ours that did not commit left nothing behind.
+        """
+        keys = [(e.source, e.id) for e in self.events]
+        try:
+            found = claims.results(self.claimer.database.engine, keys)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+        if all(e.id in found for e in self.events):
+            return [Outcome(e.id, Status.DUPLICATE, found[e.id]) for e in self.events]
+        raise self.unavailable(lost) from lost
+
+    def in_progress(self, error: DBAPIError) -> Exception:
+        which = f"Event {self.claiming.id!r}" if self.claiming is not None else "This event"
+        return ServiceUnavailable(
+            f"{which} is being processed by another delivery right now; retry shortly.",
+            code="event_in_progress",
+        )
+
+    def unavailable(self, error: DBAPIError) -> Exception:
+        return ServiceUnavailable(
+            "The database is unavailable; nothing was recorded. Retry shortly.",
+            code="database_unavailable",
+        )
+
+    def abandoned(self) -> list[Outcome]:
+        return []  # answered already (handler_timeout); nothing of it was kept
+
+    def overran(self, job: Job) -> None:
+        """Record the handler that overran (called by the request thread, once)."""
+        claimer = self.claimer
+        event = job.event
+        run = overrun(
+            claimer.watchdog,
+            "IDEMHOOK_HANDLER_TIMEOUT_MS",
+            "the delivery was answered 503 handler_timeout and its transaction rolled back",
+        )
+        failures.record(claimer.database.reserve, [failures.failure_of(event, run, self.raw_body)])
+        outcome = _failed_outcome(event, run)
+        for observer in claimer.observers:
+            observer(event, outcome, claimer.watchdog.limit)
+
+
+def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:
+    return Outcome(
+        event.id,
+        Status.FAILED,
+        error=run.summary,
+        handler=run.handler,
+        error_type=type(run.error).__name__,
+    )

@@ -1,0 +1,157 @@
+"""One structured log line per event, as text or JSON (``IDEMHOOK_LOG_FORMAT``).
+
+Each line carries source, event_id, event_type, outcome and duration_ms (and,
+for a failed or rejected event, the handler and, if it raised, the exception's
+class), and nothing else from the request: never a payload, a header, a
+signature, a secret or an exception's message (which may quote the payload).
+Lines go to stderr through the ``idemhook`` logger, which gunicorn
+leaves alone, so they appear under gunicorn, ``flask run`` and the CLI alike.
+
+An asynchronous source's event gets its line from ``idemhook worker`` when the
+worker has applied it (with the attempt and the delay since receipt); its
+acknowledgement by the web process is logged at DEBUG only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+
+from idemhook._engine.claim import Outcome
+from idemhook._values.errors import ConfigError
+from idemhook._engine.registry import Event
+
+log = logging.getLogger("idemhook.events")
+
+FORMATS = ("text", "json")
+#: The fields of an event line, in order (``handler`` and ``error`` only when set).
+FIELDS = ("source", "event_id", "event_type", "outcome", "duration_ms", "handler", "error")
+#: The fields of an outbox delivery line (app.sending), in order (``error`` only when set).
+MESSAGE_FIELDS = ("kind", "message_id", "attempt", "outcome", "duration_ms", "error")
+#: The worker's line for an asynchronous event (app.applying), in order.
+APPLIED_FIELDS = (
+    "source",
+    "event_id",
+    "event_type",
+    "outcome",
+    "attempt",
+    "duration_ms",
+    "delay_ms",
+    "handler",
+    "error",
+    "retry_in_s",
+)
+_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS))
+
+
+def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = logging.INFO) -> None:
+    """Log one line for ``event`` (a :class:`app.claim.Claimer` observer)."""
+    if not log.isEnabledFor(level):
+        return
+    fields = {
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "outcome": str(outcome.status),
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    if outcome.handler is not None:
+        fields["handler"] = outcome.handler
+    if outcome.error_type is not None:
+        fields["error"] = outcome.error_type
+    log_fields(log, level, fields)
+
+
+#: An asynchronous source's acknowledgement (an :class:`app.accept.Acceptor` observer): at
+#: DEBUG, since the event's INFO line is the worker's once it has applied the event (with
+#: its attempt and delay, :mod:`app.applying`); the ack path, measured against a bare
+#: receiver, does not pay for a second line unless asked to.
+log_accepted = functools.partial(log_outcome, level=logging.DEBUG)
+
+
+def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """One ``key=value`` line (a JSON object in json format) of ``fields``."""
+    if not logger.isEnabledFor(level):
+        return
+    message = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+    # The record made directly: Logger.log would also look up the caller's frame, a
+    # fifth of the line's cost, to name this function, which is known.
+    record = logger.makeRecord(logger.name, level, __file__, _LINE, message, (), None, "log_fields")
+    record.__dict__.update(fields)
+    logger.handle(record)
+
+
+_LINE = log_fields.__code__.co_firstlineno
+
+#: A value written bare: printable ASCII but space, '"' and '='. Anything else is quoted.
+_BARE = re.compile(r"[!#-<>-~]+")
+
+
+def _text(value: Any) -> str:
+    # IDs and types come from senders: quote anything that could forge or split a line.
+    text = "-" if value is None else str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the event fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = [f for f in _ALL_FIELDS if hasattr(record, f)]
+        if fields:
+            body.update({f: getattr(record, f) for f in fields})
+        else:
+            body["message"] = record.getMessage()
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, with each second's timestamp text worked out once, not per line."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        cached = self._second  # one tuple, replaced whole: safe across threads
+        if cached[0] != second:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            cached = self._second = (second, text)
+        return self.default_msec_format % (cached[1], record.msecs)
+
+
+class _Handler(logging.StreamHandler):
+    """idemhook's own stderr handler, installed once per process."""
+
+
+def init_app(app: Flask) -> None:
+    """Install the stderr handler with the configured format (once per process)."""
+    fmt = str(app.config["IDEMHOOK_LOG_FORMAT"]).lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"IDEMHOOK_LOG_FORMAT must be text or json, got {fmt!r}")
+    logger = logging.getLogger("idemhook")
+    handler = next((h for h in logger.handlers if isinstance(h, _Handler)), None)
+    if handler is None:
+        handler = _Handler()
+        logger.addHandler(handler)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)

@@ -1,0 +1,592 @@
+"""The handler API: what plugin authors import, and how handlers are found and routed.
+
+Contract (the full text with examples is ``docs/plugins.md``)::
+
+    from idemhook import handler
+
+    @handler("acme", "contact.updated")      # type may end in "*": "contact.*", "*"
+    def sync_contact(event, db):
+        db.execute(...)                       # same transaction as the event's claim
+        return {"contact": 42}                # JSON-serialisable; stored as result
+
+- ``event`` is an :class:`Event`; ``db`` is a SQLAlchemy ``Session`` inside the
+  claim's transaction. Never commit, roll back or close it: the receiver commits
+  the claim and every handler's work together, or none of it. Use it only during
+  the call: it is emptied and handed to later events on the same connection.
+- Raising rolls back the claim and all handlers' work for this event, records a
+  row in ``delivery_failures`` and answers 500, so the provider retries and the
+  handlers run again from scratch. Work outside the database (an API call) is
+  therefore at least once, not exactly once: make it idempotent.
+- Returning (or raising) :class:`Ignore` ``(reason)`` says "not for me": the
+  handler's result is ``{"ignored": reason}``; when every handler that ran
+  ignored the event it is recorded with status ``ignored`` (answered 200).
+- Returning (or raising) :class:`Reject` ``(reason)`` says "this event can never
+  succeed": every handler's work for the event is rolled back, later handlers do
+  not run, the event is recorded with status ``rejected`` and result
+  ``{"rejected": reason}``, a ``delivery_failures`` row with ``permanent = true``
+  is written, and the answer is 200 so the provider stops retrying. A
+  redelivery is a ``duplicate``.
+- Returning :class:`Response` ``(status, body, headers)`` chooses the HTTP answer of an
+  ``idempotency-key`` source (docs/idempotency-keys.md): it is stored with the key and
+  replayed to every retry. ``body`` is the stored result; for webhook sources only the
+  body counts.
+- Several matching handlers all run, in registration order, in the one
+  transaction. With one handler, ``result`` is its return value; with several,
+  an object mapping each handler's ``module:qualname`` to its return value.
+- A source of ``"*"`` matches every source.
+
+Side effects outside the database go through the outbox (docs/outbox.md): a
+handler calls ``event.outbox.add(kind, payload, key=None)``, which inserts a
+message in the claim's transaction, and ``idemhook worker`` hands each committed
+message to the ``@sender(kind)`` function of its kind::
+
+    @sender("email", max_attempts=10)
+    def send_email(message):                  # an idemhook.Message
+        smtp.send(..., message_id=message.key)
+        return {"smtp": "250 OK"}             # stored as the message's result
+
+Handlers and senders come from the modules listed in ``plugins`` in the sources
+file and from the ``idemhook.handlers`` entry-point group: one loading path for
+both, once, at start-up. A plugin module may set ``IDEMHOOK_MIGRATIONS`` to the folder of its
+own Alembic revisions; installed plugins may instead register that folder in
+the ``idemhook.migrations`` entry-point group. ``idemhook db upgrade`` applies both.
+A plugin module may also set ``IDEMHOOK_BLUEPRINT`` to a Flask ``Blueprint`` of its
+own routes (an API's ``GET``), registered by ``create_app`` after idemhook's own
+routes; ``@api_view(source)`` (:mod:`app.operations`) makes a view authenticate
+that API source's clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from os import PathLike
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+from flask import Blueprint, Flask
+from werkzeug.datastructures import Headers
+
+from idemhook._engine import outbox
+from idemhook._values.errors import ConfigError
+from idemhook._engine.outbox import Message, Outbox
+
+ENTRY_POINT_GROUP = "idemhook.handlers"
+MIGRATIONS_GROUP = "idemhook.migrations"
+#: Module attribute naming the folder of a plugin's own Alembic revisions.
+MIGRATIONS_ATTRIBUTE = "IDEMHOOK_MIGRATIONS"
+#: Module attribute holding a plugin's own routes: a Flask ``Blueprint``.
+BLUEPRINT_ATTRIBUTE = "IDEMHOOK_BLUEPRINT"
+_MARK = "__idemhook_handlers__"
+_SENDER_MARK = "__idemhook_sender__"
+
+
+class HandlerChoice:
+    """Base of what a handler may return instead of a plain result (one check per result)."""
+
+
+class HandlerOutcome(HandlerChoice, Exception):
+    """Base of the outcomes a handler may return, or raise from deep inside its helpers."""
+
+    #: Key of the stored result, and the event's status when this outcome decides it.
+    status: str = ""
+
+    def __init__(self, reason: str) -> None:
+        if not isinstance(reason, str) or not reason:
+            raise TypeError(f"{type(self).__name__}(reason): reason must be a non-empty string")
+        super().__init__(reason)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r})"
+
+    def result(self) -> dict[str, str]:
+        return {self.status: self.reason}
+
+
+class Ignore(HandlerOutcome):
+    """The handler chose not to act on this event (answered 200, status ``ignored``)."""
+
+    status = "ignored"
+
+
+class Reject(HandlerOutcome):
+    """The event is permanently bad: roll back, record it as failed for good, answer 200."""
+
+    status = "rejected"
+
+
+#: Statuses a handler's :class:`Response` may choose: success and the client's errors.
+#: 5xx stay idemhook's own (a raised exception: rolled back, the key free for the retry).
+RESPONSE_STATUSES = range(200, 500)
+#: Response headers a handler may set besides ``X-*`` ones (compared case-insensitively).
+RESPONSE_HEADERS = ("Location", "Content-Location", "ETag", "Link")
+#: The one other header a handler may set: the body is JSON, so a JSON media type
+#: (``application/json``, or ``application/<x>+json`` such as ``application/problem+json``).
+CONTENT_TYPE = "Content-Type"
+_JSON_MEDIA_TYPE = re.compile(r"^application/([a-z0-9][a-z0-9.!#$&^_-]*\+)?json$")
+
+
+class Response(HandlerChoice):
+    """The HTTP answer of an ``idempotency-key`` source's operation, stored and replayed.
+
+    ``status`` 200-499; ``body`` anything JSON can hold (stored as the result);
+    ``headers`` a mapping or ``(name, value)`` pairs, names from
+    :data:`RESPONSE_HEADERS` or starting ``X-``, and ``Content-Type`` with a JSON
+    media type (``application/problem+json`` for an error as RFC 9457 problem
+    details). Checked here, so a mistake fails in the handler's own line.
+    """
+
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: Any = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"Response(status): a whole number from 200 to 499, not {status!r}")
+        if status not in RESPONSE_STATUSES:
+            raise ValueError(
+                f"Response(status): {status} is not 200-499 (5xx are idemhook's: raise instead)"
+            )
+        pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
+        checked = []
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise TypeError(f"Response(headers): expected (name, value) pairs, got {pair!r}")
+            name, value = pair
+            name = _header_name(name)
+            checked.append((name, _header_value(name, value)))
+        self.status = status
+        self.body = body
+        self.headers: tuple[tuple[str, str], ...] = tuple(checked)
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.body!r}, {dict(self.headers)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Response):
+            return NotImplemented
+        return (self.status, self.body, self.headers) == (other.status, other.body, other.headers)
+
+
+def _header_name(name: Any) -> str:
+    allowed = {h.lower(): h for h in (*RESPONSE_HEADERS, CONTENT_TYPE)}
+    if isinstance(name, str) and name.lower() in allowed:
+        return allowed[name.lower()]
+    if (
+        isinstance(name, str)
+        and name[:2].lower() == "x-"
+        and len(name) > 2
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in name)
+    ):
+        return name
+    raise ValueError(
+        f"Response(headers): {name!r} is not allowed; use {', '.join(RESPONSE_HEADERS)}, "
+        "an X-* header or Content-Type (a JSON media type)"
+    )
+
+
+def _header_value(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"Response(headers): the value of {name} must be a string")
+    if any(c in value for c in "\r\n\x00") or not value.isascii():
+        raise ValueError(
+            f"Response(headers): the value of {name} must be ASCII without CR, LF or NUL"
+        )
+    if name == CONTENT_TYPE:
+        value = value.strip().lower()
+        if not _JSON_MEDIA_TYPE.match(value):
+            raise ValueError(
+                f"Response(headers): Content-Type {value!r} is not a JSON media type (the "
+                "body is sent as JSON): application/json or application/<x>+json, e.g. "
+                "application/problem+json"
+            )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as a handler sees it."""
+
+    source: str
+    id: str
+    type: str | None
+    payload: Any
+    headers: Headers = field(repr=False)
+    received_at: datetime
+    #: The API client that sent the request (its name under ``clients``, an
+    #: ``idempotency-key`` source); None otherwise. A class attribute here, a field of
+    #: :class:`ClientEvent`, so that webhook events cost nothing more to build.
+    client: ClassVar[str | None] = None
+
+    @property
+    def outbox(self) -> Outbox:
+        """Add outbox messages in this event's transaction (only while its handlers run)."""
+        return outbox.current(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEvent(Event):
+    """An event of an ``idempotency-key`` source: the request of a named client (or None)."""
+
+    client: str | None = None
+
+
+HandlerFunc = Callable[[Event, Any], Any]
+SenderFunc = Callable[[Message], Any]
+
+
+def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], HandlerFunc]:
+    """Mark ``func`` as the handler of ``event_type`` events from ``source``."""
+    if not isinstance(source, str) or not source:
+        raise TypeError("handler(source, event_type): source must be a source name or '*'")
+    if not isinstance(event_type, str) or not event_type:
+        raise TypeError("handler(source, event_type): event_type must be a type or pattern")
+    if "*" in event_type[:-1]:
+        raise ValueError(f"event type pattern {event_type!r}: '*' may only end the pattern")
+
+    def mark(func: HandlerFunc) -> HandlerFunc:
+        if not callable(func):
+            raise TypeError("@handler decorates a function")
+        # Stacked decorators apply bottom-up; keep the order in which they are written.
+        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type))
+        return func
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The function that delivers one kind of outbox message, and its retry policy."""
+
+    kind: str
+    func: SenderFunc
+    #: Attempts before the message goes ``dead`` (a worker that dies holding it counts).
+    max_attempts: int = 10
+    #: How long a worker holds a message it took before another worker may take it.
+    lease_seconds: float = 60.0
+    #: The delay before the second attempt; it doubles with each attempt after (with jitter).
+    backoff_seconds: float = 5.0
+    #: The longest delay between two attempts.
+    max_backoff_seconds: float = 3600.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+
+#: The retry policy of a sender: ``@sender`` arguments, or ``[outbox.<kind>]`` keys.
+SENDER_POLICY = ("max_attempts", "lease_seconds", "backoff_seconds", "max_backoff_seconds")
+
+
+def sender(
+    kind: str,
+    *,
+    max_attempts: int = 10,
+    lease_seconds: float = 60.0,
+    backoff_seconds: float = 5.0,
+    max_backoff_seconds: float = 3600.0,
+) -> Callable[[SenderFunc], SenderFunc]:
+    """Mark ``func`` as the sender of ``kind`` outbox messages (docs/outbox.md)."""
+    outbox.check_kind(kind)
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        raise TypeError("sender(kind, max_attempts=...): a whole number of at least 1")
+    for name, value in (
+        ("lease_seconds", lease_seconds),
+        ("backoff_seconds", backoff_seconds),
+        ("max_backoff_seconds", max_backoff_seconds),
+    ):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise TypeError(f"sender(kind, {name}=...): a positive number of seconds")
+
+    def mark(func: SenderFunc) -> SenderFunc:
+        if not callable(func):
+            raise TypeError("@sender decorates a function")
+        setattr(
+            func,
+            _SENDER_MARK,
+            Sender(
+                kind,
+                func,
+                max_attempts=max_attempts,
+                lease_seconds=float(lease_seconds),
+                backoff_seconds=float(backoff_seconds),
+                max_backoff_seconds=float(max_backoff_seconds),
+            ),
+        )
+        return func
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    source: str
+    pattern: str
+    func: HandlerFunc
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+    def matches(self, source: str, event_type: str | None) -> bool:
+        if self.source not in ("*", source):
+            return False
+        if self.pattern.endswith("*"):
+            return (event_type or "").startswith(self.pattern[:-1])
+        return self.pattern == event_type
+
+
+class Registry:
+    """Every registered handler, in registration order, with a per-type lookup cache."""
+
+    def __init__(self, registrations: Iterable[Registration] = ()) -> None:
+        self.registrations: list[Registration] = list(registrations)
+        #: The sender of each outbox message kind (at most one per kind).
+        self.senders: dict[str, Sender] = {}
+        #: Folders of plugins' own Alembic revisions (``idemhook db upgrade`` applies them).
+        self.migrations: list[Path] = []
+        #: Plugins' own routes (``IDEMHOOK_BLUEPRINT``) and where each came from.
+        self.blueprints: list[tuple[Blueprint, str]] = []
+        self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
+
+    def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
+        handler(source, pattern)  # same validation as the decorator
+        self.registrations.append(Registration(source, pattern, func))
+        self._cache.clear()
+
+    def for_event(self, source: str, event_type: str | None) -> tuple[Registration, ...]:
+        key = (source, event_type)
+        found = self._cache.get(key)
+        if found is None:
+            found = tuple(r for r in self.registrations if r.matches(source, event_type))
+            if len(self._cache) < 10_000:  # types come from senders: bound the memory
+                self._cache[key] = found
+        return found
+
+    def add_registration(self, registration: Registration) -> None:
+        # A module listed in `plugins` and also installed as an entry point (or a
+        # function decorated twice alike) must still run once per event.
+        if registration not in self.registrations:
+            self.registrations.append(registration)
+            self._cache.clear()
+
+    def add_blueprint(self, blueprint: Blueprint, where: str) -> None:
+        if all(known is not blueprint for known, _where in self.blueprints):
+            self.blueprints.append((blueprint, where))
+
+    def add_sender(self, found: Sender, where: str = "") -> None:
+        known = self.senders.get(found.kind)
+        if known is not None and known != found:
+            raise ConfigError(
+                f"{where + ': ' if where else ''}sender {found.name} is registered for outbox "
+                f"kind {found.kind!r}, which {known.name} already sends: one sender per kind"
+            )
+        self.senders[found.kind] = found
+
+    def configure_senders(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply the sources file's ``[outbox.<kind>]`` retry policies to the senders."""
+        for kind, table in tables.items():
+            where = f"[outbox.{kind}]"
+            found = self.senders.get(kind)
+            if found is None:
+                known = ", ".join(sorted(self.senders)) or "none"
+                raise ConfigError(
+                    f"{where}: no @sender is registered for {kind!r} (senders: {known})"
+                )
+            unknown = set(table) - set(SENDER_POLICY)
+            if unknown:
+                raise ConfigError(
+                    f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(SENDER_POLICY)})"
+                )
+            policy = {name: getattr(found, name) for name in SENDER_POLICY} | dict(table)
+            try:
+                sender(kind, **policy)
+            except TypeError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            self.senders[kind] = replace(
+                found,
+                max_attempts=int(policy["max_attempts"]),
+                **{name: float(policy[name]) for name in SENDER_POLICY[1:]},
+            )
+
+    def check_sources(self, known: Iterable[str]) -> None:
+        known = set(known)
+        for reg in self.registrations:
+            if reg.source != "*" and reg.source not in known:
+                raise ConfigError(
+                    f"handler {reg.name} is registered for source {reg.source!r}, which is not "
+                    f"in the sources file (configured: {', '.join(sorted(known)) or 'none'})"
+                )
+
+
+def collect_senders(obj: Any) -> list[Sender]:
+    """Senders marked with ``@sender`` on ``obj`` (a module, or one function)."""
+    candidates = vars(obj).values() if isinstance(obj, ModuleType) else [obj]
+    found: list[Sender] = []
+    for candidate in candidates:
+        mark = getattr(candidate, _SENDER_MARK, None) if inspect.isroutine(candidate) else None
+        if isinstance(mark, Sender) and mark not in found:
+            found.append(mark)
+    return found
+
+
+def collect(obj: Any) -> list[Registration]:
+    """Registrations marked with ``@handler`` on ``obj`` (a module, or one function)."""
+    if isinstance(obj, ModuleType):
+        candidates: Iterable[Any] = vars(obj).values()
+    else:
+        candidates = [obj]
+    found = []
+    seen: set[int] = set()
+    for candidate in candidates:
+        marks = getattr(candidate, _MARK, None) if inspect.isroutine(candidate) else None
+        if marks and id(candidate) not in seen:
+            seen.add(id(candidate))
+            found.extend(Registration(src, pattern, candidate) for src, pattern in marks)
+    return found
+
+
+def load(
+    modules: Iterable[str],
+    *,
+    entry_points: Iterable[Any] | None = None,
+    migration_entry_points: Iterable[Any] | None = None,
+) -> Registry:
+    """Import the configured plugin modules and the entry-point plugins; collect their handlers.
+
+    Any problem (an import error, a handler that cannot take ``(event, db)``, a
+    listed module with no handlers, a missing migrations folder) stops start-up
+    with a message naming the plugin.
+    """
+    registry = Registry()
+    for name in modules:
+        where = f"plugin {name!r} (from plugins)"
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # any failure to import is the plugin's to name
+            raise ConfigError(f"{where} failed to import: {exc!r}") from exc
+        _add(registry, module, where)
+    if entry_points is None:
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in entry_points:
+        where = f"plugin {ep.name!r} (entry point {ep.value!r} in {ENTRY_POINT_GROUP})"
+        _add(registry, _load_entry_point(ep, where), where)
+    if migration_entry_points is None:
+        migration_entry_points = importlib.metadata.entry_points(group=MIGRATIONS_GROUP)
+    for ep in migration_entry_points:
+        where = f"plugin {ep.name!r} (entry point {ep.value!r} in {MIGRATIONS_GROUP})"
+        _add_migrations(registry, _load_entry_point(ep, where), where)
+    return registry
+
+
+def _load_entry_point(ep: Any, where: str) -> Any:
+    try:
+        return ep.load()
+    except Exception as exc:  # any failure to import is the plugin's to name
+        raise ConfigError(f"{where} failed to import: {exc!r}") from exc
+
+
+def _add(registry: Registry, obj: Any, where: str) -> None:
+    found = collect(obj)
+    for registration in found:
+        try:
+            inspect.signature(registration.func).bind(None, None)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: handler {registration.name} must accept (event, db)"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it be called
+            pass
+        registry.add_registration(registration)
+    senders = collect_senders(obj)
+    for found_sender in senders:
+        try:
+            inspect.signature(found_sender.func).bind(None)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: sender {found_sender.name} must accept (message)"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it be called
+            pass
+        registry.add_sender(found_sender, where)
+    module = obj if isinstance(obj, ModuleType) else None
+    migrations = getattr(module, MIGRATIONS_ATTRIBUTE, None)
+    if migrations is not None:
+        _add_migrations(registry, migrations, where)
+    blueprint = getattr(module, BLUEPRINT_ATTRIBUTE, None)
+    if blueprint is not None:
+        if not isinstance(blueprint, Blueprint):
+            raise ConfigError(
+                f"{where}: {BLUEPRINT_ATTRIBUTE} must be a flask.Blueprint, not "
+                f"{type(blueprint).__name__}"
+            )
+        registry.add_blueprint(blueprint, where)
+    if not found and not senders and migrations is None and blueprint is None:
+        raise ConfigError(
+            f"{where} registers no handlers: decorate its functions with "
+            "@handler(source, event_type) or @sender(kind) (from idemhook)"
+        )
+
+
+def register_blueprints(app: Flask, registry: Registry) -> None:
+    """Serve the plugins' own routes (``IDEMHOOK_BLUEPRINT``) on ``app``.
+
+    Called by ``create_app`` after idemhook's own routes and before the API sources'
+    paths: a plugin route that another route already serves (the same rule and
+    method), or a blueprint name already taken, stops start-up naming the plugin.
+    """
+    for blueprint, where in registry.blueprints:
+        taken = {
+            (rule.rule, method): rule.endpoint
+            for rule in app.url_map.iter_rules()
+            for method in rule.methods or ()
+        }
+        try:
+            app.register_blueprint(blueprint)
+        except ValueError as exc:  # Flask: the blueprint's name is already registered
+            raise ConfigError(f"{where}: {BLUEPRINT_ATTRIBUTE}: {exc}") from None
+        prefix = f"{blueprint.name}."
+        for rule in app.url_map.iter_rules():
+            if not rule.endpoint.startswith(prefix):
+                continue
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+                other = taken.get((rule.rule, method))
+                if other is not None:
+                    raise ConfigError(
+                        f"{where}: {BLUEPRINT_ATTRIBUTE} route {method} {rule.rule} is already "
+                        f"served by {other}"
+                    )
+
+
+def _add_migrations(registry: Registry, location: Any, where: str) -> None:
+    """Add a plugin's revision folder: a path, or a package whose folder holds the revisions."""
+    if isinstance(location, ModuleType):
+        paths = list(getattr(location, "__path__", []))
+        folder = Path(paths[0]) if paths else Path(location.__file__ or ".").parent
+    elif isinstance(location, str | PathLike):
+        folder = Path(location)
+    else:
+        raise ConfigError(f"{where}: migrations must be a folder path or a package")
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: migrations folder {folder} does not exist")
+    if folder not in registry.migrations:
+        registry.migrations.append(folder)
+
+
+def result_of(results: Mapping[str, Any]) -> Any:
+    """Combine handler return values into the stored ``result`` (see the contract above)."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return dict(results) if results else None

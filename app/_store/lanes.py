@@ -1,0 +1,344 @@
+"""Claim lanes: connections kept for the claim, each with its cursor and handler session.
+
+A lane is one database connection checked out of the engine's pool once and
+then reused by one claim at a time, together with a DBAPI cursor for the
+claim's own statements and the :class:`~app.dispatch.ClaimSession` that
+handlers get. Checking a connection out of the pool, building a Session and
+running the claim's statements through SQLAlchemy cost the receiver more CPU
+than the whole bare-minimum request it is measured against (docs/performance.md,
+"What each optimisation bought"); a lane pays for them once per connection
+instead of once per event.
+
+The transaction's verbs are the claim's own on PostgreSQL: the connection is in
+autocommit mode at the driver, ``BEGIN`` and the ``SET LOCAL`` timeouts travel
+with the claim ``INSERT``, and ``COMMIT`` with the statement that stores the
+result, so an event costs the round trips of its statements and no more, and
+nothing outlives the transaction (transaction-mode poolers). SQLAlchemy's
+transaction on the connection is bookkeeping there: the handler session joins
+it, and its begin, commit and rollback send nothing. On SQLite (the demo)
+SQLAlchemy's transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`app.db`).
+
+A lost connection anywhere (a lane's statement, a handler's, any other query
+of the engine) retires every idle lane, as SQLAlchemy's pool retires every
+connection older than a disconnect: after a database restart one delivery per
+worker meets a dead connection, before any handler ran, and is retried on a
+fresh one (:mod:`app.claim`).
+
+The claim's statements go to the cursor directly unless someone listens to the
+engine's cursor events (OpenTelemetry's SQLAlchemy instrumentation, a test):
+then they go through ``Connection.exec_driver_sql`` so that every listener sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, RootTransaction, event
+from sqlalchemy.exc import DBAPIError
+
+from idemhook._store import database as db
+
+if TYPE_CHECKING:
+    from idemhook._engine.dispatch import ClaimSession
+
+#: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
+statement_log = logging.getLogger("sqlalchemy.engine.Engine")
+
+#: A lane's connection is replaced after this long, as the pool's ``pool_recycle`` would.
+RECYCLE_SECONDS = 3600
+#: The savepoint each event of a claim runs in, and its verbs.
+SAVEPOINT = "SAVEPOINT idemhook_event"
+RELEASE = "RELEASE SAVEPOINT idemhook_event"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT idemhook_event"
+
+
+class Lane:
+    """One connection, its cursor and its handler session; used by one claim at a time."""
+
+    def __init__(self, lanes: Lanes, connection: Connection, session: ClaimSession) -> None:
+        self.connection = connection
+        self.session = session
+        self.pipelined = lanes.pipelined
+        self._begin = lanes.begin_sql
+        self._alone = lanes.alone_sql
+        self._lanes = weakref.ref(lanes)
+        dbapi_connection = connection.connection.dbapi_connection
+        if dbapi_connection is None:
+            raise RuntimeError("a lane needs a live DBAPI connection")
+        self.cursor = dbapi_connection.cursor()
+        self.opened = time.monotonic()
+        self.pid = os.getpid()
+        self.generation = lanes.generation
+        self._dialect = connection.dialect
+        self._transaction: RootTransaction | None = None
+        self._server_open = False  # PostgreSQL: our BEGIN has been sent
+        self._savepoint = False  # this transaction has an event savepoint
+        self._pending = ""  # PostgreSQL: savepoint statements that leave with the next one
+        self._traced = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.connection.invalidated and not self.connection.closed
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the server may hold an open transaction of ours."""
+        return self._transaction is not None
+
+    def begin(self) -> None:
+        """Start a transaction; on PostgreSQL its BEGIN leaves with the first statement."""
+        self._transaction = self.connection.begin()
+        self._server_open = False
+        self._savepoint = False
+        self._pending = ""
+        # Listeners (tracing) see the claim's statements through SQLAlchemy's own path.
+        self._traced = bool(self.connection.dispatch.before_cursor_execute)
+
+    def savepoint(self, *, now: bool = False) -> None:
+        """Start the next event's savepoint (on PostgreSQL: with the next statement).
+
+        The previous event's savepoint is released first, so a delivery holds
+        one savepoint at a time however many events it has. ``now``: send it at
+        once, for work whose next statement does not go through the lane (a
+        handler's, through the session).
+        """
+        release, self._savepoint = self._savepoint, True
+        if self.pipelined:
+            self._pending = (RELEASE + "; " if release else "") + SAVEPOINT + "; "
+            if now:
+                self.execute("")
+            return
+        if release:
+            self.execute(RELEASE)
+        self.execute(SAVEPOINT)
+
+    def rollback_to_savepoint(self) -> None:
+        """Undo everything since :meth:`savepoint`; the transaction goes on."""
+        self._pending = ""
+        self.execute(ROLLBACK_TO)
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Run ``sql`` on the lane (in the transaction); return something with ``fetchone``."""
+        if self.pipelined:
+            if not self._server_open:
+                sql = self._begin + self._pending + sql
+                self._server_open = True
+            elif self._pending:
+                sql = self._pending + sql
+            self._pending = ""
+        return self._run(sql, params)
+
+    def _run(self, sql: str, params: Mapping[str, Any] | None) -> Any:
+        if self._traced:
+            return self.connection.exec_driver_sql(sql, dict(params or {}))
+        if statement_log.isEnabledFor(logging.INFO):
+            statement_log.info("%s\n[claim lane; parameters hidden]", sql)
+        try:
+            if params is None:
+                self.cursor.execute(sql)
+            else:
+                self.cursor.execute(sql, params)
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._wrap(exc, sql, params) from exc
+        return self.cursor
+
+    def execute_alone(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """PostgreSQL: run ``sql`` as a transaction of its own, committed when this returns.
+
+        One message, led by the ``SET LOCAL`` timeouts: PostgreSQL runs the
+        statements of one message as one implicit transaction and commits it after
+        the last (an error rolls all of them back), so there is no ``BEGIN`` or
+        ``COMMIT`` to send and one round trip does it all. What is returned holds
+        the last statement's rows.
+        """
+        if self._transaction is not None or not self.pipelined:
+            raise RuntimeError("execute_alone: PostgreSQL, outside a transaction only")
+        self._traced = bool(self.connection.dispatch.before_cursor_execute)
+        return self._run(self._alone + sql, params)
+
+    def commit(self, sql: str | None = None, params: Mapping[str, Any] | None = None) -> None:
+        """Run ``sql`` (if any), then commit; on PostgreSQL both leave in one message."""
+        if self.pipelined:
+            if self._server_open or sql:
+                self.execute(f"{sql}; COMMIT" if sql else "COMMIT", params)
+            self._server_open = False
+        elif sql:
+            self.execute(sql, params)
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None and transaction.is_active:
+            transaction.commit()
+
+    def rollback(self) -> None:
+        """Roll back whatever the transaction did; never raises for a dead connection."""
+        transaction, self._transaction = self._transaction, None
+        try:
+            if self.pipelined and self._server_open and self.usable:
+                self._server_open = False
+                self.cursor.execute("ROLLBACK")
+        except self._dialect.loaded_dbapi.Error as exc:
+            self._wrap(exc, "ROLLBACK", None)  # invalidates the connection if it is gone
+        finally:
+            self._server_open = False
+            if transaction is not None and transaction.is_active:
+                try:
+                    transaction.rollback()
+                except DBAPIError:
+                    pass  # the connection is gone; the server has rolled back already
+
+    def close(self, *, hard: bool = False) -> None:
+        """Give the connection back to the pool; ``hard``: close it for good."""
+        try:
+            self.session.close()
+        finally:
+            if hard and not self.connection.invalidated:
+                self.connection.invalidate()
+            self.connection.close()
+
+    def _wrap(self, exc: Exception, sql: str, params: Any) -> DBAPIError:
+        """The DBAPIError SQLAlchemy would raise; a lost connection retires every idle lane."""
+        disconnect = self._dialect.is_disconnect(exc, self.connection.connection, self.cursor)
+        if disconnect:
+            if not self.connection.invalidated:
+                self.connection.invalidate(exc)
+            lanes = self._lanes()
+            if lanes is not None:
+                lanes.retire()
+        wrapped = DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            self._dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=disconnect,
+            dialect=self._dialect,
+        )
+        if not isinstance(wrapped, DBAPIError):  # pragma: no cover (DBAPI errors only)
+            raise TypeError(f"not a DBAPI error: {exc!r}")
+        return wrapped
+
+
+class Lanes:
+    """The idle lanes of one engine: taken by a claim, given back when it ends.
+
+    At most ``keep`` idle lanes are kept (the pool size: one per worker thread;
+    0 in session-pooler mode, where each claim's connection goes straight back).
+    A lane whose connection was lost, that is older than ``RECYCLE_SECONDS``, or
+    that predates a disconnect seen anywhere on the engine (:meth:`retire`) is
+    closed instead of kept. ``Engine.dispose()`` closes the idle lanes too.
+    """
+
+    def __init__(self, engine: Engine, keep: int, timeouts: db.Timeouts | None = None) -> None:
+        self.engine = engine
+        self.keep = keep
+        self.pipelined = engine.dialect.name == "postgresql"
+        #: What the first statement of each transaction is prefixed with (PostgreSQL).
+        self.begin_sql = "BEGIN; " + (f"{timeouts.sql}; " if timeouts else "")
+        #: The same for a transaction of one message (:meth:`Lane.execute_alone`).
+        self.alone_sql = f"{timeouts.sql}; " if timeouts else ""
+        #: Bumped by every disconnect and dispose: lanes of older generations are closed.
+        self.generation = 0
+        self._idle: list[Lane] = []
+        # The hooks hold this object weakly: a lane's connection holds the engine, so a
+        # strong reference from the engine back here would keep all of it alive.
+        me = weakref.ref(self)
+        event.listen(engine, "engine_disposed", lambda _engine: _call(me, "close"))
+        event.listen(engine, "handle_error", lambda context: _on_error(me, context))
+        # At exit, or when the app is dropped, the kept connections go back to the pool
+        # (which closes them) instead of being reclaimed, with a warning, by the collector.
+        weakref.finalize(self, _give_back, self._idle)
+
+    @contextmanager
+    def lane(self) -> Iterator[Lane]:
+        """A lane for one claim (its transaction is the caller's to begin and end)."""
+        lane = self._take()
+        try:
+            yield lane
+        finally:
+            self._give(lane)
+
+    def _take(self) -> Lane:
+        while True:
+            try:
+                lane = self._idle.pop()  # atomic: threads never share a lane
+            except IndexError:
+                return self._open()
+            if lane.pid != os.getpid():
+                # Inherited through a fork (app.db points its socket at /dev/null).
+                db._inherited.append(lane)
+                continue
+            if lane.generation != self.generation or not lane.usable:
+                lane.close(hard=True)
+                continue
+            return lane
+
+    def _give(self, lane: Lane) -> None:
+        if lane.in_transaction:  # the caller's error path did not end it: never reuse it
+            lane.rollback()
+        if lane.generation != self.generation or not lane.usable:
+            lane.close(hard=True)
+        elif len(self._idle) < self.keep and time.monotonic() - lane.opened < RECYCLE_SECONDS:
+            self._idle.append(lane)
+        else:
+            lane.close()
+
+    def retire(self) -> None:
+        """Close every idle lane: a disconnect means the others are probably dead too."""
+        self.generation += 1
+        _drain(self._idle, hard=True)
+
+    def close(self) -> None:
+        """Close every idle lane's connection (lanes in use: when they are given back)."""
+        self.retire()
+
+    def _open(self) -> Lane:
+        from idemhook._engine.dispatch import ClaimSession
+
+        connection = self.engine.connect()
+        try:
+            options: dict[str, Any] = {db.LANE_OPTION: True}
+            if self.pipelined:
+                options["isolation_level"] = "AUTOCOMMIT"
+            connection = connection.execution_options(**options)
+            session = ClaimSession(bind=connection, expire_on_commit=False)
+            return Lane(self, connection, session)
+        except BaseException:
+            connection.close()
+            raise
+
+
+def _call(ref: weakref.ref[Lanes], method: str) -> None:
+    alive = ref()
+    if alive is not None:
+        getattr(alive, method)()
+
+
+def _on_error(ref: weakref.ref[Lanes], context: Any) -> None:
+    # Any statement of the engine (a handler's, the read API's) that met a lost connection.
+    if context.is_disconnect:
+        _call(ref, "retire")
+
+
+def _give_back(idle: list[Lane]) -> None:
+    try:
+        _drain(idle, hard=False)
+    except Exception:  # noqa: BLE001 (at exit: the database may be gone already)
+        pass
+
+
+def _drain(idle: list[Lane], *, hard: bool) -> None:
+    """Close the lanes in ``idle``; a lane inherited through a fork is only forgotten."""
+    while idle:
+        try:
+            lane = idle.pop()
+        except IndexError:  # another thread took the last one
+            break
+        if lane.pid == os.getpid():
+            lane.close(hard=hard)
+        else:
+            db._inherited.append(lane)

@@ -1,0 +1,243 @@
+"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``
+(and ``event_queue``, asynchronous sources' events waiting for the worker).
+
+Column names are a public contract (``docs/querying.md`` explains each one).
+The schema itself is created by the Alembic revisions in ``migrations/``; these
+declarations are what the code and ``target_metadata`` see.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from idemhook._values.outbox_status import MESSAGE_STATUSES
+from idemhook._values.outcome import STORED_STATUSES
+
+# Stable constraint names that migrations can refer to (Alembic's naming docs).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: JSON everywhere, JSONB on PostgreSQL so that analysts can index and query it.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+#: BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+EVENT_STATUSES = tuple(str(status) for status in STORED_STATUSES)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+#: Longest stored event ID: a provider's is at most 255 characters; an ``idempotency-key``
+#: source's named client stores ``<client>:<key>`` (64 + 1 + 255).
+EVENT_ID_LENGTH = 320
+
+
+class ProcessedEvent(Base):
+    """One row per ``(source, event_id)`` ever claimed: the dedupe memory."""
+
+    __tablename__ = "processed_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
+    event_type: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+    processed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    #: The delivery's headers without those that carry secrets (replays see these).
+    headers: Mapped[Any | None] = mapped_column(JSONType)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    duplicate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
+    replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The columns of idempotency-key sources (docs/idempotency-keys.md); null for webhooks.
+    #: The API client whose key this is (a name under ``clients``); null: the only one.
+    client: Mapped[str | None] = mapped_column(String(64))
+    #: ``sha256:<hex>`` of the request's method, path, Content-Type and body.
+    fingerprint: Mapped[str | None] = mapped_column(String(71))
+    #: The operation's answer: status and headers; its body is ``result``.
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    response_headers: Mapped[Any | None] = mapped_column(JSONType)
+    #: When the key becomes new again (claimed + ``key_ttl``).
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: While ``in_flight``: the lease of the request that runs it, and its owner.
+    locked_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    lock_owner: Mapped[str | None] = mapped_column(String(32))
+    #: Asynchronous sources (docs/async.md): the worker's failed attempts so far, and
+    #: the event's order key (the value at the source's ``order_key``).
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    order_key: Mapped[str | None] = mapped_column(String(255))
+    #: Asynchronous sources: workers that ended (killed, crashed) while they held the event.
+    interruptions: Mapped[int] = mapped_column(Integer, server_default="0")
+
+    __table_args__ = (
+        UniqueConstraint("source", "event_id"),
+        CheckConstraint(f"status IN {EVENT_STATUSES!r}", name="status"),
+        # "Recent events of a source (and type)" and "events per type per hour".
+        Index(None, "source", "event_type", "received_at"),
+        # Pruning, "everything since T" and keyset pages ordered by (received_at, id).
+        Index(None, "received_at", "id"),
+        # The dashboard's status filters and counts (migration 0006): only the rows that
+        # are not "processed", so a processed event's insert maintains no extra index.
+        Index(
+            "ix_processed_events_not_processed",
+            "status",
+            "received_at",
+            "id",
+            postgresql_where=text("status <> 'processed'"),
+            postgresql_include=["source"],
+            sqlite_where=text("status <> 'processed'"),
+        ),
+    )
+
+
+class DeliveryFailure(Base):
+    """One row per failed attempt to apply an event; written outside the failed transaction."""
+
+    __tablename__ = "delivery_failures"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
+    event_type: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    headers: Mapped[Any | None] = mapped_column(JSONType)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    failed_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index(None, "source", "event_id"),
+        Index(None, "failed_at", "id"),
+    )
+
+
+processed_events = ProcessedEvent.__table__
+delivery_failures = DeliveryFailure.__table__
+
+
+class QueuedEvent(Base):
+    """An asynchronous source's event waiting for ``idemhook worker`` (docs/async.md).
+
+    One row per ``processed_events`` row with status ``received`` (same ``id``),
+    inserted with it by the claim and deleted in the transaction that records the
+    event's outcome. A worker holds the row's lock (``FOR UPDATE SKIP LOCKED``)
+    while the event's handlers run; the event's own row stays unlocked, so a
+    duplicate delivery is counted and answered without waiting for the handlers.
+    """
+
+    __tablename__ = "event_queue"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String(64))
+    order_key: Mapped[str | None] = mapped_column(String(255))
+    #: When the event is due: its receipt, or the end of a backoff after a failure.
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # The worker's scan: what is due, oldest first.
+        Index("ix_event_queue_due", "next_attempt_at", "id"),
+        # The worker's probe: an earlier waiting event of the same source and order key.
+        Index(
+            "ix_event_queue_order",
+            "source",
+            "order_key",
+            "id",
+            postgresql_where=text("order_key IS NOT NULL"),
+            sqlite_where=text("order_key IS NOT NULL"),
+        ),
+    )
+
+
+event_queue = QueuedEvent.__table__
+
+
+class OutboxMessage(Base):
+    """One side effect to deliver outside the database, added in a claim's transaction.
+
+    It exists if and only if that transaction committed; ``idemhook worker``
+    hands it to the sender of its ``kind`` until it is ``sent`` or ``dead``
+    (docs/outbox.md). ``leased_by`` names the worker holding it until
+    ``next_attempt_at`` (its lease), after which another worker may take it.
+    """
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    leased_by: Mapped[str | None] = mapped_column(String(128))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: The event whose handler added it (none when added outside a handler).
+    source: Mapped[str | None] = mapped_column(String(64))
+    event_id: Mapped[str | None] = mapped_column(String(EVENT_ID_LENGTH))
+
+    __table_args__ = (
+        UniqueConstraint("kind", "key"),
+        CheckConstraint(f"status IN {MESSAGE_STATUSES!r}", name="status"),
+        # The worker's claim: due pending messages, oldest first (a small, hot index).
+        Index(
+            "ix_outbox_messages_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Listings, keyset pages ordered by (created_at, id), and pruning.
+        Index(None, "created_at", "id"),
+        # The dead messages, newest first, and their count (migration 0008): a message
+        # enters it only when it goes dead, so adding and sending maintain no extra index.
+        Index(
+            "ix_outbox_messages_dead",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'dead'"),
+            sqlite_where=text("status = 'dead'"),
+        ),
+        Index(None, "source", "event_id"),
+    )
+
+
+outbox_messages = OutboxMessage.__table__

@@ -1,0 +1,183 @@
+"""The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``,
+``/outbox`` and ``/outbox/<id>``.
+
+Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
+answers 404), and then only for ``Authorization: Bearer <token>``. The token is
+checked before anything else, so a caller without it learns nothing, not even
+whether an event exists. Queries are those of the CLI (:mod:`app.queries`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Flask, Response, jsonify, request
+
+from idemhook._store import queries
+from idemhook._web.admin import require_admin_token
+from idemhook._store.database import read_session
+from idemhook._values.errors import BadRequest, ConfigError, NotFound
+from idemhook._values.outbox_status import MESSAGE_STATUSES
+
+bp = Blueprint("api", __name__)
+
+_LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
+_EVENT_PARAMS = _LIST_PARAMS | {"status", "client"}
+_FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
+_STATS_PARAMS = {"source", "type", "since", "until", "by"}
+_OUTBOX_PARAMS = {"kind", "status", "source", "since", "until", "limit", "cursor"}
+
+
+@bp.before_request
+def _authorize() -> None:
+    require_admin_token()
+
+
+def _args(allowed: set[str]) -> dict[str, str]:
+    unknown = sorted(set(request.args) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"Unknown query parameter {unknown[0]!r}; this endpoint accepts "
+            f"{', '.join(sorted(allowed))}.",
+            code="invalid_parameter",
+        )
+    args = {key: request.args[key] for key in request.args}
+    _no_nul(*args.values())
+    return args
+
+
+def _no_nul(*values: str) -> None:
+    # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the driver.
+    if any("\x00" in value for value in values):
+        raise BadRequest("Parameters must not contain NUL characters.", code="invalid_parameter")
+
+
+def _filters(args: dict[str, str]) -> queries.Filters:
+    try:
+        since = queries.parse_when(args["since"]) if "since" in args else None
+        until = queries.parse_when(args["until"]) if "until" in args else None
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    pending = args.get("pending", "false").lower()
+    if pending not in ("true", "false", "1", "0"):
+        raise BadRequest("pending must be true or false.", code="invalid_parameter")
+    return queries.Filters(
+        source=args.get("source"),
+        type=args.get("type"),
+        status=args.get("status"),
+        since=since,
+        until=until,
+        pending=pending in ("true", "1"),
+        client=args.get("client"),
+    )
+
+
+def _limit(args: dict[str, str]) -> int:
+    raw = args.get("limit", str(queries.DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= queries.MAX_LIMIT:
+        raise BadRequest(
+            f"limit must be a whole number from 1 to {queries.MAX_LIMIT}, got {raw!r}.",
+            code="invalid_parameter",
+        )
+    return int(raw)
+
+
+def _page(lister: Any, key: str, allowed: set[str]) -> Response:
+    args = _args(allowed)
+    filters, limit = _filters(args), _limit(args)
+    try:
+        with read_session() as session:
+            rows, next_cursor = lister(session, filters, limit, args.get("cursor") or None)
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({key: rows, "next": next_cursor})
+
+
+@bp.get("/events")
+def list_events() -> Response:
+    return _page(queries.list_events, "events", _EVENT_PARAMS)
+
+
+@bp.get("/events/stats")
+def event_stats() -> Response:
+    args = _args(_STATS_PARAMS)
+    filters = _filters(args)
+    try:
+        with read_session() as session:
+            return jsonify(queries.stats(session, filters, args.get("by", "type")))
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+
+
+@bp.get("/events/<source>/<path:event_id>")
+def show_event(source: str, event_id: str) -> Response:
+    """One event; ``?client=acme`` reads ``event_id`` as that client's Idempotency-Key."""
+    client = _args({"client"}).get("client")
+    _no_nul(source, event_id)
+    with read_session() as session:
+        event = queries.get_event(session, source, queries.event_id_of(event_id, client))
+    if event is None:
+        raise NotFound(
+            f"No event {event_id!r} from source {source!r} is recorded "
+            "(never received, failed, or pruned).",
+            code="event_not_found",
+        )
+    return jsonify(event)
+
+
+@bp.get("/failures")
+def list_failures() -> Response:
+    return _page(queries.list_failures, "failures", _FAILURE_PARAMS)
+
+
+@bp.get("/outbox")
+def list_outbox() -> Response:
+    args = _args(_OUTBOX_PARAMS)
+    base = _filters({k: v for k, v in args.items() if k in ("since", "until")})
+    status = args.get("status")
+    if status is not None and status not in MESSAGE_STATUSES:
+        raise BadRequest(
+            f"status must be one of {', '.join(MESSAGE_STATUSES)}, got {status!r}.",
+            code="invalid_parameter",
+        )
+    filters = queries.OutboxFilters(
+        kind=args.get("kind"),
+        status=status,
+        source=args.get("source"),
+        since=base.since,
+        until=base.until,
+    )
+    limit = _limit(args)
+    try:
+        with read_session() as session:
+            rows, next_cursor = queries.list_outbox(
+                session, filters, limit, args.get("cursor") or None
+            )
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({"messages": rows, "next": next_cursor})
+
+
+@bp.get("/outbox/<message_id>")
+def show_message(message_id: str) -> Response:
+    _args(set())
+    if not message_id.isascii() or not message_id.isdigit() or int(message_id) >= 2**63:
+        raise NotFound(
+            f"No outbox message {message_id!r}: message IDs are whole numbers.",
+            code="message_not_found",
+        )
+    with read_session() as session:
+        message = queries.get_message(session, int(message_id))
+    if message is None:
+        raise NotFound(
+            f"No outbox message {message_id} is recorded (never added, or pruned).",
+            code="message_not_found",
+        )
+    return jsonify(message)
+
+
+def init_app(app: Flask) -> None:
+    token = app.config.get("IDEMHOOK_ADMIN_TOKEN")
+    if token and len(str(token)) < 16:
+        raise ConfigError("IDEMHOOK_ADMIN_TOKEN must be at least 16 characters long")
+    app.register_blueprint(bp)

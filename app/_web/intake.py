@@ -1,0 +1,170 @@
+"""``POST /webhooks/<source>``: size and type checks, verification, parsing, then the claim.
+
+Checks run cheapest first and before anything is stored: unknown source (404),
+body size (413, enforced before the body is read), content type (415),
+signature (401), JSON and event fields (400). Only then does the claim open a
+transaction: the claim that runs the handlers (:mod:`app.claim`), or for a source
+with ``mode = "async"`` the one that records the events for ``idemhook worker``
+and answers at once (:mod:`app.accept`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from idemhook._engine.accept import Acceptor
+from idemhook._engine.claim import Claimer, Outcome
+from idemhook._values.errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
+from idemhook._config.events import events_of
+from idemhook._values.outcome import Status
+from idemhook._config.schemes import Delivery, Reply
+from idemhook._config.sources import Source
+
+bp = Blueprint("intake", __name__)
+
+
+class Receiver:
+    """Per-app state of the intake: the configured sources, the claimer and the acceptor."""
+
+    def __init__(self, sources: Mapping[str, Source], claimer: Claimer, acceptor: Acceptor) -> None:
+        self.sources = sources
+        self.claimer = claimer
+        self.acceptor = acceptor
+
+
+def init_app(app: Flask, receiver: Receiver) -> None:
+    app.extensions["idemhook.receiver"] = receiver
+    app.register_blueprint(bp)
+
+
+@bp.post("/webhooks/<source_name>")
+def receive(source_name: str) -> Response | tuple[Response, int]:
+    received_at = datetime.now(UTC)
+    receiver: Receiver = current_app.extensions["idemhook.receiver"]
+    source = receiver.sources.get(source_name)
+    if source is None:
+        raise NotFound(
+            f"No source named {source_name!r} is configured; "
+            "add [sources.<name>] to the sources file.",
+            code="unknown_source",
+        )
+    body = _read_body(source)
+    url = public_url(source) if source.scheme.signs_url else ""
+    delivery = Delivery(body, request.headers, request.method, url)
+    source.scheme.verify(delivery)
+    early = source.scheme.preempt(delivery)
+    if early is not None:
+        return render_reply(early)
+    payload = source.scheme.parse(body)
+    events = events_of(source, payload, request.headers, received_at)
+    if source.asynchronous:
+        outcomes = receiver.acceptor.accept(source, events)
+        answer = source.scheme.respond(source, outcomes)
+        return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
+    outcomes = receiver.claimer.apply(events, body)
+    answer = source.scheme.respond(source, outcomes)
+    return render_reply(answer) if answer is not None else respond(source, outcomes)
+
+
+def public_url(source: Source) -> str:
+    """The URL the sender called: the configured public base URL, else the request's own.
+
+    Schemes that sign the URL (HubSpot) need the address the provider used, not
+    the one a reverse proxy forwarded to. X-Forwarded-* is honoured only when
+    IDEMHOOK_TRUSTED_PROXIES says so (ProxyFix in create_app).
+    """
+    base = source.public_url or current_app.config.get("IDEMHOOK_PUBLIC_URL")
+    if not base:
+        return request.url
+    query = request.query_string.decode("latin-1")
+    return base.rstrip("/") + request.path + (f"?{query}" if query else "")
+
+
+def _read_body(source: Source) -> bytes:
+    # Refuse an oversized body before reading it. Without a Content-Length (chunked)
+    # Werkzeug stops reading at max_content_length without saying so: allow one byte
+    # more, so that a body which reaches it is known to be over the limit.
+    request.max_content_length = source.max_body_bytes + 1
+    limit = source.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(
+            f"The body is {length} bytes; source {source.name!r} accepts at most "
+            f"{limit} (max_body_bytes)."
+        )
+    mimetype = request.mimetype
+    if mimetype not in source.content_types:
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype or '(none)'!r} is not accepted here; "
+            f"send {' or '.join(source.content_types)}."
+        )
+    body = request.get_data(cache=False)
+    if len(body) > source.max_body_bytes:
+        raise PayloadTooLarge(
+            f"The body is over {source.max_body_bytes} bytes, the most source "
+            f"{source.name!r} accepts (max_body_bytes)."
+        )
+    return body
+
+
+def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Response, int]:
+    """200 when no event failed (processed, duplicate, ignored, rejected); else 500 (retry)."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if source.batch is None:
+        outcome = outcomes[0]
+        if failed:
+            raise HandlerFailed(
+                f"A handler failed for event {outcome.event_id!r} ({outcome.error}); nothing "
+                "was recorded and a redelivery will run it again.",
+                event_id=outcome.event_id,
+            )
+        return jsonify(outcome.to_dict())
+    events = [o.to_dict() for o in outcomes]
+    if failed:
+        if len(outcomes) == 1:
+            message = (
+                f"A handler failed for event {failed[0].event_id!r} ({failed[0].error}); "
+                "nothing was recorded and a redelivery will run it again."
+            )
+        elif len(failed) == len(outcomes):
+            message = (
+                f"All {len(outcomes)} events failed; nothing was recorded and a redelivery "
+                "of the batch runs them all again."
+            )
+        else:
+            message = (
+                f"{len(failed)} of {len(outcomes)} events failed; the others are recorded, so "
+                "a redelivery of the whole batch applies only the failed ones."
+            )
+        raise HandlerFailed(message, events=events)
+    return jsonify({"status": "ok", "events": events})
+
+
+def acknowledge(source: Source, outcomes: list[Outcome]) -> tuple[Response, int]:
+    """An asynchronous source's answer: ``ack_status`` while any event waits, else 200.
+
+    A new event, or a duplicate of one still waiting for the worker, is
+    ``accepted``; a duplicate of an event the worker has finished is answered with
+    its stored result, as a synchronous source answers it.
+    """
+    waiting = any(o.status is Status.ACCEPTED for o in outcomes)
+    status = source.ack_status if waiting else 200
+    if source.batch is None:
+        return jsonify(outcomes[0].to_dict()), status
+    events = [o.to_dict() for o in outcomes]
+    return jsonify({"status": "accepted" if waiting else "ok", "events": events}), status
+
+
+def render_reply(reply: Reply) -> Response:
+    """The HTTP response for a scheme's own answer (bytes as they are, else JSON)."""
+    if isinstance(reply.body, bytes):
+        response = Response(reply.body, reply.status, content_type=reply.content_type)
+    else:
+        response = jsonify(reply.body)
+        response.status_code = reply.status
+        response.content_type = reply.content_type
+    response.headers.extend(reply.headers)
+    return response

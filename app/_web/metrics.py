@@ -1,0 +1,396 @@
+"""``GET /metrics`` in Prometheus format (prometheus-client).
+
+- ``idemhook_events_total{source,type,outcome}``: events by outcome (processed,
+  duplicate, ignored, failed, rejected, ...). Event types come from senders, so
+  each process labels at most ``MAX_TYPES_PER_SOURCE`` distinct types per source
+  and counts the rest as ``type="other"``.
+- ``idemhook_request_duration_seconds{endpoint,status}``: every HTTP request.
+- ``idemhook_handler_duration_seconds{source}``: time in handlers per event.
+- ``idemhook_claim_wait_seconds{source}``: time of the claim ``INSERT``, which
+  includes waiting for a concurrent delivery of the same event to finish.
+- ``idemhook_events_queued{source}`` and
+  ``idemhook_events_oldest_queued_age_seconds{source}``: asynchronous sources'
+  events received and not processed yet, read at each scrape
+  (:class:`QueueCollector`); ``idemhook_events_processing_delay_seconds{source}``:
+  receipt to processed, observed by ``idemhook worker``, which also counts its
+  attempts in ``idemhook_events_total`` (outcomes processed, ignored, rejected,
+  retry, failed) and their handler time.
+- ``idemhook_outbox_messages{status}`` (pending, dead) and
+  ``idemhook_outbox_oldest_pending_age_seconds``: read from ``outbox_messages``
+  at each scrape (:class:`OutboxCollector`), whichever process serves it.
+- ``idemhook_outbox_deliveries_total{kind,outcome}`` (sent, retry, dead,
+  lease_lost) and ``idemhook_outbox_send_duration_seconds{kind}``: counted by
+  each ``idemhook worker`` (:class:`OutboxMetrics`), served on its
+  ``--metrics-bind`` address, and by ``/metrics`` too in multiprocess mode.
+
+gunicorn runs several worker processes, each with its own counters. Set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before starting gunicorn and
+every worker writes its samples there; ``/metrics`` then aggregates all workers
+(prometheus-client's multiprocess mode). Without it, each scrape sees only the
+worker that answered.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from idemhook._engine.accept import Acceptor
+from idemhook._web.admin import require_admin_token
+from idemhook._engine.claim import Claimer, Outcome
+from idemhook._store.models import event_queue, outbox_messages
+from idemhook._values.outbox_status import MessageStatus
+from idemhook._engine.registry import Event
+
+MAX_TYPES_PER_SOURCE = 100
+OTHER_TYPE = "other"
+
+# Webhook work is milliseconds; providers give up after 5-30 s.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# An asynchronous event waits milliseconds for the worker, or a backoff of up to an hour.
+_DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+bp = Blueprint("metrics", __name__)
+
+
+class Metrics:
+    """The metrics of one app, in their own registry (so test apps never collide)."""
+
+    def __init__(self, max_types_per_source: int = MAX_TYPES_PER_SOURCE) -> None:
+        self.registry = CollectorRegistry()
+        #: Collectors read at scrape time (added to the multiprocess registry too).
+        self.collectors: list[Any] = []
+        self.max_types = max_types_per_source
+        self._types: dict[str, set[str]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self.events = Counter(
+            "idemhook_events",
+            "Events received, by source, type and outcome.",
+            ["source", "type", "outcome"],
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "idemhook_request_duration_seconds",
+            "HTTP request latency, by endpoint and status code.",
+            ["endpoint", "status"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.handlers = Histogram(
+            "idemhook_handler_duration_seconds",
+            "Time spent in an event's handlers, by source.",
+            ["source"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.claim_wait = Histogram(
+            "idemhook_claim_wait_seconds",
+            "Time of the claim INSERT (includes waiting on a concurrent duplicate), by source.",
+            ["source"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.delay = Histogram(
+            "idemhook_events_processing_delay_seconds",
+            "Asynchronous sources: time from an event's receipt to the commit of its "
+            "handlers' work by idemhook worker, by source.",
+            ["source"],
+            buckets=_DELAY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def type_label(self, source: str, event_type: str | None) -> str:
+        """``event_type`` itself while this source has few distinct types, else "other"."""
+        if event_type is None:
+            return ""
+        seen = self._types.setdefault(source, set())
+        if event_type in seen:
+            return event_type
+        if len(seen) >= self.max_types:
+            return OTHER_TYPE
+        seen.add(event_type)
+        return event_type
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        return _labelled(self._children, metric, *labels)
+
+    def observe_event(self, event: Event, outcome: Outcome, seconds: float) -> None:
+        """Count one event (a :class:`app.claim.Claimer` observer)."""
+        type_ = self.type_label(event.source, event.type)
+        self._child(self.events, event.source, type_, outcome.status).inc()
+
+    def observe_phase(self, event: Event, phase: str, seconds: float) -> None:
+        """Record the claim or handler time of one event (a Claimer timer)."""
+        histogram = self.claim_wait if phase == "claim" else self.handlers
+        self._child(histogram, event.source).observe(seconds)
+
+    def observe_applied(self, event: Event, outcome: str, seconds: float | None) -> None:
+        """Count one attempt of ``idemhook worker`` at an asynchronous event (``seconds``:
+        its handlers' time; None when no handler matched)."""
+        type_ = self.type_label(event.source, event.type)
+        self._child(self.events, event.source, type_, outcome).inc()
+        if seconds is not None:
+            self._child(self.handlers, event.source).observe(seconds)
+
+    def observe_delay(self, source: str, seconds: float) -> None:
+        """Record the receipt-to-processed time of one asynchronous event."""
+        self._child(self.delay, source).observe(seconds)
+
+    def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """Record one HTTP request (``status``: the three digits of its status line)."""
+        self._child(self.requests, endpoint, status).observe(seconds)
+
+    def attach(self, claimer: Claimer) -> None:
+        claimer.observers.append(self.observe_event)
+        claimer.timers.append(self.observe_phase)
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            for collector in self.collectors:
+                registry.register(collector)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def add_collector(self, collector: Any) -> None:
+        """A collector that reads its values at scrape time (in multiprocess mode too)."""
+        self.collectors.append(collector)
+        self.registry.register(collector)
+
+
+class OutboxCollector:
+    """``outbox_messages`` at scrape time: messages by status, age of the oldest pending.
+
+    Pending and dead messages are counted (the partial index keeps pending cheap; dead
+    ones are few unless something is wrong). Sent ones are not: their number only
+    grows until pruned; ``idemhook_outbox_deliveries_total`` counts them as they go.
+    A database that does not answer leaves the gauges out of that scrape.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        table = outbox_messages
+        try:
+            with self.engine.begin() as conn:
+                counts = dict(
+                    conn.execute(
+                        select(table.c.status, func.count())
+                        .where(table.c.status.in_([MessageStatus.PENDING, MessageStatus.DEAD]))
+                        .group_by(table.c.status)
+                    ).all()
+                )
+                oldest = conn.execute(
+                    select(func.min(table.c.created_at)).where(
+                        table.c.status == str(MessageStatus.PENDING)
+                    )
+                ).scalar()
+                now = conn.execute(select(func.now())).scalar()
+        except SQLAlchemyError:
+            return
+        messages = GaugeMetricFamily(
+            "idemhook_outbox_messages",
+            "Outbox messages not sent yet (pending) or given up (dead), by status.",
+            labels=["status"],
+        )
+        for status in (MessageStatus.PENDING, MessageStatus.DEAD):
+            messages.add_metric([str(status)], counts.get(str(status), 0))
+        yield messages
+        age = 0.0
+        if oldest is not None and now is not None:
+            age = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+        yield GaugeMetricFamily(
+            "idemhook_outbox_oldest_pending_age_seconds",
+            "Age of the oldest outbox message not sent yet (0 when none is pending).",
+            value=age,
+        )
+
+
+class QueueCollector:
+    """Asynchronous sources' waiting events at scrape time, per source.
+
+    ``idemhook_events_queued{source}``: events received and not processed yet
+    (status ``received``: waiting for a worker, in its hands, or in a backoff);
+    ``idemhook_events_oldest_queued_age_seconds{source}``: how long the oldest of
+    them has waited since its receipt. Read from ``event_queue`` (only events still
+    to apply); every configured asynchronous source is reported, 0 when none waits.
+    """
+
+    def __init__(self, engine: Engine, sources: list[str]) -> None:
+        self.engine = engine
+        self.sources = sorted(sources)
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        table = event_queue
+        try:
+            with self.engine.begin() as conn:
+                rows = conn.execute(
+                    select(table.c.source, func.count(), func.min(table.c.received_at)).group_by(
+                        table.c.source
+                    )
+                ).all()
+                now = conn.execute(select(func.now())).scalar()
+        except SQLAlchemyError:
+            return
+        found = {source: (count, oldest) for source, count, oldest in rows}
+        queued = GaugeMetricFamily(
+            "idemhook_events_queued",
+            "Asynchronous sources: events received and not processed yet, by source.",
+            labels=["source"],
+        )
+        age = GaugeMetricFamily(
+            "idemhook_events_oldest_queued_age_seconds",
+            "Asynchronous sources: age of the oldest event not processed yet (0 when none).",
+            labels=["source"],
+        )
+        for source in sorted(set(self.sources) | set(found)):
+            count, oldest = found.get(source, (0, None))
+            queued.add_metric([source], count)
+            waited = 0.0
+            if oldest is not None and now is not None:
+                waited = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+            age.add_metric([source], waited)
+        yield queued
+        yield age
+
+
+class OutboxMetrics:
+    """What one ``idemhook worker`` counts: deliveries by kind and outcome, send durations."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.deliveries = Counter(
+            "idemhook_outbox_deliveries",
+            "Attempts at delivering outbox messages, by kind and outcome "
+            "(sent, retry, dead, lease_lost).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.send_duration = Histogram(
+            "idemhook_outbox_send_duration_seconds",
+            "Time a sender took per attempt, by kind.",
+            ["kind"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def observe_delivery(self, kind: str, outcome: str, seconds: float) -> None:
+        _labelled(self._children, self.deliveries, kind, outcome).inc()
+        _labelled(self._children, self.send_duration, kind).observe(seconds)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite: naive UTC
+
+
+def _labelled(cache: dict[tuple[Any, tuple[str, ...]], Any], metric: Any, *labels: str) -> Any:
+    # .labels() takes a lock and validates on every call; the hot path looks up a dict.
+    key = (metric, labels)
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*labels)
+    return child
+
+
+def _metrics() -> Metrics:
+    return current_app.extensions["idemhook.metrics"]
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    if not current_app.config["IDEMHOOK_METRICS_PUBLIC"]:
+        require_admin_token()
+    return Response(_metrics().exposition(), mimetype=None, content_type=CONTENT_TYPE_LATEST)
+
+
+class RequestTimer:
+    """WSGI middleware: every request's latency into ``idemhook_request_duration_seconds``.
+
+    A middleware around ``app.wsgi_app`` rather than ``before_request`` and
+    ``after_request`` hooks: the hooks cost a request about 60,000 instructions
+    (Flask's hook dispatch, ``g`` and ``request`` through their proxies), this
+    about a third of that (docs/performance.md). The clock stops when the app
+    has answered, before the body is sent, as an ``after_request`` hook's would.
+    The endpoint's name comes from :class:`_NotingViews`.
+    """
+
+    def __init__(self, wsgi_app: Any, metrics: Metrics) -> None:
+        self.wsgi_app = wsgi_app
+        self.metrics = metrics
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+        status: list[str] = []
+
+        def recording_start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(line)
+            return start_response(line, headers, exc_info)
+
+        _serving.endpoint = "unmatched"  # a request that matches no route
+        body = self.wsgi_app(environ, recording_start_response)
+        if status:
+            # The endpoint name, never the path: paths carry sender-chosen IDs.
+            endpoint = _serving.endpoint
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(endpoint, status[-1][:3], elapsed)
+        return body
+
+
+#: The endpoint of the request this thread is serving, noted for :class:`RequestTimer`.
+_serving = threading.local()
+
+
+class _NotingViews(dict):
+    """``app.view_functions`` that notes the endpoint Flask dispatches to, for the timer.
+
+    Flask looks the matched view up here once per request (``view_functions[endpoint]``);
+    noting the name then costs a dictionary lookup, where ``before_request`` hooks or a
+    URL value preprocessor cost several times that (docs/performance.md). Views
+    registered at any time are covered.
+    """
+
+    def __getitem__(self, endpoint: str) -> Any:
+        _serving.endpoint = endpoint
+        return dict.__getitem__(self, endpoint)
+
+
+def init_app(
+    app: Flask, claimer: Claimer, acceptor: Acceptor | None = None, queued: list[str] = ()
+) -> Metrics:
+    """``queued``: the asynchronous sources (their waiting events are reported)."""
+    metrics_ = Metrics()
+    metrics_.attach(claimer)
+    if acceptor is not None:
+        acceptor.observers.append(metrics_.observe_event)
+    metrics_.add_collector(OutboxCollector(claimer.database.engine))
+    metrics_.add_collector(QueueCollector(claimer.database.engine, list(queued)))
+    app.extensions["idemhook.metrics"] = metrics_
+    app.view_functions = _NotingViews(app.view_functions)
+    app.wsgi_app = RequestTimer(app.wsgi_app, metrics_)  # type: ignore[method-assign]
+    app.register_blueprint(bp)
+    return metrics_
