@@ -1,29 +1,63 @@
 """idemhook: a webhook receiver that makes provider retries harmless.
 
-``create_app()`` is the only entry point: gunicorn serves ``app:create_app()``,
+The public API, everything a plugin author imports (docs/plugins.md)::
+
+    from idemhook import handler, Ignore, Reject, Response, Event
+    from idemhook import sender, Message          # the outbox (docs/outbox.md)
+    from idemhook import api_view                 # an API's own routes (docs/plugins.md)
+
+``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
+and, through its pytest plugin, the ``idemhook`` fixture. Every other module is
+internal and private by name (``idemhook._engine``, ``idemhook._store``, ...).
+
+``create_app()`` is the only entry point: gunicorn serves ``idemhook:create_app()``,
 the ``idemhook`` CLI builds the app the same way. Nothing connects to a database
 or reads the environment at import time.
+
+The repository keeps this package in ``app/`` (setuptools' ``package-dir`` maps it to
+``idemhook``, see pyproject.toml).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
-
-from idemhook._web import api, dashboard, health, intake, metrics, operations, problems
 from idemhook import _cli as cli
-from idemhook._store import database as db
-from idemhook._values import errors
-from idemhook._engine import logs, registry as plugins
 from idemhook._config import settings, sources
+from idemhook._engine import logs
+from idemhook._engine import registry as plugins
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer
+from idemhook._engine.outbox import Message
+from idemhook._engine.registry import Event, Ignore, Reject, Response, handler, sender
+from idemhook._store import database as db
+from idemhook._values import errors
+from idemhook._web import api, dashboard, health, intake, metrics, operations, problems
 from idemhook._web.json_provider import JSONProvider
+from idemhook._web.operations import api_view
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+__all__ = [
+    "Event",
+    "Ignore",
+    "Message",
+    "Reject",
+    "Response",
+    "api_view",
+    "create_app",
+    "handler",
+    "sender",
+]
+
+try:
+    __version__ = version("idemhook")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 log = logging.getLogger("idemhook")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
-
 from idemhook import Event, handler
+from sqlalchemy import text
 
 ACCOUNTS = 10_000
 

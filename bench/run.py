@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from sqlalchemy import text
-from sqlalchemy.engine import URL
-
 from idemhook import create_app
 from idemhook._store import migrate
 from idemhook.testing import postgres
+from sqlalchemy import text
+from sqlalchemy.engine import URL
 
 from . import asynchronous, handler, outbox
 from .load import (
@@ -274,7 +273,7 @@ class Bench:
         self.servers = {
             "receiver": Server(
                 "receiver",
-                "app:create_app()",
+                "idemhook:create_app()",
                 {**common, "DATABASE_URL": url, "IDEMHOOK_CONFIG": str(sources)},
                 self.work / "receiver.log",
             ),

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from sqlalchemy import create_engine
-
-from idemhook._store.models import Base
 from idemhook._config.settings import normalise_database_url
+from idemhook._store.models import Base
+from sqlalchemy import create_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -3,12 +3,12 @@
 Every gunicorn a test or the bench starts goes through :func:`start_gunicorn`,
 which runs the repository's shipped ``gunicorn.conf.py`` (gthread,
 ``WEB_CONCURRENCY`` workers x ``WEB_THREADS`` threads), exactly as
-``gunicorn 'app:create_app()'`` from a clone does. A test varies a setting the
+``gunicorn 'idemhook:create_app()'`` from a clone does. A test varies a setting the
 way a user would: through those environment variables (``workers=``,
 ``threads=``, ``env=``), command-line options (``args=``) or extra lines of
 gunicorn configuration (``config=``), and says why in a comment.
 
-:func:`gunicorn` serves the production entry point (``app:create_app()``) with
+:func:`gunicorn` serves the production entry point (``idemhook:create_app()``) with
 the sources written to a TOML file and settings passed through the environment,
 as a deployment configures it. ``server.url`` is the base URL,
 ``server.worker_pids()`` the live worker processes, ``server.settings`` what
@@ -65,7 +65,7 @@ SERVER_VARIABLES = ("WEB_CONCURRENCY", "WEB_THREADS", "PORT", "GUNICORN_CMD_ARGS
 CONFIG = '''\
 """gunicorn settings of one server started by tests/servers.py."""
 
-# The shipped settings, exactly as `gunicorn 'app:create_app()'` in a clone loads them.
+# The shipped settings, exactly as `gunicorn 'idemhook:create_app()'` in a clone loads them.
 exec(compile(open({shipped!r}).read(), {shipped!r}, "exec"))
 
 # No control socket: every gunicorn on the machine would share its default path, and
@@ -352,7 +352,7 @@ def gunicorn(
     config: str = "",
     args: Sequence[str] = (),
 ) -> Iterator[Server]:
-    """Serve ``app:create_app()`` with ``sources`` on ``database_url``; stop on exit.
+    """Serve ``idemhook:create_app()`` with ``sources`` on ``database_url``; stop on exit.
 
     By default the shipped ``gunicorn.conf.py`` decides everything (2 gthread
     workers x 4 threads today). ``workers``/``threads`` set ``WEB_CONCURRENCY``/
@@ -371,7 +371,7 @@ def gunicorn(
         if threads is not None:
             settings["WEB_THREADS"] = str(threads)
         server = start_gunicorn(
-            "app:create_app()",
+            "idemhook:create_app()",
             state=state,
             env=server_environment({**settings, **(env or {})}),
             config=config,

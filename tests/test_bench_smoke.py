@@ -77,9 +77,9 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
     """
     import logging
 
+    from idemhook.testing import postgres
     from sqlalchemy import create_engine, text
 
-    from idemhook.testing import postgres
     from bench import instructions
     from bench.load import event, sign
     from bench.run import SECRET

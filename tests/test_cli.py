@@ -16,7 +16,6 @@ from pathlib import Path
 
 import click
 import pytest
-
 from idemhook._cli import cli
 from idemhook.testing import deliver
 

@@ -1,4 +1,4 @@
-"""One handler path (app/dispatch.py): the live claim, replay, retry and the test kit agree.
+"""One handler path (app/_engine/dispatch.py): the live claim, replay, retry and the test kit agree.
 
 What a user would notice if they drifted apart: a handler that sees different
 headers or payload when an operator replays or retries an event than when the
@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from idemhook import handler
+from idemhook.testing import deliver
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
-from idemhook import handler
-from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 from tests.plugins import recorder, witness
 

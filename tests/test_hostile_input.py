@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import requests
-
 from idemhook._config.events import MAX_ID_LENGTH
 from idemhook._config.parsing import MAX_NESTING
+
 from tests.conftest import SECRET, SOURCES
 from tests.reliability.conftest import signed_post, truncate
 from tests.servers import gunicorn

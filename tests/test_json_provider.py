@@ -11,7 +11,6 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 from hypothesis import given
 from hypothesis import strategies as st
-
 from idemhook._web.json_provider import JSONProvider
 
 json_values = st.recursive(

@@ -1,4 +1,5 @@
-"""pyproject.toml lists every package by hand (migrations/ ships as app._migrations)."""
+"""pyproject.toml lists every package by hand: app/ ships as ``idemhook``, migrations/ as
+``idemhook._migrations``."""
 
 from __future__ import annotations
 
@@ -10,23 +11,16 @@ CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptool
 
 
 def test_every_package_of_the_tree_is_shipped() -> None:
-    found = {
-        ".".join(path.parent.relative_to(ROOT).parts)
-        for top in ("app", "idemhook")
-        for path in (ROOT / top).rglob("__init__.py")
-    }
-    mapped = set()
+    found = set()
     for name, folder in CONFIG["package-dir"].items():
-        mapped.add(name)
-        mapped |= {
-            f"{name}.{sub.name}"
-            for sub in (ROOT / folder).iterdir()
-            if sub.is_dir() and any(sub.glob("*.py"))
-        }
-    assert set(CONFIG["packages"]) == found | mapped
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.parent.relative_to(ROOT / folder).parts
+            if "__pycache__" not in parts:
+                found.add(".".join((name, *parts)))
+    assert set(CONFIG["packages"]) == found
 
 
 def test_idemhooks_own_migrations_ship_in_the_package() -> None:
-    assert CONFIG["package-dir"] == {"app._migrations": "migrations"}
+    assert CONFIG["package-dir"] == {"idemhook": "app", "idemhook._migrations": "migrations"}
     assert (ROOT / "migrations" / "env.py").exists()
-    assert "script.py.mako" in CONFIG["package-data"]["app._migrations"]
+    assert "script.py.mako" in CONFIG["package-data"]["idemhook._migrations"]

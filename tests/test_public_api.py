@@ -3,37 +3,36 @@
 from __future__ import annotations
 
 import importlib.metadata
+import pkgutil
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import app.operations
-import app.outbox
-import app.plugins
-import app.testing
 import idemhook
 import idemhook.testing
 import idemhook.testing.pytest_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
-#: ``from app...``/``import app...`` in Python, or ``app.x`` named in prose as something to use.
-APP_IMPORT = re.compile(r"^\s*(from app(\.| import)|import app\b)", re.M)
+#: An import of the repository's directory name (``app``) or of a private module of
+#: ``idemhook`` (``idemhook._engine``...), in Python or in a docs' code block.
+PRIVATE_IMPORT = re.compile(
+    r"^\s*(from (app|idemhook\._\w+)(\.| import)|import (app|idemhook\._\w+)\b)", re.M
+)
+PUBLIC = ["Event", "Ignore", "Message", "Reject", "Response", "api_view", "create_app",
+          "handler", "sender"]
 
 
-def test_handler_api_is_the_services_own() -> None:
-    assert idemhook.handler is app.plugins.handler
-    assert idemhook.Ignore is app.plugins.Ignore
-    assert idemhook.Reject is app.plugins.Reject
-    assert idemhook.Event is app.plugins.Event
-    assert idemhook.sender is app.plugins.sender
-    assert idemhook.Message is app.outbox.Message
-    assert idemhook.Response is app.plugins.Response
-    assert idemhook.api_view is app.operations.api_view
-    assert idemhook.testing.Kit is app.testing.Kit
-    assert idemhook.testing.deliver is app.testing.deliver
-    assert idemhook.testing.signed is app.testing.signed
-    assert idemhook.testing.ANY is app.testing.ANY
+def test_the_public_api_is_what_the_package_exports() -> None:
+    assert sorted(idemhook.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(idemhook, name).__module__.startswith("idemhook"), name
+    assert sorted(idemhook.testing.__all__) == ["ANY", "Kit", "deliver", "signed"]
+    # Everything else is internal, and private by name.
+    public_modules = {
+        m.name for m in pkgutil.iter_modules(idemhook.__path__) if not m.name.startswith("_")
+    }
+    assert public_modules == {"testing"}
 
 
 def test_version_is_the_installed_packages() -> None:
@@ -58,17 +57,17 @@ def test_the_test_kit_imports_without_pytest() -> None:
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_examples_and_docs_never_import_the_service_package() -> None:
+def test_examples_docs_and_test_plugins_import_only_the_public_api() -> None:
     offenders = []
     for path in sorted((ROOT / "examples").rglob("*.py")):
-        if APP_IMPORT.search(path.read_text()):
+        if PRIVATE_IMPORT.search(path.read_text()):
             offenders.append(str(path.relative_to(ROOT)))
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```python[^\n]*\n(.*?)```", path.read_text(), re.S):
-            if APP_IMPORT.search(block):
+            if PRIVATE_IMPORT.search(block):
                 offenders.append(str(path.relative_to(ROOT)))
     for path in sorted((ROOT / "tests" / "plugins").rglob("*.py")):
-        if APP_IMPORT.search(path.read_text()):
+        if PRIVATE_IMPORT.search(path.read_text()):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from idemhook._web import gunicorn_conf
+from idemhook.testing import postgres
 from sqlalchemy.engine import URL
 
-import app.gunicorn_conf
-from idemhook.testing import postgres
 from tests.servers import ROOT, START_TIMEOUT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn
@@ -119,5 +119,5 @@ def test_serve_with_a_broken_configuration_says_so_in_one_line(tmp_path: Path) -
 
 def test_the_repositorys_gunicorn_conf_is_the_packaged_settings() -> None:
     loaded = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    for name in app.gunicorn_conf.__all__:
-        assert loaded[name] is getattr(app.gunicorn_conf, name), name
+    for name in gunicorn_conf.__all__:
+        assert loaded[name] is getattr(gunicorn_conf, name), name

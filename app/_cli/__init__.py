@@ -1,6 +1,6 @@
 """The ``idemhook`` command: one module per command group in this package.
 
-:func:`init_app` registers the commands on ``app.cli``, so tests reach them
+:func:`init_app` registers the commands on ``idemhook._cli``, so tests reach them
 through ``app.test_cli_runner()``. The console script (:func:`main`) is a plain
 click group holding the same commands, so ``--help`` and every command's
 ``--help`` work before anything is configured; a command builds the app only
@@ -18,10 +18,6 @@ from pathlib import Path
 import click
 from flask import Flask
 from flask.cli import ScriptInfo
-
-from idemhook._config import settings
-from idemhook._store.database import APPLICATION_NAMES
-from idemhook._values.errors import ConfigError
 from idemhook._cli.common import NEEDS_ATTRIBUTE, ConfigMissing
 from idemhook._cli.db import db_cli
 from idemhook._cli.events import events_cli
@@ -33,6 +29,9 @@ from idemhook._cli.serve import serve_command
 from idemhook._cli.sign import sign_command
 from idemhook._cli.sources import sources_cli
 from idemhook._cli.worker import worker_command
+from idemhook._config import settings
+from idemhook._store.database import APPLICATION_NAMES
+from idemhook._values.errors import ConfigError
 
 COMMANDS = (
     db_cli,

@@ -6,11 +6,6 @@ import json
 
 import click
 from flask import current_app
-
-from idemhook._store import queries
-from idemhook._engine import replay, retention
-from idemhook._store.database import get_db
-from idemhook._store.models import EVENT_STATUSES
 from idemhook._cli.common import (
     DatabaseGroup,
     database_only,
@@ -20,6 +15,10 @@ from idemhook._cli.common import (
     filter_options,
     needs_sources,
 )
+from idemhook._engine import replay, retention
+from idemhook._store import queries
+from idemhook._store.database import get_db
+from idemhook._store.models import EVENT_STATUSES
 
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import click
 from flask import current_app
-
-from idemhook._engine import failures
-from idemhook._store import queries
-from idemhook._store.database import get_db
-from idemhook._values.errors import IdemhookError
 from idemhook._cli.common import (
     DatabaseGroup,
     database_only,
@@ -18,6 +13,10 @@ from idemhook._cli.common import (
     filter_options,
     needs_sources,
 )
+from idemhook._engine import failures
+from idemhook._store import queries
+from idemhook._store.database import get_db
+from idemhook._values.errors import IdemhookError
 
 failures_cli = DatabaseGroup("failures", help="List, show and retry failed deliveries.")
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import click
-
+from idemhook._cli.common import WHEN, DatabaseGroup, database_only, emit_json_lines, emit_table
 from idemhook._engine import outbox
 from idemhook._store import queries
 from idemhook._store.database import get_db
 from idemhook._values.outbox_status import MESSAGE_STATUSES
-from idemhook._cli.common import WHEN, DatabaseGroup, database_only, emit_json_lines, emit_table
 
 outbox_cli = DatabaseGroup("outbox", help="List, show, retry and prune outbox messages.")
 

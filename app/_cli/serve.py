@@ -9,8 +9,8 @@ import click
 from flask.cli import with_appcontext
 
 #: The shipped gunicorn settings (PORT, WEB_CONCURRENCY, WEB_THREADS; docs/deploying.md).
-SETTINGS = "app.gunicorn_conf"
-TARGET = "app:create_app()"
+SETTINGS = "idemhook._web.gunicorn_conf"
+TARGET = "idemhook:create_app()"
 
 
 @click.command(

@@ -17,13 +17,12 @@ from typing import Any
 import click
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
-
+from idemhook._cli.common import ConfigMissing
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module
-from idemhook._values.errors import ConfigError
-from idemhook._engine.registry import Registry
 from idemhook._config.schemes import SCHEMES
-from idemhook._cli.common import ConfigMissing
+from idemhook._engine.registry import Registry
+from idemhook._values.errors import ConfigError
 
 #: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
 MIN_SECRET_BYTES = 16

@@ -9,10 +9,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from idemhook._values.errors import BadRequest
 from idemhook._config.locators import MISSING, Composite, Locator
-from idemhook._engine.registry import Event
 from idemhook._config.sources import Source
+from idemhook._engine.registry import Event
+from idemhook._values.errors import BadRequest
 
 MAX_ID_LENGTH = 255
 

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from werkzeug.datastructures import Headers
-
 from idemhook._values.errors import ConfigError
+from werkzeug.datastructures import Headers
 
 
 class _Missing:

@@ -1,7 +1,7 @@
 """Process settings: defaults, then the environment, then the dict a test passes.
 
 Every key is documented in ``docs/configuration.md``. The sources file named by
-``IDEMHOOK_CONFIG`` is read by :mod:`app.sources`.
+``IDEMHOOK_CONFIG`` is read by :mod:`idemhook._config.sources`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from idemhook._values.errors import ConfigError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-
-from idemhook._values.errors import ConfigError
 
 #: IDEMHOOK_POOL_MODE values (app.db).
 POOL_MODES = ("keep", "session-pooler")

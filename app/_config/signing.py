@@ -1,6 +1,6 @@
 """Sign outgoing requests exactly as a source's scheme verifies them.
 
-One place for the test kit (``app.testing``), ``idemhook sign`` and
+One place for the test kit (``idemhook.testing``), ``idemhook sign`` and
 ``idemhook send``: what a provider's "send test event" button would send.
 """
 
@@ -11,11 +11,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask
-from werkzeug.datastructures import Headers
-
 from idemhook._config.schemes import Delivery
 from idemhook._config.schemes.idempotency_key import KEY_HEADER, IdempotencyKey
 from idemhook._config.sources import Source
+from werkzeug.datastructures import Headers
 
 
 def find_source(app: Flask, name: str) -> Source:
@@ -74,7 +73,7 @@ def signing_url(app: Flask, source: Source, url: str) -> str:
 
     The receiver checks a URL-signing scheme (HubSpot) against the public URL when
     one is configured (the source's ``public_url``, else ``IDEMHOOK_PUBLIC_URL``),
-    not the address the request reached (``app.intake.public_url``): so the signer
+    not the address the request reached (``idemhook._web.intake.public_url``): so the signer
     must too, or a test with production settings answers 401.
     """
     base = source.public_url or app.config.get("IDEMHOOK_PUBLIC_URL")

@@ -1,7 +1,7 @@
 """The sources file (``IDEMHOOK_CONFIG``): which senders exist and how each is verified.
 
 Parsed once at start-up into immutable :class:`Source` objects; every mistake
-raises :class:`~app.errors.ConfigError` naming the source and the key.
+raises :class:`~idemhook._values.errors.ConfigError` naming the source and the key.
 See ``docs/configuration.md`` for every key.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from idemhook._config import locators
-from idemhook._values.errors import ConfigError
 from idemhook._config.locators import Locator
 from idemhook._config.schemes import SCHEMES, Scheme
+from idemhook._values.errors import ConfigError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -3,10 +3,10 @@
 A source with ``mode = "async"`` (docs/async.md) does not run handlers in the
 request. Each event of a delivery is claimed in ``processed_events`` with status
 ``received``, its payload, the delivery's headers and its order key, and the
-delivery is answered; ``idemhook worker`` applies it later (:mod:`app.applying`).
+delivery is answered; ``idemhook worker`` applies it later (:mod:`idemhook._engine.applier`).
 
 On PostgreSQL the whole delivery is **one message and one implicit transaction**
-(:meth:`app.lanes.Lane.execute_alone`): the ``SET LOCAL`` timeouts, for a source
+(:meth:`idemhook._store.lanes.Lane.execute_alone`): the ``SET LOCAL`` timeouts, for a source
 with ``order_key`` an advisory lock per key, and one statement::
 
     WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d),   -- the events: one JSON parameter
@@ -39,7 +39,7 @@ commit and the NOTIFY) is covered by the workers' poll.
 deliveries never wait on each other crosswise) before its ``INSERT``: two
 deliveries of one key are claimed one after the other, so a later event's ``id``
 is higher *and* it commits later. The worker applies a key's events in ``id``
-order (:mod:`app.applying`), and never sees a later event of a key without the
+order (:mod:`idemhook._engine.applier`), and never sees a later event of a key without the
 earlier ones.
 
 Accepting is idempotent, so a delivery whose connection was lost is simply tried
@@ -57,20 +57,19 @@ from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from sqlalchemy.dialects import sqlite
-
-from idemhook._engine.attempt import retrying
-from idemhook._store.database import Database, dumps
-from idemhook._values.errors import ServiceUnavailable
 from idemhook._config.events import order_keys_of
-from idemhook._engine.failures import safe_headers
-from idemhook._store.models import event_queue, processed_events
-from idemhook._values.outcome import Outcome, Status
-from idemhook._engine.registry import Event
 from idemhook._config.sources import Source
-from idemhook._store.statements import _processor
+from idemhook._engine.attempt import retrying
+from idemhook._engine.failures import safe_headers
+from idemhook._engine.registry import Event
 from idemhook._store.claims import ACCEPT_PG, order_lock_sql
+from idemhook._store.database import Database, dumps
+from idemhook._store.models import event_queue, processed_events
 from idemhook._store.notify import notify_sql
+from idemhook._store.statements import _processor
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.outcome import Outcome, Status
+from sqlalchemy.dialects import sqlite
 
 #: The channel a committing asynchronous claim NOTIFYs (payload: empty).
 CHANNEL = "idemhook_events"

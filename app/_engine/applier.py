@@ -1,7 +1,7 @@
 """Applying received events: the worker's second kind of work (:class:`Applier`).
 
 An asynchronous source's delivery left each event in ``processed_events`` with
-status ``received`` (:mod:`app.accept`). ``idemhook worker`` applies them, a
+status ``received`` (:mod:`idemhook._engine.accept`). ``idemhook worker`` applies them, a
 small batch at a time, each batch **one transaction** on a claim lane:
 
 1. **take** due events from ``event_queue`` (one row per event still to apply),
@@ -13,12 +13,12 @@ small batch at a time, each batch **one transaction** on a claim lane:
    once: nothing was leased. The event's own row is not locked: a duplicate
    delivery counts itself on it and is answered while the handlers run.
 2. **run** each event's handlers in a savepoint through the one handler path
-   (:func:`app.dispatch.run_handlers`): the same ``Event`` (payload, stored
+   (:func:`idemhook._engine.dispatch.run_handlers`): the same ``Event`` (payload, stored
    headers, ``received_at``), the same session contract, ``event.outbox``.
 3. **record** in the same transaction: ``processed`` or ``ignored`` with the
    result; ``rejected`` (effects rolled back to the savepoint, a permanent
    ``delivery_failures`` row); a handler that raised has its effects rolled back,
-   a ``delivery_failures`` row, and is due again after :func:`app.worker.backoff`,
+   a ``delivery_failures`` row, and is due again after :func:`idemhook._engine.worker.backoff`,
    or ``failed`` after the source's ``max_attempts``. A finished event's queue row
    is deleted.
 4. **commit**: the results, the queue, the failure rows and every handler's
@@ -39,7 +39,7 @@ earlier event (lower ``id``) with the same source and key is still queued::
 the only event of the key any worker can take; while one worker holds it, its
 row lock makes the others skip it, and the next event of the key is not the
 head until the head's outcome has committed. So one key's events are applied
-one at a time, in receipt order (:mod:`app.accept` makes ``id`` order commit
+one at a time, in receipt order (:mod:`idemhook._engine.accept` makes ``id`` order commit
 order per key), while different keys run in parallel on any number of workers.
 A failing head waiting for its backoff blocks its key (a later change must not
 overtake an earlier one); ``failed`` (or ``rejected``, ``processed``) ends it and
@@ -75,27 +75,26 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DBAPIError
-from werkzeug.datastructures import Headers
-
+from idemhook._config.sources import Source
 from idemhook._engine import failures
 from idemhook._engine.accept import CHANNEL
 from idemhook._engine.attempt import overrun, run, watched
-from idemhook._store.database import Database, dumps, is_disconnect, loads
 from idemhook._engine.dispatch import HandlerRun, run_handlers
-from idemhook._values.errors import ServiceUnavailable
-from idemhook._store.lanes import Lane
 from idemhook._engine.logs import log_fields
-from idemhook._values.outcome import Status
 from idemhook._engine.registry import Event, Registry
-from idemhook._config.sources import Source
-from idemhook._store.event_queue import EventQueue, end_backend
 from idemhook._engine.watchdog import Job, Watchdog
 from idemhook._engine.worker import backoff, first_line
+from idemhook._store.database import Database, dumps, is_disconnect, loads
+from idemhook._store.event_queue import EventQueue, end_backend
+from idemhook._store.lanes import Lane
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.outcome import Status
+from sqlalchemy.exc import DBAPIError
+from werkzeug.datastructures import Headers
 
 if TYPE_CHECKING:
-    from idemhook._web.metrics import Metrics
     from idemhook._engine.worker import Worker
+    from idemhook._web.metrics import Metrics
 
 log = logging.getLogger("idemhook.events")
 
@@ -204,7 +203,7 @@ class Applier:
         """Take, run and record one batch; None when nothing was due.
 
         With a handler deadline, the batch runs on a claim thread watched by this
-        one (:mod:`app.watchdog`): a handler that overruns it is given up on
+        one (:mod:`idemhook._engine.watchdog`): a handler that overruns it is given up on
         (:meth:`_Round.overran`), and its transaction never commits.
         """
         if self._take_back:
@@ -321,7 +320,7 @@ class Applier:
 
 
 class _Round:
-    """One batch: an :class:`app.attempt.Attempt` (the bracket decides what faults mean)."""
+    """One batch: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides what faults mean)."""
 
     def __init__(self, applier: Applier, worker: Worker) -> None:
         self.applier = applier

@@ -1,15 +1,15 @@
 """One attempt at a piece of work in its database transaction, and what each fault means.
 
 Every kind of work that runs handlers in a transaction runs it through :func:`run`: the
-synchronous claim (:mod:`app.claim`), an ``Idempotency-Key`` operation
-(:mod:`app.idempotency`) and the worker's received events (:mod:`app.applying`); the
-asynchronous acknowledgement (:mod:`app.accept`) and the outbox's records
-(:mod:`app.sending`), which run no handler, go through the same loop. It is the one place
+synchronous claim (:mod:`idemhook._engine.claim`), an ``Idempotency-Key`` operation
+(:mod:`idemhook._engine.keys`) and the worker's received events (:mod:`idemhook._engine.applier`); the
+asynchronous acknowledgement (:mod:`idemhook._engine.accept`) and the outbox's records
+(:mod:`idemhook._engine.sender`), which run no handler, go through the same loop. It is the one place
 that decides what a fault means; the kinds of work only say how to carry the decision out
 (:class:`Attempt`).
 
 An attempt moves through three stages (:class:`Stage`, kept on its
-:class:`~app.watchdog.Job`): before any handler started, handlers started, COMMIT sent.
+:class:`~idemhook._engine.watchdog.Job`): before any handler started, handlers started, COMMIT sent.
 What a database error means depends on the stage alone (:func:`decide`, a pure function):
 
 ============================  ==================  ==========================================
@@ -28,7 +28,7 @@ any error                     COMMIT              refused: nothing of the transa
 any other error               before COMMIT       raised (a bug of ours, not a fault)
 ============================  ==================  ==========================================
 
-A handler's own errors never reach here: :func:`app.dispatch.run_handlers` turns them
+A handler's own errors never reach here: :func:`idemhook._engine.dispatch.run_handlers` turns them
 into a failed run of that event (a lost connection inside a handler is re-raised, so it
 is decided here like any other).
 """
@@ -39,12 +39,11 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from sqlalchemy.exc import DBAPIError
-
-from idemhook._store.database import is_disconnect, is_timeout
 from idemhook._engine.dispatch import HandlerRun
-from idemhook._values.outcome import Status
 from idemhook._engine.watchdog import Job, Stage, Watchdog
+from idemhook._store.database import is_disconnect, is_timeout
+from idemhook._values.outcome import Status
+from sqlalchemy.exc import DBAPIError
 
 __all__ = ["Attempt", "Decision", "Fault", "Stage", "decide", "classify", "run", "overrun"]
 

@@ -1,13 +1,13 @@
 """The claim: record an event's ID and apply its handlers in one transaction.
 
-For each event of a delivery, in one transaction on a lane (:mod:`app.lanes`):
+For each event of a delivery, in one transaction on a lane (:mod:`idemhook._store.lanes`):
 
-1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (:mod:`app.statements`).
+1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (:mod:`idemhook._store.statements`).
    A returned ``duplicate_count`` above 0 means the event was already applied: the
    duplicate is counted and nothing runs. A concurrent duplicate waits on the
    unique index until the first transaction ends (bounded by the lock timeout:
    ``503 event_in_progress``).
-2. **run handlers** (:func:`app.dispatch.run_handlers`, the one handler path).
+2. **run handlers** (:func:`idemhook._engine.dispatch.run_handlers`, the one handler path).
 3. **store** the result: sent with the COMMIT, one statement for the whole delivery.
 4. **commit**.
 
@@ -21,7 +21,7 @@ survive a database restart). A connection lost later is answered from a fresh
 connection's look at the claims: committed, they are duplicates; not, ``503``.
 
 The whole claim runs on a claim thread watched by the request
-(:mod:`app.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
+(:mod:`idemhook._engine.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
 is answered ``503 handler_timeout`` and its transaction never commits.
 """
 
@@ -33,20 +33,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import sessionmaker
-
 from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, watched
-from idemhook._store.database import Database, dumps, is_disconnect
 from idemhook._engine.dispatch import ClaimSession, HandlerRun, run_handlers
-from idemhook._values.errors import ServiceUnavailable
-from idemhook._store.lanes import Lane
-from idemhook._values.outcome import Outcome, Status
 from idemhook._engine.registry import Event, Registry
-from idemhook._store.statements import ClaimStatements
-from idemhook._store import claims
 from idemhook._engine.watchdog import Job, Watchdog
+from idemhook._store import claims
+from idemhook._store.database import Database, dumps, is_disconnect
+from idemhook._store.lanes import Lane
+from idemhook._store.statements import ClaimStatements
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.outcome import Outcome, Status
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import sessionmaker
 
 __all__ = ["ClaimSession", "Claimer", "Outcome", "Status"]
 
@@ -117,7 +116,7 @@ class Claimer:
 
 
 class _Delivery:
-    """One delivery's claim: an :class:`app.attempt.Attempt` (the bracket decides its faults)."""
+    """One delivery's claim: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides its faults)."""
 
     def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:
         self.claimer = claimer

@@ -1,6 +1,6 @@
 """The one path that runs a delivery's handlers, wherever they run.
 
-The live claim (:mod:`app.claim`), ``events replay`` (:mod:`app.replay`),
+The live claim (:mod:`idemhook._engine.claim`), ``events replay`` (:mod:`idemhook._engine.replay`),
 ``failures retry`` (through the claim) and the test kit (through the
 receiver) all end in :func:`run_handlers`, so the contract of docs/plugins.md
 (the event, the session, ``Ignore``, ``Reject``, results and errors) cannot
@@ -15,11 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sqlalchemy.orm import Session
-
 from idemhook._engine import outbox
-from idemhook._store.database import dumps
-from idemhook._values.outcome import Status
 from idemhook._engine.registry import (
     Event,
     HandlerChoice,
@@ -30,6 +26,9 @@ from idemhook._engine.registry import (
     Response,
     result_of,
 )
+from idemhook._store.database import dumps
+from idemhook._values.outcome import Status
+from sqlalchemy.orm import Session
 
 
 class ClaimSession(Session):
@@ -72,7 +71,7 @@ class HandlerRun:
     stored: str | None = None
     handler: str | None = None
     error: BaseException | None = None
-    #: The :class:`~app.plugins.Response` a handler returned (the last one), else None.
+    #: The :class:`~idemhook._engine.registry.Response` a handler returned (the last one), else None.
     #: A class attribute here, a field of :class:`RespondedRun`: most runs return none.
     response: ClassVar[Response | None] = None
 
@@ -92,7 +91,7 @@ class HandlerRun:
 
 @dataclass(frozen=True, slots=True)
 class RespondedRun(HandlerRun):
-    """A run in which a handler returned a :class:`~app.plugins.Response`."""
+    """A run in which a handler returned a :class:`~idemhook._engine.registry.Response`."""
 
     response: Response | None = None
 

@@ -6,9 +6,9 @@ so it survives whatever happened to the claim: on the attempt's own lane
 (:func:`write`), so recording a failure never waits for a connection of the
 request pool, which handlers that overran may hold. A handler that overran is
 recorded by the request thread on a reserved connection of its own
-(:attr:`app.db.Database.reserve`). ``idemhook worker`` commits a failed attempt
+(:attr:`idemhook._store.database.Database.reserve`). ``idemhook worker`` commits a failed attempt
 (its count and its backoff), so it writes the attempt's row in that same
-transaction (:mod:`app.applying`).
+transaction (:mod:`idemhook._engine.applier`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from idemhook._config.events import events_of
+from idemhook._config.sources import Source
+from idemhook._engine.dispatch import HandlerRun
+from idemhook._engine.registry import Event
+from idemhook._store.models import delivery_failures, event_queue, processed_events
+from idemhook._store.queries import Filters, failure_filters
+from idemhook._values.outcome import Status
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
-
-from idemhook._engine.dispatch import HandlerRun
-from idemhook._config.events import events_of
-from idemhook._store.models import delivery_failures, event_queue, processed_events
-from idemhook._values.outcome import Status
-from idemhook._engine.registry import Event
-from idemhook._store.queries import Filters, failure_filters
-from idemhook._config.sources import Source
 
 if TYPE_CHECKING:
     from idemhook._store.lanes import Lane
@@ -185,7 +184,7 @@ def retry_failure(
 
     The stored raw body and headers are parsed exactly as on receipt (the
     signature was verified then and is not stored, so it is not checked again),
-    and the event goes through :meth:`app.claim.Claimer.apply` like a delivery.
+    and the event goes through :meth:`idemhook._engine.claim.Claimer.apply` like a delivery.
     An event that has been applied since is skipped: claiming it again would only
     count a duplicate. An asynchronous source's event (``received``, waiting for a
     backoff, or ``failed``) is handed back to ``idemhook worker`` instead: see

@@ -2,8 +2,8 @@
 
 A client's retry must get the first request's answer, and a retry that arrives while
 the first request still runs must hear ``409`` at once, without waiting on it. So,
-unlike a webhook's claim (one transaction, :mod:`app.claim`), a key is claimed in
-two transactions, on one lane (:mod:`app.lanes`):
+unlike a webhook's claim (one transaction, :mod:`idemhook._engine.claim`), a key is claimed in
+two transactions, on one lane (:mod:`idemhook._store.lanes`):
 
 1. **lease** (short, committed at once, ``synchronous_commit`` off): the key's row is
    inserted as ``in_flight`` with ``locked_until`` (the lease) and ``lock_owner`` (this
@@ -12,7 +12,7 @@ two transactions, on one lane (:mod:`app.lanes`):
    and unexpired has its replay counted instead; anything else is left alone. The
    row is then read in the second transaction, which the same message opens: no
    extra round trip.
-2. **operation**: ours, the handlers run (:func:`app.dispatch.run_handlers`) and their
+2. **operation**: ours, the handlers run (:func:`idemhook._engine.dispatch.run_handlers`) and their
    answer is stored and committed with their work; someone else's, the request is
    answered from the row: ``409`` while it is in flight, ``422`` for another
    request's fingerprint, else the stored answer, replayed.
@@ -37,25 +37,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-
+from idemhook._config.schemes.idempotency_key import KEY_HEADER
 from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, watched
 from idemhook._engine.claim import Claimer
-from idemhook._store.database import dumps, is_disconnect, loads
 from idemhook._engine.dispatch import HandlerRun, run_handlers
+from idemhook._engine.registry import Event, Response
+from idemhook._engine.watchdog import Job
+from idemhook._store.database import dumps, is_disconnect, loads
+from idemhook._store.lanes import Lane
+from idemhook._store.statements import KeyRow, KeyStatements
 from idemhook._values.errors import (
     Conflict,
     HandlerFailed,
     ServiceUnavailable,
     UnprocessableContent,
 )
-from idemhook._store.lanes import Lane
 from idemhook._values.outcome import Outcome, Status
-from idemhook._engine.registry import Event, Response
-from idemhook._config.schemes.idempotency_key import KEY_HEADER
-from idemhook._store.statements import KeyRow, KeyStatements
-from idemhook._engine.watchdog import Job
+from sqlalchemy.exc import DBAPIError
 
 #: The status a handler's ``Reject`` is answered with (and replayed): the request can never
 #: succeed as it is.
@@ -193,7 +192,7 @@ class KeyLost(Exception):
 
 
 class _Operation:
-    """One request's operation: an :class:`app.attempt.Attempt` (the bracket decides faults).
+    """One request's operation: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides faults).
 
     ``owner`` is its token: the lease, the finishing statement and every release are
     fenced by it, so nothing this attempt does can touch a row another request (or

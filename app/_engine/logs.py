@@ -23,10 +23,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
-
 from idemhook._engine.claim import Outcome
-from idemhook._values.errors import ConfigError
 from idemhook._engine.registry import Event
+from idemhook._values.errors import ConfigError
 
 log = logging.getLogger("idemhook.events")
 
@@ -52,7 +51,7 @@ _ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS))
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = logging.INFO) -> None:
-    """Log one line for ``event`` (a :class:`app.claim.Claimer` observer)."""
+    """Log one line for ``event`` (a :class:`idemhook._engine.claim.Claimer` observer)."""
     if not log.isEnabledFor(level):
         return
     fields = {
@@ -69,9 +68,9 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = log
     log_fields(log, level, fields)
 
 
-#: An asynchronous source's acknowledgement (an :class:`app.accept.Acceptor` observer): at
+#: An asynchronous source's acknowledgement (an :class:`idemhook._engine.accept.Acceptor` observer): at
 #: DEBUG, since the event's INFO line is the worker's once it has applied the event (with
-#: its attempt and delay, :mod:`app.applying`); the ack path, measured against a bare
+#: its attempt and delay, :mod:`idemhook._engine.applier`); the ack path, measured against a bare
 #: receiver, does not pay for a second line unless asked to.
 log_accepted = functools.partial(log_outcome, level=logging.DEBUG)
 

@@ -4,8 +4,8 @@ A handler calls ``event.outbox.add(kind, payload, key=None)``; the message is
 inserted through the handler's own session, so it commits with the claim or
 not at all, and a ``NOTIFY`` sent in the same transaction wakes the workers
 when (and only if) it commits. ``idemhook worker`` delivers it
-(:mod:`app.sending`); ``idemhook outbox retry`` and ``prune`` are here too.
-Reading the table is :mod:`app.queries`. The contract: docs/outbox.md.
+(:mod:`idemhook._engine.sender`); ``idemhook outbox retry`` and ``prune`` are here too.
+Reading the table is :mod:`idemhook._store.queries`. The contract: docs/outbox.md.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, select, text, update
-from sqlalchemy.orm import Session
-
 from idemhook._store.database import dumps
 from idemhook._store.models import outbox_messages
 from idemhook._values.outbox_status import MessageStatus
+from sqlalchemy import Connection, Engine, and_, delete, func, select, text, update
+from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from idemhook._engine.registry import Event

@@ -52,7 +52,7 @@ own Alembic revisions; installed plugins may instead register that folder in
 the ``idemhook.migrations`` entry-point group. ``idemhook db upgrade`` applies both.
 A plugin module may also set ``IDEMHOOK_BLUEPRINT`` to a Flask ``Blueprint`` of its
 own routes (an API's ``GET``), registered by ``create_app`` after idemhook's own
-routes; ``@api_view(source)`` (:mod:`app.operations`) makes a view authenticate
+routes; ``@api_view(source)`` (:mod:`idemhook._web.operations`) makes a view authenticate
 that API source's clients.
 """
 
@@ -71,11 +71,10 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from flask import Blueprint, Flask
-from werkzeug.datastructures import Headers
-
 from idemhook._engine import outbox
-from idemhook._values.errors import ConfigError
 from idemhook._engine.outbox import Message, Outbox
+from idemhook._values.errors import ConfigError
+from werkzeug.datastructures import Headers
 
 ENTRY_POINT_GROUP = "idemhook.handlers"
 MIGRATIONS_GROUP = "idemhook.migrations"

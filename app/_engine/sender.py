@@ -1,25 +1,25 @@
 """Delivering outbox messages: the worker's outbox work (:class:`Delivery`).
 
 A batch at a time, in short transactions (no lock is held while a sender runs), with the
-statements of :mod:`app.store.outbox`:
+statements of :mod:`idemhook._store.outbox`:
 
 1. **take** a batch of due messages of the kinds this worker has senders for
    (``FOR UPDATE SKIP LOCKED``: workers never wait on each other, never take the same
-   message). They are *held* for :data:`~app.store.outbox.HOLD_SECONDS`, extended while
+   message). They are *held* for :data:`~idemhook._store.outbox.HOLD_SECONDS`, extended while
    the batch runs, and charged nothing: a worker that dies leaves the messages it had not
    started due again within seconds, their attempts untouched.
 2. **start** each message just before its send: its attempt is charged, its lease (its
    kind's ``lease_seconds``) begins now, and its ``leased_by`` becomes its own token.
    A message another worker took meanwhile (its hold ran out during a long send) is
    skipped.
-3. **send** it: its sender is called with a :class:`~app.outbox.Message`.
+3. **send** it: its sender is called with a :class:`~idemhook._engine.outbox.Message`.
 4. **record** the outcome, fenced by the message's token, in the same round trip as the
    next message's start, so every result is stored before the next send begins: a
-   return is ``sent``; an exception is retried after :func:`app.worker.backoff`, or
+   return is ``sent``; an exception is retried after :func:`idemhook._engine.worker.backoff`, or
    ``dead`` on the kind's last attempt; ``Reject`` is ``dead`` at once.
 
 A step whose connection was lost (a failover, a restart, ``idle_session_timeout``) is
-sent again on a fresh connection (:func:`app.attempt.retrying`: every statement of a step
+sent again on a fresh connection (:func:`idemhook._engine.attempt.retrying`: every statement of a step
 is idempotent); if the database stays away, the outcomes in hand are kept and recorded
 first thing when it is back. So a message is sent again only when its own send may have
 happened without its result being stored: its worker died (or stalled past its lease)
@@ -35,20 +35,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DBAPIError
-
 from idemhook._engine.attempt import retrying
-from idemhook._store.database import Database, dumps
 from idemhook._engine.logs import log_fields
 from idemhook._engine.outbox import CHANNEL, Message
-from idemhook._values.outbox_status import MessageStatus
 from idemhook._engine.registry import Reject, Sender
-from idemhook._store.outbox import HOLD_SECONDS, OutboxStore, Record, Start
 from idemhook._engine.worker import backoff, worker_name
+from idemhook._store.database import Database, dumps
+from idemhook._store.outbox import HOLD_SECONDS, OutboxStore, Record, Start
+from idemhook._values.outbox_status import MessageStatus
+from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
-    from idemhook._web.metrics import OutboxMetrics
     from idemhook._engine.worker import Worker
+    from idemhook._web.metrics import OutboxMetrics
 
 log = logging.getLogger("idemhook.outbox")
 

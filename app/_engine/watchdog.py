@@ -8,7 +8,7 @@ longer than ``IDEMHOOK_HANDLER_TIMEOUT_MS``, the request thread *abandons* the
 claim and answers ``503 handler_timeout``. An abandoned claim never commits:
 when its handler finally returns, its transaction is rolled back (and if it
 never returns, PostgreSQL ends the session after
-``idle_in_transaction_session_timeout``, see :class:`app.db.Timeouts`).
+``idle_in_transaction_session_timeout``, see :class:`idemhook._store.database.Timeouts`).
 
 Abandoning and committing exclude each other (:meth:`Job.abandon`,
 :meth:`Job.may_commit`): a claim whose COMMIT has been sent, or that has
@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 class Stage(IntEnum):
-    """How far one try of an attempt has gone (what a fault then means: :mod:`app.attempt`)."""
+    """How far one try of an attempt has gone (what a fault then means: :mod:`idemhook._engine.attempt`)."""
 
     BEFORE_HANDLERS = 0
     HANDLERS = 1

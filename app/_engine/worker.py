@@ -1,7 +1,7 @@
 """``idemhook worker``'s loop: kinds of background work sharing one wake-up, backoff and stop.
 
 A :class:`Work` is one kind of work the worker does: today delivering outbox
-messages (:class:`app.sending.Delivery`); the asynchronous handling of received
+messages (:class:`idemhook._engine.sender.Delivery`); the asynchronous handling of received
 events is meant to be another. The loop gives every kind what they have in
 common:
 
@@ -17,7 +17,7 @@ common:
   then each kind gives back what it took and has not started (:meth:`Work.release`).
 
 Every statement a kind runs goes through the app's engine, so it runs under the
-claim's ``SET LOCAL`` timeouts and pooler rules (:mod:`app.db`). ``LISTEN`` is
+claim's ``SET LOCAL`` timeouts and pooler rules (:mod:`idemhook._store.database`). ``LISTEN`` is
 the one piece of session state: it needs a direct or session-mode connection
 (``IDEMHOOK_WORKER_LISTEN_URL``, docs/outbox.md).
 """
@@ -35,11 +35,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-
 from idemhook._store.database import Timeouts, build_engine, is_disconnect
 from idemhook._store.notify import listen
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 log = logging.getLogger("idemhook.worker")
 

@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
+from idemhook._config.settings import POOL_MODES
+from idemhook._values.errors import ConfigError, ServiceUnavailable
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
-
-from idemhook._values.errors import ConfigError, ServiceUnavailable
-from idemhook._config.settings import POOL_MODES
 
 #: Key of the wrapper that holds a payload PostgreSQL's JSONB cannot store.
 RAW_JSON_KEY = "$idemhook_raw_json"
@@ -176,7 +175,7 @@ def _set_timeouts_per_transaction(engine: Engine, timeouts: Timeouts) -> None:
     """Every SQLAlchemy transaction starts with the ``SET LOCAL`` timeouts.
 
     The claim's lanes send the same statements themselves, in the round trip of
-    their ``BEGIN`` (:mod:`app.lanes`); their connections are marked and skipped.
+    their ``BEGIN`` (:mod:`idemhook._store.lanes`); their connections are marked and skipped.
     """
     statements = timeouts.sql
 

@@ -1,6 +1,6 @@
 """``event_queue`` (and the claims it points at) as the worker's applier sees it.
 
-Every statement :class:`app.applying.Applier` runs: take due events (``FOR UPDATE OF q
+Every statement :class:`idemhook._engine.applier.Applier` runs: take due events (``FOR UPDATE OF q
 SKIP LOCKED``, order keys' heads only), count and give back takes (``interruptions``),
 record a failed attempt and when it is due again, and the statements sent with a batch's
 COMMIT. The applier holds the policy (batches, interruptions, backoff) and no SQL.
@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from idemhook._store.lanes import Lane, Lanes
+from idemhook._store.models import delivery_failures, event_queue, processed_events
+from idemhook._store.statements import ClaimStatements, _processor
 from sqlalchemy import (
     Engine,
     Float,
@@ -27,10 +30,6 @@ from sqlalchemy import (
     select,
     update,
 )
-
-from idemhook._store.lanes import Lane, Lanes
-from idemhook._store.models import delivery_failures, event_queue, processed_events
-from idemhook._store.statements import ClaimStatements, _processor
 
 
 class EventQueue:

@@ -2,7 +2,7 @@
 
 A lane is one database connection checked out of the engine's pool once and
 then reused by one claim at a time, together with a DBAPI cursor for the
-claim's own statements and the :class:`~app.dispatch.ClaimSession` that
+claim's own statements and the :class:`~idemhook._engine.dispatch.ClaimSession` that
 handlers get. Checking a connection out of the pool, building a Session and
 running the claim's statements through SQLAlchemy cost the receiver more CPU
 than the whole bare-minimum request it is measured against (docs/performance.md,
@@ -16,13 +16,13 @@ result, so an event costs the round trips of its statements and no more, and
 nothing outlives the transaction (transaction-mode poolers). SQLAlchemy's
 transaction on the connection is bookkeeping there: the handler session joins
 it, and its begin, commit and rollback send nothing. On SQLite (the demo)
-SQLAlchemy's transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`app.db`).
+SQLAlchemy's transaction is the real one (``BEGIN IMMEDIATE``, see :mod:`idemhook._store.database`).
 
 A lost connection anywhere (a lane's statement, a handler's, any other query
 of the engine) retires every idle lane, as SQLAlchemy's pool retires every
 connection older than a disconnect: after a database restart one delivery per
 worker meets a dead connection, before any handler ran, and is retried on a
-fresh one (:mod:`app.claim`).
+fresh one (:mod:`idemhook._engine.claim`).
 
 The claim's statements go to the cursor directly unless someone listens to the
 engine's cursor events (OpenTelemetry's SQLAlchemy instrumentation, a test):
@@ -39,10 +39,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from idemhook._store import database as db
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
-
-from idemhook._store import database as db
 
 if TYPE_CHECKING:
     from idemhook._engine.dispatch import ClaimSession

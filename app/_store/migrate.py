@@ -10,13 +10,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import Flask
-
 from idemhook._store.database import get_db, migration_engine
 
 #: idemhook's own revisions: inside the package when installed from a wheel (pyproject maps
-#: the repository's migrations/ to app/_migrations), the repository's folder in a clone.
-_PACKAGED = Path(__file__).resolve().parent / "_migrations"
-_CLONE = Path(__file__).resolve().parent.parent / "migrations"
+#: the repository's migrations/ to idemhook/_migrations), the repository's folder in a
+#: clone (beside app/, the package's folder there).
+_PACKAGE = Path(__file__).resolve().parent.parent
+_PACKAGED = _PACKAGE / "_migrations"
+_CLONE = _PACKAGE.parent / "migrations"
 MIGRATIONS = _PACKAGED if _PACKAGED.is_dir() else _CLONE
 
 

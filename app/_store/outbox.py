@@ -10,7 +10,7 @@ A message moves through three fences, each a value of ``leased_by``:
   ``leased_by`` (another worker has not taken it since its lease ran out).
 
 Every statement of a step is idempotent, so a step whose connection was lost is simply
-sent again on a fresh one (:func:`app.attempt.retrying`): starting twice charges once
+sent again on a fresh one (:func:`idemhook._engine.attempt.retrying`): starting twice charges once
 (the charge is taken only from the batch token), and recording twice stores once (a
 recorded message is recognised by its status).
 
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
-
+from idemhook._engine.outbox import Message
 from idemhook._store.database import Database, loads
 from idemhook._store.models import outbox_messages as TABLE
-from idemhook._engine.outbox import Message
 from idemhook._values.outbox_status import MessageStatus
+from sqlalchemy import and_, case, func, or_, select, update
 
 #: How long a taken, not yet started message stays with its batch (extended while the
 #: batch runs): a worker that dies leaves its untouched messages due again this soon.

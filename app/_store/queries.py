@@ -1,8 +1,8 @@
 """Reading the event and outbox tables: one implementation for the CLI and the read API.
 
 Filters, keyset pagination and stats live here so that ``idemhook events ...``
-and ``GET /events`` cannot disagree (pruning is :mod:`app.retention`, replay
-:mod:`app.replay`, failure retry :mod:`app.failures`). Timestamps in
+and ``GET /events`` cannot disagree (pruning is :mod:`idemhook._engine.retention`, replay
+:mod:`idemhook._engine.replay`, failure retry :mod:`idemhook._engine.failures`). Timestamps in
 results are ISO 8601 strings in UTC; rows are plain dicts keyed by column name.
 """
 
@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from idemhook._store.models import (
+    delivery_failures,
+    event_queue,
+    outbox_messages,
+    processed_events,
+)
 from sqlalchemy import (
     Select,
     and_,
@@ -25,13 +31,6 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import Session
-
-from idemhook._store.models import (
-    delivery_failures,
-    event_queue,
-    outbox_messages,
-    processed_events,
-)
 
 EVENTS = processed_events
 QUEUE = event_queue

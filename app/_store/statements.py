@@ -1,8 +1,8 @@
 """The claim's own SQL, built from Core and compiled once per dialect.
 
-The statements run on a lane's DBAPI cursor (:mod:`app.lanes`), so values are
+The statements run on a lane's DBAPI cursor (:mod:`idemhook._store.lanes`), so values are
 passed the way SQLAlchemy's own types would pass them: JSON as text serialised
-by :func:`app.db.dumps`, timestamps through the dialect's bind processor.
+by :func:`idemhook._store.database.dumps`, timestamps through the dialect's bind processor.
 
 - :attr:`ClaimStatements.claim_sql`: ``INSERT ... ON CONFLICT (source, event_id)
   DO UPDATE SET duplicate_count = duplicate_count + 1 ... RETURNING``. A returned
@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from idemhook._engine.registry import Event
+from idemhook._store.database import dumps
+from idemhook._store.models import processed_events
+from idemhook._values.outcome import Status
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -40,11 +44,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
-
-from idemhook._store.database import dumps
-from idemhook._store.models import processed_events
-from idemhook._values.outcome import Status
-from idemhook._engine.registry import Event
 
 #: The columns of the VALUES list that stores a batch's results.
 STORE_COLUMNS = ("id", "status", "result", "processed_at")

@@ -6,7 +6,6 @@ import hashlib
 import hmac
 
 from flask import current_app, request
-
 from idemhook._values.errors import NotFound, Unauthorized
 
 

@@ -4,7 +4,7 @@
 Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
 answers 404), and then only for ``Authorization: Bearer <token>``. The token is
 checked before anything else, so a caller without it learns nothing, not even
-whether an event exists. Queries are those of the CLI (:mod:`app.queries`).
+whether an event exists. Queries are those of the CLI (:mod:`idemhook._store.queries`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
-
 from idemhook._store import queries
-from idemhook._web.admin import require_admin_token
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, NotFound
 from idemhook._values.outbox_status import MESSAGE_STATUSES
+from idemhook._web.admin import require_admin_token
 
 bp = Blueprint("api", __name__)
 

@@ -1,7 +1,7 @@
 """gunicorn settings that ship with idemhook: what ``idemhook serve`` runs with.
 
-``idemhook serve`` passes ``--config python:app.gunicorn_conf``; the repository's
-``gunicorn.conf.py`` loads this module, so ``gunicorn 'app:create_app()'`` from a
+``idemhook serve`` passes ``--config python:idemhook._web.gunicorn_conf``; the repository's
+``gunicorn.conf.py`` loads this module, so ``gunicorn 'idemhook:create_app()'`` from a
 clone gets the same. Measured choices are explained in docs/performance.md
 ("Server settings, and why"); every value can be overridden on the command line
 (``idemhook serve --timeout 60``) or with GUNICORN_CMD_ARGS.

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, Flask, current_app, jsonify
-from sqlalchemy.exc import SQLAlchemyError
-
 from idemhook._store import migrate
+from sqlalchemy.exc import SQLAlchemyError
 
 bp = Blueprint("health", __name__)
 

@@ -3,9 +3,9 @@
 Checks run cheapest first and before anything is stored: unknown source (404),
 body size (413, enforced before the body is read), content type (415),
 signature (401), JSON and event fields (400). Only then does the claim open a
-transaction: the claim that runs the handlers (:mod:`app.claim`), or for a source
+transaction: the claim that runs the handlers (:mod:`idemhook._engine.claim`), or for a source
 with ``mode = "async"`` the one that records the events for ``idemhook worker``
-and answers at once (:mod:`app.accept`).
+and answers at once (:mod:`idemhook._engine.accept`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-
+from idemhook._config.events import events_of
+from idemhook._config.schemes import Delivery, Reply
+from idemhook._config.sources import Source
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
 from idemhook._values.errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
-from idemhook._config.events import events_of
 from idemhook._values.outcome import Status
-from idemhook._config.schemes import Delivery, Reply
-from idemhook._config.sources import Source
 
 bp = Blueprint("intake", __name__)
 

@@ -39,6 +39,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
+from idemhook._engine.accept import Acceptor
+from idemhook._engine.claim import Claimer, Outcome
+from idemhook._engine.registry import Event
+from idemhook._store.models import event_queue, outbox_messages
+from idemhook._values.outbox_status import MessageStatus
+from idemhook._web.admin import require_admin_token
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -50,13 +56,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
-
-from idemhook._engine.accept import Acceptor
-from idemhook._web.admin import require_admin_token
-from idemhook._engine.claim import Claimer, Outcome
-from idemhook._store.models import event_queue, outbox_messages
-from idemhook._values.outbox_status import MessageStatus
-from idemhook._engine.registry import Event
 
 MAX_TYPES_PER_SOURCE = 100
 OTHER_TYPE = "other"
@@ -131,7 +130,7 @@ class Metrics:
         return _labelled(self._children, metric, *labels)
 
     def observe_event(self, event: Event, outcome: Outcome, seconds: float) -> None:
-        """Count one event (a :class:`app.claim.Claimer` observer)."""
+        """Count one event (a :class:`idemhook._engine.claim.Claimer` observer)."""
         type_ = self.type_label(event.source, event.type)
         self._child(self.events, event.source, type_, outcome.status).inc()
 

@@ -3,16 +3,16 @@
 Checks run as the webhook intake's do, cheapest first and before anything is stored:
 body size (413), content type (415), the client's credentials (401), the
 ``Idempotency-Key`` (400), the JSON (400). Then the key is claimed
-(:mod:`app.idempotency`) and the answer is the operation's own: the status, body and
+(:mod:`idemhook._engine.keys`) and the answer is the operation's own: the status, body and
 headers a handler chose with ``Response``, stored with the key and replayed to every
 retry with ``Idempotent-Replayed: true``. Errors are RFC 9457 problem details
-(:mod:`app.problems`).
+(:mod:`idemhook._web.problems`).
 
 These routes are registered per source, as static rules: the webhook intake never
 sees an ``idempotency-key`` source, so webhooks pay nothing for any of this.
 
 A plugin serves the rest of its API (``GET /v1/emails/<id>``) from its own Flask
-blueprint (``IDEMHOOK_BLUEPRINT``, :mod:`app.plugins`); :func:`api_view` makes such a
+blueprint (``IDEMHOOK_BLUEPRINT``, :mod:`idemhook._engine.registry`); :func:`api_view` makes such a
 view authenticate the source's clients exactly as ``POST`` does and answer as the
 API does (its ``Response``, problem details).
 """
@@ -25,20 +25,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, NotFound
-
-from idemhook._web import problems
-from idemhook._engine.claim import Claimer
-from idemhook._store.database import read_session
-from idemhook._values.errors import BadRequest, ConfigError, IdemhookError
 from idemhook._config.events import event_type_of
-from idemhook._engine.keys import Answer, KeyClaimer, KeyRequest
-from idemhook._web.intake import _read_body
-from idemhook._engine.registry import CONTENT_TYPE, ClientEvent
-from idemhook._engine.registry import Response as Operation
 from idemhook._config.schemes import Delivery
 from idemhook._config.schemes.idempotency_key import KEY_HEADER, IdempotencyKey, parse_key
 from idemhook._config.sources import Source
+from idemhook._engine.claim import Claimer
+from idemhook._engine.keys import Answer, KeyClaimer, KeyRequest
+from idemhook._engine.registry import CONTENT_TYPE, ClientEvent
+from idemhook._engine.registry import Response as Operation
+from idemhook._store.database import read_session
+from idemhook._values.errors import BadRequest, ConfigError, IdemhookError
+from idemhook._web import problems
+from idemhook._web.intake import _read_body
+from werkzeug.exceptions import HTTPException, NotFound
 
 #: The endpoints (metrics label requests by endpoint): one for /webhooks/<name>, one for
 #: the paths. Two rules of one endpoint with the same defaults would make Werkzeug

@@ -6,7 +6,7 @@ examples do: ``type`` (an absolute link to the code's page, which this server se
 ``IDEMHOOK_DOCS_URL``),
 ``title``, ``status``, ``detail``, plus idemhook's own ``error`` code and ``message`` as
 extension members, so that a client written for idemhook's JSON errors reads these
-too. Webhook sources keep the plain JSON errors of :mod:`app.errors`.
+too. Webhook sources keep the plain JSON errors of :mod:`idemhook._values.errors`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import html
 import re
 
 from flask import Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
-
 from idemhook._values.errors import HTTP_CODES, IdemhookError, NotFound
+from werkzeug.exceptions import HTTPException
 
 CONTENT_TYPE = "application/problem+json"
 #: The page every problem type links into (docs/idempotency-keys.md#<code>).

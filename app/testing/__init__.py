@@ -2,7 +2,7 @@
 
 ``deliver``/``signed`` sign a request as a source's scheme requires; :class:`Kit`
 wraps a receiver under test with row assertions; the pytest plugin
-(``app.testing.pytest_plugin``, enabled on install) provides the ``idemhook`` fixture.
+(``idemhook.testing.pytest_plugin``, enabled on install) provides the ``idemhook`` fixture.
 """
 
 from idemhook.testing.kit import deliver, signed

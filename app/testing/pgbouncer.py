@@ -6,7 +6,7 @@
 PgBouncer is Debian's ``pgbouncer`` package (``make system-deps`` installs it,
 :func:`ensure_pgbouncer`). Like PostgreSQL it refuses to run as root, so as
 root it runs as the ``postgres`` user in a temporary directory that user owns
-(the same arrangement as :class:`app.testing.postgres.Cluster`).
+(the same arrangement as :class:`idemhook.testing.postgres.Cluster`).
 
 Every database name a client asks for is forwarded to the same name on the
 server (PgBouncer's ``*`` fallback database), so ``url_for(any_database_url)``

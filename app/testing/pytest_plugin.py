@@ -11,7 +11,7 @@ Installed with idemhook (entry point ``pytest11``), so its fixtures need no impo
 Each test gets its own database, copied from a template that the real Alembic
 migrations built once per session (idemhook's revisions plus every plugin's own,
 see docs/plugins.md), so tests are isolated and a plugin's tables exist.
-The server comes from :func:`app.testing.postgres.server_url`: ``TEST_DATABASE_URL``,
+The server comes from :func:`idemhook.testing.postgres.server_url`: ``TEST_DATABASE_URL``,
 a server on 127.0.0.1:5432, or a throwaway cluster started for the session.
 """
 
@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import URL
-
 from idemhook.testing.postgres import NoPostgres, create_database, drop_database, server_url
 from idemhook.testing.receiver import Kit, build
+from sqlalchemy.engine import URL
 
 __all__ = ["Kit", "Templates"]
 

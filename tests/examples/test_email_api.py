@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from idemhook._engine.sender import Delivery
 from idemhook._engine.worker import Worker
+
 from examples.email_api.handlers import PROBLEMS, TITLES, validate
 from examples.email_api.sender import message_id
 from tests.mail import SmtpServer

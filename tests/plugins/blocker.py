@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 LOCK_KEY = 7_000_007
 APPLICATION_NAME_PREFIX = "test-handler-"

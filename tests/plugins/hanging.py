@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import socket
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 GUARD_SECONDS = 300.0
 

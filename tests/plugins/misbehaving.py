@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 
 @handler("acme", "misbehave.commit")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import time
 
-from sqlalchemy import text
-
 from idemhook import Reject, Response, handler
+from sqlalchemy import text
 
 
 @handler("emails", "*")

@@ -15,9 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 
 @handler("outside", "*")

@@ -6,9 +6,8 @@ sources that tests/schemes/conftest.py configures.
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 SOURCES = (
     "stripe",

@@ -25,9 +25,8 @@ import os
 import signal
 import time
 
-from sqlalchemy import text
-
 from idemhook import Ignore, Reject, handler
+from sqlalchemy import text
 
 LOCK_KEY = 7_000_014
 APPLICATION_NAME_PREFIX = "test-handler-"

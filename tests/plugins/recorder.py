@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_effects "

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import threading
 
-from sqlalchemy import text
-
 from idemhook import handler
+from sqlalchemy import text
 
 LOCK_KEY = 7_000_011
 

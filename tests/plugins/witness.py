@@ -11,9 +11,8 @@ transaction fails only at COMMIT.
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from idemhook import Reject, handler
+from sqlalchemy import text
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_deferred (id INTEGER NOT NULL, "

@@ -17,11 +17,10 @@ from typing import Any
 
 import psycopg2
 from flask import Flask
-
-from idemhook._store.database import get_db
-from idemhook.testing.postgres import _connect_args
 from idemhook import create_app
+from idemhook._store.database import get_db
 from idemhook.testing import deliver
+from idemhook.testing.postgres import _connect_args
 
 #: Apps built here stay referenced, as a start-up hook's or a plugin's would.
 _kept: list[Flask] = []

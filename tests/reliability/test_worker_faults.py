@@ -14,7 +14,7 @@ to release it.
 - a worker killed in the middle of a send charges that message only, and the messages
   of its batch that it had not started are sent at once by the next worker;
 - a received event whose handler ends the worker's database session ends ``failed``
-  after :data:`app.applying.MAX_INTERRUPTIONS`, and the events behind it are applied.
+  after :data:`idemhook._engine.applier.MAX_INTERRUPTIONS`, and the events behind it are applied.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from idemhook._engine.applier import MAX_INTERRUPTIONS
+from idemhook._engine.outbox import add_message
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 
-from idemhook._engine.applier import MAX_INTERRUPTIONS
-from idemhook._engine.outbox import add_message
 from tests.conftest import SECRET, SOURCES
 from tests.faults import sessions, terminate
 from tests.plugins.traced import TRACE_ENV, calls, release

@@ -1,6 +1,6 @@
 """Verification schemes, one module each; importing this package registers them all."""
 
-from idemhook._config.schemes import (
+from idemhook._config.schemes import (  # noqa: F401 (imported to register)
     attio,
     close,
     github,

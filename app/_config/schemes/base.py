@@ -1,14 +1,14 @@
 """What a verification scheme is, and the registry that one module per scheme plugs into.
 
 A scheme knows how one kind of sender signs its requests. It verifies an
-incoming :class:`Delivery` (raising :class:`~app.errors.Unauthorized` with a
+incoming :class:`Delivery` (raising :class:`~idemhook._values.errors.Unauthorized` with a
 stable code), can sign an outgoing one the same way (for the test kit, the demo
 curl and ``idemhook send``), and supplies the source defaults a user should not
 have to write: where the event ID and type are, whether the body is a batch,
 which content types are accepted.
 
-To add a scheme: write ``app/schemes/<name>.py`` with a subclass decorated
-``@register("<name>")`` and import it in ``app/schemes/__init__.py``.
+To add a scheme: write ``app/_config/schemes/<name>.py`` with a subclass decorated
+``@register("<name>")`` and import it in ``app/_config/schemes/__init__.py``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from idemhook._config.parsing import parse_json
+from idemhook._values.errors import ConfigError, Unauthorized
 from werkzeug.datastructures import Headers
 
-from idemhook._values.errors import ConfigError, Unauthorized
-from idemhook._config.parsing import parse_json
-
 if TYPE_CHECKING:
-    from idemhook._engine.claim import Outcome
     from idemhook._config.sources import Source
+    from idemhook._engine.claim import Outcome
 
 #: Default freshness window for schemes that sign a timestamp (``tolerance_seconds``).
 DEFAULT_TOLERANCE_SECONDS = 300
@@ -73,7 +72,7 @@ class Scheme:
     #: Whether the signature covers the URL the sender called (``Delivery.url``). Only
     #: then does the intake work the URL out; most schemes sign the body alone.
     signs_url: ClassVar[bool] = False
-    #: Whether the source is an API served by :mod:`app.operations` (the operation's own
+    #: Whether the source is an API served by :mod:`idemhook._web.operations` (the operation's own
     #: answer, replayed to retries) instead of the webhook intake.
     operation: ClassVar[bool] = False
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError
 from idemhook._config.schemes.base import (
     DEFAULT_TOLERANCE_SECONDS,
     Delivery,
@@ -20,6 +19,7 @@ from idemhook._config.schemes.base import (
     register,
     require_header,
 )
+from idemhook._values.errors import ConfigError
 
 HASH = "close-sig-hash"
 TIMESTAMP = "close-sig-timestamp"

@@ -7,8 +7,8 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError, Unauthorized
 from idemhook._config.schemes.base import Delivery, Scheme, matches_any, register, require_header
+from idemhook._values.errors import ConfigError, Unauthorized
 
 
 @register("hmac-sha256")

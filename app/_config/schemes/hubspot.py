@@ -11,7 +11,7 @@
 
 Bodies are JSON arrays of up to 100 events. HubSpot's ``eventId`` is not
 guaranteed unique, so the default dedupe key is the composite
-``portalId:subscriptionId:eventId:occurredAt`` (see :class:`app.locators.Composite`).
+``portalId:subscriptionId:eventId:occurredAt`` (see :class:`idemhook._config.locators.Composite`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
-from idemhook._values.errors import ConfigError
 from idemhook._config.schemes.base import (
     DEFAULT_TOLERANCE_SECONDS,
     Delivery,
@@ -36,6 +35,7 @@ from idemhook._config.schemes.base import (
     register,
     require_header,
 )
+from idemhook._values.errors import ConfigError
 
 V3_HEADER = "X-HubSpot-Signature-v3"
 TIMESTAMP = "X-HubSpot-Request-Timestamp"

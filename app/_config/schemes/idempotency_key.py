@@ -1,6 +1,6 @@
 """``idempotency-key``: your own API, whose clients name each request with ``Idempotency-Key``.
 
-A source of this scheme is served in API form (:mod:`app.operations`): at ``POST <path>``
+A source of this scheme is served in API form (:mod:`idemhook._web.operations`): at ``POST <path>``
 as well as ``POST /webhooks/<source>``, answered with the operation's own response,
 replayed to every retry (docs/idempotency-keys.md). This module holds what is the
 scheme's alone: who the client is, what the key is, and the request's fingerprint.
@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import BadRequest, ConfigError, Unauthorized
 from idemhook._config.schemes.base import (
     Delivery,
     Scheme,
@@ -34,6 +33,7 @@ from idemhook._config.schemes.base import (
     register,
     require_header,
 )
+from idemhook._values.errors import BadRequest, ConfigError, Unauthorized
 
 KEY_HEADER = "Idempotency-Key"
 DEFAULT_CLIENT_HEADER = "X-Client"

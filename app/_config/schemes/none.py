@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError
 from idemhook._config.schemes.base import Delivery, Scheme, register
+from idemhook._values.errors import ConfigError
 
 
 @register("none")

@@ -6,8 +6,8 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError, Unauthorized
 from idemhook._config.schemes.base import Delivery, Scheme, matches_any, register
+from idemhook._values.errors import ConfigError, Unauthorized
 
 
 def basic_header(username: str, password: str) -> str:

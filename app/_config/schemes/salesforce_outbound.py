@@ -27,13 +27,12 @@ from xml.sax.saxutils import escape
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
-
-from idemhook._values.errors import BadRequest, ConfigError, Unauthorized
 from idemhook._config.schemes.base import Delivery, Reply, Scheme, matches_any, register
+from idemhook._values.errors import BadRequest, ConfigError, Unauthorized
 
 if TYPE_CHECKING:
-    from idemhook._engine.claim import Outcome
     from idemhook._config.sources import Source
+    from idemhook._engine.claim import Outcome
 
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"

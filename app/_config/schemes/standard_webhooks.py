@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError, Unauthorized
 from idemhook._config.locators import AnyHeader
 from idemhook._config.schemes.base import (
     DEFAULT_TOLERANCE_SECONDS,
@@ -28,6 +27,7 @@ from idemhook._config.schemes.base import (
     positive_int_option,
     register,
 )
+from idemhook._values.errors import ConfigError, Unauthorized
 
 PREFIXES = ("webhook", "svix")
 

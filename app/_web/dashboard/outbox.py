@@ -1,13 +1,13 @@
 """The outbox on the dashboard: what waits, what was sent, what gave up; and Retry.
 
-Listings are the read API's (:func:`app.queries.list_outbox`: newest first by
+Listings are the read API's (:func:`idemhook._store.queries.list_outbox`: newest first by
 ``(created_at, id)``, its keyset cursor), one message is
-:func:`app.queries.get_message`, and Retry is :func:`app.outbox.retry`, what
+:func:`idemhook._store.queries.get_message`, and Retry is :func:`idemhook._engine.outbox.retry`, what
 ``idemhook outbox retry`` runs (it also wakes the workers). What is read here
-besides comes from indexes too, and is bounded (:mod:`app.dashboard.counts`):
+besides comes from indexes too, and is bounded (:mod:`idemhook._web.dashboard.counts`):
 
 - **Pending**: counted from the worker's partial index of pending messages,
-  exact up to :data:`~app.dashboard.counts.CAP`; the oldest one's age is the
+  exact up to :data:`~idemhook._web.dashboard.counts.CAP`; the oldest one's age is the
   oldest ``created_at`` among the ``CAP`` + 1 that fall due first (all of them
   while there are no more; past that the page says "≥").
 - **Dead**: counted from the partial index of dead messages (migration 0008).
@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
 from idemhook._store import queries
 from idemhook._store.models import outbox_messages
 from idemhook._values.outbox_status import MESSAGE_STATUSES, MessageStatus
 from idemhook._web.dashboard.counts import CAP, Count, bounded_count
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 OUTBOX = outbox_messages
 STATUSES = MESSAGE_STATUSES

@@ -1,6 +1,6 @@
 """The overview's figures: the last 24 hours per source, per hour, and what is waiting.
 
-Every figure is read through an index and bounded (:mod:`app.dashboard.counts`):
+Every figure is read through an index and bounded (:mod:`idemhook._web.dashboard.counts`):
 
 - **Events and duplicates per hour**: for each of the 24 hours, the newest
   :data:`SAMPLE` + 1 events of that hour (a backward range read of the
@@ -19,9 +19,9 @@ Every figure is read through an index and bounded (:mod:`app.dashboard.counts`):
   source: exact while the window holds at most :data:`STATUS_SCAN` of them, the
   planner's estimate per source past that. **Failed attempts** come from
   ``delivery_failures``' ``(failed_at, id)`` index, exact up to
-  :data:`~app.dashboard.counts.CAP`.
+  :data:`~idemhook._web.dashboard.counts.CAP`.
 - **The outbox**: pending and dead messages and the oldest pending one's age, from
-  their partial indexes (:func:`app.dashboard.outbox.summary`).
+  their partial indexes (:func:`idemhook._web.dashboard.outbox.summary`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
+from idemhook._store.queries import applied_since_failure
+from idemhook._web.dashboard import outbox
+from idemhook._web.dashboard.counts import CAP, Count, bounded_count, estimate, estimate_each
 from sqlalchemy import (
     CompoundSelect,
     Integer,
@@ -42,11 +46,6 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.orm import Session
-
-from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
-from idemhook._store.queries import applied_since_failure
-from idemhook._web.dashboard import outbox
-from idemhook._web.dashboard.counts import CAP, Count, bounded_count, estimate, estimate_each
 
 EVENTS = processed_events
 FAILURES = delivery_failures

@@ -1,9 +1,9 @@
 """The dashboard's pages: overview, events, one event (and its replay), failures, outbox.
 
-Reads go through :mod:`app.queries` (the read API's filters and keyset cursors);
-actions through the functions the CLI runs: :func:`app.replay.replay` for
-``events replay --force``, :func:`app.failures.retry_failure` for
-``failures retry`` and :func:`app.outbox.retry` for ``outbox retry``. Access,
+Reads go through :mod:`idemhook._store.queries` (the read API's filters and keyset cursors);
+actions through the functions the CLI runs: :func:`idemhook._engine.replay.replay` for
+``events replay --force``, :func:`idemhook._engine.failures.retry_failure` for
+``failures retry`` and :func:`idemhook._engine.outbox.retry` for ``outbox retry``. Access,
 CSRF and the response headers are :mod:`.access`.
 """
 
@@ -27,22 +27,21 @@ from flask import (
     request,
     url_for,
 )
-from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
-
-from idemhook._engine import failures, replay
-from idemhook._store import queries
-from idemhook._engine import outbox as outbox_actions
-from idemhook._web.admin import token_matches
-from idemhook._store.database import get_db, is_disconnect
-from idemhook._values.errors import IdemhookError, NotFound, ServiceUnavailable
-from idemhook._engine.failures import safe_headers
-from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
 from idemhook._config.sources import Source
+from idemhook._engine import failures, replay
+from idemhook._engine import outbox as outbox_actions
+from idemhook._engine.failures import safe_headers
+from idemhook._store import queries
+from idemhook._store.database import get_db, is_disconnect
+from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
+from idemhook._values.errors import IdemhookError, NotFound, ServiceUnavailable
+from idemhook._web.admin import token_matches
 from idemhook._web.dashboard import access, outbox
 from idemhook._web.dashboard import overview as overview_module
 from idemhook._web.dashboard.chart import draw
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 EVENTS = processed_events
 FAILURES = delivery_failures
@@ -218,7 +217,7 @@ def _when_arg(value: str) -> datetime | None:
 
 
 #: Filters the read API's queries accept beyond these (``client``, once Idempotency-Key
-#: sources have clients) are offered when :class:`app.queries.Filters` has them.
+#: sources have clients) are offered when :class:`idemhook._store.queries.Filters` has them.
 #: Filters (and columns) beyond the webhook ones: Idempotency-Key sources' clients.
 EXTRA_FILTERS = ("client",)
 
