@@ -30,9 +30,9 @@ from typing import Any
 
 import psycopg2
 import requests
-from idemhook.testing import postgres
 from sqlalchemy.engine import make_url
 
+from idemhook.testing import postgres
 from tests.servers import ROOT, gunicorn
 
 from .run import fill, human, log, prepare_database

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from idemhook import Event, handler
 from sqlalchemy import text
+
+from idemhook import Event, handler
 
 ACCOUNTS = 10_000
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idemhook._engine.outbox import add_message
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
+from idemhook._engine.outbox import add_message
 from tests.servers import start_worker
 
 WORKERS = 2

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
 from idemhook import create_app
 from idemhook._store import migrate
 from idemhook.testing import postgres
-from sqlalchemy import text
-from sqlalchemy.engine import URL
 
 from . import asynchronous, handler, outbox
 from .load import (

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from sqlalchemy import create_engine
+
 from idemhook._config.settings import normalise_database_url
 from idemhook._store.models import Base
-from sqlalchemy import create_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from idemhook import create_app
-from idemhook._store import migrate
-from idemhook.testing import postgres
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
+from idemhook import create_app
+from idemhook._store import migrate
+from idemhook.testing import postgres
 from tests.plugins import queued, recorder
 
 SECRET = "test-secret"

@@ -11,12 +11,12 @@ import select
 
 import psycopg2
 import pytest
+
 from idemhook._config import sources
 from idemhook._engine.applier import apply_due
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
 from idemhook.testing.postgres import _connect_args
-
 from tests.conftest import SECRET, SOURCES
 
 ASYNC = {"scheme": "hmac-sha256", "secret": SECRET, "event_id": "body:id", "mode": "async"}

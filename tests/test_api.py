@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-
 from tests.test_events_cli import NOW, seed, timedelta
 
 TOKEN = "s3cret-admin-token-0123456789"

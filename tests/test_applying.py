@@ -1,4 +1,4 @@
-"""Applying received events (app/_engine/applier.py), in process, on the real PostgreSQL test database.
+"""Applying received events (app/_engine/applier.py), in process, on the real test database.
 
 ``apply_due`` runs what ``idemhook worker`` runs, one batch after another, without
 the process around it (real worker processes: ``tests/reliability/test_async_worker.py``).
@@ -11,10 +11,10 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+
 from idemhook._engine.applier import Applier, apply_due
 from idemhook._web.metrics import Metrics
 from idemhook.testing import Kit, deliver
-
 from tests.test_accept import ASYNC
 
 SOURCES = {

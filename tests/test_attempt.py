@@ -1,8 +1,8 @@
 """The fault bracket: what each fault means at each stage, and the loop that carries it out.
 
-The policy (:func:`idemhook._engine.attempt.decide`) is a pure function: checked here case by case and
-as properties. The faults themselves are real PostgreSQL errors (a lock timeout, an ended
-backend, a refused constraint), classified as the bracket sees them.
+The policy (:func:`idemhook._engine.attempt.decide`) is a pure function: checked here case
+by case and as properties. The faults themselves are real PostgreSQL errors (a lock
+timeout, an ended backend, a refused constraint), classified as the bracket sees them.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from idemhook._engine.attempt import MAX_TRIES, Decision, Fault, classify, decide, run
-from idemhook._engine.watchdog import Job, Stage
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
+
+from idemhook._engine.attempt import MAX_TRIES, Decision, Fault, classify, decide, run
+from idemhook._engine.watchdog import Job, Stage
 
 
 @pytest.mark.parametrize(

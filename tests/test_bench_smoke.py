@@ -77,12 +77,12 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
     """
     import logging
 
-    from idemhook.testing import postgres
     from sqlalchemy import create_engine, text
 
     from bench import instructions
     from bench.load import event, sign
     from bench.run import SECRET
+    from idemhook.testing import postgres
 
     url = instructions.prepare(pg_server)
     rendered = url.render_as_string(hide_password=False)

@@ -6,6 +6,7 @@ Every test here runs on PostgreSQL and on SQLite (the demo backend).
 from __future__ import annotations
 
 import pytest
+
 from idemhook.testing import deliver
 
 
@@ -163,11 +164,14 @@ def test_a_lost_connection_is_answered_from_what_committed_never_by_running_agai
     # or another delivery applied it meanwhile) is the duplicate it now is; else 503.
     from datetime import UTC, datetime
 
-    from idemhook._engine.registry import Event
-    from idemhook._values.errors import ServiceUnavailable
-    from idemhook._values.outcome import Status
     from sqlalchemy.exc import OperationalError
     from werkzeug.datastructures import Headers
+
+    from idemhook._contract import (
+        Event,
+    )
+    from idemhook._values.errors import ServiceUnavailable
+    from idemhook._values.outcome import Status
 
     applied = deliver(client, "acme", {"id": "lost-1", "type": "contact.updated"})
     assert applied.json["status"] == "processed"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from idemhook import handler
-from idemhook.testing import deliver
 from sqlalchemy import text
 
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.orm_effects import mapped_effect
 
 

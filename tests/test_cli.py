@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 import pytest
+
 from idemhook._cli import cli
 from idemhook.testing import deliver
 

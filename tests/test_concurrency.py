@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
 from idemhook import create_app
 from idemhook.testing.kit import signed
-
 from tests.conftest import SOURCES
 from tests.servers import gunicorn
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from idemhook.testing import postgres
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
+from idemhook.testing import postgres
 from tests.servers import ROOT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from idemhook import handler
-from idemhook.testing import deliver
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.conftest import SECRET, SOURCES
 from tests.plugins import recorder, witness
 

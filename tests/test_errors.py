@@ -6,11 +6,11 @@ import logging
 
 import pytest
 from flask import request
-from idemhook._values.errors import INTERNAL_MESSAGE
-from idemhook.testing.kit import deliver
 from sqlalchemy import text
 from werkzeug.exceptions import BadRequest, InternalServerError, RequestedRangeNotSatisfiable
 
+from idemhook._values.errors import INTERNAL_MESSAGE
+from idemhook.testing.kit import deliver
 from tests.test_openapi_routes import conforms
 
 EVENT = {"id": "u1", "type": "contact.updated", "card": "4242-secret"}

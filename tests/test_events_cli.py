@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from idemhook import create_app
 from idemhook.testing import deliver, postgres
-
 from tests.conftest import SOURCES
 from tests.test_plugins import LEDGER, ledger
 

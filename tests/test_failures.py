@@ -1,12 +1,15 @@
-"""app/_engine/failures.py: the headers stored with an event and its failures never carry a secret."""
+"""The headers stored with an event and its failures never carry a secret."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from idemhook._engine.failures import safe_headers
 from werkzeug.datastructures import EnvironHeaders, Headers
 from werkzeug.test import EnvironBuilder
+
+from idemhook._values.headers import (
+    safe_headers,
+)
 
 SECRET_NAMES = ("X-Signature", "Authorization", "Cookie", "X-Hub-Signature-256", "X-Api-Token")
 names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,20}\Z")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
-from idemhook.testing.postgres import _connect_args
 
+from idemhook.testing.postgres import _connect_args
 from tests.faults import Proxy, sessions
 from tests.reliability.conftest import wait_for
 

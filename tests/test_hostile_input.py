@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import requests
+
 from idemhook._config.events import MAX_ID_LENGTH
 from idemhook._config.parsing import MAX_NESTING
-
 from tests.conftest import SECRET, SOURCES
 from tests.reliability.conftest import signed_post, truncate
 from tests.servers import gunicorn
@@ -268,7 +268,9 @@ def test_payload_that_jsonb_refuses_is_stored_faithfully_once(make_app, sql, raw
     assert client.post("/webhooks/acme", data=raw, headers=headers).json["status"] == "duplicate"
     assert sql("SELECT count(*) FROM test_effects")[0][0] == 1
     [(payload,)] = sql("SELECT payload FROM processed_events")
-    from idemhook._store.database import loads
+    from idemhook._values.jsontext import (
+        loads,
+    )
 
     assert loads(json.dumps(payload)) == json.loads(raw)
 

@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+
 from idemhook import create_app
 from idemhook.testing import deliver, signed
 

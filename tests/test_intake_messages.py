@@ -7,7 +7,6 @@ from pathlib import Path
 
 from idemhook._config.schemes import SCHEMES
 from idemhook.testing import deliver
-
 from tests.schemes.conftest import PROVIDER_SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent

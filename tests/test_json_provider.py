@@ -11,6 +11,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 from hypothesis import given
 from hypothesis import strategies as st
+
 from idemhook._web.json_provider import JSONProvider
 
 json_values = st.recursive(

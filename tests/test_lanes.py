@@ -1,4 +1,4 @@
-"""Claim lanes (app/_store/lanes.py): a kept connection must leave each claim exactly as it found it.
+"""Claim lanes (app/_store/lanes.py): a kept connection leaves each claim as it found it.
 
 A lane's connection, cursor and handler session serve one claim after another.
 What a user would notice if that went wrong: an event applied on a connection
@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from idemhook import handler
-from idemhook.testing import deliver
 from sqlalchemy import create_engine, text
 
+from idemhook import handler
+from idemhook.testing import deliver
 from tests.orm_effects import mapped_effect
 
 
@@ -140,7 +140,6 @@ def test_an_app_dropped_without_dispose_gives_its_connections_back(make_app, pg_
     import gc
 
     from idemhook import create_app
-
     from tests.conftest import SOURCES
 
     app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})

@@ -10,15 +10,15 @@ import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+
 from idemhook import create_app
 from idemhook._engine import logs
 from idemhook._engine.logs import TEXT_FORMAT, TextFormatter
 from idemhook._store import migrate
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver, postgres
-from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
-
 from tests.conftest import SECRET
 from tests.reliability.conftest import WHOAMI_SOURCES, signed_post
 from tests.servers import gunicorn, pin_sessions

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from idemhook import create_app
-from idemhook.testing import deliver, signed
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
+from idemhook import create_app
+from idemhook.testing import deliver, signed
 from tests.conftest import SOURCES
 from tests.reliability.conftest import wait_for
 from tests.test_api import AUTH, TOKEN

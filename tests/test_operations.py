@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
+
 from idemhook import create_app
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver, signed
 from idemhook.testing.postgres import _connect_args
-
 from tests.reliability.conftest import wait_for
 from tests.test_events_cli import closed_port
 

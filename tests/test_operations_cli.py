@@ -7,10 +7,10 @@ import json
 import shlex
 
 import pytest
+
 from idemhook import create_app
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-
 from tests.test_api import AUTH, TOKEN
 from tests.test_events_cli import lines
 from tests.test_operations import API_SOURCES, TOKENS

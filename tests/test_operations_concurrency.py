@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
 from idemhook import create_app
 from idemhook.testing import signed
-
 from tests.reliability.conftest import wait_for
 from tests.servers import gunicorn
 from tests.test_operations import API_SOURCES

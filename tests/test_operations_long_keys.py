@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import requests
+
 from idemhook import create_app
 from idemhook.testing import signed
-
 from tests.reliability.conftest import GUARD_SECONDS
 from tests.servers import gunicorn
 from tests.test_outbox import MAIL_SOURCES

@@ -6,7 +6,6 @@ import json
 
 from idemhook._config.schemes.salesforce_outbound import envelope
 from idemhook.testing import deliver
-
 from tests.schemes.conftest import ORG, PROVIDER_SOURCES
 from tests.schemes.test_receiver import NOTIFICATIONS
 from tests.test_openapi_routes import conforms

@@ -12,16 +12,21 @@ import random
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
+
 from idemhook import create_app
+from idemhook._contract import (
+    Reject,
+)
 from idemhook._engine.outbox import add_message
-from idemhook._engine.registry import Reject, Sender
+from idemhook._engine.registry import (
+    Sender,
+)
 from idemhook._engine.sender import Delivery
 from idemhook._engine.worker import Worker, backoff
 from idemhook._store.outbox import Start
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-from sqlalchemy import text
-
 from tests.conftest import SECRET, SOURCES
 
 MAIL_SOURCES = {

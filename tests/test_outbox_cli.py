@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from idemhook.testing import deliver
 
+from idemhook.testing import deliver
 from tests.test_api import AUTH, TOKEN
 from tests.test_outbox import MAIL_SOURCES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from idemhook import Response
 from idemhook._engine.registry import Registry, handler
 
@@ -212,9 +213,10 @@ def test_ignore_raised_from_deep_inside_counts_like_returned(idemhook):
 
 
 def test_outcomes_and_plugin_migrations_on_sqlite(tmp_path):
+    from sqlalchemy import create_engine, text
+
     from idemhook import create_app
     from idemhook.testing import deliver
-    from sqlalchemy import create_engine, text
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     app = create_app({"DATABASE_URL": url, "IDEMHOOK_CONFIG": LEDGER})

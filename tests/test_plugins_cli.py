@@ -6,9 +6,9 @@ import json
 import threading
 
 import pytest
-from idemhook import create_app
 from werkzeug.serving import make_server
 
+from idemhook import create_app
 from tests.servers import gunicorn
 from tests.test_plugins import LEDGER
 
@@ -106,6 +106,7 @@ def test_send_and_sign_refuse_an_unknown_source(tmp_path):
 @pytest.mark.gunicorn
 def test_concurrent_deliveries_of_a_rejected_event_reject_it_once(idemhook):
     import requests
+
     from idemhook.testing import signed
 
     kit = idemhook(LEDGER)

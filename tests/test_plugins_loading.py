@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from idemhook import create_app
 from idemhook._engine.registry import ENTRY_POINT_GROUP, MIGRATIONS_GROUP
 from idemhook._values.errors import ConfigError

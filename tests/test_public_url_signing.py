@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from idemhook.testing import postgres
 from sqlalchemy.engine import URL
 
+from idemhook.testing import postgres
 from tests.servers import ROOT, gunicorn
 
 PUBLIC = "https://hooks.example.com/prefix"

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
 from idemhook import create_app
 from idemhook._store import migrate
 from idemhook.testing import postgres
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "querying.md"
 QUERIES = {

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from idemhook._web import gunicorn_conf
-from idemhook.testing import postgres
 from sqlalchemy.engine import URL
 
+from idemhook._web import gunicorn_conf
+from idemhook.testing import postgres
 from tests.servers import ROOT, START_TIMEOUT, free_port, launch
 
 pytestmark = pytest.mark.gunicorn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from idemhook import create_app
 from idemhook._config.settings import normalise_database_url
 from idemhook._values.errors import ConfigError

@@ -9,9 +9,12 @@ from typing import Any, TypeVar
 
 import click
 from flask.cli import AppGroup
-from idemhook._store.database import is_disconnect
-from idemhook._store.queries import QueryError, parse_when
 from sqlalchemy.exc import DBAPIError
+
+from idemhook._store.engine import (
+    is_disconnect,
+)
+from idemhook._store.queries import QueryError, parse_when
 
 #: Attribute saying what a command needs built (read by the console script's app factory).
 NEEDS_ATTRIBUTE = "idemhook_needs"

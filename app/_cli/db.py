@@ -7,8 +7,9 @@ from collections.abc import Callable
 import click
 from flask import current_app
 from flask.cli import AppGroup
-from idemhook._store import migrate
 from sqlalchemy.exc import DBAPIError
+
+from idemhook._store import migrate
 
 db_cli = AppGroup("db", help="Create and upgrade the database schema (Alembic).")
 

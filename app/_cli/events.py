@@ -6,6 +6,7 @@ import json
 
 import click
 from flask import current_app
+
 from idemhook._cli.common import (
     DatabaseGroup,
     database_only,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from flask import current_app
+
 from idemhook._cli.common import (
     DatabaseGroup,
     database_only,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from idemhook._cli.common import WHEN, DatabaseGroup, database_only, emit_json_lines, emit_table
 from idemhook._engine import outbox
 from idemhook._store import queries

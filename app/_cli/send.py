@@ -7,10 +7,13 @@ import urllib.request
 
 import click
 from flask.cli import with_appcontext
+
 from idemhook._cli.common import needs_sources
 from idemhook._cli.sign import CLIENT_OPTION, KEY_OPTION, sign_for, source_argument
 from idemhook._config.signing import endpoint_url
-from idemhook._engine.registry import RESPONSE_HEADERS
+from idemhook._contract import (
+    RESPONSE_HEADERS,
+)
 
 #: Answer headers worth printing: an API's own, and what a retry needs to know.
 SHOWN_HEADERS = (*RESPONSE_HEADERS, "Idempotent-Replayed", "Retry-After")

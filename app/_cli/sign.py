@@ -7,6 +7,7 @@ import shlex
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+
 from idemhook._cli.common import needs_sources
 from idemhook._config.signing import endpoint_url, find_source, signed_request, signing_url
 from idemhook._config.sources import Source

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
+
 from idemhook._cli.common import ConfigMissing
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module

@@ -8,13 +8,21 @@ from typing import Any
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+from prometheus_client import start_http_server
+
 from idemhook._cli.common import ConfigMissing
 from idemhook._engine.applier import Applier
 from idemhook._engine.sender import Delivery
 from idemhook._engine.worker import Work, Worker
-from idemhook._store.database import Database, Timeouts, application_name, build_engine
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.engine import (
+    Timeouts,
+    application_name,
+    build_engine,
+)
 from idemhook._web.metrics import Metrics, OutboxCollector, OutboxMetrics, QueueCollector
-from prometheus_client import start_http_server
 
 
 def _address(value: str | None) -> tuple[str, int] | None:

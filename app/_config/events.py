@@ -11,7 +11,9 @@ from typing import Any
 
 from idemhook._config.locators import MISSING, Composite, Locator
 from idemhook._config.sources import Source
-from idemhook._engine.registry import Event
+from idemhook._contract import (
+    Event,
+)
 from idemhook._values.errors import BadRequest
 
 MAX_ID_LENGTH = 255

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from idemhook._values.errors import ConfigError
 from werkzeug.datastructures import Headers
+
+from idemhook._values.errors import ConfigError
 
 
 class _Missing:

@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from idemhook._values.errors import ConfigError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+
+from idemhook._values.errors import ConfigError
 
 #: IDEMHOOK_POOL_MODE values (app.db).
 POOL_MODES = ("keep", "session-pooler")
@@ -110,8 +111,6 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "(docs/operations.md, 'Behind a connection pooler')"
         )
     if settings["IDEMHOOK_PUBLIC_URL"]:
-        from idemhook._config.sources import check_public_url
-
         problem = check_public_url(settings["IDEMHOOK_PUBLIC_URL"])
         if problem:
             raise ConfigError(f"IDEMHOOK_PUBLIC_URL: {problem}")
@@ -174,3 +173,15 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
+
+
+def check_public_url(value: Any) -> str | None:
+    """Say what is wrong with a public base URL (``https://host[/prefix]``), or None."""
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        return f"expected a base URL like 'https://hooks.example.com', got {value!r}"
+    if "?" in value or "#" in value or "/webhooks/" in value + "/":
+        return (
+            f"{value!r} must be the base URL only (scheme, host, optional path prefix); "
+            "idemhook appends /webhooks/<source>"
+        )
+    return None

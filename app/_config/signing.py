@@ -11,10 +11,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask
+from werkzeug.datastructures import Headers
+
 from idemhook._config.schemes import Delivery
 from idemhook._config.schemes.idempotency_key import KEY_HEADER, IdempotencyKey
 from idemhook._config.sources import Source
-from werkzeug.datastructures import Headers
 
 
 def find_source(app: Flask, name: str) -> Source:

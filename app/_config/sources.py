@@ -17,6 +17,7 @@ from typing import Any
 from idemhook._config import locators
 from idemhook._config.locators import Locator
 from idemhook._config.schemes import SCHEMES, Scheme
+from idemhook._config.settings import check_public_url
 from idemhook._values.errors import ConfigError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -264,18 +265,6 @@ def _public_url(settings: Mapping[str, Any], source: str) -> str | None:
     if problem:
         raise ConfigError(f"[sources.{source}] public_url: {problem}")
     return value.rstrip("/")
-
-
-def check_public_url(value: Any) -> str | None:
-    """Say what is wrong with a public base URL (``https://host[/prefix]``), or None."""
-    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
-        return f"expected a base URL like 'https://hooks.example.com', got {value!r}"
-    if "?" in value or "#" in value or "/webhooks/" in value + "/":
-        return (
-            f"{value!r} must be the base URL only (scheme, host, optional path prefix); "
-            "idemhook appends /webhooks/<source>"
-        )
-    return None
 
 
 def _positive_int(settings: Mapping[str, Any], key: str, default: int, source: str) -> int:

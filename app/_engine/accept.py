@@ -57,22 +57,30 @@ from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from idemhook._config.events import order_keys_of
-from idemhook._config.sources import Source
-from idemhook._engine.attempt import retrying
-from idemhook._engine.failures import safe_headers
-from idemhook._engine.registry import Event
-from idemhook._store.claims import ACCEPT_PG, order_lock_sql
-from idemhook._store.database import Database, dumps
-from idemhook._store.models import event_queue, processed_events
-from idemhook._store.notify import notify_sql
-from idemhook._store.statements import _processor
-from idemhook._values.errors import ServiceUnavailable
-from idemhook._values.outcome import Outcome, Status
 from sqlalchemy.dialects import sqlite
 
-#: The channel a committing asynchronous claim NOTIFYs (payload: empty).
-CHANNEL = "idemhook_events"
+from idemhook._config.events import order_keys_of
+from idemhook._config.sources import Source
+from idemhook._contract import (
+    Event,
+)
+from idemhook._engine.attempt import retrying
+from idemhook._store.claims import ACCEPT_PG, order_lock_sql
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.models import event_queue, processed_events
+from idemhook._store.notify import EVENTS_CHANNEL, notify_sql
+from idemhook._store.statements import _processor
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.headers import (
+    safe_headers,
+)
+from idemhook._values.jsontext import (
+    dumps,
+)
+from idemhook._values.outcome import Outcome, Status
+
 #: The shortest time between two notifications of one process (seconds). Each is a
 #: transaction and wakes every worker: at 5 ms, two web processes under load sent one per
 #: three acks, and the ack path lost about a tenth of its requests/s to them (make bench);
@@ -290,7 +298,7 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
         sent = time.monotonic()
         try:
             with database.lanes.lane() as lane:
-                lane.execute_alone(notify_sql(CHANNEL))
+                lane.execute_alone(notify_sql(EVENTS_CHANNEL))
         except Exception as exc:  # noqa: BLE001 (the workers' poll covers a lost notification)
             failures += 1
             log.warning("could not notify the workers (%s); they will poll", type(exc).__name__)

@@ -75,22 +75,37 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
+from werkzeug.datastructures import Headers
+
 from idemhook._config.sources import Source
+from idemhook._contract import (
+    Event,
+)
 from idemhook._engine import failures
-from idemhook._engine.accept import CHANNEL
 from idemhook._engine.attempt import overrun, run, watched
 from idemhook._engine.dispatch import HandlerRun, run_handlers
 from idemhook._engine.logs import log_fields
-from idemhook._engine.registry import Event, Registry
+from idemhook._engine.registry import (
+    Registry,
+)
 from idemhook._engine.watchdog import Job, Watchdog
 from idemhook._engine.worker import backoff, first_line
-from idemhook._store.database import Database, dumps, is_disconnect, loads
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.engine import (
+    is_disconnect,
+)
 from idemhook._store.event_queue import EventQueue, end_backend
 from idemhook._store.lanes import Lane
+from idemhook._store.notify import EVENTS_CHANNEL
 from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.jsontext import (
+    dumps,
+    loads,
+)
 from idemhook._values.outcome import Status
-from sqlalchemy.exc import DBAPIError
-from werkzeug.datastructures import Headers
 
 if TYPE_CHECKING:
     from idemhook._engine.worker import Worker
@@ -152,7 +167,7 @@ class Applier:
     """The worker's kind of work that applies asynchronous sources' received events."""
 
     name = "events"
-    channels = (CHANNEL,)
+    channels = (EVENTS_CHANNEL,)
 
     def __init__(
         self,
@@ -320,7 +335,7 @@ class Applier:
 
 
 class _Round:
-    """One batch: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides what faults mean)."""
+    """One batch: an :class:`~idemhook._engine.attempt.Attempt` (the bracket decides faults)."""
 
     def __init__(self, applier: Applier, worker: Worker) -> None:
         self.applier = applier

@@ -1,11 +1,12 @@
 """One attempt at a piece of work in its database transaction, and what each fault means.
 
-Every kind of work that runs handlers in a transaction runs it through :func:`run`: the
-synchronous claim (:mod:`idemhook._engine.claim`), an ``Idempotency-Key`` operation
-(:mod:`idemhook._engine.keys`) and the worker's received events (:mod:`idemhook._engine.applier`); the
-asynchronous acknowledgement (:mod:`idemhook._engine.accept`) and the outbox's records
-(:mod:`idemhook._engine.sender`), which run no handler, go through the same loop. It is the one place
-that decides what a fault means; the kinds of work only say how to carry the decision out
+Every kind of work that runs handlers in a transaction runs it through :func:`run`:
+the synchronous claim (:mod:`idemhook._engine.claim`), an ``Idempotency-Key``
+operation (:mod:`idemhook._engine.keys`) and the worker's received events
+(:mod:`idemhook._engine.applier`); the asynchronous acknowledgement
+(:mod:`idemhook._engine.accept`) and the outbox's records (:mod:`idemhook._engine.sender`),
+which run no handler, go through the same loop. It is the one place that decides what a
+fault means; the kinds of work only say how to carry the decision out
 (:class:`Attempt`).
 
 An attempt moves through three stages (:class:`Stage`, kept on its
@@ -39,11 +40,15 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from idemhook._engine.dispatch import HandlerRun
 from idemhook._engine.watchdog import Job, Stage, Watchdog
-from idemhook._store.database import is_disconnect, is_timeout
+from idemhook._store.engine import (
+    is_disconnect,
+    is_timeout,
+)
 from idemhook._values.outcome import Status
-from sqlalchemy.exc import DBAPIError
 
 __all__ = ["Attempt", "Decision", "Fault", "Stage", "decide", "classify", "run", "overrun"]
 

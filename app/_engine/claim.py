@@ -2,7 +2,8 @@
 
 For each event of a delivery, in one transaction on a lane (:mod:`idemhook._store.lanes`):
 
-1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (:mod:`idemhook._store.statements`).
+1. **claim**: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``
+   (:mod:`idemhook._store.statements`).
    A returned ``duplicate_count`` above 0 means the event was already applied: the
    duplicate is counted and nothing runs. A concurrent duplicate waits on the
    unique index until the first transaction ends (bounded by the lock timeout:
@@ -33,19 +34,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from idemhook._engine import failures
-from idemhook._engine.attempt import overrun, watched
-from idemhook._engine.dispatch import ClaimSession, HandlerRun, run_handlers
-from idemhook._engine.registry import Event, Registry
-from idemhook._engine.watchdog import Job, Watchdog
-from idemhook._store import claims
-from idemhook._store.database import Database, dumps, is_disconnect
-from idemhook._store.lanes import Lane
-from idemhook._store.statements import ClaimStatements
-from idemhook._values.errors import ServiceUnavailable
-from idemhook._values.outcome import Outcome, Status
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
+
+from idemhook._contract import (
+    Event,
+)
+from idemhook._engine import failures
+from idemhook._engine.attempt import overrun, watched
+from idemhook._engine.dispatch import (
+    HandlerRun,
+    run_handlers,
+)
+from idemhook._engine.registry import (
+    Registry,
+)
+from idemhook._engine.watchdog import Job, Watchdog
+from idemhook._store import claims
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.engine import (
+    is_disconnect,
+)
+from idemhook._store.lanes import Lane
+from idemhook._store.session import (
+    ClaimSession,
+)
+from idemhook._store.statements import ClaimStatements
+from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.jsontext import (
+    dumps,
+)
+from idemhook._values.outcome import Outcome, Status
 
 __all__ = ["ClaimSession", "Claimer", "Outcome", "Status"]
 
@@ -116,7 +137,7 @@ class Claimer:
 
 
 class _Delivery:
-    """One delivery's claim: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides its faults)."""
+    """One delivery's claim: an :class:`~idemhook._engine.attempt.Attempt` (see its faults)."""
 
     def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:
         self.claimer = claimer

@@ -15,45 +15,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from idemhook._engine import outbox
-from idemhook._engine.registry import (
+from idemhook._contract import (
     Event,
     HandlerChoice,
     HandlerOutcome,
     Ignore,
-    Registration,
     Reject,
     Response,
     result_of,
 )
-from idemhook._store.database import dumps
+from idemhook._engine import outbox
+from idemhook._engine.registry import (
+    Registration,
+)
+from idemhook._store.session import ClaimSession
+from idemhook._values.jsontext import (
+    dumps,
+)
 from idemhook._values.outcome import Status
-from sqlalchemy.orm import Session
-
-
-class ClaimSession(Session):
-    """The session handlers get: it refuses to end the claim's transaction for them."""
-
-    in_handler = False
-
-    def _refuse(self, what: str) -> None:
-        if self.in_handler:
-            raise RuntimeError(
-                f"a handler must not {what} the session: the receiver commits the claim and "
-                "every handler's work together (see docs/plugins.md)"
-            )
-
-    def commit(self) -> None:
-        self._refuse("commit")
-        super().commit()
-
-    def rollback(self) -> None:
-        self._refuse("roll back")
-        super().rollback()
-
-    def close(self) -> None:
-        self._refuse("close")
-        super().close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +50,7 @@ class HandlerRun:
     stored: str | None = None
     handler: str | None = None
     error: BaseException | None = None
-    #: The :class:`~idemhook._engine.registry.Response` a handler returned (the last one), else None.
+    #: The :class:`~idemhook._contract.Response` a handler returned (the last one), else None.
     #: A class attribute here, a field of :class:`RespondedRun`: most runs return none.
     response: ClassVar[Response | None] = None
 

@@ -13,7 +13,6 @@ transaction (:mod:`idemhook._engine.applier`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import traceback
 from collections.abc import Iterator
@@ -21,68 +20,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from idemhook._config.events import events_of
-from idemhook._config.sources import Source
-from idemhook._engine.dispatch import HandlerRun
-from idemhook._engine.registry import Event
-from idemhook._store.models import delivery_failures, event_queue, processed_events
-from idemhook._store.queries import Filters, failure_filters
-from idemhook._values.outcome import Status
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
+from idemhook._config.events import events_of
+from idemhook._config.sources import Source
+from idemhook._contract import (
+    Event,
+)
+from idemhook._engine.dispatch import HandlerRun
+from idemhook._store.models import delivery_failures, event_queue, processed_events
+from idemhook._store.notify import EVENTS_CHANNEL
+from idemhook._store.queries import Filters, failure_filters
+from idemhook._values.headers import safe_headers
+from idemhook._values.outcome import Status
+
 if TYPE_CHECKING:
     from idemhook._store.lanes import Lane
 
 log = logging.getLogger("idemhook.claim")
-
-# Header names never stored (in delivery_failures.headers or processed_events.headers).
-_SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
-
-
-def safe_headers(headers: Any) -> dict[str, str]:
-    """``headers`` without the ones that may carry a secret or a signature.
-
-    A request's headers (Werkzeug's ``EnvironHeaders``) are read straight from
-    the WSGI environ, each environ key's header name worked out once: walking
-    them through ``EnvironHeaders`` cost more than the claim's own statements.
-    """
-    environ = getattr(headers, "environ", None)
-    if environ is None:
-        return {name: value for name, value in headers.items() if _storable(name)}
-    stored = {}
-    for key, value in environ.items():
-        name = _ENVIRON_NAMES.get(key)
-        if name is None:
-            name = _environ_name(key)
-            if len(_ENVIRON_NAMES) < 4096:  # keys come from senders: bound the memory
-                _ENVIRON_NAMES[key] = name
-        if name:
-            stored[name] = value
-    return stored
-
-
-#: WSGI environ key -> the header name stored for it ("" for none: not a header, or secret).
-_ENVIRON_NAMES: dict[str, str] = {}
-
-
-def _environ_name(key: str) -> str:
-    if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        name = key.replace("_", "-").title()
-    elif key.startswith("HTTP_") and key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
-        name = key[5:].replace("_", "-").title()  # as Werkzeug's EnvironHeaders names it
-    else:
-        return ""
-    return name if _storable(name) else ""
-
-
-@functools.lru_cache(maxsize=4096)
-def _storable(name: str) -> bool:
-    lowered = name.lower()
-    return not any(part in lowered for part in _SECRET_HEADER_PARTS)
-
 
 def failure_row(
     event: Event, *, error: str, cause: BaseException, raw_body: bytes, permanent: bool
@@ -283,9 +241,8 @@ def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
             .values(status=str(Status.RECEIVED), attempts=0, interruptions=0, result=None)
         )
         if conn.dialect.name == "postgresql":
-            from idemhook._engine.accept import CHANNEL
 
-            conn.execute(select(func.pg_notify(CHANNEL, "")))
+            conn.execute(select(func.pg_notify(EVENTS_CHANNEL, "")))
     return RetryResult(
         source, event_id, "accepted", f"due now for idemhook worker (was {row.status})"
     )

@@ -37,14 +37,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from idemhook._config.schemes.idempotency_key import KEY_HEADER
+from idemhook._contract import (
+    Event,
+    Response,
+)
 from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, watched
 from idemhook._engine.claim import Claimer
 from idemhook._engine.dispatch import HandlerRun, run_handlers
-from idemhook._engine.registry import Event, Response
 from idemhook._engine.watchdog import Job
-from idemhook._store.database import dumps, is_disconnect, loads
+from idemhook._store.engine import (
+    is_disconnect,
+)
 from idemhook._store.lanes import Lane
 from idemhook._store.statements import KeyRow, KeyStatements
 from idemhook._values.errors import (
@@ -53,8 +60,11 @@ from idemhook._values.errors import (
     ServiceUnavailable,
     UnprocessableContent,
 )
+from idemhook._values.jsontext import (
+    dumps,
+    loads,
+)
 from idemhook._values.outcome import Outcome, Status
-from sqlalchemy.exc import DBAPIError
 
 #: The status a handler's ``Reject`` is answered with (and replayed): the request can never
 #: succeed as it is.
@@ -192,7 +202,7 @@ class KeyLost(Exception):
 
 
 class _Operation:
-    """One request's operation: an :class:`idemhook._engine.attempt.Attempt` (the bracket decides faults).
+    """One request's operation: an :class:`~idemhook._engine.attempt.Attempt`.
 
     ``owner`` is its token: the lease, the finishing statement and every release are
     fenced by it, so nothing this attempt does can touch a row another request (or

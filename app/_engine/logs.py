@@ -23,8 +23,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
+
+from idemhook._contract import (
+    Event,
+)
 from idemhook._engine.claim import Outcome
-from idemhook._engine.registry import Event
 from idemhook._values.errors import ConfigError
 
 log = logging.getLogger("idemhook.events")
@@ -68,7 +71,7 @@ def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = log
     log_fields(log, level, fields)
 
 
-#: An asynchronous source's acknowledgement (an :class:`idemhook._engine.accept.Acceptor` observer): at
+#: An asynchronous source's acknowledgement (an ``Acceptor`` observer): at
 #: DEBUG, since the event's INFO line is the worker's once it has applied the event (with
 #: its attempt and delay, :mod:`idemhook._engine.applier`); the ack path, measured against a bare
 #: receiver, does not pay for a second line unless asked to.

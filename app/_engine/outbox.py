@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar, Token
+from contextvars import Token
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from idemhook._store.database import dumps
-from idemhook._store.models import outbox_messages
-from idemhook._values.outbox_status import MessageStatus
 from sqlalchemy import Connection, Engine, and_, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-if TYPE_CHECKING:
-    from idemhook._engine.registry import Event
+from idemhook._contract import Event, current_outbox
+from idemhook._store.models import outbox_messages
+from idemhook._store.notify import OUTBOX_CHANNEL
+from idemhook._values.jsontext import (
+    dumps,
+)
+from idemhook._values.outbox_status import MessageStatus
 
 TABLE = outbox_messages
-#: The channel a committing transaction NOTIFYs when it added messages (payload: the kind).
-CHANNEL = "idemhook_outbox"
 MAX_KEY_LENGTH = 512
 _KIND = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -48,24 +48,6 @@ def check_key(key: Any) -> str:
             f"without NUL (got {type(key).__name__})"
         )
     return key
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One outbox message as a sender gets it.
-
-    ``key`` is stable for the message's whole life: hand it to any provider that
-    accepts an idempotency key. ``attempts`` counts this attempt (1 on the first).
-    """
-
-    id: int
-    kind: str
-    key: str
-    payload: Any
-    attempts: int
-    created_at: datetime
-    source: str | None = None
-    event_id: str | None = None
 
 
 class Outbox:
@@ -109,30 +91,16 @@ class Outbox:
         )
 
 
-_current: ContextVar[Outbox | None] = ContextVar("idemhook_outbox", default=None)
-
-
 def bind(event: Event, session: Session, senders: Mapping[str, Any] | None) -> Token:
     """Make ``event.outbox`` usable while ``event``'s handlers run in ``session``.
 
     (A token, not a context manager: this runs once per event on the claim's hot path.)
     """
-    return _current.set(Outbox(event, session, senders))
+    return current_outbox.set(Outbox(event, session, senders))
 
 
 def unbind(token: Token) -> None:
-    _current.reset(token)
-
-
-def current(event: Event) -> Outbox:
-    """The outbox of ``event``'s running handlers (``Event.outbox``)."""
-    box = _current.get()
-    if box is None or box.event is not event:
-        raise RuntimeError(
-            "event.outbox is usable only inside a handler, while it handles that event "
-            "(the message is added in the event's transaction; see docs/outbox.md)"
-        )
-    return box
+    current_outbox.reset(token)
 
 
 # PostgreSQL: the insert and the NOTIFY in one statement; NOTIFY is delivered at COMMIT,
@@ -168,7 +136,7 @@ def add_message(
             "payload": stored,
             "source": source,
             "event_id": event_id,
-            "channel": CHANNEL,
+            "channel": OUTBOX_CHANNEL,
         }
         found = session.execute(_ADD_PG, params).scalar()
     else:
@@ -216,7 +184,8 @@ class RetryResult:
 
 def notify(conn: Connection, kind: str) -> None:
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:channel, :kind)"), {"channel": CHANNEL, "kind": kind})
+        params = {"channel": OUTBOX_CHANNEL, "kind": kind}
+        conn.execute(text("SELECT pg_notify(:channel, :kind)"), params)
 
 
 def retry(engine: Engine, ids: Sequence[int]) -> list[RetryResult]:

@@ -5,14 +5,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from idemhook._engine.dispatch import ClaimSession, run_handlers
-from idemhook._engine.failures import ActionRefused
-from idemhook._engine.registry import ClientEvent, Event
-from idemhook._store.models import processed_events
-from idemhook._store.queries import get_event
-from idemhook._values.outcome import Status
 from sqlalchemy import select, update
 from werkzeug.datastructures import Headers
+
+from idemhook._contract import (
+    ClientEvent,
+    Event,
+)
+from idemhook._engine.dispatch import (
+    run_handlers,
+)
+from idemhook._engine.failures import ActionRefused
+from idemhook._store.models import processed_events
+from idemhook._store.queries import get_event
+from idemhook._store.session import (
+    ClaimSession,
+)
+from idemhook._values.outcome import Status
 
 
 class ReplayFailed(Exception):

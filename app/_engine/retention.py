@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from idemhook._store.queries import EVENTS, FAILURES, QueryError
 from sqlalchemy import Engine, and_, delete, func, select, update
+
+from idemhook._store.queries import EVENTS, FAILURES, QueryError
 
 
 @dataclass(slots=True)

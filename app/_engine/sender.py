@@ -19,9 +19,9 @@ statements of :mod:`idemhook._store.outbox`:
    ``dead`` on the kind's last attempt; ``Reject`` is ``dead`` at once.
 
 A step whose connection was lost (a failover, a restart, ``idle_session_timeout``) is
-sent again on a fresh connection (:func:`idemhook._engine.attempt.retrying`: every statement of a step
-is idempotent); if the database stays away, the outcomes in hand are kept and recorded
-first thing when it is back. So a message is sent again only when its own send may have
+sent again on a fresh connection (:func:`idemhook._engine.attempt.retrying`: every
+statement of a step is idempotent); if the database stays away, the outcomes in hand are
+kept and recorded first thing when it is back. So a message is sent again only when its own send may have
 happened without its result being stored: its worker died (or stalled past its lease)
 during that send. A message whose every allowed attempt ended that way goes ``dead``
 without another send.
@@ -35,15 +35,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
+
+from idemhook._contract import (
+    Message,
+    Reject,
+)
 from idemhook._engine.attempt import retrying
 from idemhook._engine.logs import log_fields
-from idemhook._engine.outbox import CHANNEL, Message
-from idemhook._engine.registry import Reject, Sender
+from idemhook._engine.registry import (
+    Sender,
+)
 from idemhook._engine.worker import backoff, worker_name
-from idemhook._store.database import Database, dumps
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.notify import OUTBOX_CHANNEL
 from idemhook._store.outbox import HOLD_SECONDS, OutboxStore, Record, Start
+from idemhook._values.jsontext import (
+    dumps,
+)
 from idemhook._values.outbox_status import MessageStatus
-from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
     from idemhook._engine.worker import Worker
@@ -68,7 +80,7 @@ class Delivery:
     """The outbox's kind of work: deliver due messages through their senders."""
 
     name = "outbox"
-    channels = (CHANNEL,)
+    channels = (OUTBOX_CHANNEL,)
 
     def __init__(
         self,
@@ -110,7 +122,7 @@ class Delivery:
         held, self._held = self._held, None
         if held is not None:
             lease, messages = held
-            self.store.give_back(lease, [m.id for m in messages], CHANNEL)
+            self.store.give_back(lease, [m.id for m in messages], OUTBOX_CHANNEL)
 
     # -- one batch -----------------------------------------------------------------------------
 

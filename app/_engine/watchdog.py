@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 class Stage(IntEnum):
-    """How far one try of an attempt has gone (what a fault then means: :mod:`idemhook._engine.attempt`)."""
+    """How far one try of an attempt has gone (what a fault then means: ``_engine.attempt``)."""
 
     BEFORE_HANDLERS = 0
     HANDLERS = 1

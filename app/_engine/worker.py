@@ -35,10 +35,15 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from idemhook._store.database import Timeouts, build_engine, is_disconnect
-from idemhook._store.notify import listen
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from idemhook._store.engine import (
+    Timeouts,
+    build_engine,
+    is_disconnect,
+)
+from idemhook._store.notify import listen
 
 log = logging.getLogger("idemhook.worker")
 

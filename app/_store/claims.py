@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from idemhook._store.models import processed_events
 from sqlalchemy import Engine, select, tuple_
+
+from idemhook._store.models import processed_events
 
 #: First key of the order keys' advisory locks, so they never meet an application's own.
 ORDER_LOCK_SPACE = 0x69646D68  # "idmh"

@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from idemhook._store.lanes import Lane, Lanes
-from idemhook._store.models import delivery_failures, event_queue, processed_events
-from idemhook._store.statements import ClaimStatements, _processor
 from sqlalchemy import (
     Engine,
     Float,
@@ -30,6 +27,10 @@ from sqlalchemy import (
     select,
     update,
 )
+
+from idemhook._store.lanes import Lane, Lanes
+from idemhook._store.models import delivery_failures, event_queue, processed_events
+from idemhook._store.statements import ClaimStatements, _processor
 
 
 class EventQueue:

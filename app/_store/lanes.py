@@ -37,14 +37,13 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from idemhook._store import database as db
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
 
-if TYPE_CHECKING:
-    from idemhook._engine.dispatch import ClaimSession
+from idemhook._store.engine import LANE_OPTION, Timeouts, inherited_connections
+from idemhook._store.session import ClaimSession
 
 #: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
 statement_log = logging.getLogger("sqlalchemy.engine.Engine")
@@ -232,7 +231,7 @@ class Lanes:
     closed instead of kept. ``Engine.dispose()`` closes the idle lanes too.
     """
 
-    def __init__(self, engine: Engine, keep: int, timeouts: db.Timeouts | None = None) -> None:
+    def __init__(self, engine: Engine, keep: int, timeouts: Timeouts | None = None) -> None:
         self.engine = engine
         self.keep = keep
         self.pipelined = engine.dialect.name == "postgresql"
@@ -269,7 +268,7 @@ class Lanes:
                 return self._open()
             if lane.pid != os.getpid():
                 # Inherited through a fork (app.db points its socket at /dev/null).
-                db._inherited.append(lane)
+                inherited_connections.append(lane)
                 continue
             if lane.generation != self.generation or not lane.usable:
                 lane.close(hard=True)
@@ -296,11 +295,9 @@ class Lanes:
         self.retire()
 
     def _open(self) -> Lane:
-        from idemhook._engine.dispatch import ClaimSession
-
         connection = self.engine.connect()
         try:
-            options: dict[str, Any] = {db.LANE_OPTION: True}
+            options: dict[str, Any] = {LANE_OPTION: True}
             if self.pipelined:
                 options["isolation_level"] = "AUTOCOMMIT"
             connection = connection.execution_options(**options)
@@ -340,4 +337,4 @@ def _drain(idle: list[Lane], *, hard: bool) -> None:
         if lane.pid == os.getpid():
             lane.close(hard=hard)
         else:
-            db._inherited.append(lane)
+            inherited_connections.append(lane)

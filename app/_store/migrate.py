@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import Flask
+
 from idemhook._store.database import get_db, migration_engine
 
 #: idemhook's own revisions: inside the package when installed from a wheel (pyproject maps

@@ -11,8 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from idemhook._values.outbox_status import MESSAGE_STATUSES
-from idemhook._values.outcome import STORED_STATUSES
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -32,6 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from idemhook._values.outbox_status import MESSAGE_STATUSES
+from idemhook._values.outcome import STORED_STATUSES
 
 # Stable constraint names that migrations can refer to (Alembic's naming docs).
 NAMING_CONVENTION = {

@@ -6,6 +6,11 @@ from typing import Any
 
 from psycopg2 import sql as pgsql
 
+#: Notified once a claim with new received events has committed (asynchronous sources).
+EVENTS_CHANNEL = "idemhook_events"
+#: Notified by a transaction that added outbox messages, at its COMMIT.
+OUTBOX_CHANNEL = "idemhook_outbox"
+
 
 def listen(connection: Any, channels: tuple[str, ...]) -> None:
     """``LISTEN`` on each of ``channels`` on ``connection`` (psycopg2, autocommit)."""

@@ -25,11 +25,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from idemhook._engine.outbox import Message
-from idemhook._store.database import Database, loads
-from idemhook._store.models import outbox_messages as TABLE
-from idemhook._values.outbox_status import MessageStatus
 from sqlalchemy import and_, case, func, or_, select, update
+
+from idemhook._contract import (
+    Message,
+)
+from idemhook._store.database import (
+    Database,
+)
+from idemhook._store.models import outbox_messages as TABLE
+from idemhook._values.jsontext import (
+    loads,
+)
+from idemhook._values.outbox_status import MessageStatus
 
 #: How long a taken, not yet started message stays with its batch (extended while the
 #: batch runs): a worker that dies leaves its untouched messages due again this soon.

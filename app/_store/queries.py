@@ -16,12 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from idemhook._store.models import (
-    delivery_failures,
-    event_queue,
-    outbox_messages,
-    processed_events,
-)
 from sqlalchemy import (
     Select,
     and_,
@@ -31,6 +25,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import Session
+
+from idemhook._store.models import (
+    delivery_failures,
+    event_queue,
+    outbox_messages,
+    processed_events,
+)
 
 EVENTS = processed_events
 QUEUE = event_queue

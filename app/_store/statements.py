@@ -18,10 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from idemhook._engine.registry import Event
-from idemhook._store.database import dumps
-from idemhook._store.models import processed_events
-from idemhook._values.outcome import Status
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -44,6 +40,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
+
+from idemhook._contract import (
+    Event,
+)
+from idemhook._store.models import processed_events
+from idemhook._values.jsontext import (
+    dumps,
+)
+from idemhook._values.outcome import Status
 
 #: The columns of the VALUES list that stores a batch's results.
 STORE_COLUMNS = ("id", "status", "result", "processed_at")

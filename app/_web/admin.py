@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 from flask import current_app, request
+
 from idemhook._values.errors import NotFound, Unauthorized
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
+
 from idemhook._store import queries
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, NotFound

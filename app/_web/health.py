@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from flask import Blueprint, Flask, current_app, jsonify
-from idemhook._store import migrate
 from sqlalchemy.exc import SQLAlchemyError
+
+from idemhook._store import migrate
 
 bp = Blueprint("health", __name__)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
 from idemhook._config.events import events_of
 from idemhook._config.schemes import Delivery, Reply
 from idemhook._config.sources import Source
@@ -61,10 +62,10 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
     events = events_of(source, payload, request.headers, received_at)
     if source.asynchronous:
         outcomes = receiver.acceptor.accept(source, events)
-        answer = source.scheme.respond(source, outcomes)
+        answer = source.scheme.respond(outcomes)
         return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
     outcomes = receiver.claimer.apply(events, body)
-    answer = source.scheme.respond(source, outcomes)
+    answer = source.scheme.respond(outcomes)
     return render_reply(answer) if answer is not None else respond(source, outcomes)
 
 

@@ -39,12 +39,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
-from idemhook._engine.accept import Acceptor
-from idemhook._engine.claim import Claimer, Outcome
-from idemhook._engine.registry import Event
-from idemhook._store.models import event_queue, outbox_messages
-from idemhook._values.outbox_status import MessageStatus
-from idemhook._web.admin import require_admin_token
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -56,6 +50,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
+
+from idemhook._contract import (
+    Event,
+)
+from idemhook._engine.accept import Acceptor
+from idemhook._engine.claim import Claimer, Outcome
+from idemhook._store.models import event_queue, outbox_messages
+from idemhook._values.outbox_status import MessageStatus
+from idemhook._web.admin import require_admin_token
 
 MAX_TYPES_PER_SOURCE = 100
 OTHER_TYPE = "other"

@@ -25,19 +25,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, NotFound
+
 from idemhook._config.events import event_type_of
 from idemhook._config.schemes import Delivery
 from idemhook._config.schemes.idempotency_key import KEY_HEADER, IdempotencyKey, parse_key
 from idemhook._config.sources import Source
+from idemhook._contract import (
+    CONTENT_TYPE,
+    ClientEvent,
+)
+from idemhook._contract import (
+    Response as Operation,
+)
 from idemhook._engine.claim import Claimer
 from idemhook._engine.keys import Answer, KeyClaimer, KeyRequest
-from idemhook._engine.registry import CONTENT_TYPE, ClientEvent
-from idemhook._engine.registry import Response as Operation
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, IdemhookError
 from idemhook._web import problems
 from idemhook._web.intake import _read_body
-from werkzeug.exceptions import HTTPException, NotFound
 
 #: The endpoints (metrics label requests by endpoint): one for /webhooks/<name>, one for
 #: the paths. Two rules of one endpoint with the same defaults would make Werkzeug

@@ -15,8 +15,9 @@ import html
 import re
 
 from flask import Flask, Response, current_app, jsonify, request
-from idemhook._values.errors import HTTP_CODES, IdemhookError, NotFound
 from werkzeug.exceptions import HTTPException
+
+from idemhook._values.errors import HTTP_CODES, IdemhookError, NotFound
 
 CONTENT_TYPE = "application/problem+json"
 #: The page every problem type links into (docs/idempotency-keys.md#<code>).

@@ -6,8 +6,9 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
-from idemhook._config.signing import encode, endpoint_url, find_source, signed_request, signing_url
 from werkzeug.test import TestResponse
+
+from idemhook._config.signing import encode, endpoint_url, find_source, signed_request, signing_url
 
 __all__ = ["deliver", "encode", "signed"]
 

@@ -24,9 +24,10 @@ import uuid
 from pathlib import Path
 
 import psycopg2
-from idemhook._config.settings import normalise_database_url
 from psycopg2 import sql
 from sqlalchemy.engine import URL, make_url
+
+from idemhook._config.settings import normalise_database_url
 
 
 class NoPostgres(RuntimeError):

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import URL
+
 from idemhook.testing.postgres import NoPostgres, create_database, drop_database, server_url
 from idemhook.testing.receiver import Kit, build
-from sqlalchemy.engine import URL
 
 __all__ = ["Kit", "Templates"]
 

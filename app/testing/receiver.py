@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from idemhook import create_app
-from idemhook._store import migrate as migrations
-from idemhook.testing.kit import deliver
 from sqlalchemy import Row, text
 from sqlalchemy.engine import URL
 from werkzeug.test import TestResponse
+
+from idemhook import create_app
+from idemhook._store import migrate as migrations
+from idemhook.testing.kit import deliver
 
 #: Stands for "any value" in the ``assert_*`` helpers' optional arguments.
 ANY: Any = object()

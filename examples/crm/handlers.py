@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from idemhook import Event, Ignore, Reject, handler
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -29,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from idemhook import Event, Ignore, Reject, handler
 
 #: The contacts table comes from this plugin's own Alembic revisions.
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("migrations")

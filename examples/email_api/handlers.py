@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint
-from idemhook import Response, api_view, handler
 from sqlalchemy import JSON, text
+
+from idemhook import Response, api_view, handler
 
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("migrations")
 #: GET /v1/emails/<id>, served beside the source's POST /v1/emails.

@@ -7,11 +7,11 @@ import re
 import time
 
 import pytest
+from itsdangerous import URLSafeTimedSerializer
+
 from idemhook._values.errors import ConfigError
 from idemhook._web.dashboard import access
 from idemhook.testing import deliver
-from itsdangerous import URLSafeTimedSerializer
-
 from tests.dashboard.conftest import HTML, TOKEN, Browser, csrf_of
 
 PAGES = (

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from idemhook import create_app
 from idemhook._engine.outbox import add_message
 from idemhook._engine.registry import Sender
 from idemhook._engine.sender import Delivery
 from idemhook._engine.worker import Worker
 from idemhook.testing.kit import signed
-
 from tests.browser import chromium_page
 from tests.conftest import SOURCES
 from tests.dashboard.conftest import TOKEN

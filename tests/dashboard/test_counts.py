@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
+
 from idemhook import create_app
 from idemhook._store.models import processed_events
 from idemhook._web.dashboard.counts import Count, approximately, bounded_count
-from sqlalchemy import select
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from idemhook._store.queries import encode_cursor
 from sqlalchemy import event, text
 
+from idemhook._store.queries import encode_cursor
 from tests.dashboard.conftest import Browser
 
 EVENT_ROWS = 60_000

@@ -10,13 +10,14 @@ from html import unescape
 
 import psycopg2
 import pytest
-from idemhook._engine.outbox import CHANNEL, add_message
+
+from idemhook._engine.outbox import add_message
 from idemhook._engine.registry import Sender
 from idemhook._engine.sender import Delivery
 from idemhook._engine.worker import Worker
+from idemhook._store.notify import OUTBOX_CHANNEL as CHANNEL
 from idemhook._web.dashboard import outbox, overview, views
 from idemhook.testing import deliver
-
 from tests.dashboard.conftest import HTML, TOKEN, Browser
 from tests.test_events_cli import seed
 from tests.test_outbox import MAIL_SOURCES

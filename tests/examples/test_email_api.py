@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from idemhook._engine.sender import Delivery
-from idemhook._engine.worker import Worker
 
 from examples.email_api.handlers import PROBLEMS, TITLES, validate
 from examples.email_api.sender import message_id
+from idemhook._engine.sender import Delivery
+from idemhook._engine.worker import Worker
 from tests.mail import SmtpServer
 from tests.reliability.conftest import wait_for
 from tests.servers import gunicorn, worker

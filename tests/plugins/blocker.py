@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 LOCK_KEY = 7_000_007
 APPLICATION_NAME_PREFIX = "test-handler-"

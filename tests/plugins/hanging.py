@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import socket
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 GUARD_SECONDS = 300.0
 

@@ -9,8 +9,9 @@ session keeps the web app's name (``idemhook-web``), so the test finds it waitin
 
 from __future__ import annotations
 
-from idemhook import Response, handler
 from sqlalchemy import text
+
+from idemhook import Response, handler
 
 LOCK_KEY = 7_000_021
 

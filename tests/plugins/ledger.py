@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from idemhook import Ignore, Reject, handler
 from sqlalchemy import text
+
+from idemhook import Ignore, Reject, handler
 
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("ledger_migrations")
 

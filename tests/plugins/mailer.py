@@ -9,8 +9,9 @@ see that neither survives; ``"reject": true`` makes it return ``Reject`` after b
 
 from __future__ import annotations
 
-from idemhook import Reject, handler
 from sqlalchemy import text
+
+from idemhook import Reject, handler
 
 
 @handler("mail", "*")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 
 @handler("acme", "misbehave.commit")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import time
 
-from idemhook import Reject, Response, handler
 from sqlalchemy import text
+
+from idemhook import Reject, Response, handler
 
 
 @handler("emails", "*")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 
 @handler("outside", "*")

@@ -8,8 +8,9 @@ pooler too).
 
 from __future__ import annotations
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 SETTINGS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
 

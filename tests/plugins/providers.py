@@ -6,8 +6,9 @@ sources that tests/schemes/conftest.py configures.
 
 from __future__ import annotations
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 SOURCES = (
     "stripe",

@@ -25,8 +25,9 @@ import os
 import signal
 import time
 
-from idemhook import Ignore, Reject, handler
 from sqlalchemy import text
+
+from idemhook import Ignore, Reject, handler
 
 LOCK_KEY = 7_000_014
 APPLICATION_NAME_PREFIX = "test-handler-"

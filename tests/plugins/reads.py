@@ -9,8 +9,9 @@ problem of the plugin's own, as a ``Response``.
 from __future__ import annotations
 
 from flask import Blueprint
-from idemhook import Response, api_view
 from sqlalchemy import text
+
+from idemhook import Response, api_view
 
 IDEMHOOK_BLUEPRINT = Blueprint("reads", __name__)
 

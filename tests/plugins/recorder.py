@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_effects "

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from idemhook import handler
 from sqlalchemy import text
 
+from idemhook import handler
 from tests.plugins.traced import trace
 
 

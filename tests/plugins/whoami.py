@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import threading
 
-from idemhook import handler
 from sqlalchemy import text
+
+from idemhook import handler
 
 LOCK_KEY = 7_000_011
 

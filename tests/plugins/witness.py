@@ -11,8 +11,9 @@ transaction fails only at COMMIT.
 
 from __future__ import annotations
 
-from idemhook import Reject, handler
 from sqlalchemy import text
+
+from idemhook import Reject, handler
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS test_deferred (id INTEGER NOT NULL, "

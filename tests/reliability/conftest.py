@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
-from idemhook.testing.postgres import Cluster, create_database, find_bindir
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
+from idemhook.testing.postgres import Cluster, create_database, find_bindir
 from tests.conftest import SECRET, SOURCES, TABLES, _migrate
 
 T = TypeVar("T")

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg2
 from flask import Flask
+
 from idemhook import create_app
 from idemhook._store.database import get_db
 from idemhook.testing import deliver

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg2
 import pytest
 import requests
-from idemhook._engine.applier import MAX_INTERRUPTIONS
-from idemhook.testing.postgres import _connect_args
 from sqlalchemy import create_engine, text
 
+from idemhook._engine.applier import MAX_INTERRUPTIONS
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SECRET
 from tests.plugins.queued import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for

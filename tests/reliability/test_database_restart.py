@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import psycopg2
 import pytest
 import requests
-from idemhook.testing.postgres import _connect_args
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SOURCES
 from tests.plugins.whoami import LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, WHOAMI_SOURCES, signed_post, wait_for

@@ -18,8 +18,8 @@ from contextlib import ExitStack, closing
 
 import psycopg2
 import pytest
-from idemhook.testing.postgres import _connect_args
 
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SECRET, SOURCES
 from tests.faults import sessions
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for

@@ -16,11 +16,11 @@ from contextlib import closing
 import psycopg2
 import pytest
 import requests
+from sqlalchemy.engine import URL
+
 from idemhook import create_app
 from idemhook.testing import signed
 from idemhook.testing.postgres import _connect_args
-from sqlalchemy.engine import URL
-
 from tests.faults import Proxy, sessions
 from tests.plugins import held_operation
 from tests.reliability.conftest import GUARD_SECONDS, wait_for

@@ -18,11 +18,11 @@ from contextlib import ExitStack
 
 import pytest
 import requests
+from sqlalchemy.engine import URL
+
 from idemhook import create_app
 from idemhook.testing import signed
 from idemhook.testing.pgbouncer import PgBouncer
-from sqlalchemy.engine import URL
-
 from tests.reliability.conftest import GUARD_SECONDS
 from tests.servers import gunicorn
 from tests.test_operations import API_SOURCES

@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from idemhook.testing import deliver
 
+from idemhook.testing import deliver
 from tests.reliability.conftest import truncate
 
 pytestmark = pytest.mark.fault

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from idemhook._engine.outbox import add_message
 from sqlalchemy import create_engine, text
 
+from idemhook._engine.outbox import add_message
 from tests.mail import SmtpServer
 from tests.reliability.conftest import signed_post, wait_for
 from tests.servers import gunicorn, worker

@@ -25,12 +25,12 @@ from typing import Any
 import psycopg2
 import pytest
 import requests
+from sqlalchemy.engine import URL
+
 from idemhook import create_app
 from idemhook.testing import postgres
 from idemhook.testing.pgbouncer import PgBouncer
 from idemhook.testing.postgres import _connect_args
-from sqlalchemy.engine import URL
-
 from tests.conftest import SECRET
 from tests.plugins.probe import SETTINGS
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for

@@ -11,8 +11,8 @@ import time
 import psycopg2
 import pytest
 import requests
-from idemhook.testing.postgres import _connect_args
 
+from idemhook.testing.postgres import _connect_args
 from tests.conftest import SECRET
 from tests.plugins.blocker import LOCK_KEY
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for

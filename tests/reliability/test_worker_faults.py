@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from idemhook._engine.applier import MAX_INTERRUPTIONS
-from idemhook._engine.outbox import add_message
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 
+from idemhook._engine.applier import MAX_INTERRUPTIONS
+from idemhook._engine.outbox import add_message
 from tests.conftest import SECRET, SOURCES
 from tests.faults import sessions, terminate
 from tests.plugins.traced import TRACE_ENV, calls, release

@@ -15,8 +15,8 @@ import threading
 import psycopg2
 import pytest
 import requests
-from idemhook.testing.postgres import _connect_args
 
+from idemhook.testing.postgres import _connect_args
 from tests.plugins.blocker import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import FAULT_SOURCES, signed_post, wait_for
 from tests.servers import gunicorn

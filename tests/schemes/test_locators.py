@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from werkzeug.datastructures import Headers
+
 from idemhook._config import settings, sources
 from idemhook._config.locators import MISSING, Composite, parse
 from idemhook._values.errors import ConfigError
-from werkzeug.datastructures import Headers
 
 HUBSPOT_KEY = ["body:portalId", "body:subscriptionId", "body:eventId", "body:occurredAt"]
 

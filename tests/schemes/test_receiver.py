@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from idemhook._config.schemes import Delivery
 from idemhook._config.schemes.salesforce_outbound import envelope
 from idemhook.testing import deliver, signed

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import standardwebhooks
+
 from idemhook import create_app
 from idemhook._config.schemes import SCHEMES
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-
 from tests.servers import toml
 
 from .conftest import PROVIDER_SOURCES

@@ -9,9 +9,10 @@ import pytest
 import standardwebhooks
 import stripe
 from hubspot.utils.signature import Signature as HubSpotSignature
+from werkzeug.datastructures import Headers
+
 from idemhook._config.schemes import SCHEMES, Delivery
 from idemhook._values.errors import Unauthorized
-from werkzeug.datastructures import Headers
 
 HUBSPOT_SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"
 HUBSPOT_BODY = b"{'example_field':'example_value'}"

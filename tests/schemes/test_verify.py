@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from werkzeug.datastructures import Headers
+
 from idemhook._config.schemes import SCHEMES, Delivery, Scheme
 from idemhook._config.schemes.base import check_freshness
 from idemhook._values.errors import ConfigError, Unauthorized
-from werkzeug.datastructures import Headers
 
 URL = "https://hooks.example.com/webhooks/src"
 BODY = b'{"id": "evt_1", "type": "contact.created", "n": 1}'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from idemhook.testing import postgres
 
 DEAD = "postgresql+psycopg2://postgres@127.0.0.1:1/postgres"

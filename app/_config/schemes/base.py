@@ -18,15 +18,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+from werkzeug.datastructures import Headers
 
 from idemhook._config.parsing import parse_json
 from idemhook._values.errors import ConfigError, Unauthorized
-from werkzeug.datastructures import Headers
-
-if TYPE_CHECKING:
-    from idemhook._config.sources import Source
-    from idemhook._engine.claim import Outcome
+from idemhook._values.outcome import Outcome
 
 #: Default freshness window for schemes that sign a timestamp (``tolerance_seconds``).
 DEFAULT_TOLERANCE_SECONDS = 300
@@ -126,7 +124,7 @@ class Scheme:
         """Turn the verified raw body into the payload events are read from (strict JSON)."""
         return parse_json(body)
 
-    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Reply | None:
+    def respond(self, outcomes: Sequence[Outcome]) -> Reply | None:
         """Answer in the sender's own protocol (Salesforce's SOAP ack); None: the JSON answer."""
         return None
 

@@ -21,18 +21,16 @@ otherwise be stored with every event.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import escape
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
+
 from idemhook._config.schemes.base import Delivery, Reply, Scheme, matches_any, register
 from idemhook._values.errors import BadRequest, ConfigError, Unauthorized
-
-if TYPE_CHECKING:
-    from idemhook._config.sources import Source
-    from idemhook._engine.claim import Outcome
+from idemhook._values.outcome import Outcome
 
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"
@@ -179,7 +177,7 @@ class SalesforceOutbound(Scheme):
     def parse(self, body: bytes) -> Any:
         return parse_message(body)
 
-    def respond(self, source: Source, outcomes: Sequence[Outcome]) -> Reply | None:
+    def respond(self, outcomes: Sequence[Outcome]) -> Reply | None:
         failed = [o for o in outcomes if o.status == "failed"]
         if failed:
             text = (

@@ -9,6 +9,7 @@ tables (:mod:`.overview`, :mod:`.counts`). See docs/dashboard.md.
 from __future__ import annotations
 
 from flask import Flask
+
 from idemhook._values.errors import ConfigError
 from idemhook._web.dashboard.access import DashboardSessions
 from idemhook._web.dashboard.views import bp

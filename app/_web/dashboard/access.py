@@ -29,8 +29,9 @@ from typing import Any
 
 from flask import Flask, Request, current_app, request, session
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
-from idemhook._values.errors import Forbidden, NotFound, Unauthorized
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from idemhook._values.errors import Forbidden, NotFound, Unauthorized
 
 PREFIX = "/dashboard"
 COOKIE = "idemhook_dashboard"

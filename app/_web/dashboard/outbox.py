@@ -2,7 +2,8 @@
 
 Listings are the read API's (:func:`idemhook._store.queries.list_outbox`: newest first by
 ``(created_at, id)``, its keyset cursor), one message is
-:func:`idemhook._store.queries.get_message`, and Retry is :func:`idemhook._engine.outbox.retry`, what
+:func:`idemhook._store.queries.get_message`, and Retry is
+:func:`idemhook._engine.outbox.retry`, what
 ``idemhook outbox retry`` runs (it also wakes the workers). What is read here
 besides comes from indexes too, and is bounded (:mod:`idemhook._web.dashboard.counts`):
 
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from idemhook._store import queries
 from idemhook._store.models import outbox_messages
 from idemhook._values.outbox_status import MESSAGE_STATUSES, MessageStatus
 from idemhook._web.dashboard.counts import CAP, Count, bounded_count
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 OUTBOX = outbox_messages
 STATUSES = MESSAGE_STATUSES

@@ -31,10 +31,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
-from idemhook._store.queries import applied_since_failure
-from idemhook._web.dashboard import outbox
-from idemhook._web.dashboard.counts import CAP, Count, bounded_count, estimate, estimate_each
 from sqlalchemy import (
     CompoundSelect,
     Integer,
@@ -46,6 +42,11 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.orm import Session
+
+from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
+from idemhook._store.queries import applied_since_failure
+from idemhook._web.dashboard import outbox
+from idemhook._web.dashboard.counts import CAP, Count, bounded_count, estimate, estimate_each
 
 EVENTS = processed_events
 FAILURES = delivery_failures

@@ -27,21 +27,29 @@ from flask import (
     request,
     url_for,
 )
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
 from idemhook._config.sources import Source
 from idemhook._engine import failures, replay
 from idemhook._engine import outbox as outbox_actions
-from idemhook._engine.failures import safe_headers
 from idemhook._store import queries
-from idemhook._store.database import get_db, is_disconnect
+from idemhook._store.database import (
+    get_db,
+)
+from idemhook._store.engine import (
+    is_disconnect,
+)
 from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
 from idemhook._values.errors import IdemhookError, NotFound, ServiceUnavailable
+from idemhook._values.headers import (
+    safe_headers,
+)
 from idemhook._web.admin import token_matches
 from idemhook._web.dashboard import access, outbox
 from idemhook._web.dashboard import overview as overview_module
 from idemhook._web.dashboard.chart import draw
-from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 EVENTS = processed_events
 FAILURES = delivery_failures

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from idemhook import Event, Ignore, handler
 from sqlalchemy import text
+
+from idemhook import Event, Ignore, handler
 
 #: The paid_orders table comes from this package's own Alembic revisions.
 IDEMHOOK_MIGRATIONS = Path(__file__).with_name("migrations")
