@@ -21,9 +21,9 @@ statements of :mod:`idemhook._store.outbox`:
 A step whose connection was lost (a failover, a restart, ``idle_session_timeout``) is
 sent again on a fresh connection (:func:`idemhook._engine.attempt.retrying`: every
 statement of a step is idempotent); if the database stays away, the outcomes in hand are
-kept and recorded first thing when it is back. So a message is sent again only when its own send may have
-happened without its result being stored: its worker died (or stalled past its lease)
-during that send. A message whose every allowed attempt ended that way goes ``dead``
+kept and recorded first thing when it is back. So a message is sent again only when its
+own send may have happened without its result being stored: its worker died (or stalled
+past its lease) during that send. A message whose every allowed attempt ended that way goes ``dead``
 without another send.
 """
 
