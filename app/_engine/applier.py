@@ -73,7 +73,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import Headers
@@ -86,11 +86,12 @@ from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, run, watched
 from idemhook._engine.dispatch import HandlerRun, run_handlers
 from idemhook._engine.logs import log_fields
+from idemhook._engine.observing import AppliedObserver
 from idemhook._engine.registry import (
     Registry,
 )
 from idemhook._engine.watchdog import Job, Watchdog
-from idemhook._engine.worker import backoff, first_line
+from idemhook._engine.worker import Worker, backoff, first_line
 from idemhook._store.database import (
     Database,
 )
@@ -106,10 +107,6 @@ from idemhook._values.jsontext import (
     loads,
 )
 from idemhook._values.outcome import Status
-
-if TYPE_CHECKING:
-    from idemhook._engine.worker import Worker
-    from idemhook._web.metrics import Metrics
 
 log = logging.getLogger("idemhook.events")
 
@@ -176,7 +173,7 @@ class Applier:
         sources: Mapping[str, Source],
         *,
         batch: int = DEFAULT_BATCH,
-        metrics: Metrics | None = None,
+        metrics: AppliedObserver | None = None,
         handler_timeout_ms: int | None = None,
     ) -> None:
         self.database = database

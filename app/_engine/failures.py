@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,14 +31,12 @@ from idemhook._contract import (
     Event,
 )
 from idemhook._engine.dispatch import HandlerRun
+from idemhook._store.lanes import Lane
 from idemhook._store.models import delivery_failures, event_queue, processed_events
 from idemhook._store.notify import EVENTS_CHANNEL
 from idemhook._store.queries import Filters, failure_filters
 from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
-
-if TYPE_CHECKING:
-    from idemhook._store.lanes import Lane
 
 log = logging.getLogger("idemhook.claim")
 

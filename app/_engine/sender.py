@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -43,10 +43,11 @@ from idemhook._contract import (
 )
 from idemhook._engine.attempt import retrying
 from idemhook._engine.logs import log_fields
+from idemhook._engine.observing import DeliveryObserver
 from idemhook._engine.registry import (
     Sender,
 )
-from idemhook._engine.worker import backoff, worker_name
+from idemhook._engine.worker import Worker, backoff, worker_name
 from idemhook._store.database import (
     Database,
 )
@@ -56,10 +57,6 @@ from idemhook._values.jsontext import (
     dumps,
 )
 from idemhook._values.outbox_status import MessageStatus
-
-if TYPE_CHECKING:
-    from idemhook._engine.worker import Worker
-    from idemhook._web.metrics import OutboxMetrics
 
 log = logging.getLogger("idemhook.outbox")
 
@@ -88,7 +85,7 @@ class Delivery:
         senders: Mapping[str, Sender],
         *,
         batch: int = DEFAULT_BATCH,
-        metrics: OutboxMetrics | None = None,
+        metrics: DeliveryObserver | None = None,
     ) -> None:
         self.senders = dict(senders)
         self.kinds = sorted(self.senders)

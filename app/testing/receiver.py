@@ -11,7 +11,8 @@ from sqlalchemy import Row, text
 from sqlalchemy.engine import URL
 from werkzeug.test import TestResponse
 
-from idemhook import create_app
+from idemhook._engine.applier import apply_due
+from idemhook._factory import create_app
 from idemhook._store import migrate as migrations
 from idemhook.testing.kit import deliver
 
@@ -67,8 +68,6 @@ class Kit:
         In this process, one batch after another until nothing is due (an event
         waiting for a backoff stays); returns how many attempts were made.
         """
-        from idemhook._engine.applier import apply_due
-
         return apply_due(self.app)
 
     def sql(self, statement: str, **params: Any) -> list[Row]:
