@@ -42,8 +42,11 @@ bench: $(STAMP) system-deps
 screenshots: $(STAMP) system-deps
 	IDEMHOOK_SCREENSHOTS=docs/dashboard $(BIN)/python -m pytest tests/dashboard/test_browser.py -q
 
+# ruff (style, and no `import app`), and import-linter's contracts: the package's layers
+# import only downwards (pyproject.toml, [tool.importlinter]; tests/test_layers.py runs it).
 lint: $(STAMP)
-	$(BIN)/ruff check app idemhook tests migrations bench examples
+	$(BIN)/ruff check app tests migrations bench examples
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache
