@@ -38,16 +38,25 @@ log = logging.getLogger("idemhook")
 
 
 def create_app(
-    test_config: Mapping[str, Any] | None = None, *, database_only: bool = False
+    test_config: Mapping[str, Any] | None = None,
+    *,
+    database_only: bool = False,
+    migrations_only: bool = False,
+    needs_database: bool = True,
 ) -> Flask:
     """Build the receiver: settings, sources, plugins, database, routes, CLI.
 
+    What a command builds (docs/operations.md, "What each command needs"):
     ``database_only``: settings, database and CLI alone, for the commands that only
     read the tables; no sources file is read, no plugin imported, no secret needed.
+    ``migrations_only``: the same and the plugins (for their migrations), read from
+    the sources file's ``plugins`` list; no source is parsed, no secret needed.
+    ``needs_database=False``: everything, for a command that never touches the
+    database, so ``DATABASE_URL`` may be unset.
     """
     app = Flask(__name__)
     app.json = JSONProvider(app)
-    app.config.update(settings.load(test_config))
+    app.config.update(settings.load(test_config, needs_database=needs_database))
     if database_only:
         db.init_app(app)
         cli.init_app(app)
@@ -56,6 +65,12 @@ def create_app(
     if config == settings.DEFAULTS["IDEMHOOK_CONFIG"] and not Path(config).exists():
         log.warning("no %s in %s: serving no sources (set IDEMHOOK_CONFIG)", config, Path.cwd())
         config = {}
+    if migrations_only:
+        listed = sources.plugins_of(*sources.read(config))
+        app.extensions["idemhook.registry"] = plugins.load(listed)
+        db.init_app(app)
+        cli.init_app(app)
+        return app
     loaded = sources.load(config, max_body_bytes=app.config["IDEMHOOK_MAX_BODY_BYTES"])
     registry = plugins.load(loaded.plugins)
     registry.check_sources(loaded.sources)
@@ -103,7 +118,7 @@ def create_app(
 def app_for_command() -> Flask:
     """Build the app for the command being run, as much of it as that command needs."""
     ctx = click.get_current_context(silent=True)
-    needs = getattr(ctx.command, NEEDS_ATTRIBUTE, None) if ctx is not None else None
+    needs = getattr(ctx.command, NEEDS_ATTRIBUTE, frozenset()) if ctx is not None else frozenset()
     what = f"`{ctx.command_path}`" if ctx is not None else "this command"
     # Each process says what it is in pg_stat_activity (unless the operator named it).
     role = "worker" if ctx is not None and ctx.command.name == "worker" else "cli"
@@ -111,16 +126,19 @@ def app_for_command() -> Flask:
     if not os.environ.get("IDEMHOOK_APPLICATION_NAME"):
         named = {"IDEMHOOK_APPLICATION_NAME": APPLICATION_NAMES[role]}
     try:
-        if needs == "database":
+        if "database only" in needs:
             return create_app(named, database_only=True)
-        if needs == "sources":
-            config = settings.load()["IDEMHOOK_CONFIG"]
+        if "migrations only" in needs:
+            return create_app(named, migrations_only=True)
+        database = "no database" not in needs
+        if "sources file" in needs:
+            config = settings.load(needs_database=database)["IDEMHOOK_CONFIG"]
             if not Path(config).exists():
                 raise ConfigMissing(
                     f"{what} needs the sources file: {config} does not exist in {Path.cwd()} "
                     "(set IDEMHOOK_CONFIG)"
                 )
-        return create_app(named)
+        return create_app(named, needs_database=database)
     except ConfigError as exc:  # a start-up error is one line, not a traceback
         raise ConfigMissing(str(exc)) from None
 

@@ -1,10 +1,12 @@
 """docs/deploying.md, for real: examples/my-webhooks as a repository of its own.
 
-The skeleton (its own plugin package importing only ``idemhook``) and idemhook
-itself are installed into a fresh virtualenv; then, from the project's own
-directory with only its own settings: its tests pass, ``idemhook db upgrade``
-migrates, ``idemhook serve`` serves with the shipped worker class, and a signed
-delivery is processed into the project's table.
+idemhook is built into a wheel, which holds one top-level package, ``idemhook``. The
+skeleton, with its plugin package renamed ``app`` (the most common Flask layout, and
+idemhook's own repository's folder name), and the wheel are installed into a fresh
+virtualenv; then, from the project's own directory with only its own settings: its
+tests pass, ``idemhook db upgrade`` migrates (its own branch too), ``idemhook serve``
+serves with the shipped worker class, and a signed delivery is processed into the
+project's table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,19 +60,32 @@ def test_a_separate_project_installs_migrates_serves_and_answers(
     shutil.copytree(ROOT, release, ignore=NOT_SHIPPED)
     project = tmp_path / "my-webhooks"
     shutil.copytree(SKELETON, project, ignore=NOT_SHIPPED)
+    # The user's own package is `app`, as in most Flask projects.
+    (project / "my_webhooks").rename(project / "app")
+    toml = project / "pyproject.toml"
+    toml.write_text(toml.read_text().replace('"my_webhooks', '"app'))
     venv = tmp_path / "venv"
     bin_ = venv / "bin"
     base = {k: v for k, v in os.environ.items() if k.startswith(("PIP_", "LANG", "LC_"))}
     env = {**base, "PATH": f"{bin_}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path)}
 
     sh(sys.executable, "-m", "venv", venv, cwd=tmp_path, env=env)
-    installed = sh(bin_ / "python", "-m", "pip", "install", "-v", release, cwd=tmp_path, env=env)
-    assert "deprecated" not in (installed.stdout + installed.stderr).lower()
+    built = sh(bin_ / "python", "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist",
+               release, cwd=tmp_path, env=env)  # fmt: skip
+    assert "deprecated" not in (built.stdout + built.stderr).lower()
+    [wheel] = (tmp_path / "dist").glob("idemhook-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"idemhook"}
+    sh(bin_ / "python", "-m", "pip", "install", wheel, cwd=tmp_path, env=env)
     sh(bin_ / "python", "-m", "pip", "install", f"{project}[test]", cwd=tmp_path, env=env)
-    # Installed, not linked: the project's code runs from the virtualenv.
-    where = sh(bin_ / "python", "-c", "import app, my_webhooks; print(app.__file__)", cwd=tmp_path,
-               env=env)  # fmt: skip
-    assert where.stdout.startswith(str(venv))
+    # Installed, not linked: both run from the virtualenv, and `app` is the user's.
+    where = sh(bin_ / "python", "-c",
+               "import app, idemhook; print(app.__file__); print(idemhook.__file__)",
+               cwd=tmp_path, env=env)  # fmt: skip
+    user_app, ours = where.stdout.splitlines()
+    assert user_app.startswith(str(venv)) and user_app.endswith("app/__init__.py")
+    assert ours.startswith(str(venv)) and ours.endswith("idemhook/__init__.py")
 
     secret = {"SHOP_WEBHOOK_SECRET": "a-production-secret-of-some-length"}
     tests = sh(

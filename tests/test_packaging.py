@@ -11,11 +11,12 @@ CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptool
 
 
 def test_every_package_of_the_tree_is_shipped() -> None:
+    # Every folder that holds a file: modules, or data (templates, the stylesheet).
     found = set()
     for name, folder in CONFIG["package-dir"].items():
-        for path in (ROOT / folder).rglob("*.py"):
+        for path in (ROOT / folder).rglob("*"):
             parts = path.parent.relative_to(ROOT / folder).parts
-            if "__pycache__" not in parts:
+            if path.is_file() and "__pycache__" not in parts:
                 found.add(".".join((name, *parts)))
     assert set(CONFIG["packages"]) == found
 

@@ -27,20 +27,37 @@ class ConfigMissing(click.ClickException):
     exit_code = 2
 
 
+def _needs(command: CommandT, *needs: str) -> CommandT:
+    setattr(command, NEEDS_ATTRIBUTE, frozenset(getattr(command, NEEDS_ATTRIBUTE, ())) | set(needs))
+    return command
+
+
 def database_only(command: CommandT) -> CommandT:
     """Mark a read-only command: it needs DATABASE_URL and nothing else.
 
     No sources file is read and no plugin imported, so looking at the tables never
     requires every provider's secret.
     """
-    setattr(command, NEEDS_ATTRIBUTE, "database")
-    return command
+    return _needs(command, "database only")
+
+
+def migrations_only(command: CommandT) -> CommandT:
+    """Mark an ``idemhook db`` command: DATABASE_URL and the plugins' migrations only.
+
+    The sources file is read for its ``plugins`` list alone: no source is parsed, so no
+    provider's secret is needed (a release phase or CI can migrate without them).
+    """
+    return _needs(command, "migrations only")
+
+
+def no_database(command: CommandT) -> CommandT:
+    """Mark a command that never touches the database: DATABASE_URL may be unset."""
+    return _needs(command, "no database")
 
 
 def needs_sources(command: CommandT) -> CommandT:
     """Mark a command that works on configured sources: a missing sources file is an error."""
-    setattr(command, NEEDS_ATTRIBUTE, "sources")
-    return command
+    return _needs(command, "sources file")
 
 
 # SQLSTATE 42P01 undefined_table / 42703 undefined_column: the schema is missing or behind.

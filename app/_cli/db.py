@@ -9,11 +9,13 @@ from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy.exc import DBAPIError
 
+from idemhook._cli.common import migrations_only
 from idemhook._store import migrate
 
 db_cli = AppGroup("db", help="Create and upgrade the database schema (Alembic).")
 
 
+@migrations_only
 @db_cli.command("upgrade")
 @click.argument("revision", default="heads")
 def db_upgrade(revision: str) -> None:
@@ -25,6 +27,7 @@ def db_upgrade(revision: str) -> None:
     _migrating(lambda: migrate.upgrade(current_app, revision))
 
 
+@migrations_only
 @db_cli.command("downgrade")
 @click.argument("revision")
 def db_downgrade(revision: str) -> None:
@@ -57,6 +60,7 @@ def _migrating(run: Callable[[], None]) -> None:
     click.echo(f"database at {', '.join(sorted(migrate.current(current_app))) or 'base'}")
 
 
+@migrations_only
 @db_cli.command("current")
 def db_current() -> None:
     """Print the applied revision and whether it is the latest."""

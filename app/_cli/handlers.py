@@ -8,9 +8,12 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from idemhook._cli.common import no_database
+
 handlers_cli = AppGroup("handlers", help="Inspect the registered event handlers and senders.")
 
 
+@no_database
 @handlers_cli.command("list")
 def handlers_list() -> None:
     """Print every source, type pattern and handler (module:function), in run order, then

@@ -8,7 +8,7 @@ import urllib.request
 import click
 from flask.cli import with_appcontext
 
-from idemhook._cli.common import needs_sources
+from idemhook._cli.common import needs_sources, no_database
 from idemhook._cli.sign import CLIENT_OPTION, KEY_OPTION, sign_for, source_argument
 from idemhook._config.signing import endpoint_url
 from idemhook._contract import (
@@ -29,6 +29,7 @@ def _header(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
     return headers
 
 
+@no_database
 @needs_sources
 @click.command("send", short_help="Sign a JSON file and POST it to a running receiver.")
 @with_appcontext

@@ -8,7 +8,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from idemhook._cli.common import needs_sources
+from idemhook._cli.common import needs_sources, no_database
 from idemhook._config.signing import endpoint_url, find_source, signed_request, signing_url
 from idemhook._config.sources import Source
 
@@ -54,6 +54,7 @@ def sign_for(
         raise click.BadParameter(str(exc.args[0]), param_hint="--client") from None
 
 
+@no_database
 @needs_sources
 @click.command("sign", short_help="Print a curl command that posts a signed JSON file.")
 @with_appcontext

@@ -18,10 +18,11 @@ import click
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
 
-from idemhook._cli.common import ConfigMissing
+from idemhook._cli.common import ConfigMissing, no_database
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module
 from idemhook._config.schemes import SCHEMES
+from idemhook._engine import registry as plugins_module
 from idemhook._engine.registry import Registry
 from idemhook._values.errors import ConfigError
 
@@ -57,9 +58,51 @@ def _context() -> tuple[Mapping[str, Any], Registry | None]:
         except (ConfigError, click.ClickException):
             pass  # a start-up error (main() wraps it for the console): diagnosed below
     try:
-        return settings_module.load(), None
+        return settings_module.load(needs_database=False), None
     except ConfigError as exc:
         raise ConfigMissing(str(exc)) from None
+
+
+def inspect_file(config: Any) -> list[str]:
+    """What is wrong with the sources file as a whole, every problem at once.
+
+    The mistakes ``idemhook serve`` refuses besides a source's own: unknown top-level
+    keys (``plugin = [...]``), a plugin that does not import (or has no handlers), and
+    ``[outbox.<kind>]`` tables with no sender or with unknown keys.
+    """
+    try:
+        data, origin = sources_module.read(config)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems = []
+    try:
+        listed = sources_module.plugins_of(data, origin)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        listed = tuple(p for p in data.get("plugins", []) or () if isinstance(p, str) and p)
+    registry = Registry()
+    for name in listed:
+        try:
+            found = plugins_module.load([name], entry_points=(), migration_entry_points=())
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        registry.merge(found)
+    try:
+        registry.merge(plugins_module.load(()))  # the installed entry-point plugins
+    except ConfigError as exc:
+        problems.append(str(exc))
+    outbox = data.get("outbox", {})
+    if isinstance(outbox, Mapping):
+        for kind, table in outbox.items():
+            try:
+                registry.configure_senders({kind: table})
+            except (ConfigError, AttributeError) as exc:
+                problems.append(str(exc) if isinstance(exc, ConfigError) else
+                                f"[outbox.{kind}]: must be a table")
+    else:
+        problems.append(f"{origin}: [outbox] must be a table of [outbox.<kind>] tables")
+    return problems
 
 
 def _tables(config: Any) -> Mapping[str, Any]:
@@ -199,6 +242,7 @@ def _show(reports: list[Report]) -> None:
             click.echo(f"  warning    {warning}")
 
 
+@no_database
 @click.group(
     "sources",
     invoke_without_command=True,
@@ -208,15 +252,38 @@ def _show(reports: list[Report]) -> None:
 def sources_cli(ctx: click.Context) -> None:
     """List the configured sources: the URL to register, scheme, ID, type, secret status."""
     if ctx.invoked_subcommand is None:
+        config, _registry = _context()
+        _show_file(inspect_file(config["IDEMHOOK_CONFIG"]))
         _show(inspect_sources())
 
 
+def _show_file(problems: list[str]) -> None:
+    if problems:
+        click.echo("the sources file")
+    for problem in problems:
+        click.echo(f"  PROBLEM    {problem}")
+
+
+@no_database
 @sources_cli.command("check")
 def check_command() -> None:
-    """Exit non-zero if any source has a problem (for a deploy's release phase)."""
+    """Exit non-zero if the sources file or any source has a problem (a release phase's gate).
+
+    Every mistake ``idemhook serve`` refuses is reported, all at once: unknown keys at
+    the top level, in a source or in an ``[outbox.<kind>]`` table, plugins that do not
+    import, secrets that do not resolve. Needs no database.
+    """
+    config, _registry = _context()
+    file_problems = inspect_file(config["IDEMHOOK_CONFIG"])
+    _show_file(file_problems)
     reports = inspect_sources()
     _show(reports)
     broken = [r.name for r in reports if r.problems]
-    if broken:
-        raise click.ClickException(f"{len(broken)} source(s) with problems: {', '.join(broken)}")
+    if broken or file_problems:
+        parts = []
+        if file_problems:
+            parts.append(f"{len(file_problems)} problem(s) in the sources file")
+        if broken:
+            parts.append(f"{len(broken)} source(s) with problems: {', '.join(broken)}")
+        raise click.ClickException("; ".join(parts))
     click.echo(f"ok: {len(reports)} source(s)")

@@ -77,8 +77,20 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Return the settings: defaults < environment < ``test_config``."""
+#: What a command that uses no database is built on when DATABASE_URL is unset: an
+#: in-memory SQLite database that nothing ever connects to (``idemhook sign``, ``send``,
+#: ``sources``, ``sources check``, ``handlers list``).
+NO_DATABASE = "sqlite://"
+
+
+def load(
+    test_config: Mapping[str, Any] | None = None, *, needs_database: bool = True
+) -> dict[str, Any]:
+    """Return the settings: defaults < environment < ``test_config``.
+
+    ``needs_database=False``: a command that never touches the database; an unset
+    ``DATABASE_URL`` is then :data:`NO_DATABASE` instead of an error.
+    """
     settings = dict(DEFAULTS)
     for key, default in DEFAULTS.items():
         raw = os.environ.get(key)
@@ -87,6 +99,8 @@ def load(test_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         settings[key] = _cast(key, raw, default)
     if test_config:
         settings.update(test_config)
+    if not settings["DATABASE_URL"] and not needs_database:
+        settings["DATABASE_URL"] = NO_DATABASE
     if not settings["DATABASE_URL"]:
         raise ConfigError(
             "DATABASE_URL is not set: point it at PostgreSQL "

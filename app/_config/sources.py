@@ -100,8 +100,8 @@ class SourcesFile:
     outbox: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> SourcesFile:
-    """Read and validate the sources file (or an already-parsed dict, from tests)."""
+def read(config: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """The sources file's parsed content (or an already-parsed dict, from tests) and its name."""
     if isinstance(config, Mapping):
         data: Mapping[str, Any] = config
         origin = "the given config"
@@ -116,13 +116,36 @@ def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> Sour
             ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"IDEMHOOK_CONFIG: {path} is not valid TOML: {exc}") from None
+    return data, origin
 
-    unknown = set(data) - {"plugins", "sources", "outbox"}
+
+#: The keys a sources file may have at its top level.
+TOP_LEVEL_KEYS = ("plugins", "sources", "outbox")
+
+
+def plugins_of(data: Mapping[str, Any], origin: str) -> tuple[str, ...]:
+    """The file's ``plugins`` list, after checking its top-level keys; nothing else is read.
+
+    What ``idemhook db upgrade`` needs (the plugins' own migrations), without any
+    source's secret.
+    """
+    unknown = set(data) - set(TOP_LEVEL_KEYS)
     if unknown:
-        raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}")
+        hint = " (did you mean plugins?)" if "plugin" in unknown else ""
+        raise ConfigError(
+            f"{origin}: unknown top-level key(s) {', '.join(sorted(unknown))}{hint}; "
+            f"the keys are {', '.join(TOP_LEVEL_KEYS)}"
+        )
     plugins = data.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
         raise ConfigError(f"{origin}: plugins must be a list of module names")
+    return tuple(plugins)
+
+
+def load(config: str | Path | Mapping[str, Any], *, max_body_bytes: int) -> SourcesFile:
+    """Read and validate the sources file (or an already-parsed dict, from tests)."""
+    data, origin = read(config)
+    plugins = plugins_of(data, origin)
     tables = data.get("sources", {})
     if not isinstance(tables, Mapping):
         raise ConfigError(f"{origin}: [sources] must be a table of [sources.<name>] tables")

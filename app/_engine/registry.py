@@ -222,6 +222,19 @@ class Registry:
             self.registrations.append(registration)
             self._cache.clear()
 
+    def merge(self, other: Registry) -> None:
+        """Add everything ``other`` registered (``idemhook sources check`` loads plugins one
+        at a time, so that every broken one is named)."""
+        for registration in other.registrations:
+            self.add_registration(registration)
+        for found in other.senders.values():
+            self.add_sender(found)
+        for folder in other.migrations:
+            if folder not in self.migrations:
+                self.migrations.append(folder)
+        for blueprint, where in other.blueprints:
+            self.add_blueprint(blueprint, where)
+
     def add_blueprint(self, blueprint: Blueprint, where: str) -> None:
         if all(known is not blueprint for known, _where in self.blueprints):
             self.blueprints.append((blueprint, where))
@@ -239,17 +252,17 @@ class Registry:
         """Apply the sources file's ``[outbox.<kind>]`` retry policies to the senders."""
         for kind, table in tables.items():
             where = f"[outbox.{kind}]"
-            found = self.senders.get(kind)
-            if found is None:
-                known = ", ".join(sorted(self.senders)) or "none"
-                raise ConfigError(
-                    f"{where}: no @sender is registered for {kind!r} (senders: {known})"
-                )
             unknown = set(table) - set(SENDER_POLICY)
             if unknown:
                 raise ConfigError(
                     f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
                     f"(known: {', '.join(SENDER_POLICY)})"
+                )
+            found = self.senders.get(kind)
+            if found is None:
+                known = ", ".join(sorted(self.senders)) or "none"
+                raise ConfigError(
+                    f"{where}: no @sender is registered for {kind!r} (senders: {known})"
                 )
             policy = {name: getattr(found, name) for name in SENDER_POLICY} | dict(table)
             try:

@@ -127,14 +127,21 @@ class IdempotencyKey(Scheme):
             )
         keys: dict[str | None, tuple[bytes, ...]] = {}
         secrets: dict[str | None, tuple[str, ...]] = {}
+        unresolved = []
         for name, value in clients.items():
             if not CLIENT_NAME.match(name):
                 raise ConfigError(
                     f"{where}.{name}: a client name is 1-64 letters, digits, '.', '_' or '-'"
                 )
-            entries = _resolve(self.source, value, key=f"clients.{name}")
+            try:
+                entries = _resolve(self.source, value, key=f"clients.{name}")
+            except ConfigError as exc:  # named together, so one run finds every unset one
+                unresolved.append(str(exc))
+                continue
             secrets[name] = tuple(secret for _where, secret in entries)
             keys[name] = tuple(self._key(where_, secret) for where_, secret in entries)
+        if unresolved:
+            raise ConfigError("; ".join(unresolved))
         seen: dict[str, str] = {}
         for name, values in secrets.items():
             for secret in values:
