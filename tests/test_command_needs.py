@@ -130,7 +130,8 @@ def test_sources_check_names_every_mistake_at_once(tmp_path):
         'plugin = ["x"]\nplugins = ["tests.plugins.no_such_module"]\n'
         "[outbox.receipt]\nmax_attempt = 3\n\n"
         '[sources.orders]\nscheme = "idempotency-key"\n'
-        '[sources.orders.clients]\nacme = "env:ACME_TOKEN_UNSET"\nglobex = "env:GLOBEX_TOKEN_UNSET"\n'
+        '[sources.orders.clients]\nacme = "env:ACME_TOKEN_UNSET"\n'
+        'globex = "env:GLOBEX_TOKEN_UNSET"\n'
     )
     done = run("sources", "check", cwd=tmp_path, env=_env())
     assert done.returncode == 1

@@ -88,7 +88,8 @@ def test_sources_check_fails_naming_the_source_whose_secret_is_unset(tmp_path: P
         "HUBSPOT_CLIENT_SECRET": "set",
     }
     env.pop("STRIPE_WEBHOOK_SECRET", None)
-    command = [sys.executable, "-c", "from idemhook._factory import main; main()", "sources", "check"]
+    entry = "from idemhook._factory import main; main()"
+    command = [sys.executable, "-c", entry, "sources", "check"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "PROBLEM    [sources.billing] secret: environment variable STRIPE_WEBHOOK_SECRET" in (
