@@ -25,7 +25,11 @@ system-deps: $(STAMP)
 	@$(BIN)/python -c "from app.testing.pgbouncer import ensure_pgbouncer; ensure_pgbouncer()"
 	@$(BIN)/python -c "from tests.browser import ensure_chromium; ensure_chromium()"
 
-run: $(STAMP)
+# The ports are checked first, before anything is installed (scripts/ports_free.py).
+run:
+	@PORT=$${PORT:-8000}; $(PYTHON) scripts/ports_free.py PORT "$$PORT" \
+		EMAIL_SMTP_PORT "$${EMAIL_SMTP_PORT:-$$((PORT + 25))}"
+	@$(MAKE) --no-print-directory $(STAMP)
 	@bash scripts/demo.sh
 
 test: $(STAMP) system-deps

@@ -5,30 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 PORT="${PORT:-8000}"
-# Before anything is printed: a taken port would otherwise fail only after the curl is shown.
-if ! "$BIN/python" - "$PORT" <<'EOF'
-import socket
-import sys
-
-with socket.socket() as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
-    try:
-        s.bind(("127.0.0.1", int(sys.argv[1])))
-    except (OSError, ValueError):
-        sys.exit(1)
-EOF
-then
-  echo "Port $PORT is in use (or is not a port number): stop what listens on it, or choose" \
-    "another port with PORT=, e.g. PORT=8001 make run" >&2
-  exit 1
-fi
+# The email API example's SMTP server: a local sink that prints what it receives. Beside the
+# web port by default, so that two demos on two ports never share one sink.
+export EMAIL_SMTP_PORT="${EMAIL_SMTP_PORT:-$((PORT + 25))}"
+# Before anything is printed: a taken port would otherwise fail only after the curl is shown
+# (`make run` checks before it installs anything, too).
+python3 scripts/ports_free.py PORT "$PORT" EMAIL_SMTP_PORT "$EMAIL_SMTP_PORT" || exit 1
 export IDEMHOOK_CONFIG="${IDEMHOOK_CONFIG:-webhooks.example.toml}"
 # The demo's secret; a real deployment sets its own (see docs/configuration.md).
 export DEMO_WEBHOOK_SECRET="${DEMO_WEBHOOK_SECRET:-demo-secret-not-for-production}"
 export HUBSPOT_CLIENT_SECRET="${HUBSPOT_CLIENT_SECRET:-demo-hubspot-secret-not-for-production}"
 export EMAIL_API_TOKEN="${EMAIL_API_TOKEN:-demo-email-token-not-for-production}"
-# The email API example's SMTP server: a local sink that prints what it receives.
-export EMAIL_SMTP_PORT="${EMAIL_SMTP_PORT:-8025}"
 # The dashboard's login (and the read API's bearer token); printed below when it is the demo's.
 if [ -z "${IDEMHOOK_ADMIN_TOKEN:-}" ]; then
   export IDEMHOOK_ADMIN_TOKEN="demo-admin-token-not-for-production"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -123,3 +124,21 @@ def test_demo_on_a_taken_port_says_so_before_printing_anything(tmp_path: Path):
         "another port with PORT=, e.g. PORT=8001 make run"
     ]
     assert not (tmp_path / "instance").exists()
+
+
+def test_make_run_checks_its_ports_before_installing_anything(tmp_path: Path):
+    # A fresh clone: no virtualenv yet. A taken port is said before any install starts.
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            ["make", "--no-print-directory", "run"], cwd=tmp_path,
+            env={**os.environ, "PORT": str(port)}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"Port {port} is in use" in done.stderr
+    assert not (tmp_path / ".venv").exists()  # nothing was installed

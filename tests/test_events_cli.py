@@ -129,6 +129,9 @@ def test_show_prints_every_column_and_failures(client, runner, sql):
     human = runner.invoke(args=["events", "show", "acme", "evt_show"])
     assert human.exit_code == 0
     assert "duplicate_count" in human.output and "CRM down" in human.output
+    # The stored headers as JSON, as the payload and the result are: not a Python dict.
+    headers = human.output.split("headers", 1)[1].split("\nid ", 1)[0]
+    assert '"Content-Type": "application/json"' in headers and "{'" not in headers
 
     missing = runner.invoke(args=["events", "show", "acme", "nope"])
     assert missing.exit_code == 1 and "no event 'nope'" in missing.output

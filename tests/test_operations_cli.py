@@ -101,6 +101,9 @@ def test_failures_retry_is_refused_for_an_api_and_replay_rewrites_its_answer(api
     runner = api_app.test_cli_runner()
     retried = runner.invoke(args=["failures", "retry", "emails", "acme:f-1"])
     assert retried.exit_code != 0 and "its client retries with the same key" in retried.output
+    # The key alone (as the client sent it) is answered the same way, not "no failure".
+    bare = runner.invoke(args=["failures", "retry", "emails", "f-1"])
+    assert bare.exit_code != 0 and "its client retries with the same key" in bare.output
     assert sql("SELECT count(*) FROM processed_events") == [(0,)]
 
     deliver(client, "emails", {"to": "x", "decline": True}, as_client="acme", key="r-1")

@@ -89,7 +89,7 @@ def events_show(source: str, event_id: str, client: str | None, as_json: bool) -
     failures = event.pop("failures")
     width = max(len(k) for k in event)
     for key, value in event.items():
-        pretty = key in ("payload", "result", "response_headers")
+        pretty = key in ("payload", "result", "response_headers", "headers")
         shown = json.dumps(value, indent=2, default=str) if pretty else value
         click.echo(f"{key.ljust(width)}  {'-' if shown is None else shown}")
     click.echo(f"{'failures'.ljust(width)}  {len(failures)}")

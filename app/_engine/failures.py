@@ -147,6 +147,15 @@ def retry_failure(
     :func:`requeue`.
     """
     failures, events = delivery_failures, processed_events
+    api = sources.get(source)
+    if api is not None and api.scheme.operation:
+        # Checked first: a named client's failures are stored as `<client>:<key>`, so the
+        # key alone would find none and say so, which misleads.
+        raise ActionRefused(
+            f"source {source!r} is an API (idempotency-key): its client retries with the same "
+            "key, and only that retry can receive the answer; the failure is resolved when "
+            "that retry succeeds"
+        )
     with claimer.database.session() as session:
         failure = session.execute(
             select(failures.c.raw_body, failures.c.headers, failures.c.failed_at)
@@ -168,11 +177,6 @@ def retry_failure(
     src = sources.get(source)
     if src is None:
         raise ActionRefused(f"source {source!r} is no longer configured")
-    if src.scheme.operation:
-        raise ActionRefused(
-            f"source {source!r} is an API (idempotency-key): its client retries with the same "
-            "key, and only that retry can receive the answer"
-        )
     raw_body = bytes(failure.raw_body)
     if not raw_body:
         raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")

@@ -575,3 +575,17 @@ def test_outbox_pages_are_keyset_pages_of_the_read_api(mail):
     broken = mail.get("/dashboard/outbox?cursor=not-a-cursor")
     assert broken.status_code == 200
     assert "The cursor is not one this server handed out" in text_of(broken.text)
+
+
+def test_an_api_source_is_registered_at_its_own_path(make_app):
+    from tests.test_operations import API_SOURCES
+
+    app = make_app(API_SOURCES, IDEMHOOK_ADMIN_TOKEN=TOKEN,
+                   IDEMHOOK_PUBLIC_URL="https://api.example.com")
+    browser = Browser(app.test_client())
+    browser.login()
+    page = browser.get("/dashboard").text
+    # emails is served at its path; orders has none: /webhooks/<name>.
+    assert "https://api.example.com/v1/emails" in page
+    assert "https://api.example.com/webhooks/emails" not in page
+    assert "https://api.example.com/webhooks/orders" in page

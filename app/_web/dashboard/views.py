@@ -191,7 +191,9 @@ def register_url(source: Source | None, name: str) -> tuple[str, bool]:
     )
     guessed = not base
     root = (base or request.url_root).rstrip("/")
-    return f"{root}/webhooks/{name}", guessed
+    # An API (idempotency-key) is called at its own path, when it has one.
+    path = getattr(source.scheme, "path", None) if source else None
+    return f"{root}{path or f'/webhooks/{name}'}", guessed
 
 
 def distinct_sources(session: Session, table: Any) -> list[str]:
