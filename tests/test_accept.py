@@ -16,7 +16,7 @@ from idemhook._config import sources
 from idemhook._engine.applier import apply_due
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SECRET, SOURCES
 
 ASYNC = {"scheme": "hmac-sha256", "secret": SECRET, "event_id": "body:id", "mode": "async"}
@@ -167,7 +167,7 @@ def test_an_event_without_a_usable_order_key_is_refused_and_nothing_stored(
 
 
 def test_the_claim_notifies_the_workers_when_it_commits_and_only_for_new_events(queued, pg_url):
-    listener = psycopg2.connect(**_connect_args(pg_url))
+    listener = psycopg2.connect(**connect_args(pg_url))
     listener.autocommit = True
     client = queued.test_client()
     try:
@@ -186,7 +186,7 @@ def test_a_burst_of_acks_shares_notifications_and_the_last_is_followed_by_one(qu
     # send one per ack (the ack path lost a tenth of its requests/s to them in make bench),
     # yet the workers must always hear of the last commit.
     notifier = queued.extensions["idemhook.receiver"].acceptor.notifier
-    listener = psycopg2.connect(**_connect_args(pg_url))
+    listener = psycopg2.connect(**connect_args(pg_url))
     listener.autocommit = True
     try:
         listener.cursor().execute("LISTEN idemhook_events")

@@ -151,11 +151,11 @@ def test_a_batch_of_quick_handlers_commits_them_together_and_one_failure_alone(a
     )
     sizes = []
     while True:
-        batch = applier._apply(Running())
+        batch = applier.run_batch(Running())
         if batch is None:
             break
         sizes.append(len(batch.applied))
-        applier._finish(batch)
+        applier.report(batch)
         time.sleep(0.06)  # the one failure's backoff (0.05 s at most) passes
     assert sizes[0] == 1 and max(sizes) > 1  # batches grow while handlers are quick
     assert sql("SELECT count(*) FROM processed_events WHERE status = 'processed'") == [(8,)]
@@ -277,8 +277,8 @@ def test_metrics_count_the_queue_and_what_the_worker_did(app, send, sql):
         app.extensions["idemhook.receiver"].sources,
         metrics=metrics,
     )
-    while (batch := applier._apply(Running())) is not None:
-        applier._finish(batch)
+    while (batch := applier.run_batch(Running())) is not None:
+        applier.report(batch)
     from prometheus_client import generate_latest
 
     worker_text = generate_latest(metrics.registry).decode()

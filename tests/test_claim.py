@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from idemhook._engine.claim import DeliveryClaim
 from idemhook.testing import deliver
 
 
@@ -181,11 +182,11 @@ def test_a_lost_connection_is_answered_from_what_committed_never_by_running_agai
     def event(event_id):
         return Event("acme", event_id, "contact.updated", {}, Headers(), datetime.now(UTC))
 
-    from idemhook._engine.claim import _Delivery
 
-    [outcome] = _Delivery(claimer, [event("lost-1")], b"").resolve(lost)
+
+    [outcome] = DeliveryClaim(claimer, [event("lost-1")], b"").resolve(lost)
     assert outcome.status is Status.DUPLICATE
     assert outcome.result == applied.json["result"]
     with pytest.raises(ServiceUnavailable) as refused:
-        _Delivery(claimer, [event("lost-1"), event("lost-2")], b"").resolve(lost)
+        DeliveryClaim(claimer, [event("lost-1"), event("lost-2")], b"").resolve(lost)
     assert refused.value.code == "database_unavailable"

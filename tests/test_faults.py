@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.faults import Proxy, sessions
 from tests.reliability.conftest import wait_for
 
@@ -14,7 +14,7 @@ NAME = "idemhook-test-proxy"
 
 
 def connect(url):
-    return psycopg2.connect(**_connect_args(url), application_name=NAME, connect_timeout=5)
+    return psycopg2.connect(**connect_args(url), application_name=NAME, connect_timeout=5)
 
 
 def test_a_proxy_cut_resets_open_connections_and_new_ones_work(pg_url):

@@ -20,7 +20,7 @@ import pytest
 from idemhook import create_app
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver, signed
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.reliability.conftest import wait_for
 from tests.test_events_cli import closed_port
 
@@ -326,7 +326,7 @@ def test_an_overrunning_operation_answers_503_and_frees_its_key_when_it_returns(
 def test_a_key_whose_row_is_locked_answers_409_after_the_lock_timeout(make_app, db_url, sql):
     api = make_app(API_SOURCES, IDEMHOOK_STATEMENT_TIMEOUT_MS=300).test_client()
     assert deliver(api, "emails", {"to": "x"}, as_client="acme", key="lk-1").status_code == 201
-    holder = psycopg2.connect(**_connect_args(db_url))
+    holder = psycopg2.connect(**connect_args(db_url))
     try:
         with holder.cursor() as cur:  # an operator's `events replay` holds the row like this
             cur.execute("SELECT 1 FROM processed_events WHERE event_id = 'acme:lk-1' FOR UPDATE")

@@ -246,7 +246,7 @@ def test_a_result_after_the_lease_was_lost_does_not_overwrite_the_new_holders(ap
     _, attempts = slow.store.step("slow:1", [], start)
     make_due(sql)  # the slow worker's lease expired: another worker takes the message
     fast.step(idle_worker(fast))
-    outcome = slow._send(slow.senders["email"], message, attempts, start.token)
+    outcome = slow.send_one(slow.senders["email"], message, attempts, start.token)
     kept, _ = slow.store.step("slow:1", [outcome.record], None)
     assert kept == set()  # logged as lease_lost
     [row] = sql("SELECT status, result, attempts FROM outbox_messages")
@@ -278,7 +278,7 @@ def test_a_step_sent_again_after_a_lost_connection_charges_and_records_once(app,
     start = Start(first.id, f"w:1/{first.id}", 60.0)
     assert work.store.step("w:1", [], start) == (set(), 1)
     assert work.store.step("w:1", [], start, again=True) == (set(), 1)  # charged once
-    outcome = work._send(work.senders["email"], first, 1, start.token)
+    outcome = work.send_one(work.senders["email"], first, 1, start.token)
     following = Start(second.id, f"w:1/{second.id}", 60.0)
     assert work.store.step("w:1", [outcome.record], following) == ({first.id}, 1)
     # The reply was lost: the same step again finds the record stored, the start made.

@@ -71,7 +71,7 @@ from idemhook._store.database import (
 )
 from idemhook._store.models import event_queue, processed_events
 from idemhook._store.notify import EVENTS_CHANNEL, notify_sql
-from idemhook._store.statements import _processor
+from idemhook._store.statements import processor
 from idemhook._values.errors import ServiceUnavailable
 from idemhook._values.headers import (
     safe_headers,
@@ -101,8 +101,8 @@ class Acceptor:
         dialect = database.engine.dialect
         self._postgresql = dialect.name == "postgresql"
         self._dialect = dialect
-        self._timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
-        self._result = _processor(processed_events.c.result.type, dialect, bind=False)
+        self._timestamp = processor(processed_events.c.received_at.type, dialect, bind=True)
+        self._result = processor(processed_events.c.result.type, dialect, bind=False)
         #: The statement per source (its name a literal), written once.
         self._sql: dict[str, str] = {}
         #: Wakes the workers after a claim with new events commits (PostgreSQL).

@@ -200,18 +200,18 @@ class Applier:
     def step(self, worker: Worker) -> float | None:
         if not self.sources:
             return None
-        batch = self._apply(worker)
+        batch = self.run_batch(worker)
         if batch is None:
             return self.queue.next_due(self.database.lanes)
         if batch.busy:
             return None  # the poll: a claim thread may be free by then
-        self._finish(batch)
+        self.report(batch)
         return 0.0
 
     def release(self) -> None:
         """Nothing to give back: what a batch took is released when its transaction ends."""
 
-    def _apply(self, worker: Worker) -> _Batch | None:
+    def run_batch(self, worker: Worker) -> _Batch | None:
         """Take, run and record one batch; None when nothing was due.
 
         With a handler deadline, the batch runs on a claim thread watched by this
@@ -290,7 +290,7 @@ class Applier:
 
     # -- telling -------------------------------------------------------------------------------
 
-    def _finish(self, batch: _Batch) -> None:
+    def report(self, batch: _Batch) -> None:
         """After the commit: a log line and metrics per attempt."""
         for applied in batch.applied:
             self._report(applied)
@@ -587,9 +587,9 @@ def apply_due(app: Any, *, limit: int = 10_000) -> int:
     applier = Applier(database, registry, sources, batch=DEFAULT_BATCH)
     attempts = 0
     while attempts < limit:
-        batch = applier._apply(_Running())  # type: ignore[arg-type]
+        batch = applier.run_batch(_Running())  # type: ignore[arg-type]
         if batch is None:
             break
-        applier._finish(batch)
+        applier.report(batch)
         attempts += len(batch.applied)
     return attempts

@@ -124,7 +124,7 @@ class Claimer:
 
     def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
         """Claim and handle ``events``; answer when done, or 503 when a handler overruns."""
-        attempt = _Delivery(self, events, raw_body)
+        attempt = DeliveryClaim(self, events, raw_body)
         return watched(self.watchdog, attempt, on_overrun=attempt.overran)
 
     def _report(self, tx: _Transaction) -> None:
@@ -136,7 +136,7 @@ class Claimer:
                 observer(*observed)
 
 
-class _Delivery:
+class DeliveryClaim:
     """One delivery's claim: an :class:`~idemhook._engine.attempt.Attempt` (see its faults)."""
 
     def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:

@@ -125,7 +125,7 @@ class KeyClaimer:
 
     def apply(self, request: KeyRequest) -> Answer:
         """Claim the key and run the operation, or answer from the key (409, 422, replay)."""
-        attempt = _Operation(self, request)
+        attempt = KeyOperation(self, request)
         answer = watched(self.claimer.watchdog, attempt, on_overrun=attempt.overran)
         if answer is None:  # pragma: no cover (only an abandoned claim returns None)
             raise ServiceUnavailable("The operation was abandoned; retry shortly.")
@@ -201,7 +201,7 @@ class KeyLost(Exception):
     """SQLite: the finishing statement found the key's row gone (PostgreSQL: a refused COMMIT)."""
 
 
-class _Operation:
+class KeyOperation:
     """One request's operation: an :class:`~idemhook._engine.attempt.Attempt`.
 
     ``owner`` is its token: the lease, the finishing statement and every release are

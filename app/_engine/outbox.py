@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, select, text, upd
 from sqlalchemy.orm import Session
 
 from idemhook._contract import Event, current_outbox
+from idemhook._store.engine import aware
 from idemhook._store.models import outbox_messages
 from idemhook._store.notify import OUTBOX_CHANNEL
 from idemhook._values.jsontext import (
@@ -208,7 +209,7 @@ def retry(engine: Engine, ids: Sequence[int]) -> list[RetryResult]:
                 results.append(RetryResult(message_id, "refused", "already sent"))
                 continue
             now = _db_now(conn)
-            if row.leased_by is not None and _aware(row.next_attempt_at) > now:
+            if row.leased_by is not None and aware(row.next_attempt_at) > now:
                 results.append(
                     RetryResult(
                         message_id, "refused", f"a worker is sending it now ({row.leased_by})"
@@ -287,9 +288,5 @@ def prune(
 def _db_now(conn: Connection) -> datetime:
     """The database's clock (every worker and command compares times against one clock)."""
     if conn.dialect.name == "postgresql":
-        return _aware(conn.execute(select(func.now())).scalar_one())
+        return aware(conn.execute(select(func.now())).scalar_one())
     return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -149,7 +149,7 @@ class Delivery:
             self._held = (lease, rest)
             if attempts is None:
                 continue  # its hold ran out during a long send and another worker took it
-            done = [self._send(sender, message, attempts, start.token)]
+            done = [self.send_one(sender, message, attempts, start.token)]
         self._held = None
         self._step(lease, done, None)
 
@@ -174,7 +174,7 @@ class Delivery:
 
     # -- send ----------------------------------------------------------------------------------
 
-    def _send(self, sender: Sender, taken: Message, attempts: int, token: str) -> _Outcome:
+    def send_one(self, sender: Sender, taken: Message, attempts: int, token: str) -> _Outcome:
         message = replace(taken, attempts=attempts)  # counting this one
         started = time.perf_counter()
         try:

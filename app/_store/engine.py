@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,14 @@ def is_timeout(exc: DBAPIError) -> bool:
     """True when PostgreSQL gave up waiting: a lock timeout (55P03) or a statement timeout."""
     # 55P03 lock_not_available, 57014 query_canceled (statement_timeout).
     return getattr(exc.orig, "pgcode", None) in ("55P03", "57014")
+
+
+def aware(value: datetime | str) -> datetime:
+    """A timestamp as the database handed it back, made timezone-aware (UTC).
+
+    PostgreSQL's ``timestamptz`` comes back aware; SQLite (the demo) hands back naive
+    datetimes, or text through a lane's cursor.
+    """
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 
 from idemhook._store.lanes import Lane, Lanes
 from idemhook._store.models import delivery_failures, event_queue, processed_events
-from idemhook._store.statements import ClaimStatements, _processor
+from idemhook._store.statements import ClaimStatements, compile_statement, processor
 
 
 class EventQueue:
@@ -39,7 +39,7 @@ class EventQueue:
     def __init__(self, dialect: Any, sources: Sequence[str]) -> None:
         self.postgresql = dialect.name == "postgresql"
         self.claims = ClaimStatements(dialect)
-        self.timestamp = _processor(processed_events.c.received_at.type, dialect, bind=True)
+        self.timestamp = processor(processed_events.c.received_at.type, dialect, bind=True)
         names = sorted(sources)
         self._take_sql = _compile(_take(names, self.postgresql), dialect)
         self._next_due_sql = _compile(_next_due(names, self.postgresql), dialect)
@@ -247,11 +247,7 @@ def _among(column: Any, names: list[str]) -> Any:
 
 
 def _compile(statement: Any, dialect: Any) -> str:
-    compiled = statement.compile(dialect=dialect)
-    unnamed = [name for name in compiled.params if name not in _PARAMETERS]
-    if unnamed:  # a literal compiled in as a parameter would never be passed
-        raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
-    return str(compiled)
+    return compile_statement(statement, dialect, _PARAMETERS)
 
 
 #: The parameters the worker's statements are given.

@@ -33,6 +33,7 @@ from idemhook._contract import (
 from idemhook._store.database import (
     Database,
 )
+from idemhook._store.engine import aware
 from idemhook._store.models import outbox_messages as TABLE
 from idemhook._values.jsontext import (
     loads,
@@ -144,7 +145,7 @@ class OutboxStore:
             rows = self._run(_TAKE_PG, params)
         else:
             rows = self._take_sqlite(lease, limit)
-        return sorted((Message(*row[:5], _aware(row[5]), *row[6:]) for row in rows),
+        return sorted((Message(*row[:5], aware(row[5]), *row[6:]) for row in rows),
                       key=lambda m: m.id)
 
     def step(
@@ -228,7 +229,7 @@ class OutboxStore:
             ).scalar()
         if earliest is None:
             return None
-        return (_aware(earliest) - datetime.now(UTC)).total_seconds()
+        return (aware(earliest) - datetime.now(UTC)).total_seconds()
 
     # -- SQLite (the demo): one writer at a time, no SKIP LOCKED needed ------------------------
 
@@ -307,9 +308,3 @@ class OutboxStore:
                     .values(next_attempt_at=now + timedelta(seconds=HOLD_SECONDS))
                 )
         return kept, attempts
-
-
-def _aware(value: datetime) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -117,20 +117,14 @@ class ClaimStatements:
             )
         )
         self.finish_sql = self._compile(finish)
-        self._timestamp = _processor(table.c.received_at.type, dialect, bind=True)
-        self._result = _processor(table.c.result.type, dialect, bind=False)
+        self._timestamp = processor(table.c.received_at.type, dialect, bind=True)
+        self._result = processor(table.c.result.type, dialect, bind=False)
         self._store_many: dict[int, str] = {}  # see store_many_sql
         #: Sent with the COMMIT of a transaction that only counted duplicates: no disk flush.
         self.duplicates_only_sql = "SET LOCAL synchronous_commit TO OFF"
 
     def _compile(self, statement: Any, names: Collection[str] = _PARAMETERS) -> str:
-        compiled = statement.compile(dialect=self.dialect)
-        # Every value is passed at run time by name: a literal or a column default
-        # compiled in as a parameter would be missing from what the cursor is given.
-        unnamed = [name for name in compiled.params if name not in names]
-        if unnamed:
-            raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
-        return str(compiled)
+        return compile_statement(statement, self.dialect, names)
 
     def claim_params(self, event: Event, status: Status, headers: str) -> dict:
         """The claim's parameters (``headers``: the delivery's stored headers, as JSON)."""
@@ -202,7 +196,21 @@ class ClaimStatements:
         return sql
 
 
-def _processor(type_: Any, dialect: Any, *, bind: bool) -> Callable[[Any], Any]:
+def compile_statement(statement: Any, dialect: Any, names: Collection[str]) -> str:
+    """``statement`` as SQL text for ``dialect``, compiled once, run on a lane's cursor.
+
+    Every value is passed at run time by name: a literal or a column default compiled
+    in as a parameter would be missing from what the cursor is given, so any parameter
+    not in ``names`` is refused here, at start-up.
+    """
+    compiled = statement.compile(dialect=dialect)
+    unnamed = [name for name in compiled.params if name not in names]
+    if unnamed:
+        raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
+    return str(compiled)
+
+
+def processor(type_: Any, dialect: Any, *, bind: bool) -> Callable[[Any], Any]:
     """The dialect's bind or result processor for ``type_``, or the identity."""
     impl = type_.dialect_impl(dialect)
     found = impl.bind_processor(dialect) if bind else impl.result_processor(dialect, None)
@@ -387,8 +395,8 @@ class KeyStatements:
             c.lock_owner == bindparam("lock_owner", type_=String),
         )
         self.release_sql = self._compile(release)
-        self.timestamp = _processor(c.received_at.type, dialect, bind=True)
-        self._json = _processor(c.result.type, dialect, bind=False)
+        self.timestamp = processor(c.received_at.type, dialect, bind=True)
+        self._json = processor(c.result.type, dialect, bind=False)
         # The lease commits in its own transaction, without waiting for its WAL flush: a
         # crash that loses it loses the request that held it too. The operation's COMMIT
         # flushes the WAL up to it.
@@ -420,11 +428,7 @@ class KeyStatements:
             conn.exec_driver_sql(self.release_sql, {"row_id": row_id, "lock_owner": owner})
 
     def _compile(self, statement: Any) -> str:
-        compiled = statement.compile(dialect=self.dialect)
-        unnamed = [name for name in compiled.params if name not in _KEY_PARAMETERS]
-        if unnamed:
-            raise RuntimeError(f"parameters {unnamed} would not be passed: {compiled}")
-        return str(compiled)
+        return compile_statement(statement, self.dialect, _KEY_PARAMETERS)
 
     def key_row(self, row: tuple[Any, ...] | None) -> KeyRow | None:
         if row is None:

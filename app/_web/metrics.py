@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
@@ -56,6 +55,7 @@ from idemhook._contract import (
 )
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
+from idemhook._store.engine import aware
 from idemhook._store.models import event_queue, outbox_messages
 from idemhook._values.outbox_status import MessageStatus
 from idemhook._web.admin import require_admin_token
@@ -221,7 +221,7 @@ class OutboxCollector:
         yield messages
         age = 0.0
         if oldest is not None and now is not None:
-            age = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+            age = max(0.0, (aware(now) - aware(oldest)).total_seconds())
         yield GaugeMetricFamily(
             "idemhook_outbox_oldest_pending_age_seconds",
             "Age of the oldest outbox message not sent yet (0 when none is pending).",
@@ -274,7 +274,7 @@ class QueueCollector:
             queued.add_metric([source], count)
             waited = 0.0
             if oldest is not None and now is not None:
-                waited = max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+                waited = max(0.0, (aware(now) - aware(oldest)).total_seconds())
             age.add_metric([source], waited)
         yield queued
         yield age
@@ -305,9 +305,6 @@ class OutboxMetrics:
         _labelled(self._children, self.deliveries, kind, outcome).inc()
         _labelled(self._children, self.send_duration, kind).observe(seconds)
 
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite: naive UTC
 
 
 def _labelled(cache: dict[tuple[Any, tuple[str, ...]], Any], metric: Any, *labels: str) -> Any:

@@ -34,16 +34,16 @@ class NoPostgres(RuntimeError):
     """No PostgreSQL could be reached or started."""
 
 
-def _reachable(url: URL) -> str | None:
+def reachable(url: URL) -> str | None:
     """None if we can connect to ``url``, else why not."""
     try:
-        psycopg2.connect(**_connect_args(url), connect_timeout=3).close()
+        psycopg2.connect(**connect_args(url), connect_timeout=3).close()
     except psycopg2.OperationalError as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
     return None
 
 
-def _connect_args(url: URL) -> dict:
+def connect_args(url: URL) -> dict:
     args = {
         "host": url.host,
         "port": url.port,
@@ -174,12 +174,12 @@ def server_url(
     explicit = os.environ.get("TEST_DATABASE_URL")
     if explicit:
         url = normalise_database_url(explicit)
-        why = _reachable(url)
+        why = reachable(url)
         if why is None:
             return url, None
         raise NoPostgres(f"TEST_DATABASE_URL is set but unreachable: {why}")
     local_url = make_url(local)
-    why = _reachable(local_url)
+    why = reachable(local_url)
     if why is None:
         return local_url, None
     reasons.append(f"no server on {local_url.host}:{local_url.port} ({why})")
@@ -211,7 +211,7 @@ def create_database(
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
     if template is not None:
         statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template.database))
-    conn = psycopg2.connect(**_connect_args(server))
+    conn = psycopg2.connect(**connect_args(server))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -222,7 +222,7 @@ def create_database(
 
 
 def drop_database(url: URL) -> None:
-    conn = psycopg2.connect(**_connect_args(url.set(database="postgres")))
+    conn = psycopg2.connect(**connect_args(url.set(database="postgres")))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:

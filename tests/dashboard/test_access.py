@@ -141,7 +141,7 @@ def test_a_session_ends_after_its_lifetime(client, app):
     b = Browser(client)
     b.login()
     with app.test_request_context("/dashboard"):
-        owner = access._token_id(app.config)
+        owner = access.token_id(app.config)
     fresh = _cookie(app, {"admin": owner, "at": int(time.time()), "csrf": "c"})
     stale = _cookie(
         app, {"admin": owner, "at": int(time.time() - access.LIFETIME.total_seconds() - 60)}

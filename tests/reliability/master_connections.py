@@ -21,7 +21,7 @@ from flask import Flask
 from idemhook import create_app
 from idemhook._store.database import get_db
 from idemhook.testing import deliver
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 
 #: Apps built here stay referenced, as a start-up hook's or a plugin's would.
 _kept: list[Flask] = []
@@ -43,7 +43,7 @@ def open_connections(app: Flask | None, record: str) -> None:
     engine = get_db(app).engine
     with engine.connect() as conn:
         pooled = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    watcher = psycopg2.connect(**_connect_args(engine.url))
+    watcher = psycopg2.connect(**connect_args(engine.url))
     try:
         with watcher.cursor() as cur:
             cur.execute(SNAPSHOT, ([lane, pooled],))

@@ -23,7 +23,7 @@ import requests
 from sqlalchemy import create_engine, text
 
 from idemhook._engine.applier import MAX_INTERRUPTIONS
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SECRET
 from tests.plugins.queued import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for
@@ -107,7 +107,7 @@ def test_a_storm_of_200_ids_x_10_deliveries_is_applied_once_each_by_3_workers(cl
 def test_a_worker_killed_mid_handler_leaves_the_event_to_another_which_applies_it_once(
     clean_db, sql
 ):
-    holder = psycopg2.connect(**_connect_args(clean_db))
+    holder = psycopg2.connect(**connect_args(clean_db))
     holder.autocommit = True
     try:
         with holder.cursor() as cursor:

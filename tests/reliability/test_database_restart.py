@@ -20,7 +20,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SOURCES
 from tests.plugins.whoami import LOCK_KEY
 from tests.reliability.conftest import GUARD_SECONDS, WHOAMI_SOURCES, signed_post, wait_for
@@ -176,7 +176,7 @@ def keep_connections(server: Server, url: URL) -> dict[int, set[int]]:
 
     # Every claim waits for the lock the test holds, so all of them are open at once,
     # each on a connection of its own.
-    holder = psycopg2.connect(**_connect_args(url))
+    holder = psycopg2.connect(**connect_args(url))
     holder.autocommit = True
 
     def waiting() -> int:

@@ -19,7 +19,7 @@ from contextlib import ExitStack, closing
 import psycopg2
 import pytest
 
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SECRET, SOURCES
 from tests.faults import sessions
 from tests.reliability.conftest import GUARD_SECONDS, signed_post, wait_for
@@ -75,7 +75,7 @@ def test_a_failing_delivery_after_handlers_hung_is_answered_and_recorded(clean_d
         # 2. Then the worker serves HUNG deliveries at once, as busy traffic does: they
         # meet in their claims, held back together by the test's uncommitted claims of the
         # same events (as other deliveries of them in flight would hold them).
-        holder = stack.enter_context(closing(psycopg2.connect(**_connect_args(clean_db))))
+        holder = stack.enter_context(closing(psycopg2.connect(**connect_args(clean_db))))
         with holder.cursor() as cur:
             for n in range(HUNG):
                 cur.execute(

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL
 
 from idemhook import create_app
 from idemhook.testing import signed
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.faults import Proxy, sessions
 from tests.plugins import held_operation
 from tests.reliability.conftest import GUARD_SECONDS, wait_for
@@ -145,7 +145,7 @@ def test_a_key_operation_whose_key_row_is_deleted_in_flight_does_not_commit(
         gunicorn(HELD_SOURCES, clean_db, env=guard) as server,
         ThreadPoolExecutor(1) as client,
         # Closed first on the way out: the operation never waits on a failed test.
-        closing(psycopg2.connect(**_connect_args(clean_db))) as holder,
+        closing(psycopg2.connect(**connect_args(clean_db))) as holder,
     ):
         holder.autocommit = True
         with holder.cursor() as cur:

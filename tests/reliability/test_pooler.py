@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL
 from idemhook import create_app
 from idemhook.testing import postgres
 from idemhook.testing.pgbouncer import PgBouncer
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SECRET
 from tests.plugins.probe import SETTINGS
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for
@@ -179,7 +179,7 @@ def test_handlers_behind_a_transaction_pooler_run_under_the_configured_timeouts(
 
 
 def _show(url: URL) -> dict[str, str]:
-    conn = psycopg2.connect(**_connect_args(url))
+    conn = psycopg2.connect(**connect_args(url))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:

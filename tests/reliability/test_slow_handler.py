@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import requests
 
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.conftest import SECRET
 from tests.plugins.blocker import LOCK_KEY
 from tests.reliability.conftest import FAULT_SOURCES, GUARD_SECONDS, signed_post, wait_for
@@ -36,7 +36,7 @@ def slow_server(pg_url):
 def test_handler_waiting_past_the_lock_timeout_fails_cleanly_without_blocking_others(
     slow_server, clean_db, sql
 ):
-    holder = psycopg2.connect(**_connect_args(clean_db))
+    holder = psycopg2.connect(**connect_args(clean_db))
     holder.autocommit = True
     answers: list[requests.Response] = []
     try:

@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 import requests
 
-from idemhook.testing.postgres import _connect_args
+from idemhook.testing.postgres import connect_args
 from tests.plugins.blocker import APPLICATION_NAME_PREFIX, LOCK_KEY
 from tests.reliability.conftest import FAULT_SOURCES, signed_post, wait_for
 from tests.servers import gunicorn
@@ -34,7 +34,7 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
         gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as server,
         gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as other,
     ):
-        holder = psycopg2.connect(**_connect_args(clean_db))
+        holder = psycopg2.connect(**connect_args(clean_db))
         holder.autocommit = True
         try:
             with holder.cursor() as cur:
@@ -118,7 +118,7 @@ def test_killed_worker_leaves_no_claim_and_a_waiting_redelivery_applies_once(cle
 
 def test_killed_worker_without_redelivery_leaves_nothing(clean_db, sql):
     with gunicorn(FAULT_SOURCES, clean_db, env=STUCK) as server:
-        holder = psycopg2.connect(**_connect_args(clean_db))
+        holder = psycopg2.connect(**connect_args(clean_db))
         holder.autocommit = True
         try:
             with holder.cursor() as cur:

@@ -21,11 +21,11 @@ def test_without_a_server_a_throwaway_cluster_is_started(monkeypatch):
     try:
         assert cluster is not None and url.port == cluster.port
         database = postgres.create_database(url)
-        assert postgres._reachable(database) is None
+        assert postgres.reachable(database) is None
         postgres.drop_database(database)
     finally:
         cluster.destroy()
-    assert postgres._reachable(url) is not None
+    assert postgres.reachable(url) is not None
 
 
 def test_with_nothing_available_the_message_says_what_to_do(monkeypatch):

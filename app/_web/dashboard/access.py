@@ -51,7 +51,7 @@ def signing_key(config: Any) -> bytes:
     return hmac.new(token.encode(), _DERIVATION, hashlib.sha256).digest()
 
 
-def _token_id(config: Any) -> str:
+def token_id(config: Any) -> str:
     """Which admin token a session was opened with, without revealing it."""
     token = str(config.get("IDEMHOOK_ADMIN_TOKEN") or "")
     return hmac.new(signing_key(config), b"admin:" + token.encode(), hashlib.sha256).hexdigest()
@@ -135,13 +135,13 @@ def logged_in() -> bool:
         return False
     if time.time() - started > LIFETIME.total_seconds():
         return False
-    return hmac.compare_digest(owner, _token_id(current_app.config))
+    return hmac.compare_digest(owner, token_id(current_app.config))
 
 
 def log_in() -> None:
     """Start a logged-in session (a fresh CSRF token: nothing from before the login is kept)."""
     session.clear()
-    session["admin"] = _token_id(current_app.config)
+    session["admin"] = token_id(current_app.config)
     session["at"] = int(time.time())
     csrf_token()
 
