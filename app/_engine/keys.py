@@ -52,8 +52,11 @@ from idemhook._engine.watchdog import Job
 from idemhook._store.engine import (
     is_disconnect,
 )
+from idemhook._store.keys import (
+    KeyRow,
+    KeyStatements,
+)
 from idemhook._store.lanes import Lane
-from idemhook._store.statements import KeyRow, KeyStatements
 from idemhook._values.errors import (
     Conflict,
     HandlerFailed,
