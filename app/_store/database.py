@@ -120,9 +120,15 @@ def get_db(app: Flask | None = None) -> Database:
 @contextmanager
 def read_session() -> Iterator[Session]:
     """A session of the app's database for a read endpoint; a lost database answers 503."""
+    with unavailable_when_lost(), get_db().session() as session:
+        yield session
+
+
+@contextmanager
+def unavailable_when_lost() -> Iterator[None]:
+    """A lost database connection is answered 503 ``database_unavailable``, not 500."""
     try:
-        with get_db().session() as session:
-            yield session
+        yield
     except SQLAlchemyError as exc:
         if is_disconnect(exc):
             raise ServiceUnavailable(

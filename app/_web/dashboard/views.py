@@ -9,11 +9,8 @@ CSRF and the response headers are :mod:`.access`.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from flask import (
@@ -28,7 +25,7 @@ from flask import (
     url_for,
 )
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from idemhook._config.sources import Source
@@ -37,17 +34,16 @@ from idemhook._engine import outbox as outbox_actions
 from idemhook._store import queries
 from idemhook._store.database import (
     get_db,
-)
-from idemhook._store.engine import (
-    is_disconnect,
+    read_session,
+    unavailable_when_lost,
 )
 from idemhook._store.models import EVENT_STATUSES, delivery_failures, processed_events
-from idemhook._values.errors import IdemhookError, NotFound, ServiceUnavailable
+from idemhook._values.errors import IdemhookError, NotFound
 from idemhook._values.headers import (
     safe_headers,
 )
 from idemhook._web.admin import token_matches
-from idemhook._web.dashboard import access, outbox
+from idemhook._web.dashboard import access, formatting, outbox
 from idemhook._web.dashboard import overview as overview_module
 from idemhook._web.dashboard.chart import draw
 
@@ -99,36 +95,6 @@ def _headers(response: Response) -> Response:
     return response
 
 
-def _when(value: Any) -> str:
-    if value is None:
-        return "-"
-    when = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ago(value: Any) -> str:
-    if value is None:
-        return "-"
-    when = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = max(0, int((datetime.now(UTC) - when).total_seconds()))
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
 @bp.app_context_processor
 def _globals() -> dict[str, Any]:
     return {
@@ -139,34 +105,15 @@ def _globals() -> dict[str, Any]:
         # registering a filter builds the app's Jinja environment when the blueprint is
         # registered, for every app, and an app dropped without dispose then kept its
         # database connection (tests/test_lanes.py).
-        "when": _when,
-        "ago": _ago,
-        "pretty": _pretty,
-        "percent": _percent,
+        "when": formatting.when,
+        "ago": formatting.ago,
+        "pretty": formatting.pretty,
+        "percent": formatting.percent,
         "brief": outbox.brief,
     }
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _database() -> Iterator[None]:
-    """A lost database connection is a 503, not a 500."""
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        if is_disconnect(exc):
-            raise ServiceUnavailable(
-                "The database is unavailable; retry shortly.", code="database_unavailable"
-            ) from exc
-        raise
-
-
-@contextmanager
-def _session() -> Iterator[Session]:
-    with _database(), get_db().session() as session:
-        yield session
 
 
 def _too_slow(exc: OperationalError) -> bool:
@@ -273,7 +220,7 @@ def logout() -> Response:
 @bp.get("", strict_slashes=False)
 def overview() -> str:
     sources = _receiver().sources
-    with _session() as session:
+    with read_session() as session:
         figures = overview_module.build(session, sorted(sources))
     for entry in figures.sources:
         entry.url, entry.url_guessed = register_url(sources.get(entry.name), entry.name)
@@ -309,7 +256,7 @@ def events() -> Response | str:
             until=_when_arg(form["until"]),
             **extra,
         )
-        with _session() as session:
+        with read_session() as session:
             sources = known_sources(session)
             if form["id"]:
                 within = [form["source"]] if form["source"] else sources
@@ -388,7 +335,7 @@ def _not_found(source: str, event_id: str) -> NotFound:
 
 @bp.get("/events/<source>/<path:event_id>")
 def event(source: str, event_id: str) -> str:
-    with _session() as session:
+    with read_session() as session:
         found, attempts = _event_or_failures(session, source, event_id)
         payload = found["payload"] if found else None
         if found is None and attempts:
@@ -418,7 +365,7 @@ def event(source: str, event_id: str) -> str:
 def replay_event(source: str, event_id: str) -> Response | str:
     receiver = _receiver()
     if request.method == "GET":
-        with _session() as session:
+        with read_session() as session:
             found = queries.get_event(session, source, event_id)
         if found is None:
             raise _not_found(source, event_id)
@@ -463,7 +410,7 @@ def failures_page() -> str:
             since=_when_arg(form["since"]),
             pending=not show_all,
         )
-        with _session() as session:
+        with read_session() as session:
             sources = known_sources(session)
             rows, next_cursor = queries.list_failures(
                 session, filters, PAGE, request.args.get("cursor") or None
@@ -501,7 +448,7 @@ def retry_failures() -> Response:
     if not ids:
         flash("Select at least one failure to retry.", "error")
         return redirect(back, code=303)
-    with _session() as session:
+    with read_session() as session:
         targets = [
             (row.source, row.event_id)
             for row in session.execute(
@@ -539,7 +486,7 @@ def outbox_page() -> str:
     rows: list[dict[str, Any]] = []
     next_cursor = None
     error = None
-    with _session() as session:
+    with read_session() as session:
         summary = outbox.summary(session)
         try:
             rows, next_cursor = outbox.messages(session, status, cursor)
@@ -563,7 +510,7 @@ def outbox_page() -> str:
 
 @bp.get("/outbox/<int:message_id>")
 def outbox_message(message_id: int) -> str:
-    with _session() as session:
+    with read_session() as session:
         message = queries.get_message(session, message_id) if message_id < 2**63 else None
     if message is None:
         raise NotFound(
@@ -583,7 +530,7 @@ def retry_outbox() -> Response:
     if not ids:
         flash("Select at least one message to retry.", "error")
         return redirect(back, code=303)
-    with _database():
+    with unavailable_when_lost():
         results = outbox_actions.retry(get_db().engine, ids[:MAX_SELECTED])
     retried = [r.id for r in results if r.status == "retrying"]
     if retried:
