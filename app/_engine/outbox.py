@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from idemhook._contract import Event, current_outbox
 from idemhook._store.engine import aware
 from idemhook._store.models import outbox_messages
 from idemhook._store.notify import OUTBOX_CHANNEL
+from idemhook._store.outbox import ADD_PG, EXISTING, NOTIFY
 from idemhook._values.jsontext import (
     dumps,
 )
@@ -104,18 +105,6 @@ def unbind(token: Token) -> None:
     current_outbox.reset(token)
 
 
-# PostgreSQL: the insert and the NOTIFY in one statement; NOTIFY is delivered at COMMIT,
-# and only if it commits (identical notifications of one transaction fold into one).
-_ADD_PG = text(
-    "WITH added AS ("
-    "INSERT INTO outbox_messages (kind, key, payload, status, attempts, next_attempt_at, "
-    "created_at, source, event_id) "
-    "VALUES (:kind, :key, CAST(:payload AS jsonb), 'pending', 0, now(), now(), "
-    ":source, :event_id) "
-    "ON CONFLICT (kind, key) DO NOTHING RETURNING id) "
-    "SELECT id, pg_notify(:channel, :kind) FROM added"
-)
-_EXISTING = text("SELECT id FROM outbox_messages WHERE kind = :kind AND key = :key")
 
 
 def add_message(
@@ -139,7 +128,7 @@ def add_message(
             "event_id": event_id,
             "channel": OUTBOX_CHANNEL,
         }
-        found = session.execute(_ADD_PG, params).scalar()
+        found = session.execute(ADD_PG, params).scalar()
     else:
         from sqlalchemy.dialects.sqlite import insert
 
@@ -162,7 +151,7 @@ def add_message(
         )
         found = session.execute(statement).scalar()
     if found is None:  # added before (this key, an earlier run or another delivery)
-        found = session.execute(_EXISTING, {"kind": kind, "key": key}).scalar_one()
+        found = session.execute(EXISTING, {"kind": kind, "key": key}).scalar_one()
     return int(found)
 
 
@@ -185,8 +174,7 @@ class RetryResult:
 
 def notify(conn: Connection, kind: str) -> None:
     if conn.dialect.name == "postgresql":
-        params = {"channel": OUTBOX_CHANNEL, "kind": kind}
-        conn.execute(text("SELECT pg_notify(:channel, :kind)"), params)
+        conn.execute(NOTIFY, {"channel": OUTBOX_CHANNEL, "kind": kind})
 
 
 def retry(engine: Engine, ids: Sequence[int]) -> list[RetryResult]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, text, update
 
 from idemhook._contract import (
     Message,
@@ -45,6 +45,24 @@ from idemhook._values.outbox_status import MessageStatus
 HOLD_SECONDS = 2.0
 
 _PENDING = str(MessageStatus.PENDING)
+
+# -- adding (``event.outbox.add``, :mod:`idemhook._engine.outbox`) ----------------------------
+
+#: PostgreSQL: the insert and the NOTIFY in one statement; NOTIFY is delivered at COMMIT,
+#: and only if it commits (identical notifications of one transaction fold into one).
+ADD_PG = text(
+    "WITH added AS ("
+    "INSERT INTO outbox_messages (kind, key, payload, status, attempts, next_attempt_at, "
+    "created_at, source, event_id) "
+    "VALUES (:kind, :key, CAST(:payload AS jsonb), 'pending', 0, now(), now(), "
+    ":source, :event_id) "
+    "ON CONFLICT (kind, key) DO NOTHING RETURNING id) "
+    "SELECT id, pg_notify(:channel, :kind) FROM added"
+)
+EXISTING = text("SELECT id FROM outbox_messages WHERE kind = :kind AND key = :key")
+NOTIFY = text("SELECT pg_notify(:channel, :kind)")
+
+# -- sending (:mod:`idemhook._engine.sender`) -------------------------------------------------
 
 _TAKE_PG = (
     # Taking is not worth a disk flush: if a crash loses it, the message is simply due.
