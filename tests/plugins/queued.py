@@ -6,7 +6,8 @@ the event, its ``key`` payload field and the worker's pid. No unique constraint:
 an event applied twice would show as two rows. What the payload asks for, after
 the row is written:
 
-- ``{"sleep": s}``: sleep ``s`` seconds in Python (a slow API);
+- ``{"sleep": s}``: label the session ``test-handler-<pid>`` (so a test sees the handler
+  running, by the worker's own pid) and sleep ``s`` seconds in Python (a slow API);
 - ``{"fail": n}``: raise while fewer than ``n`` failures of the event are recorded
   in ``delivery_failures`` (so: fail ``n`` times, then succeed); ``"always"``: raise;
 - ``{"reject": reason}``: return ``Reject(reason)``;
@@ -70,6 +71,10 @@ def apply(event, db):
         )
         db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
     if isinstance(payload.get("sleep"), int | float):
+        db.execute(
+            text("SELECT set_config('application_name', :name, true)"),
+            {"name": f"{APPLICATION_NAME_PREFIX}{os.getpid()}"},
+        )
         time.sleep(payload["sleep"])
     fail = payload.get("fail")
     if fail == "always":

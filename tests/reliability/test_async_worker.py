@@ -301,7 +301,7 @@ def test_a_handler_sleeping_10_s_is_answered_at_once_and_applied_once_later(clea
         # Answered before the handler could have finished: nothing of it has committed.
         assert answer.status_code == 202 and answer.json()["status"] == "accepted"
         assert status_of(sql, "slow").status == "received" and applied(sql, "slow") == []
-        wait_for(lambda: worker_in_transaction(sql), "the worker to be inside the handler")
+        wait_for(lambda: handler_running(sql, running.pid), "the worker's handler to run")
         # The provider's retry (it would have timed out waiting for a synchronous answer)
         # is answered at once too, while the handler still runs.
         retry = signed_post(server.url, "queued", {"id": "slow", "sleep": 10})
@@ -318,10 +318,12 @@ def test_a_handler_sleeping_10_s_is_answered_at_once_and_applied_once_later(clea
     assert log.count("event_id=slow") == 1  # one attempt: no retry storm
 
 
-def worker_in_transaction(sql) -> bool:
+def handler_running(sql, pid: int) -> bool:
+    """Whether the handler of worker ``pid`` is running (it labels its session, sleeping)."""
     rows = sql(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = 'idemhook-worker' AND state = 'idle in transaction'"
+        "AND application_name = :name",
+        name=f"{APPLICATION_NAME_PREFIX}{pid}",
     )
     return rows[0][0] > 0
 
@@ -444,7 +446,9 @@ def test_sigterm_lets_the_event_in_hand_finish_and_commit(clean_db, sql):
     with gunicorn(ASYNC_SOURCES, clean_db) as server:
         with worker(ASYNC_SOURCES, clean_db, env=WORKER_ENV) as running:
             assert signed_post(server.url, "queued", {"id": "term", "sleep": 1}).status_code == 202
-            wait_for(lambda: worker_in_transaction(sql), "the worker to be inside the handler")
+            # The exact signal: this worker's handler has started (its session says so), so
+            # the event is in hand, not merely taken.
+            wait_for(lambda: handler_running(sql, running.pid), "the worker's handler to run")
             running.process.terminate()  # SIGTERM, as a deploy sends it
             assert running.process.wait(timeout=GUARD_SECONDS) == 0, running.log()
             log = running.log()
