@@ -5,6 +5,7 @@ The public API, everything a plugin author imports (docs/plugins.md)::
     from idemhook import handler, Ignore, Reject, Response, Event
     from idemhook import sender, Message          # the outbox (docs/outbox.md)
     from idemhook import api_view                 # an API's own routes (docs/plugins.md)
+    from idemhook import reconciler, Window       # events from a provider's log (docs/reconcile.md)
 
 ``idemhook.testing`` holds the test kit (``Kit``, ``deliver``, ``signed``, ``ANY``)
 and, through its pytest plugin, the ``idemhook`` fixture. Every other module is
@@ -20,8 +21,8 @@ The repository keeps this package in ``app/`` (setuptools' ``package-dir`` maps 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from idemhook._contract import Event, Ignore, Message, Reject, Response
-from idemhook._engine.registry import handler, sender
+from idemhook._contract import Event, Ignore, Message, Reject, Response, Window
+from idemhook._engine.registry import handler, reconciler, sender
 from idemhook._factory import create_app
 from idemhook._web.operations import api_view
 
@@ -31,9 +32,11 @@ __all__ = [
     "Message",
     "Reject",
     "Response",
+    "Window",
     "api_view",
     "create_app",
     "handler",
+    "reconciler",
     "sender",
 ]
 

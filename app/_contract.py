@@ -217,3 +217,11 @@ def result_of(results: Mapping[str, Any]) -> Any:
     if len(results) == 1:
         return next(iter(results.values()))
     return dict(results) if results else None
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The time a reconcile run asks about: events from ``since`` until ``until`` (aware UTC)."""
+
+    since: datetime
+    until: datetime

@@ -23,7 +23,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from idemhook import _cli as cli
 from idemhook._cli.common import NEEDS_ATTRIBUTE, ConfigMissing
 from idemhook._config import settings, sources
-from idemhook._engine import logs
+from idemhook._engine import logs, reconcile
 from idemhook._engine import registry as plugins
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer
@@ -76,6 +76,10 @@ def create_app(
     registry.check_sources(loaded.sources)
     registry.configure_senders(loaded.outbox)
     app.extensions["idemhook.registry"] = registry
+    retention = reconcile.retention_of(app.config["IDEMHOOK_RETENTION"])
+    app.extensions["idemhook.reconcile"] = reconcile.configured(
+        loaded.sources, registry, retention
+    )
 
     errors.init_app(app)
     logs.init_app(app)
@@ -91,7 +95,9 @@ def create_app(
     intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
-    metrics.init_app(app, claimer, acceptor, queued)
+    metrics.init_app(
+        app, claimer, acceptor, queued, sorted(app.extensions["idemhook.reconcile"])
+    )
     api.init_app(app)
     dashboard.init_app(app)
     # The plugins' own routes (IDEMHOOK_BLUEPRINT), after idemhook's: none may take one.

@@ -47,6 +47,7 @@ TABLES = (
     "delivery_failures",
     "outbox_messages",
     "event_queue",
+    "reconcile_runs",
     "test_effects",
     "test_failures",
     "test_applied",

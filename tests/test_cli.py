@@ -59,6 +59,7 @@ def test_help_without_configuration_lists_every_command(tmp_path: Path) -> None:
         "failures",
         "handlers",
         "outbox",
+        "reconcile",
         "send",
         "serve",
         "sign",

@@ -178,6 +178,10 @@ def api(make_app, sql):
         ("/failures", "/failures"),
         ("/failures?pending=true&limit=1", "/failures"),
         ("/failures?pending=perhaps", "/failures"),
+        ("/reconcile", "/reconcile"),
+        ("/reconcile/runs", "/reconcile/runs"),
+        ("/reconcile/runs?source=acme&limit=1", "/reconcile/runs"),
+        ("/reconcile/runs?cursor=zzz", "/reconcile/runs"),
         ("/metrics", "/metrics"),
         ("/healthz", "/healthz"),
         ("/readyz", "/readyz"),
@@ -187,7 +191,7 @@ def test_read_and_operate_responses_match_the_spec(api, url, path):
     response = api.get(url, headers=AUTH)
     conforms(response, path)
     unauthenticated = api.get(url)
-    if path.startswith(("/events", "/failures")):
+    if path.startswith(("/events", "/failures", "/reconcile")):
         assert unauthenticated.status_code == 401
     conforms(unauthenticated, path)
     conforms(api.post(url, headers=AUTH), path)  # 405

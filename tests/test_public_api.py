@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PRIVATE_IMPORT = re.compile(
     r"^\s*(from (app|idemhook\._\w+)(\.| import)|import (app|idemhook\._\w+)\b)", re.M
 )
-PUBLIC = ["Event", "Ignore", "Message", "Reject", "Response", "api_view", "create_app",
-          "handler", "sender"]
+PUBLIC = ["Event", "Ignore", "Message", "Reject", "Response", "Window", "api_view",
+          "create_app", "handler", "reconciler", "sender"]
 
 
 def test_the_public_api_is_what_the_package_exports() -> None:

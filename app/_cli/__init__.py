@@ -20,6 +20,7 @@ from idemhook._cli.events import events_cli
 from idemhook._cli.failures import failures_cli
 from idemhook._cli.handlers import handlers_cli
 from idemhook._cli.outbox import outbox_cli
+from idemhook._cli.reconcile import reconcile_command
 from idemhook._cli.send import send_command
 from idemhook._cli.serve import serve_command
 from idemhook._cli.sign import sign_command
@@ -36,6 +37,7 @@ COMMANDS = (
     events_cli,
     failures_cli,
     outbox_cli,
+    reconcile_command,
     worker_command,
 )
 

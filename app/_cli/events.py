@@ -8,6 +8,7 @@ import click
 from flask import current_app
 
 from idemhook._cli.common import (
+    ConfigMissing,
     DatabaseGroup,
     database_only,
     echo_traceback,
@@ -16,10 +17,13 @@ from idemhook._cli.common import (
     filter_options,
     needs_sources,
 )
+from idemhook._config.reconcile import human
 from idemhook._engine import replay, retention
+from idemhook._engine.reconcile import retention_of
 from idemhook._store import queries
 from idemhook._store.database import get_db
 from idemhook._store.models import EVENT_STATUSES
+from idemhook._values.errors import ConfigError
 
 events_cli = DatabaseGroup("events", help="Query, replay and prune processed events.")
 
@@ -165,8 +169,7 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
 @events_cli.command("prune")
 @click.option(
     "--older-than",
-    required=True,
-    help="Age of the rows to prune: 30d, 12h, 2w.",
+    help="Age of the rows to prune: 30d, 12h, 2w (default: IDEMHOOK_RETENTION).",
 )
 @click.option(
     "--payloads-only",
@@ -181,12 +184,31 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
     show_default=True,
     help="Rows per transaction.",
 )
-def events_prune(older_than: str, payloads_only: bool, dry_run: bool, batch_size: int) -> None:
-    """Delete events and failures older than --older-than, in short batches."""
+def events_prune(
+    older_than: str | None, payloads_only: bool, dry_run: bool, batch_size: int
+) -> None:
+    """Delete events and failures older than --older-than (or IDEMHOOK_RETENTION), in short
+    batches."""
+    try:
+        kept = retention_of(current_app.config["IDEMHOOK_RETENTION"])
+    except ConfigError as exc:
+        raise ConfigMissing(str(exc)) from None
+    if older_than is None:
+        if kept is None:
+            raise ConfigMissing("give --older-than (e.g. 30d) or set IDEMHOOK_RETENTION")
+        older_than = human(kept)
     try:
         age = queries.parse_duration(older_than)
     except queries.QueryError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    if kept is not None and not payloads_only and age < kept:
+        # Reconcile lookbacks were checked against IDEMHOOK_RETENTION (docs/reconcile.md).
+        raise ConfigMissing(
+            f"--older-than {older_than} is shorter than IDEMHOOK_RETENTION "
+            f"({human(kept)}), which claims are promised to be kept: a reconcile run or "
+            "a provider's retry would apply a pruned event again; prune --payloads-only, or "
+            "lower IDEMHOOK_RETENTION first"
+        )
     if not payloads_only and age < queries.LONGEST_RETRY_WINDOW:
         click.echo(
             f"warning: {older_than} is shorter than the longest provider retry window (3 days): "

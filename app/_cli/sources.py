@@ -21,8 +21,10 @@ from flask.cli import ScriptInfo
 from idemhook._cli.common import ConfigMissing, no_database
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module
+from idemhook._config.reconcile import check_retention, human
 from idemhook._config.schemes import SCHEMES
 from idemhook._engine import registry as plugins_module
+from idemhook._engine.reconcile import retention_of
 from idemhook._engine.registry import Registry
 from idemhook._values.errors import ConfigError
 
@@ -42,6 +44,7 @@ class Report:
     batch: str = "one event per request"
     mode: str = "sync: handlers run in the request"
     secret: str = "?"
+    reconcile: str = "-"
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -169,6 +172,7 @@ def inspect_sources() -> list[Report]:
             count = len(scheme.secrets)
             report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")
             _warn_short(report, scheme.keys, "secret")
+        _describe_reconcile(report, source, config, registry)
         if (
             registry is not None
             and not registry.for_event(name, None)
@@ -176,6 +180,32 @@ def inspect_sources() -> list[Report]:
         ):
             report.warnings.append("no handler: events will be recorded as ignored")
     return reports
+
+
+def _describe_reconcile(
+    report: Report, source: sources_module.Source, config: Mapping[str, Any],
+    registry: Registry | None,
+) -> None:
+    """Where missed events are looked for (docs/reconcile.md), and a lookback retention
+    does not cover."""
+    settings = source.reconcile
+    plugin = registry.reconcilers.get(source.name) if registry is not None else None
+    if settings is None:
+        if plugin is not None:
+            report.reconcile = f"{plugin.name}, only by idemhook reconcile"
+        return
+    where = {
+        "stripe": "Stripe's events list",
+        "github": f"GitHub's deliveries of {settings.hook}",
+    }.get(settings.provider, plugin.name if plugin else "no @reconciler registered")
+    when = f"every {human(settings.every)}" if settings.every else "only by idemhook reconcile"
+    report.reconcile = f"{where}, lookback {human(settings.lookback)}, {when}"
+    try:
+        check_retention(
+            {source.name: settings}, retention_of(config.get("IDEMHOOK_RETENTION"))
+        )
+    except ConfigError as exc:
+        report.problems.append(str(exc))
 
 
 def _async_mode(source: sources_module.Source) -> str:
@@ -236,6 +266,8 @@ def _show(reports: list[Report]) -> None:
         click.echo(f"  batch      {report.batch}")
         click.echo(f"  mode       {report.mode}")
         click.echo(f"  secret     {report.secret}")
+        if report.reconcile != "-":
+            click.echo(f"  reconcile  {report.reconcile}")
         for problem in report.problems:
             click.echo(f"  PROBLEM    {problem}")
         for warning in report.warnings:

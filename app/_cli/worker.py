@@ -12,17 +12,25 @@ from prometheus_client import start_http_server
 
 from idemhook._cli.common import ConfigMissing
 from idemhook._engine.applier import Applier
+from idemhook._engine.reconcile.schedule import Scheduled
 from idemhook._engine.sender import Delivery
-from idemhook._engine.worker import Work, Worker
+from idemhook._engine.worker import Work, Worker, worker_name
 from idemhook._store.database import (
     Database,
+    get_db,
 )
 from idemhook._store.engine import (
     Timeouts,
     application_name,
     build_engine,
 )
-from idemhook._web.metrics import Metrics, OutboxCollector, OutboxMetrics, QueueCollector
+from idemhook._web.metrics import (
+    Metrics,
+    OutboxCollector,
+    OutboxMetrics,
+    QueueCollector,
+    ReconcileCollector,
+)
 
 
 def _address(value: str | None) -> tuple[str, int] | None:
@@ -36,7 +44,7 @@ def _address(value: str | None) -> tuple[str, int] | None:
 
 @click.command(
     "worker",
-    short_help="Deliver outbox messages, apply received events (until SIGTERM).",
+    short_help="Send outbox messages, apply events, reconcile (until SIGTERM).",
 )
 @click.option(
     "--metrics-bind",
@@ -45,25 +53,32 @@ def _address(value: str | None) -> tuple[str, int] | None:
 )
 @with_appcontext
 def worker_command(metrics_bind: str | None) -> None:
-    """Deliver due outbox messages and apply asynchronous sources' received events,
-    until SIGTERM or Ctrl-C.
+    """Deliver due outbox messages, apply asynchronous sources' received events and
+    reconcile the sources with a reconcile `every`, until SIGTERM or Ctrl-C.
 
     Run as many as you like, on as many machines: they share the work
     (FOR UPDATE SKIP LOCKED). It wakes on LISTEN/NOTIFY when a claim that added
     messages or received events commits, and polls every IDEMHOOK_WORKER_POLL_MS.
     On SIGTERM it finishes the message or event in hand and gives back the rest.
+    Each reconcile slot is run by one worker (docs/reconcile.md).
     """
     address = _address(metrics_bind)
     config = current_app.config
     registry = current_app.extensions["idemhook.registry"]
     sources = current_app.extensions["idemhook.receiver"].sources
     queued = sorted(name for name, source in sources.items() if source.asynchronous)
-    if not registry.senders and not queued:
+    scheduled = {
+        name: config
+        for name, config in current_app.extensions["idemhook._engine.reconcile"].items()
+        if config.every is not None
+    }
+    if not registry.senders and not queued and not scheduled:
         raise ConfigMissing(
-            'no @sender is registered and no source has mode = "async", so `idemhook '
-            "worker` has nothing to do: list the module of your senders in `plugins` "
-            "(IDEMHOOK_CONFIG) or install it with an idemhook.handlers entry point "
-            "(docs/outbox.md), or make a source asynchronous (docs/async.md)"
+            'no @sender is registered, no source has mode = "async" and none is reconciled '
+            "`every` so often, so `idemhook worker` has nothing to do: list the module of "
+            "your senders in `plugins` (IDEMHOOK_CONFIG) or install it with an "
+            "idemhook.handlers entry point (docs/outbox.md), make a source asynchronous "
+            "(docs/async.md), or set [sources.<name>.reconcile] every (docs/reconcile.md)"
         )
     database = _database(config)
     metrics = Metrics()
@@ -71,6 +86,7 @@ def worker_command(metrics_bind: str | None) -> None:
     if address is not None:
         metrics.registry.register(OutboxCollector(database.engine))
         metrics.registry.register(QueueCollector(database.engine, queued))
+        metrics.registry.register(ReconcileCollector(database.engine, sorted(scheduled)))
         start_http_server(address[1], addr=address[0], registry=metrics.registry)
     batch = config["IDEMHOOK_WORKER_BATCH"]
     works: list[Work] = []
@@ -86,6 +102,21 @@ def worker_command(metrics_bind: str | None) -> None:
                 batch=batch,
                 metrics=metrics,
                 handler_timeout_ms=config["IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS"],
+            )
+        )
+    if scheduled:
+        # A run applies what it finds through the web's own claim and acknowledgement,
+        # the path a live delivery takes (docs/reconcile.md).
+        receiver = current_app.extensions["idemhook.receiver"]
+        works.append(
+            Scheduled(
+                engine=get_db().engine,
+                sources=sources,
+                configs=scheduled,
+                registry=registry,
+                claimer=receiver.claimer,
+                acceptor=receiver.acceptor,
+                owner=worker_name(),
             )
         )
     listen = config["IDEMHOOK_WORKER_LISTEN_URL"]

@@ -1,7 +1,8 @@
 """Split a verified body into events and read each one's ID and type.
 
-Shared by the intake (``POST /webhooks/<source>``) and ``failures retry``, which
-parses a stored raw body exactly as it was parsed on receipt.
+Shared by the intake (``POST /webhooks/<source>``), ``failures retry``, which
+parses a stored raw body exactly as it was parsed on receipt, and reconcile runs,
+which read a provider's logged events exactly as the live source reads a delivery.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
                 code="batch_too_large",
             )
     events = []
-    for item in items:
+    for item in items:  # event_of's body, inline: this loop is on every delivery's path
         if not isinstance(item, dict):
             raise BadRequest("Each event must be a JSON object.", code="invalid_event")
         event_id = _identifier(source.event_id, item, headers, "event_id")
@@ -49,6 +50,27 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
         )
         events.append(Event(source.name, event_id, event_type, item, headers, received_at))
     return events
+
+
+def event_of(source: Source, item: Any, headers: Any, received_at: datetime) -> Event:
+    """One event (an element of a batch, or a reconcile run's find) with its ID and type."""
+    if not isinstance(item, dict):
+        raise BadRequest("Each event must be a JSON object.", code="invalid_event")
+    event_id = _identifier(source.event_id, item, headers, "event_id")
+    event_type = (
+        _identifier(source.event_type, item, headers, "event_type")
+        if source.event_type is not None
+        else None
+    )
+    return Event(source.name, event_id, event_type, item, headers, received_at)
+
+
+def event_id_of(source: Source, item: Any, headers: Any) -> str | None:
+    """The event ID of ``item`` if what is known of it holds one, else None (no error)."""
+    try:
+        return _identifier(source.event_id, item, headers, "event_id")
+    except BadRequest:
+        return None
 
 
 def order_keys_of(source: Source, events: list[Event]) -> list[str]:

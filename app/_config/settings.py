@@ -68,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
     # `idemhook worker`: longest one received event's handlers may run (asynchronous
     # sources, docs/async.md): far above the provider's few seconds, which no longer apply.
     "IDEMHOOK_WORKER_HANDLER_TIMEOUT_MS": 60000,
+    # How long claims are kept (what the scheduled `events prune --older-than` uses): its
+    # default, and longer than every reconcile lookback (docs/reconcile.md). Empty: not said.
+    "IDEMHOOK_RETENTION": "",
     # `idemhook worker`: the URL it LISTENs on (a direct or session-mode connection);
     # empty: DATABASE_URL; "off": no LISTEN, polling only (docs/outbox.md).
     "IDEMHOOK_WORKER_LISTEN_URL": "",

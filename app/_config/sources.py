@@ -16,6 +16,8 @@ from typing import Any
 
 from idemhook._config import locators
 from idemhook._config.locators import Locator
+from idemhook._config.reconcile import ReconcileConfig
+from idemhook._config.reconcile import parse as parse_reconcile
 from idemhook._config.schemes import SCHEMES, Scheme
 from idemhook._config.settings import check_public_url
 from idemhook._values.errors import ConfigError
@@ -40,6 +42,7 @@ COMMON_KEYS = frozenset(
         "max_attempts",
         "backoff_seconds",
         "max_backoff_seconds",
+        "reconcile",
     }
 )
 #: The keys that only an asynchronous source (``mode = "async"``) reads.
@@ -90,6 +93,8 @@ class Source:
     order_key: Locator | None = None
     #: The worker's retries of an asynchronous source's failed events.
     retries: Retries = field(default_factory=Retries)
+    #: ``[sources.<name>.reconcile]``: where missed events are looked for (docs/reconcile.md).
+    reconcile: ReconcileConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +219,14 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
             f'[sources.{name}] mode = "async": an {scheme_name} source answers with its '
             "operation's own result, which only its handler can give; it runs in the request"
         )
+    reconcile = None
+    if "reconcile" in table:
+        if scheme.operation:
+            raise ConfigError(
+                f"[sources.{name}.reconcile]: an {scheme_name} source is an API of your own; "
+                "there is no provider log to reconcile from"
+            )
+        reconcile = parse_reconcile(name, scheme_name, table["reconcile"])
     return Source(
         name=name,
         scheme=scheme,
@@ -225,6 +238,7 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         content_types=_content_types(settings, name),
         public_url=_public_url(settings, name),
         asynchronous=asynchronous,
+        reconcile=reconcile,
         **(_async_settings(settings, name) if asynchronous else {}),
     )
 

@@ -65,11 +65,11 @@ from idemhook._contract import (
     Event,
 )
 from idemhook._engine.attempt import retrying
-from idemhook._store.claims import ACCEPT_PG, order_lock_sql
+from idemhook._store.claims import accept_sql, order_lock_sql
 from idemhook._store.database import (
     Database,
 )
-from idemhook._store.models import event_queue, processed_events
+from idemhook._store.models import RECEIVED_VIA, event_queue, processed_events
 from idemhook._store.notify import EVENTS_CHANNEL, notify_sql
 from idemhook._store.statements import processor
 from idemhook._values.errors import ServiceUnavailable
@@ -110,11 +110,25 @@ class Acceptor:
 
     def accept(self, source: Source, events: Sequence[Event]) -> list[Outcome]:
         """Claim ``events`` (one delivery to ``source``) as received; their outcomes."""
+        return self._accept(source, events, recovered=False)[0]
+
+    def recover(self, source: Source, events: Sequence[Event]) -> list[bool]:
+        """Claim ``events`` that a reconcile run found as received, marked ``reconcile``.
+
+        The same claim as a delivery's (docs/reconcile.md); for each event, whether this
+        claim recorded it (False: it was there already, a live delivery was first).
+        """
+        return self._accept(source, events, recovered=True)[1]
+
+    def _accept(
+        self, source: Source, events: Sequence[Event], *, recovered: bool
+    ) -> tuple[list[Outcome], list[bool]]:
         started = time.perf_counter()
         keys = order_keys_of(source, list(events)) if source.order_key is not None else None
         distinct = _first_of_each(events)
-        rows = self._claim_retrying(source, events, distinct, keys)
+        rows = self._claim_retrying(source, events, distinct, keys, recovered)
         outcomes = []
+        fresh = []
         new = False
         for event in events:
             duplicates, status, result = rows[event.id]
@@ -124,6 +138,7 @@ class Acceptor:
             else:
                 outcome = Outcome(event.id, Status.DUPLICATE, result)
             outcomes.append(outcome)
+            fresh.append(not duplicates)
         if new and self.notifier is not None:
             self.notifier.poke()
         if self.observers:
@@ -131,7 +146,7 @@ class Acceptor:
             for event, outcome in zip(events, outcomes, strict=True):
                 for observer in self.observers:
                     observer(event, outcome, seconds)
-        return outcomes
+        return outcomes, fresh
 
     def _claim_retrying(
         self,
@@ -139,10 +154,11 @@ class Acceptor:
         events: Sequence[Event],
         distinct: list[int],
         keys: list[str] | None,
+        recovered: bool = False,
     ) -> dict[str, tuple[int, str, Any]]:
         """Claim; once more on a fresh connection if the first was lost (a restart)."""
         return retrying(
-            lambda _again: self._claim(source, events, distinct, keys),
+            lambda _again: self._claim(source, events, distinct, keys, recovered),
             unavailable=lambda _exc: ServiceUnavailable(
                 "The database is unavailable; nothing was recorded. Retry shortly.",
                 code="database_unavailable",
@@ -162,9 +178,10 @@ class Acceptor:
         events: Sequence[Event],
         distinct: list[int],
         keys: list[str] | None,
+        recovered: bool = False,
     ) -> dict[str, tuple[int, str, Any]]:
         if not self._postgresql:
-            return self._claim_sqlite(source, events, distinct, keys)
+            return self._claim_sqlite(source, events, distinct, keys, recovered)
         # The time of receipt is the database's now(), the clock the worker compares with.
         items = []
         for i in distinct:
@@ -175,7 +192,10 @@ class Acceptor:
             )
         document = f'{{"h":{dumps(safe_headers(events[0].headers))},"e":[{",".join(items)}]}}'
         params: dict[str, Any] = {"d": document}
-        sql = self._sql.get(source.name) or self._compile(source)
+        if recovered:  # rare: not worth a cache
+            sql = accept_sql(source.name, recovered=True)
+        else:
+            sql = self._sql.get(source.name) or self._compile(source)
         if keys is not None:
             locks = sorted({f"{source.name}\n{key}" for key in keys})
             sql = "".join(order_lock_sql(n) for n in range(len(locks))) + sql
@@ -189,7 +209,7 @@ class Acceptor:
 
     def _compile(self, source: Source) -> str:
         """The statement for ``source``: its name, [A-Za-z0-9_.-] (app.sources), a literal."""
-        sql = ACCEPT_PG.format(source=f"'{source.name}'")
+        sql = accept_sql(source.name)
         if len(self._sql) < 1024:
             self._sql[source.name] = sql
         return sql
@@ -202,6 +222,7 @@ class Acceptor:
         events: Sequence[Event],
         distinct: list[int],
         keys: list[str] | None,
+        recovered: bool = False,
     ) -> dict[str, tuple[int, str, Any]]:
         table = processed_events
         headers = safe_headers(events[0].headers)
@@ -221,6 +242,7 @@ class Acceptor:
                     "replay_count": 0,
                     "last_seen_at": event.received_at,
                     "order_key": keys[i] if keys is not None else None,
+                    "received_via": RECEIVED_VIA[1] if recovered else RECEIVED_VIA[0],
                 }
                 insert = sqlite.insert(table).values(values)
                 statement = insert.on_conflict_do_update(

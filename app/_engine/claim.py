@@ -122,9 +122,17 @@ class Claimer:
 
     # -- the straight line ---------------------------------------------------------------------
 
-    def apply(self, events: Sequence[Event], raw_body: bytes) -> list[Outcome]:
-        """Claim and handle ``events``; answer when done, or 503 when a handler overruns."""
+    def apply(
+        self, events: Sequence[Event], raw_body: bytes, *, recovered: bool = False
+    ) -> list[Outcome]:
+        """Claim and handle ``events``; answer when done, or 503 when a handler overruns.
+
+        ``recovered``: the events were found by a reconcile run, not delivered; their
+        claims say so (``received_via``), and nothing else differs (docs/reconcile.md).
+        """
         attempt = DeliveryClaim(self, events, raw_body)
+        if recovered:
+            attempt.claim_sql = self.statements.recovered_claim_sql
         return watched(self.watchdog, attempt, on_overrun=attempt.overran)
 
     def _report(self, tx: _Transaction) -> None:
@@ -146,6 +154,8 @@ class DeliveryClaim:
         self.tx = _Transaction()
         #: The event whose claim statement runs now (named when it waits too long).
         self.claiming: Event | None = None
+        #: The claim statement: a live delivery's, or a recovered event's (Claimer.apply).
+        self.claim_sql = claimer.statements.claim_sql
 
     def once(self, job: Job) -> list[Outcome]:
         claimer = self.claimer
@@ -222,7 +232,7 @@ class DeliveryClaim:
         statements = self.claimer.statements
         self.claiming = event
         row = lane.execute(
-            statements.claim_sql, statements.claim_params(event, status, self.tx.headers)
+            self.claim_sql, statements.claim_params(event, status, self.tx.headers)
         ).fetchone()
         self.claiming = None
         return statements.claim_row(row)

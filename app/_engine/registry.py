@@ -70,10 +70,7 @@ from typing import Any
 
 from flask import Blueprint, Flask
 
-from idemhook._contract import (
-    HandlerFunc,
-    SenderFunc,
-)
+from idemhook._contract import HandlerFunc, SenderFunc, Window
 from idemhook._engine import outbox
 from idemhook._values.errors import ConfigError
 
@@ -85,6 +82,10 @@ MIGRATIONS_ATTRIBUTE = "IDEMHOOK_MIGRATIONS"
 BLUEPRINT_ATTRIBUTE = "IDEMHOOK_BLUEPRINT"
 _MARK = "__idemhook_handlers__"
 _SENDER_MARK = "__idemhook_sender__"
+_RECONCILER_MARK = "__idemhook_reconciler__"
+
+
+ReconcilerFunc = Callable[[Window], Iterable[Any]]
 
 
 def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], HandlerFunc]:
@@ -170,6 +171,34 @@ def sender(
     return mark
 
 
+def reconciler(source: str) -> Callable[[ReconcilerFunc], ReconcilerFunc]:
+    """Mark ``func`` as the reconciler of ``source``: given a :class:`Window`, it yields the
+    payloads of the events of that time, as the source would have received them
+    (docs/reconcile.md)."""
+    if not isinstance(source, str) or not source or source == "*":
+        raise TypeError("reconciler(source): source must be the name of one source")
+
+    def mark(func: ReconcilerFunc) -> ReconcilerFunc:
+        if not callable(func):
+            raise TypeError("@reconciler decorates a function")
+        func.__dict__.setdefault(_RECONCILER_MARK, []).insert(0, source)
+        return func
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciler:
+    """A plugin's reconciler of one source (``@reconciler``)."""
+
+    source: str
+    func: ReconcilerFunc
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     source: str
@@ -199,6 +228,8 @@ class Registry:
         self.migrations: list[Path] = []
         #: Plugins' own routes (``IDEMHOOK_BLUEPRINT``) and where each came from.
         self.blueprints: list[tuple[Blueprint, str]] = []
+        #: The plugins' reconcilers (``@reconciler``), at most one per source.
+        self.reconcilers: dict[str, Reconciler] = {}
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
 
     def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
@@ -248,6 +279,15 @@ class Registry:
             )
         self.senders[found.kind] = found
 
+    def add_reconciler(self, found: Reconciler, where: str = "") -> None:
+        known = self.reconcilers.get(found.source)
+        if known is not None and known != found:
+            raise ConfigError(
+                f"{where + ': ' if where else ''}reconciler {found.name} is registered for "
+                f"source {found.source!r}, which {known.name} already reconciles: one per source"
+            )
+        self.reconcilers[found.source] = found
+
     def configure_senders(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
         """Apply the sources file's ``[outbox.<kind>]`` retry policies to the senders."""
         for kind, table in tables.items():
@@ -283,6 +323,25 @@ class Registry:
                     f"handler {reg.name} is registered for source {reg.source!r}, which is not "
                     f"in the sources file (configured: {', '.join(sorted(known)) or 'none'})"
                 )
+        for found in self.reconcilers.values():
+            if found.source not in known:
+                raise ConfigError(
+                    f"reconciler {found.name} is registered for source {found.source!r}, which "
+                    f"is not in the sources file (configured: {', '.join(sorted(known)) or 'none'})"
+                )
+
+
+def collect_reconcilers(obj: Any) -> list[Reconciler]:
+    """Reconcilers marked with ``@reconciler`` on ``obj`` (a module, or one function)."""
+    candidates = vars(obj).values() if isinstance(obj, ModuleType) else [obj]
+    found: list[Reconciler] = []
+    for candidate in candidates:
+        marks = getattr(candidate, _RECONCILER_MARK, None) if inspect.isroutine(candidate) else None
+        for source in marks or ():
+            item = Reconciler(source, candidate)
+            if item not in found:
+                found.append(item)
+    return found
 
 
 def collect_senders(obj: Any) -> list[Sender]:
@@ -375,6 +434,17 @@ def _add(registry: Registry, obj: Any, where: str) -> None:
         except ValueError:  # no signature to inspect (a builtin): let it be called
             pass
         registry.add_sender(found_sender, where)
+    reconcilers = collect_reconcilers(obj)
+    for found_reconciler in reconcilers:
+        try:
+            inspect.signature(found_reconciler.func).bind(None)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: reconciler {found_reconciler.name} must accept (window)"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it be called
+            pass
+        registry.add_reconciler(found_reconciler, where)
     module = obj if isinstance(obj, ModuleType) else None
     migrations = getattr(module, MIGRATIONS_ATTRIBUTE, None)
     if migrations is not None:
@@ -387,10 +457,10 @@ def _add(registry: Registry, obj: Any, where: str) -> None:
                 f"{type(blueprint).__name__}"
             )
         registry.add_blueprint(blueprint, where)
-    if not found and not senders and migrations is None and blueprint is None:
+    if not found and not senders and not reconcilers and migrations is None and blueprint is None:
         raise ConfigError(
             f"{where} registers no handlers: decorate its functions with "
-            "@handler(source, event_type) or @sender(kind) (from idemhook)"
+            "@handler(source, event_type), @sender(kind) or @reconciler(source) (from idemhook)"
         )
 
 

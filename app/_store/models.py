@@ -1,5 +1,5 @@
-"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``
-(and ``event_queue``, asynchronous sources' events waiting for the worker).
+"""The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``,
+``reconcile_runs`` (and ``event_queue``, asynchronous sources' events waiting for the worker).
 
 Column names are a public contract (``docs/querying.md`` explains each one).
 The schema itself is created by the Alembic revisions in ``migrations/``; these
@@ -50,6 +50,10 @@ BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 Timestamp = DateTime(timezone=True)
 
 EVENT_STATUSES = tuple(str(status) for status in STORED_STATUSES)
+#: ``processed_events.received_via``: a live delivery, or an event a reconcile run recovered.
+RECEIVED_VIA = ("delivery", "reconcile")
+#: ``reconcile_runs.outcome``: still running, or how the run ended (docs/reconcile.md).
+RUN_OUTCOMES = ("running", "succeeded", "refused", "failed", "interrupted", "abandoned")
 
 
 class Base(DeclarativeBase):
@@ -100,6 +104,9 @@ class ProcessedEvent(Base):
     order_key: Mapped[str | None] = mapped_column(String(255))
     #: Asynchronous sources: workers that ended (killed, crashed) while they held the event.
     interruptions: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: How the event reached idemhook: ``delivery`` (the provider posted it) or
+    #: ``reconcile`` (found in the provider's own log by ``idemhook reconcile``, docs/reconcile.md).
+    received_via: Mapped[str] = mapped_column(String(16), server_default=RECEIVED_VIA[0])
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),
@@ -241,3 +248,56 @@ class OutboxMessage(Base):
 
 
 outbox_messages = OutboxMessage.__table__
+
+
+class ReconcileRun(Base):
+    """One run of a source's reconciler: what it looked at, found and applied (docs/reconcile.md).
+
+    A row is the run's fence too: at most one unfinished run per source (a partial unique
+    index), and one run per scheduled slot of ``every`` (``scheduled_for``); a run whose
+    holder stopped renewing ``lease_until`` is taken over as ``abandoned``.
+    """
+
+    __tablename__ = "reconcile_runs"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    #: ``worker`` (scheduled by ``every``) or ``command`` (``idemhook reconcile``).
+    started_by: Mapped[str] = mapped_column(String(16))
+    #: A worker's run: the start of the ``every`` slot it runs for (one run per slot).
+    scheduled_for: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: The window asked of the provider: events from ``window_start`` to ``window_end``.
+    window_start: Mapped[datetime] = mapped_column(Timestamp)
+    window_end: Mapped[datetime] = mapped_column(Timestamp)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    outcome: Mapped[str] = mapped_column(String(16))
+    #: The process running it (``host:pid``), and until when its claim holds unrenewed.
+    owner: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: Events the provider listed in the window, those already applied, those applied by
+    #: this run (the provider never got them through), and those that failed to apply.
+    seen: Mapped[int] = mapped_column(Integer, server_default="0")
+    already: Mapped[int] = mapped_column(Integer, server_default="0")
+    recovered: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: Why the run did not succeed (the provider refused the key, failed, rate-limited it).
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("source", "scheduled_for"),
+        CheckConstraint(f"outcome IN {RUN_OUTCOMES!r}", name="outcome"),
+        # The fence: one unfinished run per source.
+        Index(
+            "uq_reconcile_runs_running",
+            "source",
+            unique=True,
+            postgresql_where=text("finished_at IS NULL"),
+            sqlite_where=text("finished_at IS NULL"),
+        ),
+        # History per source, newest first; the last run and the last day's runs.
+        Index(None, "source", "started_at", "id"),
+    )
+
+
+reconcile_runs = ReconcileRun.__table__

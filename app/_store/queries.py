@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,64 +30,22 @@ from idemhook._store.models import (
     event_queue,
     outbox_messages,
     processed_events,
+    reconcile_runs,
+)
+from idemhook._values.durations import (  # noqa: E402 (re-exported: queries.QueryError)
+    QueryError,
 )
 
 EVENTS = processed_events
 QUEUE = event_queue
 FAILURES = delivery_failures
 OUTBOX = outbox_messages
+RUNS = reconcile_runs
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 #: Longest retry window of the providers we document (Stripe and Close: 3 days).
 LONGEST_RETRY_WINDOW = timedelta(days=3)
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-class QueryError(ValueError):
-    """A filter, cursor or request the caller must fix; ``code`` is a stable error code."""
-
-    def __init__(self, message: str, code: str = "invalid_parameter") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse ``30d``, ``2h``, ``15m``, ``90s`` or ``1w``."""
-    match = _DURATION.match(text)
-    if not match:
-        raise QueryError(f"{text!r} is not a duration: use e.g. 15m, 2h, 30d")
-    try:
-        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    except OverflowError:
-        raise QueryError(f"{text!r} is too long a duration") from None
-
-
-def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """Parse a point in time: a duration ago (``2h``) or ISO 8601 (``2026-11-01T00:00Z``).
-
-    A time without a zone is taken as UTC.
-    """
-    now = now or datetime.now(UTC)
-    if _DURATION.match(text):
-        try:
-            return now - parse_duration(text)
-        except OverflowError:
-            raise QueryError(f"{text!r} reaches back before year 1") from None
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise QueryError(
-            f"{text!r} is neither a duration (2h, 30d) nor an ISO 8601 time (2026-11-01T00:00Z)"
-        ) from None
-    # UTC throughout: SQLite compares timestamps as text, without their zone.
-    try:
-        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-    except OverflowError:
-        raise QueryError(f"{text!r} is out of range") from None
-
 
 @dataclass(frozen=True, slots=True)
 class Filters:
@@ -186,6 +143,13 @@ _TIMES = {
     "sent_at",
     "expires_at",
     "locked_until",
+    # reconcile_runs
+    "scheduled_for",
+    "window_start",
+    "window_end",
+    "started_at",
+    "finished_at",
+    "lease_until",
 }
 
 
@@ -453,3 +417,70 @@ def get_message(session: Session, message_id: int) -> dict[str, Any] | None:
     """Every column of one outbox message, or None."""
     row = session.execute(select(OUTBOX).where(OUTBOX.c.id == message_id)).first()
     return None if row is None else _row(row._mapping, OUTBOX_COLUMNS)
+
+
+# -- reconcile runs ----------------------------------------------------------------------------
+
+RUN_COLUMNS = tuple(c.name for c in RUNS.columns)
+
+
+def list_runs(
+    session: Session,
+    source: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of reconcile runs, newest first (of ``source``, or all), and the next cursor."""
+    query = select(*RUNS.c)
+    if source is not None:
+        query = query.where(RUNS.c.source == source)
+    rows, next_cursor = _page(session, query, RUNS.c.started_at, RUNS.c.id, limit, cursor)
+    return [_row(r._mapping, RUN_COLUMNS) for r in rows], next_cursor
+
+
+def reconcile_summary(
+    session: Session, sources: list[str], now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Per source: its last run, events recovered in the last 24 hours, its last error and
+    last success. Read through the ``(source, started_at, id)`` index."""
+    now = now or datetime.now(UTC)
+    newest = (RUNS.c.started_at.desc(), RUNS.c.id.desc())
+    shown = [RUNS.c[name] for name in ("id", "started_at", "finished_at", "outcome", "seen",
+                                       "already", "recovered", "failed", "error")]
+    names = tuple(c.name for c in shown)
+    known = set(sources) | set(
+        session.execute(select(RUNS.c.source).distinct()).scalars().all()
+    )
+    summary = []
+    for source in sorted(known):
+        mine = RUNS.c.source == source
+        last = session.execute(select(*shown).where(mine).order_by(*newest).limit(1)).first()
+        recovered = session.execute(
+            select(func.coalesce(func.sum(RUNS.c.recovered), 0)).where(
+                mine, RUNS.c.started_at >= now - timedelta(hours=24)
+            )
+        ).scalar()
+        error = session.execute(
+            select(RUNS.c.started_at, RUNS.c.error)
+            .where(mine, RUNS.c.error.is_not(None))
+            .order_by(*newest)
+            .limit(1)
+        ).first()
+        success = session.execute(
+            select(RUNS.c.finished_at)
+            .where(mine, RUNS.c.outcome == "succeeded")
+            .order_by(*newest)
+            .limit(1)
+        ).scalar()
+        summary.append(
+            {
+                "source": source,
+                "configured": source in sources,
+                "last_run": None if last is None else _row(last._mapping, names),
+                "recovered_24h": int(recovered or 0),
+                "last_error": None if error is None else error.error,
+                "last_error_at": None if error is None else iso(error.started_at),
+                "last_success_at": iso(success),
+            }
+        )
+    return summary

@@ -36,12 +36,14 @@ from sqlalchemy.dialects.postgresql import JSONB
 from idemhook._contract import (
     Event,
 )
-from idemhook._store.models import processed_events
+from idemhook._store.models import RECEIVED_VIA, processed_events
 from idemhook._values.jsontext import (
     dumps,
 )
 from idemhook._values.outcome import Status
 
+#: ``received_via`` of an event a reconcile run applied (docs/reconcile.md).
+RECONCILE = RECEIVED_VIA[1]
 #: The columns of the VALUES list that stores a batch's results.
 STORE_COLUMNS = ("id", "status", "result", "processed_at")
 #: Every parameter name the single-row statements take (see ClaimStatements._compile).
@@ -79,26 +81,35 @@ class ClaimStatements:
         self.dialect = dialect
         table = processed_events
         dialect_insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-        stmt = dialect_insert(table).values(
-            source=bindparam("source", type_=String),
-            event_id=bindparam("event_id", type_=String),
-            event_type=bindparam("event_type", type_=String),
-            status=bindparam("status", type_=String),
-            received_at=bindparam("received_at", type_=String),
-            payload=bindparam("payload", type_=String),
-            headers=bindparam("headers", type_=String),
-            duplicate_count=literal_column("0"),
-            replay_count=literal_column("0"),
-            last_seen_at=bindparam("received_at", type_=String),
+
+        def claim_statement(**extra: Any) -> Any:
+            stmt = dialect_insert(table).values(
+                source=bindparam("source", type_=String),
+                event_id=bindparam("event_id", type_=String),
+                event_type=bindparam("event_type", type_=String),
+                status=bindparam("status", type_=String),
+                received_at=bindparam("received_at", type_=String),
+                payload=bindparam("payload", type_=String),
+                headers=bindparam("headers", type_=String),
+                duplicate_count=literal_column("0"),
+                replay_count=literal_column("0"),
+                last_seen_at=bindparam("received_at", type_=String),
+                **extra,
+            )
+            return stmt.on_conflict_do_update(
+                index_elements=[table.c.source, table.c.event_id],
+                set_={
+                    "duplicate_count": table.c.duplicate_count + literal_column("1"),
+                    "last_seen_at": stmt.excluded.last_seen_at,
+                },
+            ).returning(table.c.id, table.c.duplicate_count, table.c.status, table.c.result)
+
+        self.claim_sql = self._compile(claim_statement())
+        #: The same claim for an event a reconcile run found (``received_via``; the column's
+        #: default, ``delivery``, is every live delivery's: its statement is unchanged).
+        self.recovered_claim_sql = self._compile(
+            claim_statement(received_via=literal_column(f"'{RECONCILE}'"))
         )
-        claim = stmt.on_conflict_do_update(
-            index_elements=[table.c.source, table.c.event_id],
-            set_={
-                "duplicate_count": table.c.duplicate_count + literal_column("1"),
-                "last_seen_at": stmt.excluded.last_seen_at,
-            },
-        ).returning(table.c.id, table.c.duplicate_count, table.c.status, table.c.result)
-        self.claim_sql = self._compile(claim)
         finish = (
             update(table)
             .where(table.c.id == bindparam("row_id", type_=Integer))

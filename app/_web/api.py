@@ -1,5 +1,5 @@
 """The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``,
-``/outbox`` and ``/outbox/<id>``.
+``/outbox``, ``/outbox/<id>``, ``/reconcile`` and ``/reconcile/runs``.
 
 Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
 answers 404), and then only for ``Authorization: Bearer <token>``. The token is
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from idemhook._store import queries
 from idemhook._store.database import read_session
@@ -174,6 +174,29 @@ def show_message(message_id: str) -> Response:
             code="message_not_found",
         )
     return jsonify(message)
+
+
+@bp.get("/reconcile")
+def reconcile_summary() -> Response:
+    """Per reconciled source: its last run, recovered in 24 h, last error (docs/reconcile.md)."""
+    _args(set())
+    configured = sorted(current_app.extensions.get("idemhook._engine.reconcile", {}))
+    with read_session() as session:
+        return jsonify({"sources": queries.reconcile_summary(session, configured)})
+
+
+@bp.get("/reconcile/runs")
+def list_reconcile_runs() -> Response:
+    args = _args({"source", "limit", "cursor"})
+    limit = _limit(args)
+    try:
+        with read_session() as session:
+            rows, next_cursor = queries.list_runs(
+                session, args.get("source"), limit, args.get("cursor") or None
+            )
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({"runs": rows, "next": next_cursor})
 
 
 def init_app(app: Flask) -> None:

@@ -18,6 +18,10 @@
 - ``idemhook_outbox_messages{status}`` (pending, dead) and
   ``idemhook_outbox_oldest_pending_age_seconds``: read from ``outbox_messages``
   at each scrape (:class:`OutboxCollector`), whichever process serves it.
+- ``idemhook_reconcile_runs_total{source,outcome}``,
+  ``idemhook_reconciled_events_total{source}`` and
+  ``idemhook_reconcile_last_success_timestamp_seconds{source}``: read from
+  ``reconcile_runs`` at each scrape (:class:`ReconcileCollector`, docs/reconcile.md).
 - ``idemhook_outbox_deliveries_total{kind,outcome}`` (sent, retry, dead,
   lease_lost) and ``idemhook_outbox_send_duration_seconds{kind}``: counted by
   each ``idemhook worker`` (:class:`OutboxMetrics`), served on its
@@ -45,7 +49,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,7 +60,7 @@ from idemhook._contract import (
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
 from idemhook._store.engine import aware
-from idemhook._store.models import event_queue, outbox_messages
+from idemhook._store.models import event_queue, outbox_messages, reconcile_runs
 from idemhook._values.outbox_status import MessageStatus
 from idemhook._web.admin import require_admin_token
 
@@ -280,6 +284,74 @@ class QueueCollector:
         yield age
 
 
+class ReconcileCollector:
+    """``reconcile_runs`` at scrape time (docs/reconcile.md#metrics-and-alerts).
+
+    ``idemhook_reconcile_runs_total{source,outcome}``: finished runs by outcome
+    (succeeded, refused, failed, interrupted, abandoned);
+    ``idemhook_reconciled_events_total{source}``: events runs applied because the provider
+    never got them through; ``idemhook_reconcile_last_success_timestamp_seconds{source}``:
+    when the last successful run finished (absent until one has). Counted from the table,
+    so every run counts once, whichever process (a worker, ``idemhook reconcile``) ran it
+    and whichever process is scraped. Reconciled sources are reported at 0 until they run.
+    """
+
+    def __init__(self, engine: Engine, sources: list[str]) -> None:
+        self.engine = engine
+        self.sources = sorted(sources)
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        table = reconcile_runs
+        try:
+            with self.engine.begin() as conn:
+                runs = conn.execute(
+                    select(table.c.source, table.c.outcome, func.count())
+                    .where(table.c.finished_at.is_not(None))
+                    .group_by(table.c.source, table.c.outcome)
+                ).all()
+                recovered = conn.execute(
+                    select(table.c.source, func.sum(table.c.recovered)).group_by(table.c.source)
+                ).all()
+                success = conn.execute(
+                    select(table.c.source, func.max(table.c.finished_at))
+                    .where(table.c.outcome == "succeeded")
+                    .group_by(table.c.source)
+                ).all()
+        except SQLAlchemyError:
+            return
+        total = CounterMetricFamily(
+            "idemhook_reconcile_runs",
+            "Reconcile runs, by source and outcome (succeeded, refused, failed, interrupted, "
+            "abandoned).",
+            labels=["source", "outcome"],
+        )
+        for source, outcome, count in runs:
+            total.add_metric([source, outcome], count)
+        yield total
+        events = CounterMetricFamily(
+            "idemhook_reconciled_events",
+            "Events reconcile runs applied because the provider never got them through, "
+            "by source.",
+            labels=["source"],
+        )
+        found = {source: int(count or 0) for source, count in recovered}
+        for source in sorted(set(self.sources) | set(found)):
+            events.add_metric([source], found.get(source, 0))
+        yield events
+        last = GaugeMetricFamily(
+            "idemhook_reconcile_last_success_timestamp_seconds",
+            "When the last successful reconcile run of the source finished (Unix time).",
+            labels=["source"],
+        )
+        for source, at in success:
+            if at is not None:
+                last.add_metric([source], aware(at).timestamp())
+        yield last
+
+
 class OutboxMetrics:
     """What one ``idemhook worker`` counts: deliveries by kind and outcome, send durations."""
 
@@ -379,15 +451,21 @@ class _NotingViews(dict):
 
 
 def init_app(
-    app: Flask, claimer: Claimer, acceptor: Acceptor | None = None, queued: list[str] = ()
+    app: Flask,
+    claimer: Claimer,
+    acceptor: Acceptor | None = None,
+    queued: list[str] = (),
+    reconciled: list[str] = (),
 ) -> Metrics:
-    """``queued``: the asynchronous sources (their waiting events are reported)."""
+    """``queued``: the asynchronous sources (their waiting events are reported);
+    ``reconciled``: the reconciled sources (their runs are reported)."""
     metrics_ = Metrics()
     metrics_.attach(claimer)
     if acceptor is not None:
         acceptor.observers.append(metrics_.observe_event)
     metrics_.add_collector(OutboxCollector(claimer.database.engine))
     metrics_.add_collector(QueueCollector(claimer.database.engine, list(queued)))
+    metrics_.add_collector(ReconcileCollector(claimer.database.engine, list(reconciled)))
     app.extensions["idemhook.metrics"] = metrics_
     app.view_functions = _NotingViews(app.view_functions)
     app.wsgi_app = RequestTimer(app.wsgi_app, metrics_)  # type: ignore[method-assign]

@@ -146,9 +146,9 @@ def register(*names: str) -> Callable[[type[Scheme]], type[Scheme]]:
     return decorate
 
 
-def resolve_secrets(source: str, value: Any) -> tuple[str, ...]:
-    """Resolve ``secret``: a literal, ``env:NAME``, or a list of them (rotation)."""
-    return tuple(secret for _where, secret in _resolve(source, value))
+def resolve_secrets(source: str, value: Any, key: str = "secret") -> tuple[str, ...]:
+    """Resolve ``secret`` (or the setting ``key``): a literal, ``env:NAME``, or a list of them."""
+    return tuple(secret for _where, secret in _resolve(source, value, key))
 
 
 def _resolve(source: str, value: Any, key: str = "secret") -> list[tuple[str, str]]:

@@ -220,8 +220,11 @@ def logout() -> Response:
 @bp.get("", strict_slashes=False)
 def overview() -> str:
     sources = _receiver().sources
+    reconciled = sorted(current_app.extensions.get("idemhook._engine.reconcile", {}))
     with read_session() as session:
         figures = overview_module.build(session, sorted(sources))
+        # Per reconciled source: last run, recovered in 24 h, last error (docs/reconcile.md).
+        reconcile = queries.reconcile_summary(session, reconciled)
     for entry in figures.sources:
         entry.url, entry.url_guessed = register_url(sources.get(entry.name), entry.name)
     return render_template(
@@ -230,6 +233,7 @@ def overview() -> str:
         figures=figures,
         chart=draw(figures.hours),
         sample=overview_module.SAMPLE,
+        reconcile=reconcile,
     )
 
 
