@@ -30,6 +30,8 @@ from tests.plugins.reconciled import CRM_DATABASE_VARIABLE
 from tests.reliability.test_reconcile import report_of, sources, stripe_event
 from tests.test_openapi_routes import conforms
 
+ENTRY = "from idemhook._factory import main; main()"
+
 
 def _app(config: dict, **settings):
     return create_app({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
@@ -155,7 +157,7 @@ def test_a_lookback_shorter_than_retention_and_env_keys_start(monkeypatch):
         _stripe({"api_key": "env:IDEMHOOK_TEST_STRIPE_KEY", "lookback": "3d", "every": "15m"}),
         IDEMHOOK_RETENTION="30d",
     )
-    config = app.extensions["idemhook._engine.reconcile"]["stripe"]
+    config = app.extensions["idemhook.reconcile"]["stripe"]
     assert (config.lookback, config.every) == (timedelta(days=3), timedelta(minutes=15))
     assert config.credential == "sk_test_from_env"
     assert "sk_test_from_env" not in repr(config)
@@ -202,7 +204,7 @@ def test_sources_check_names_the_reconcile_problems(tmp_path, pg_url):
         "IDEMHOOK_RETENTION": "5d",
         "IDEMHOOK_TEST_GITHUB_TOKEN": "ghp_set",
     }
-    command = [sys.executable, "-c", "from app.cli import main; main()", "sources", "check"]
+    command = [sys.executable, "-c", ENTRY, "sources", "check"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     billing, rest = done.stdout.split("billing\n", 1)[1].split("\nshop\n", 1)

@@ -105,7 +105,7 @@ def _config(source: str) -> ReconcileConfig:
         raise ConfigMissing(
             f"no source named {source!r}; configured: {', '.join(sorted(sources)) or 'none'}"
         )
-    configs = current_app.extensions["idemhook._engine.reconcile"]
+    configs = current_app.extensions["idemhook.reconcile"]
     if source not in configs:
         reconciled = ", ".join(sorted(configs)) or "none"
         raise ConfigMissing(

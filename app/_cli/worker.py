@@ -69,7 +69,7 @@ def worker_command(metrics_bind: str | None) -> None:
     queued = sorted(name for name, source in sources.items() if source.asynchronous)
     scheduled = {
         name: config
-        for name, config in current_app.extensions["idemhook._engine.reconcile"].items()
+        for name, config in current_app.extensions["idemhook.reconcile"].items()
         if config.every is not None
     }
     if not registry.senders and not queued and not scheduled:

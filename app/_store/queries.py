@@ -32,9 +32,11 @@ from idemhook._store.models import (
     processed_events,
     reconcile_runs,
 )
-from idemhook._values.durations import (  # noqa: E402 (re-exported: queries.QueryError)
-    QueryError,
-)
+
+# Re-exported: a query's callers catch queries.QueryError.
+from idemhook._values.durations import QueryError as QueryError
+from idemhook._values.durations import parse_duration as parse_duration
+from idemhook._values.durations import parse_when as parse_when
 
 EVENTS = processed_events
 QUEUE = event_queue

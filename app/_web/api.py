@@ -180,7 +180,7 @@ def show_message(message_id: str) -> Response:
 def reconcile_summary() -> Response:
     """Per reconciled source: its last run, recovered in 24 h, last error (docs/reconcile.md)."""
     _args(set())
-    configured = sorted(current_app.extensions.get("idemhook._engine.reconcile", {}))
+    configured = sorted(current_app.extensions.get("idemhook.reconcile", {}))
     with read_session() as session:
         return jsonify({"sources": queries.reconcile_summary(session, configured)})
 

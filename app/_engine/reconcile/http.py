@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     import requests
 
-log = logging.getLogger("idemhook._engine.reconcile")
+log = logging.getLogger("idemhook.reconcile")
 
 #: Tries of one request that failed with a 5xx, a lost connection or a timeout.
 MAX_TRIES = 5

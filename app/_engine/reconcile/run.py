@@ -57,7 +57,7 @@ from idemhook._values.jsontext import (
 )
 from idemhook._values.outcome import Status
 
-log = logging.getLogger("idemhook._engine.reconcile")
+log = logging.getLogger("idemhook.reconcile")
 
 #: Events younger than this are left to their live delivery (the run's window ends here).
 GRACE = timedelta(seconds=60)

@@ -34,7 +34,7 @@ from idemhook._engine.registry import Registry
 from idemhook._store import reconcile_runs
 from idemhook._values.errors import ServiceUnavailable
 
-log = logging.getLogger("idemhook._engine.reconcile")
+log = logging.getLogger("idemhook.reconcile")
 
 #: After a slot's run could not begin because another run of the source was unfinished.
 BUSY_RETRY = 5.0

@@ -220,7 +220,7 @@ def logout() -> Response:
 @bp.get("", strict_slashes=False)
 def overview() -> str:
     sources = _receiver().sources
-    reconciled = sorted(current_app.extensions.get("idemhook._engine.reconcile", {}))
+    reconciled = sorted(current_app.extensions.get("idemhook.reconcile", {}))
     with read_session() as session:
         figures = overview_module.build(session, sorted(sources))
         # Per reconciled source: last run, recovered in 24 h, last error (docs/reconcile.md).
