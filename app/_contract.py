@@ -170,6 +170,9 @@ class Event:
     #: ``idempotency-key`` source); None otherwise. A class attribute here, a field of
     #: :class:`ClientEvent`, so that webhook events cost nothing more to build.
     client: ClassVar[str | None] = None
+    #: True for an event of a source with ``freshness`` that is older than the version
+    #: already applied to its object: only ``stale=True`` handlers see such an event.
+    stale: ClassVar[bool] = False
 
     @property
     def outbox(self) -> Outbox:
@@ -188,6 +191,19 @@ class ClientEvent(Event):
     """An event of an ``idempotency-key`` source: the request of a named client (or None)."""
 
     client: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StaleEvent(Event):
+    """An event older than the version already applied to its object (``stale=True``)."""
+
+    stale: bool = True
+
+    @classmethod
+    def of(cls, event: Event) -> StaleEvent:
+        return cls(
+            event.source, event.id, event.type, event.payload, event.headers, event.received_at
+        )
 
 
 @dataclass(frozen=True, slots=True)

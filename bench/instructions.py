@@ -21,6 +21,8 @@ Variants (``--variants``):
 - ``baseline-batch``, ``receiver-batch``: batches of 100 events (counted per event).
 - ``async-ack``: the receiver's asynchronous source (``mode = "async"``): verify, claim
   as received, answer 202; no handler runs (``idemhook worker`` would run it).
+- ``receiver-fresh``: the receiver's source with ``freshness`` set (``bench_fresh``):
+  each event's object and version read, and checked in the claim's statement.
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -41,7 +43,7 @@ import tomllib
 from typing import Any
 
 from .load import event, new_ids, sign
-from .run import ASYNC_SOURCE_TOML, SECRET, SOURCES_TOML
+from .run import ASYNC_SOURCE_TOML, FRESH_SOURCE_TOML, SECRET, SOURCES_TOML
 
 VARIANTS = (
     "baseline",
@@ -54,6 +56,7 @@ VARIANTS = (
     "baseline-batch",
     "receiver-batch",
     "async-ack",
+    "receiver-fresh",
 )
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
@@ -144,9 +147,9 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
     secret = SECRET.encode()
     size = BATCH if variant.endswith("-batch") else 0
 
-    def environs(n: int) -> list[dict[str, Any]]:
+    def environs(n: int, start: int = 0) -> list[dict[str, Any]]:
         out = []
-        for i, eid in enumerate(new_ids(n)):
+        for i, eid in enumerate(new_ids(n), start=start):
             if size:
                 ids = new_ids(size)
                 document: Any = [event(bid, i * size + j) for j, bid in enumerate(ids)]
@@ -170,7 +173,8 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
                 raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
-    measured = environs(requests)
+    # With freshness, each event must be newer than the warm-up's of its account.
+    measured = environs(requests, start=WARMUP if variant == "receiver-fresh" else 0)
     # As gunicorn.conf.py's post_worker_init does: the objects made at start-up stay out
     # of garbage collection, so a count is not swayed by when a full collection falls.
     gc.freeze()
@@ -217,6 +221,9 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     if variant == "async-ack":  # the asynchronous source and its handler, beside the others
         config = tomllib.loads(SOURCES_TOML + ASYNC_SOURCE_TOML)
         config["plugins"].append("bench.async_handler")
+    if variant == "receiver-fresh":  # the source with freshness and its handler, beside them
+        config = tomllib.loads(SOURCES_TOML + FRESH_SOURCE_TOML)
+        config["plugins"].append("bench.fresh_handler")
     app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": config})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
@@ -239,7 +246,9 @@ def build(url: str, variant: str) -> tuple[Any, str]:
             )
         registry._cache.clear()
     if variant == "intake-only":
-        claimer.apply = lambda events, body: [Outcome(events[0].id, "processed", None)]
+        claimer.apply = lambda events, body, versions=None: [
+            Outcome(events[0].id, "processed", None)
+        ]
     if variant == "no-watchdog":
         from idemhook._engine.watchdog import Job
 
@@ -247,6 +256,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
 
     if variant == "async-ack":
         return app, "/webhooks/bench_async"
+    if variant == "receiver-fresh":
+        return app, "/webhooks/bench_fresh"
     return app, "/webhooks/bench_batch" if variant.endswith(
         "-batch"
     ) else "/webhooks/bench"

@@ -56,13 +56,16 @@ PATHS = {
     ("receiver", "keyed"): "/v1/bench",
     # mode = "async": verify, claim, answer 202 (the handler runs in idemhook worker).
     ("receiver", "async"): "/webhooks/bench_async",
+    # The plain source with freshness set: the claim checks each event's version too.
+    ("receiver", "fresh"): "/webhooks/bench_fresh",
     ("baseline", "single"): "/webhooks/baseline",
     ("baseline", "batch"): "/webhooks/baseline_batch",
     ("baseline", "keyed"): "/webhooks/baseline_api",
     ("baseline", "async"): "/webhooks/baseline",
+    ("baseline", "fresh"): "/webhooks/baseline",
 }
 #: application_name of each server's database connections (the receiver's is set in app.db).
-APPLICATION_NAMES = {"receiver": "idemhook", "baseline": "idemhook_bench_baseline"}
+APPLICATION_NAMES = {"receiver": "idemhook-web", "baseline": "idemhook_bench_baseline"}
 SOURCE_OF = {
     **{key: path.rsplit("/", 1)[1] for key, path in PATHS.items()},
     ("receiver", "keyed"): "bench_api",
@@ -143,14 +146,30 @@ event_type = "body:type"
 mode = "async"
 """
 
-#: What the HTTP bench's receiver serves: the webhook sources, an API and an asynchronous
-#: source beside them.
+#: The plain source with freshness: each event's account is its object, and occurredAt
+#: (which grows with every request the bench writes) its version, so every event is new.
+FRESH_SOURCE_TOML = f"""
+[sources.bench_fresh]
+scheme = "hmac-sha256"
+secret = "{SECRET}"
+event_id = "body:id"
+event_type = "body:type"
+
+[sources.bench_fresh.freshness]
+object = "body:account"
+version = "body:occurredAt"
+"""
+
+#: What the HTTP bench's receiver serves: the webhook sources, an API, an asynchronous
+#: source and a source with freshness beside them.
 RUN_SOURCES_TOML = (
     SOURCES_TOML.replace(
         'plugins = ["bench.handler"]',
-        'plugins = ["bench.handler", "bench.api_handler", "bench.async_handler"]',
+        'plugins = ["bench.handler", "bench.api_handler", "bench.async_handler", '
+        '"bench.fresh_handler"]',
     )
     + ASYNC_SOURCE_TOML
+    + FRESH_SOURCE_TOML
     + f"""
 [sources.bench_api]
 scheme = "idempotency-key"
@@ -244,6 +263,9 @@ class Bench:
         self.secret = SECRET.encode()
         self.results: dict[str, Any] = {"scenarios": {}}
         self.filled = 0
+        #: Requests written for the freshness scenario so far: each file starts where the
+        #: last ended, so that every event's version is newer than its account's last.
+        self.versions_written = 0
         self.cluster: postgres.Cluster | None = None
         self.db_url: URL | None = None
         self.servers: dict[str, Server] = {}
@@ -412,9 +434,11 @@ class Bench:
         return time.monotonic() - started
 
     # -- measuring ----------------------------------------------------------------------
-    def _file(self, tag: str, ids: list[str], batch: int = 0, keyed: bool = False) -> Path:
+    def _file(
+        self, tag: str, ids: list[str], batch: int = 0, keyed: bool = False, start: int = 0
+    ) -> Path:
         path = self.work / f"{tag}.txt"
-        write_requests(path, self.secret, ids, batch=batch, keyed=keyed)
+        write_requests(path, self.secret, ids, batch=batch, keyed=keyed, start=start)
         return path
 
     def _one(
@@ -485,7 +509,13 @@ class Bench:
             order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
             for server in order:
                 ids = make_ids(needed * per_request)
-                path = self._file(f"{name}-{server}-{rnd}", ids, batch=batch, keyed=kind == "keyed")
+                start = 0
+                if kind == "fresh":
+                    start = self.versions_written
+                    self.versions_written += len(ids)
+                path = self._file(
+                    f"{name}-{server}-{rnd}", ids, batch=batch, keyed=kind == "keyed", start=start
+                )
                 run = self._one(
                     server,
                     kind,
@@ -640,6 +670,8 @@ class Bench:
         new = self.scenario("new", "single", new_ids, label="all new events")
         peak = new["median"]["receiver"]["rps"] if new else warm[0]
         self.results["capacity_rps"] = max(peak, new["median"]["baseline"]["rps"] if new else 0)
+        # The same, to a source with freshness set (right after it: the same machine state).
+        self.scenario("fresh", "fresh", new_ids, label="all new events, freshness set")
 
         dup_ids = new_ids(plan.duplicates_pool)
         self.prime(dup_ids)
@@ -847,6 +879,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             1.0,
             f"{replays['replays_rps']:.0f} vs {replays['new_rps']:.0f} req/s; CPU per request "
             f"{replays['replays_cpu_ms']:.2f} vs {replays['new_cpu_ms']:.2f} ms",
+        ),
+        (
+            "Freshness set: all new events >= 0.95 x the same without it (same run)",
+            ratio(rec("fresh"), rec("new")),
+            0.95,
+            f"{rec('fresh'):.0f} vs {rec('new'):.0f} req/s; CPU per request "
+            f"{rec('fresh', 'total_cpu_ms_per_request'):.2f} vs "
+            f"{rec('new', 'total_cpu_ms_per_request'):.2f} ms; ratios to the baseline "
+            f"{sc['fresh']['ratio_rps']} vs {sc['new']['ratio_rps']}",
         ),
     ]
     upper_bounds = {4, 5}  # p99 and RSS are upper bounds

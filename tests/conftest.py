@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL, make_url
 from idemhook import create_app
 from idemhook._store import migrate
 from idemhook.testing import postgres
-from tests.plugins import queued, recorder
+from tests.plugins import queued, recorder, versioned
 
 SECRET = "test-secret"
 
@@ -51,6 +51,11 @@ TABLES = (
     "test_effects",
     "test_failures",
     "test_applied",
+    "object_versions",
+    "object_version_floors",
+    "test_objects",
+    "test_object_log",
+    "test_audit",
 )
 
 
@@ -72,7 +77,8 @@ def _migrate(url: URL | str) -> None:
     migrate.upgrade(app)
     engine = app.extensions["idemhook.db"].engine
     with engine.begin() as conn:
-        for ddl in (*recorder.TABLES, *queued.tables(engine.dialect.name)):
+        dialect = engine.dialect.name
+        for ddl in (*recorder.TABLES, *queued.tables(dialect), *versioned.tables(dialect)):
             conn.execute(text(ddl))
     engine.dispose()
 

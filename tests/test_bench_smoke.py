@@ -30,6 +30,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     saved = json.loads((tmp_path / "results" / "results.json").read_text())
     assert set(saved["scenarios"]) == {
         "new",
+        "fresh",
         "duplicates",
         "dup10",
         "idem_new",
@@ -57,7 +58,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     queued = saved["async"]
     assert queued["drain"]["events"] == SMOKE.async_events and queued["drain"]["per_s"] > 0
     assert queued["latency"]["p99_ms"] >= queued["latency"]["p50_ms"] > 0
-    assert len(results["targets"]) == 13
+    assert len(results["targets"]) == 14
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")

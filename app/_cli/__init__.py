@@ -19,6 +19,7 @@ from idemhook._cli.db import db_cli
 from idemhook._cli.events import events_cli
 from idemhook._cli.failures import failures_cli
 from idemhook._cli.handlers import handlers_cli
+from idemhook._cli.objects import objects_cli
 from idemhook._cli.outbox import outbox_cli
 from idemhook._cli.reconcile import reconcile_command
 from idemhook._cli.send import send_command
@@ -36,6 +37,7 @@ COMMANDS = (
     send_command,
     events_cli,
     failures_cli,
+    objects_cli,
     outbox_cli,
     reconcile_command,
     worker_command,
@@ -65,6 +67,6 @@ def cli() -> None:
 
     Commands read DATABASE_URL and IDEMHOOK_CONFIG (the sources file, default
     ./webhooks.toml); the read-only ones (events list/show/stats, failures
-    list/show, outbox) need only DATABASE_URL. Exit status 2 means a usage or
+    list/show, objects, outbox) need only DATABASE_URL. Exit status 2 means a usage or
     configuration problem, said in one line.
     """

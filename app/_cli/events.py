@@ -142,16 +142,28 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
     """Run the handlers again for an already processed event, from its stored payload.
 
     Handlers run in one transaction with the update of result, replayed_at and
-    replay_count; their side effects happen a second time, hence --force.
+    replay_count; their side effects happen a second time, hence --force. For a source
+    with freshness, a stale event (one older than what its object holds) is said so;
+    --force applies it anyway and makes it its object's version.
     """
+    receiver = current_app.extensions["idemhook.receiver"]
+    claimer = receiver.claimer
     if not force:
+        try:
+            stale = replay.staleness(claimer, receiver.sources, source, event_id)
+        except replay.ActionRefused as exc:
+            raise click.ClickException(str(exc)) from None
+        if stale is not None:
+            raise click.UsageError(
+                f"{stale}. Add --force to apply it anyway: its handlers run as for a new "
+                f"event and {stale.object_key!r} goes back to its version"
+            )
         raise click.UsageError(
             "replay runs the handlers a second time (their effects happen again); "
             "add --force if that is what you want"
         )
-    claimer = current_app.extensions["idemhook.receiver"].claimer
     try:
-        event = replay.replay(claimer, source, event_id)
+        event = replay.replay(claimer, source, event_id, receiver.sources)
     except replay.ActionRefused as exc:
         raise click.ClickException(str(exc)) from None
     except replay.ReplayFailed as exc:

@@ -20,7 +20,10 @@ def handlers_list() -> None:
     each outbox kind's sender and retry policy, plugin migrations and plugin routes."""
     registry = current_app.extensions["idemhook.registry"]
     rows = [("SOURCE", "TYPE", "HANDLER")]
-    rows += [(r.source, r.pattern, r.name) for r in registry.registrations]
+    rows += [
+        (r.source, r.pattern, r.name + ("  (stale=True: sees stale events too)" if r.stale else ""))
+        for r in registry.registrations
+    ]
     if len(rows) == 1:
         click.echo(
             "no handlers registered: list plugin modules in `plugins` in the sources file "

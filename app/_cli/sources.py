@@ -43,6 +43,7 @@ class Report:
     event_type: str = "-"
     batch: str = "one event per request"
     mode: str = "sync: handlers run in the request"
+    freshness: str = "-"
     secret: str = "?"
     reconcile: str = "-"
     problems: list[str] = field(default_factory=list)
@@ -158,6 +159,11 @@ def inspect_sources() -> list[Report]:
             report.batch = f"a list at {where}, at most {source.max_batch}"
         if source.asynchronous:
             report.mode = _async_mode(source)
+        if source.freshness is not None:
+            report.freshness = (
+                f"object at {source.freshness.object}, version at {source.freshness.version}: "
+                "an event older than its object's applied version is stale"
+            )
         path = getattr(scheme, "path", None)
         if path:  # an API (idempotency-key): its clients call its path
             report.url = f"{root or 'https://<your-host>'}{path}"
@@ -265,6 +271,7 @@ def _show(reports: list[Report]) -> None:
         click.echo(f"  event type {report.event_type}")
         click.echo(f"  batch      {report.batch}")
         click.echo(f"  mode       {report.mode}")
+        click.echo(f"  freshness  {report.freshness}")
         click.echo(f"  secret     {report.secret}")
         if report.reconcile != "-":
             click.echo(f"  reconcile  {report.reconcile}")

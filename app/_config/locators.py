@@ -1,7 +1,7 @@
 """Where a value sits in a delivery: ``body:<dotted.path>`` or ``header:<Name>``.
 
-Also, for ``event_id`` (and ``order_key``, which takes any locator ``event_id``
-does), ``sha256:body`` (a hash of the event's content, an explicit opt-in) and,
+Also, for ``event_id`` (and ``order_key`` and ``freshness.object``, which take any
+locator ``event_id`` does), ``sha256:body`` (a hash of the event's content, an explicit opt-in) and,
 for those and ``event_type``, a list of locators whose values are composed into
 one string (see :class:`Composite`).
 
@@ -158,21 +158,22 @@ Locator = BodyPath | Header | AnyHeader | BodyHash | Composite
 
 def parse(spec: Any, *, source: str, key: str) -> Locator:
     """Parse a locator spec, raising :class:`ConfigError` naming the source and key."""
-    where = f"[sources.{source}] {key}"
+    table, _, name = key.rpartition(".")  # "freshness.object": [sources.<name>.freshness]
+    where = f"[sources.{source}{'.' + table if table else ''}] {name}"
     if isinstance(spec, AnyHeader):  # a scheme's default, already built
         return spec
     if isinstance(spec, list | tuple):
-        if key not in ("event_id", "event_type", "order_key") or len(spec) < 2:
+        if key not in ("event_id", "event_type", "order_key", "freshness.object") or len(spec) < 2:
             raise ConfigError(
                 f"{where}: a list of locators (a composite key) is allowed for event_id, "
-                "event_type and order_key only, with at least two entries"
+                "event_type, order_key and freshness.object only, with at least two entries"
             )
         parts = tuple(_simple(item, where) for item in spec)
         if key != "event_type":
             return Composite(parts)
         return Composite(parts, separator=".", escape=False)
     if spec == "sha256:body":
-        if key not in ("event_id", "order_key"):
+        if key not in ("event_id", "order_key", "freshness.object"):
             raise ConfigError(f"{where}: 'sha256:body' is allowed for event_id only")
         return BodyHash()
     return _simple(spec, where)

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from idemhook._config import freshness as freshness_
 from idemhook._config import locators
+from idemhook._config.freshness import Freshness
 from idemhook._config.locators import Locator
 from idemhook._config.reconcile import ReconcileConfig
 from idemhook._config.reconcile import parse as parse_reconcile
@@ -43,6 +45,7 @@ COMMON_KEYS = frozenset(
         "backoff_seconds",
         "max_backoff_seconds",
         "reconcile",
+        "freshness",
     }
 )
 #: The keys that only an asynchronous source (``mode = "async"``) reads.
@@ -95,6 +98,9 @@ class Source:
     retries: Retries = field(default_factory=Retries)
     #: ``[sources.<name>.reconcile]``: where missed events are looked for (docs/reconcile.md).
     reconcile: ReconcileConfig | None = None
+    #: ``[sources.<name>.freshness]``: where each event's object and version are; an
+    #: event older than its object's applied version is ``stale``. None: no check.
+    freshness: Freshness | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +233,14 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
                 "there is no provider log to reconcile from"
             )
         reconcile = parse_reconcile(name, scheme_name, table["reconcile"])
+    freshness = None
+    if settings.get("freshness") is not None:
+        if scheme.operation:
+            raise ConfigError(
+                f"[sources.{name}.freshness]: an {scheme_name} source runs each request's "
+                "operation for its client; freshness is for providers' events about objects"
+            )
+        freshness = freshness_.parse(settings["freshness"], source=name)
     return Source(
         name=name,
         scheme=scheme,
@@ -239,6 +253,7 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         public_url=_public_url(settings, name),
         asynchronous=asynchronous,
         reconcile=reconcile,
+        freshness=freshness,
         **(_async_settings(settings, name) if asynchronous else {}),
     )
 

@@ -60,6 +60,7 @@ from typing import Any
 from sqlalchemy.dialects import sqlite
 
 from idemhook._config.events import order_keys_of
+from idemhook._config.freshness import Versioned, in_version_order
 from idemhook._config.sources import Source
 from idemhook._contract import (
     Event,
@@ -108,9 +109,19 @@ class Acceptor:
         #: Wakes the workers after a claim with new events commits (PostgreSQL).
         self.notifier = Notifier(database) if self._postgresql else None
 
-    def accept(self, source: Source, events: Sequence[Event]) -> list[Outcome]:
-        """Claim ``events`` (one delivery to ``source``) as received; their outcomes."""
-        return self._accept(source, events, recovered=False)[0]
+    def accept(
+        self,
+        source: Source,
+        events: Sequence[Event],
+        versions: Sequence[Versioned] | None = None,
+    ) -> list[Outcome]:
+        """Claim ``events`` (one delivery to ``source``) as received; their outcomes.
+
+        ``versions`` (a source with ``freshness``): the events are claimed in object and
+        version order, so that the worker, which takes them in claim order, meets a
+        delivery's events of one object oldest first.
+        """
+        return self._accept(source, events, versions, recovered=False)[0]
 
     def recover(self, source: Source, events: Sequence[Event]) -> list[bool]:
         """Claim ``events`` that a reconcile run found as received, marked ``reconcile``.
@@ -118,14 +129,22 @@ class Acceptor:
         The same claim as a delivery's (docs/reconcile.md); for each event, whether this
         claim recorded it (False: it was there already, a live delivery was first).
         """
-        return self._accept(source, events, recovered=True)[1]
+        return self._accept(source, events, None, recovered=True)[1]
 
     def _accept(
-        self, source: Source, events: Sequence[Event], *, recovered: bool
+        self,
+        source: Source,
+        events: Sequence[Event],
+        versions: Sequence[Versioned] | None,
+        *,
+        recovered: bool,
     ) -> tuple[list[Outcome], list[bool]]:
         started = time.perf_counter()
         keys = order_keys_of(source, list(events)) if source.order_key is not None else None
         distinct = _first_of_each(events)
+        if versions is not None and len(distinct) > 1:
+            ranks = {position: rank for rank, position in enumerate(in_version_order(versions))}
+            distinct.sort(key=ranks.__getitem__)
         rows = self._claim_retrying(source, events, distinct, keys, recovered)
         outcomes = []
         fresh = []

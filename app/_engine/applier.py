@@ -78,13 +78,16 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import Headers
 
+from idemhook._config.freshness import Versioned
+from idemhook._config.freshness import read as read_version
 from idemhook._config.sources import Source
 from idemhook._contract import (
     Event,
+    StaleEvent,
 )
 from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, run, watched
-from idemhook._engine.dispatch import HandlerRun, run_handlers
+from idemhook._engine.dispatch import HandlerRun, run_handlers, stale_handlers
 from idemhook._engine.logs import log_fields
 from idemhook._engine.observing import AppliedObserver
 from idemhook._engine.registry import (
@@ -101,7 +104,7 @@ from idemhook._store.engine import (
 from idemhook._store.event_queue import EventQueue, end_backend
 from idemhook._store.lanes import Lane
 from idemhook._store.notify import EVENTS_CHANNEL
-from idemhook._values.errors import ServiceUnavailable
+from idemhook._values.errors import BadRequest, ServiceUnavailable
 from idemhook._values.jsontext import (
     dumps,
     loads,
@@ -129,6 +132,10 @@ class _Taken:
     attempts: int
     #: Workers that ended while they held this event (PostgreSQL; 0 on SQLite).
     interruptions: int = 0
+    #: A source with ``freshness``: the event's object and version, read from its payload
+    #: and stored headers as at intake; or why they could not be read (a failed attempt).
+    versioned: Versioned | None = None
+    unreadable: BadRequest | None = None
 
 
 @dataclass(slots=True)
@@ -136,7 +143,7 @@ class _Applied:
     """What one attempt at one event came to (logged and counted after the commit)."""
 
     taken: _Taken
-    outcome: str  # processed, ignored, rejected, retry, failed
+    outcome: str  # processed, ignored, rejected, stale, retry, failed
     seconds: float
     run: HandlerRun | None = None
     delay: float | None = None
@@ -237,6 +244,28 @@ class Applier:
             )
             return _Batch(busy=True)
 
+    def _in_version_order(self, runnable: list[_Taken]) -> list[_Taken]:
+        """Read the object and version of each event of a source with ``freshness``, and
+        apply those in object and version order, as the claim does: two workers
+        never wait on each other's objects crosswise, and a batch's events of one object
+        go oldest first."""
+        versioned = False
+        for taken in runnable:
+            freshness = self.sources[taken.source].freshness
+            if freshness is None:
+                continue
+            versioned = True
+            event = taken.event
+            try:
+                taken.versioned = read_version(freshness, event.payload, event.headers)
+            except BadRequest as exc:  # accepted before the source's freshness was set
+                taken.unreadable = exc
+        if not versioned:
+            return runnable
+        return sorted(
+            runnable, key=lambda t: (t.source, *t.versioned) if t.versioned else (t.source, "", 0)
+        )
+
     def _resize(self, batch: _Batch) -> None:
         """Grow the batch while handlers are quick; one event at a time when they are slow."""
         ran = [a.seconds for a in batch.applied if a.run is not None]
@@ -298,7 +327,7 @@ class Applier:
     def _report(self, applied: _Applied) -> None:
         event = applied.taken.event
         delay_ms = None
-        if applied.outcome in ("processed", "ignored", "rejected"):
+        if applied.outcome in ("processed", "ignored", "rejected", "stale"):
             delay = (datetime.now(UTC) - event.received_at).total_seconds()
             delay_ms = round(delay * 1000, 2)
             if self.metrics is not None:
@@ -373,6 +402,7 @@ class _Round:
                         _given_up(event, batch)
                 if applier._postgresql and runnable:
                     self._count_takes(batch, runnable)
+                runnable = applier._in_version_order(runnable)
                 for event in runnable:
                     if self.worker.stopping or job.abandoned:
                         break  # the event in hand is done; the rest are released
@@ -408,13 +438,34 @@ class _Round:
         applier = self.applier
         event = taken.event
         registrations = applier.registry.for_event(event.source, event.type)
-        if not registrations:
+        if taken.unreadable is not None:
+            run_ = HandlerRun(Status.FAILED, handler="idemhook freshness", error=taken.unreadable)
+            applier._failed(lane, taken, run_, 0.0, batch)
+            return
+        if not registrations and taken.versioned is None:
             batch.stored.append((taken.row_id, Status.IGNORED, "null"))
             batch.done.append(taken.row_id)
             batch.applied.append(_Applied(taken, str(Status.IGNORED), 0.0))
             return
-        # Sent at once: the handlers' statements go through the session, not the lane.
-        lane.savepoint(now=True)
+        stale = None
+        if taken.versioned is None:
+            # Sent at once: the handlers' statements go through the session, not the lane.
+            lane.savepoint(now=True)
+        else:
+            # The savepoint leaves with the check of the event's version (one round trip).
+            lane.savepoint()
+            fresh = applier.queue.claims.fresh
+            stale = fresh.check(lane, event.source, event.id, taken.versioned)
+            if stale is not None:  # not newer than its object's version: stale
+                registrations = stale_handlers(registrations)
+                event = StaleEvent.of(event)
+            if not registrations:
+                status = Status.IGNORED if stale is None else Status.STALE
+                result = "null" if stale is None else dumps({"newer": stale.newer})
+                batch.stored.append((taken.row_id, status, result))
+                batch.done.append(taken.row_id)
+                batch.applied.append(_Applied(taken, str(status), 0.0))
+                return
         started = time.perf_counter()
         job.handlers_started(taken)
         self.in_hand = taken
@@ -424,6 +475,12 @@ class _Round:
         if run_.status is Status.FAILED and is_disconnect(run_.error):
             raise run_.error  # type: ignore[misc]  # the lost session: the bracket decides
         self.in_hand = None
+        if run_.status in (Status.PROCESSED, Status.IGNORED) and stale is not None:
+            result = dumps({"newer": stale.newer, "handlers": run_.result}, strict=True)
+            batch.stored.append((taken.row_id, Status.STALE, result))
+            batch.done.append(taken.row_id)
+            batch.applied.append(_Applied(taken, str(Status.STALE), seconds, run_))
+            return
         if run_.status in (Status.PROCESSED, Status.IGNORED):
             batch.stored.append((taken.row_id, run_.status, run_.stored or "null"))
             batch.done.append(taken.row_id)

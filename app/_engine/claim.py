@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
+from idemhook._config.freshness import Versioned, in_version_order
 from idemhook._contract import (
     Event,
 )
@@ -45,9 +46,12 @@ from idemhook._engine.attempt import overrun, watched
 from idemhook._engine.dispatch import (
     HandlerRun,
     run_handlers,
+    stale_handlers,
 )
 from idemhook._engine.registry import (
+    Registration,
     Registry,
+    StaleEvent,
 )
 from idemhook._engine.watchdog import Job, Watchdog
 from idemhook._store import claims
@@ -58,6 +62,7 @@ from idemhook._store.engine import (
     is_disconnect,
 )
 from idemhook._store.lanes import Lane
+from idemhook._store.object_versions import Stale
 from idemhook._store.session import (
     ClaimSession,
 )
@@ -123,17 +128,46 @@ class Claimer:
     # -- the straight line ---------------------------------------------------------------------
 
     def apply(
-        self, events: Sequence[Event], raw_body: bytes, *, recovered: bool = False
+        self,
+        events: Sequence[Event],
+        raw_body: bytes,
+        versions: Sequence[Versioned] | None = None,
+        *,
+        lock_objects: bool = False,
+        recovered: bool = False,
     ) -> list[Outcome]:
         """Claim and handle ``events``; answer when done, or 503 when a handler overruns.
 
+        ``versions``: each event's object and version, for a source with ``freshness``
+        (:mod:`app.freshness`). The events are then applied in object and version order
+        (:func:`~app.freshness.in_version_order`); the outcomes keep the delivery's order.
+        ``lock_objects``: take each object's advisory lock before its event's claim (every
+        delivery of a batch source, :mod:`idemhook._store.object_versions` says why).
         ``recovered``: the events were found by a reconcile run, not delivered; their
         claims say so (``received_via``), and nothing else differs (docs/reconcile.md).
         """
-        attempt = DeliveryClaim(self, events, raw_body)
+        if versions is None or len(events) < 2:
+            attempt = DeliveryClaim(self, events, raw_body, versions, lock_objects)
+            if recovered:
+                attempt.claim_sql = self.statements.recovered_claim_sql
+            return watched(self.watchdog, attempt, on_overrun=attempt.overran)
+        order = in_version_order(versions)
+        attempt = DeliveryClaim(
+            self,
+            [events[i] for i in order],
+            raw_body,
+            [versions[i] for i in order],
+            lock_objects,
+        )
         if recovered:
             attempt.claim_sql = self.statements.recovered_claim_sql
-        return watched(self.watchdog, attempt, on_overrun=attempt.overran)
+        applied = watched(self.watchdog, attempt, on_overrun=attempt.overran)
+        if len(applied) != len(order):
+            return applied  # abandoned: nothing to put back in order
+        outcomes: list[Outcome] = list(applied)
+        for position, index in enumerate(order):
+            outcomes[index] = applied[position]
+        return outcomes
 
     def _report(self, tx: _Transaction) -> None:
         for timing in tx.timings:
@@ -147,15 +181,26 @@ class Claimer:
 class DeliveryClaim:
     """One delivery's claim: an :class:`~idemhook._engine.attempt.Attempt` (see its faults)."""
 
-    def __init__(self, claimer: Claimer, events: Sequence[Event], raw_body: bytes) -> None:
+    def __init__(
+        self,
+        claimer: Claimer,
+        events: Sequence[Event],
+        raw_body: bytes,
+        versions: Sequence[Versioned] | None = None,
+        lock_objects: bool = False,
+    ) -> None:
         self.claimer = claimer
         self.events = events
         self.raw_body = raw_body
+        #: Each event's object and version (a source with ``freshness``), else None.
+        self.versions = versions
+        self.lock_objects = lock_objects
         self.tx = _Transaction()
         #: The event whose claim statement runs now (named when it waits too long).
         self.claiming: Event | None = None
         #: The claim statement: a live delivery's, or a recovered event's (Claimer.apply).
         self.claim_sql = claimer.statements.claim_sql
+        self.claiming_object: str | None = None
 
     def once(self, job: Job) -> list[Outcome]:
         claimer = self.claimer
@@ -163,11 +208,13 @@ class DeliveryClaim:
         with claimer.database.lanes.lane() as lane:
             lane.begin()
             try:
-                for event in self.events:
+                versions = self.versions
+                for i, event in enumerate(self.events):
                     if job.abandoned:
                         lane.rollback()
                         return []
-                    tx.outcomes.append(self._event(lane, event, job))
+                    versioned = versions[i] if versions is not None else None
+                    tx.outcomes.append(self._event(lane, event, job, versioned))
                 sql, params = self._closing_statement()
                 if not job.may_commit():  # answered handler_timeout already: keep nothing
                     lane.rollback()
@@ -184,19 +231,24 @@ class DeliveryClaim:
 
     # -- one event -----------------------------------------------------------------------------
 
-    def _event(self, lane: Lane, event: Event, job: Job) -> Outcome:
+    def _event(self, lane: Lane, event: Event, job: Job, versioned: Versioned | None) -> Outcome:
         """Claim ``event`` and run its handlers inside its own savepoint."""
         claimer, tx = self.claimer, self.tx
         started = time.perf_counter()
         registrations = claimer.registry.for_event(event.source, event.type)
         lane.savepoint()
         status = Status.PROCESSED if registrations else Status.IGNORED
-        row = self._claim(lane, event, status)
+        if versioned is None:
+            row, stale = self._claim(lane, event, status), None
+        else:
+            row, stale = self._claim_fresh(lane, event, status, versioned)
         tx.timings.append((event, "claim", time.perf_counter() - started))
         if row.duplicates:
             pending = tx.stored.get(event.id)  # a repeat inside this delivery
             result = pending["value"] if pending is not None else row.result
             return self._done(event, Outcome(event.id, Status.DUPLICATE, result), started)
+        if stale is not None:
+            return self._stale(lane, event, job, registrations, row, stale, started)
         if not registrations:
             return self._done(event, Outcome(event.id, Status.IGNORED), started)
 
@@ -209,14 +261,56 @@ class DeliveryClaim:
             raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
 
         if run.status in (Status.PROCESSED, Status.IGNORED):
-            stored = claimer.statements.result_row(row.id, run.status, run.stored or "null")
-            if claimer._postgresql:
-                tx.stored[event.id] = {**stored, "value": run.result}
-            else:
-                lane.execute(claimer.statements.finish_sql, stored)
+            self._store(lane, row.id, run.status, run.stored or "null", event, run.result)
             return self._done(event, Outcome(event.id, run.status, run.result), started)
+        return self._undo(lane, event, run, started)
 
-        # Failed or rejected: undo this event's claim and effects, keep the others'.
+    def _stale(
+        self,
+        lane: Lane,
+        event: Event,
+        job: Job,
+        registrations: Sequence[Registration],
+        row: Any,
+        stale: Stale,
+        started: float,
+    ) -> Outcome:
+        """``event`` is older than its object's applied version: claim it ``stale``.
+
+        Only the handlers registered with ``stale=True`` run (seeing ``event.stale``);
+        the result names the newer event, and what those handlers returned.
+        """
+        result: dict[str, Any] = {"newer": stale.newer}
+        handlers = stale_handlers(registrations)
+        if handlers:
+            job.handlers_started(event)
+            handlers_started = time.perf_counter()
+            senders = self.claimer.registry.senders
+            run = run_handlers(handlers, StaleEvent.of(event), lane.session, senders=senders)
+            job.handlers_ended()
+            self.tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
+            if run.status is Status.FAILED and is_disconnect(run.error):
+                raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
+            if run.status not in (Status.PROCESSED, Status.IGNORED):
+                return self._undo(lane, event, run, started)
+            result["handlers"] = run.result
+        self._store(lane, row.id, Status.STALE, dumps(result, strict=True), event, result)
+        return self._done(event, Outcome(event.id, Status.STALE, result), started)
+
+    def _store(
+        self, lane: Lane, row_id: int, status: Status, stored: str, event: Event, value: Any
+    ) -> None:
+        """Store an applied event's result: with the COMMIT on PostgreSQL, now on SQLite."""
+        claimer = self.claimer
+        row = claimer.statements.result_row(row_id, status, stored)
+        if claimer._postgresql:
+            self.tx.stored[event.id] = {**row, "value": value}
+        else:
+            lane.execute(claimer.statements.finish_sql, row)
+
+    def _undo(self, lane: Lane, event: Event, run: HandlerRun, started: float) -> Outcome:
+        """Failed or rejected: undo this event's claim and effects, keep the others'."""
+        tx = self.tx
         lane.session.close()
         lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
@@ -236,6 +330,34 @@ class DeliveryClaim:
         ).fetchone()
         self.claiming = None
         return statements.claim_row(row)
+
+    def _claim_fresh(
+        self, lane: Lane, event: Event, status: Status, versioned: Versioned
+    ) -> tuple[Any, Stale | None]:
+        """Claim ``event`` and check its version (one statement on PostgreSQL).
+
+        Returns the claim's row and, for a new event that is not newer than its object's
+        applied version, what made it stale (the version has not moved).
+        """
+        statements = self.claimer.statements
+        fresh = statements.fresh
+        self.claiming, self.claiming_object = event, versioned.object_key
+        params = statements.claim_params(event, status, self.tx.headers)
+        if self.claimer._postgresql:
+            # An int or a Decimal: psycopg2 writes either as a number, no quoting.
+            params["object_key"], params["version"] = versioned
+            sql = fresh.claim_sql(event.source, lock=self.lock_objects)
+            row_id, duplicates, status_, result, newer = lane.execute(sql, params).fetchone()
+            row = statements.claim_row((row_id, duplicates, status_, result))
+            # newer: None when the version moved (or a duplicate), else the newer event.
+            stale = None if newer is None or duplicates else Stale(newer or None)
+        else:
+            row = statements.claim_row(lane.execute(statements.claim_sql, params).fetchone())
+            stale = None
+            if not row.duplicates:
+                stale = fresh.check(lane, event.source, event.id, versioned)
+        self.claiming = self.claiming_object = None
+        return row, stale
 
     def _claim_rejected(self, lane: Lane, event: Event, run: HandlerRun) -> Outcome:
         """Claim ``event`` as rejected (its effects are already rolled back)."""
@@ -312,6 +434,12 @@ class DeliveryClaim:
 
     def in_progress(self, error: DBAPIError) -> Exception:
         which = f"Event {self.claiming.id!r}" if self.claiming is not None else "This event"
+        if self.claiming_object is not None:
+            return ServiceUnavailable(
+                f"{which} waits for another delivery of it, or of another event of object "
+                f"{self.claiming_object!r}, that is being processed right now; retry shortly.",
+                code="event_in_progress",
+            )
         return ServiceUnavailable(
             f"{which} is being processed by another delivery right now; retry shortly.",
             code="event_in_progress",

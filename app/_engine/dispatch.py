@@ -91,7 +91,12 @@ def run_handlers(
     PostgreSQL refuses or a result JSON cannot hold fails this event rather
     than the transaction's commit. ``event.outbox`` adds messages in
     ``session`` meanwhile; ``senders`` (the registry's) are the kinds it accepts.
+
+    A stale event (``event.stale``, a source with ``freshness``) runs only the
+    registrations made with ``stale=True``: every other handler never sees one.
     """
+    if event.stale:
+        registrations = stale_handlers(registrations)
     session.in_handler = True
     token = outbox.bind(event, session, senders)
     try:
@@ -99,6 +104,11 @@ def run_handlers(
     finally:
         outbox.unbind(token)
         session.in_handler = False
+
+
+def stale_handlers(registrations: Sequence[Registration]) -> tuple[Registration, ...]:
+    """The registrations that asked to see stale events too (``stale=True``)."""
+    return tuple(r for r in registrations if r.stale)
 
 
 def _run(registrations: Sequence[Registration], event: Event, session: ClaimSession) -> HandlerRun:

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
 from idemhook._config.events import events_of
+from idemhook._config.freshness import versions_of
 from idemhook._config.sources import Source
 from idemhook._contract import (
     Event,
@@ -35,6 +36,7 @@ from idemhook._store.lanes import Lane
 from idemhook._store.models import delivery_failures, event_queue, processed_events
 from idemhook._store.notify import EVENTS_CHANNEL
 from idemhook._store.queries import Filters, failure_filters
+from idemhook._values.errors import BadRequest
 from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
 
@@ -188,7 +190,16 @@ def retry_failure(
     ]
     if not found:
         raise ActionRefused(f"the stored body no longer yields event {event_id!r}")
-    outcome = claimer.apply(found[:1], raw_body)[0]
+    versions = None
+    if src.freshness is not None:  # checked like a delivery: stale if its object moved on
+        try:
+            versions = versions_of(src.freshness, found[:1])
+        except BadRequest as exc:
+            raise ActionRefused(
+                f"the stored body no longer yields the object and version of {event_id!r} "
+                f"({exc.message})"
+            ) from None
+    outcome = claimer.apply(found[:1], raw_body, versions, lock_objects=src.batch is not None)[0]
     detail = outcome.error if outcome.status == "failed" else outcome.result
     return RetryResult(source, event_id, str(outcome.status), detail)
 

@@ -34,6 +34,11 @@ Contract (the full text with examples is ``docs/plugins.md``)::
   transaction. With one handler, ``result`` is its return value; with several,
   an object mapping each handler's ``module:qualname`` to its return value.
 - A source of ``"*"`` matches every source.
+- A source with ``freshness`` (docs/configuration.md#freshness) claims an event that is
+  older than the version already applied to its object as ``stale``, and runs no
+  handler for it, except those registered with ``@handler(source, type, stale=True)``:
+  they see every event, and a stale one with ``event.stale == True``, in the same
+  transaction (to append to an audit log, say). Every other handler never sees one.
 
 Side effects outside the database go through the outbox (docs/outbox.md): a
 handler calls ``event.outbox.add(kind, payload, key=None)``, which inserts a
@@ -88,8 +93,15 @@ _RECONCILER_MARK = "__idemhook_reconciler__"
 ReconcilerFunc = Callable[[Window], Iterable[Any]]
 
 
-def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], HandlerFunc]:
-    """Mark ``func`` as the handler of ``event_type`` events from ``source``."""
+def handler(
+    source: str, event_type: str = "*", *, stale: bool = False
+) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Mark ``func`` as the handler of ``event_type`` events from ``source``.
+
+    ``stale=True``: also run it for stale events (``event.stale``), see the contract above.
+    """
+    if not isinstance(stale, bool):
+        raise TypeError("handler(source, event_type, stale=...): stale must be True or False")
     if not isinstance(source, str) or not source:
         raise TypeError("handler(source, event_type): source must be a source name or '*'")
     if not isinstance(event_type, str) or not event_type:
@@ -101,7 +113,7 @@ def handler(source: str, event_type: str = "*") -> Callable[[HandlerFunc], Handl
         if not callable(func):
             raise TypeError("@handler decorates a function")
         # Stacked decorators apply bottom-up; keep the order in which they are written.
-        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type))
+        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type, stale))
         return func
 
     return mark
@@ -204,6 +216,8 @@ class Registration:
     source: str
     pattern: str
     func: HandlerFunc
+    #: Runs for stale events too (``@handler(..., stale=True)``).
+    stale: bool = False
 
     @property
     def name(self) -> str:
@@ -232,9 +246,9 @@ class Registry:
         self.reconcilers: dict[str, Reconciler] = {}
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
 
-    def add(self, source: str, pattern: str, func: HandlerFunc) -> None:
-        handler(source, pattern)  # same validation as the decorator
-        self.registrations.append(Registration(source, pattern, func))
+    def add(self, source: str, pattern: str, func: HandlerFunc, *, stale: bool = False) -> None:
+        handler(source, pattern, stale=stale)  # same validation as the decorator
+        self.registrations.append(Registration(source, pattern, func, stale))
         self._cache.clear()
 
     def for_event(self, source: str, event_type: str | None) -> tuple[Registration, ...]:
@@ -367,7 +381,9 @@ def collect(obj: Any) -> list[Registration]:
         marks = getattr(candidate, _MARK, None) if inspect.isroutine(candidate) else None
         if marks and id(candidate) not in seen:
             seen.add(id(candidate))
-            found.extend(Registration(src, pattern, candidate) for src, pattern in marks)
+            found.extend(
+                Registration(src, pattern, candidate, stale) for src, pattern, stale in marks
+            )
     return found
 
 

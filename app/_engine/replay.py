@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
+from idemhook._config.freshness import Versioned, read
+from idemhook._config.sources import Source
 from idemhook._contract import (
     ClientEvent,
     Event,
@@ -16,11 +22,13 @@ from idemhook._engine.dispatch import (
     run_handlers,
 )
 from idemhook._engine.failures import ActionRefused
+from idemhook._store import object_versions
 from idemhook._store.models import processed_events
 from idemhook._store.queries import get_event
 from idemhook._store.session import (
     ClaimSession,
 )
+from idemhook._values.errors import BadRequest
 from idemhook._values.outcome import Status
 
 
@@ -32,7 +40,49 @@ class ReplayFailed(Exception):
         self.status = status
 
 
-def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Staleness:
+    """Why replaying an event would apply data older than its object's (``events replay``)."""
+
+    source: str
+    event_id: str
+    object_key: str
+    version: Decimal
+    newer: str
+    newer_version: Decimal
+
+    def __str__(self) -> str:
+        return (
+            f"event {self.event_id!r} is stale: its object {self.object_key!r} holds event "
+            f"{self.newer!r} (version {self.newer_version}, newer than this event's "
+            f"{self.version}); replaying it would overwrite newer data"
+        )
+
+
+def staleness(
+    claimer: Any, sources: Mapping[str, Source], source: str, event_id: str
+) -> Staleness | None:
+    """Whether ``event_id`` is older than what its object holds now (None: it is not, or its
+    source has no ``freshness``, or it has no stored payload to read its version from)."""
+    freshness = _freshness(sources, source)
+    if freshness is None:
+        return None
+    with claimer.database.session() as session:
+        row = _row(session, source, event_id)
+        if row is None or row.payload is None:
+            return None
+        versioned = _versioned(freshness, row)
+        newer = object_versions.newer_than(
+            session.connection(), source, versioned.object_key, versioned.version, event_id
+        )
+    if newer is None:
+        return None
+    return Staleness(source, event_id, versioned.object_key, versioned.version, *newer)
+
+
+def replay(
+    claimer: Any, source: str, event_id: str, sources: Mapping[str, Source] | None = None
+) -> dict[str, Any]:
     """Run the handlers again for an already recorded event, in one transaction.
 
     The row is locked (``FOR UPDATE``) so that a concurrent replay or delivery
@@ -46,11 +96,24 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
     An asynchronous source's event is replayed the same way once ``idemhook
     worker`` has finished with it (a ``failed`` one is then applied here, and
     recorded as the handlers' outcome); one still waiting for the worker is refused.
+
+    For a source with ``freshness`` (``sources`` holds it) the replay is applied as the
+    newest version of its object, whatever was applied since: its handlers see it as
+    fresh, a ``stale`` event becomes ``processed``, and its object's version moves to
+    it, in the same transaction (under the object's lock, taken before the event's row).
+    Whether that overwrites newer data is :func:`staleness`, which the CLI asks first.
     """
     events = processed_events
+    freshness = _freshness(sources or {}, source)
     session: ClaimSession = claimer.sessions()
     session.begin()
     try:
+        versioned = None
+        if freshness is not None:
+            found = _row(session, source, event_id)
+            if found is not None and found.payload is not None:
+                versioned = _versioned(freshness, found)
+                object_versions.lock(session.connection(), source, versioned.object_key)
         query = select(events).where(events.c.source == source, events.c.event_id == event_id)
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update()
@@ -104,6 +167,10 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
             changes["response_status"] = response.status if response else 200
             changes["response_headers"] = [list(h) for h in response.headers] if response else []
         session.execute(update(events).where(events.c.id == row.id).values(changes))
+        if versioned is not None:
+            object_versions.move(
+                session.connection(), source, versioned.object_key, versioned.version, event_id
+            )
         session.commit()
     finally:
         session.close()  # rolls back whatever did not commit
@@ -112,3 +179,26 @@ def replay(claimer: Any, source: str, event_id: str) -> dict[str, Any]:
     if event_row is None:
         raise ActionRefused(f"event {event_id!r} was deleted while it was replayed")
     return event_row
+
+
+def _freshness(sources: Mapping[str, Source], source: str) -> Any:
+    found = sources.get(source)
+    return found.freshness if found is not None else None
+
+
+def _row(session: Session, source: str, event_id: str) -> Any:
+    events = processed_events
+    return session.execute(
+        select(events.c.payload, events.c.headers).where(
+            events.c.source == source, events.c.event_id == event_id
+        )
+    ).first()
+
+
+def _versioned(freshness: Any, row: Any) -> Versioned:
+    try:
+        return read(freshness, row.payload, Headers(row.headers or {}))
+    except BadRequest as exc:
+        raise ActionRefused(
+            f"the stored event no longer yields its object and version ({exc.message})"
+        ) from None

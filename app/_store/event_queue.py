@@ -127,7 +127,11 @@ class EventQueue:
         if not stored:
             return None, None
         rows = [self.claims.result_row(i, status, text) for i, status, text in stored]  # type: ignore[arg-type]
-        return self.claims.store(rows)
+        # One statement per result: SQLite has no column list for a VALUES alias, which the
+        # claim's multi-row statement uses (PostgreSQL's batches go through _FINISH_PG).
+        for row in rows[:-1]:
+            lane.execute(self.claims.finish_sql, row)
+        return self.claims.finish_sql, rows[-1]
 
     def next_due(self, lanes: Lanes) -> float | None:
         """Seconds until the earliest event due later falls due (None: none)."""

@@ -1,5 +1,7 @@
 """The tables users query: ``processed_events``, ``delivery_failures``, ``outbox_messages``,
 ``reconcile_runs`` (and ``event_queue``, asynchronous sources' events waiting for the worker).
+``object_versions`` (and ``event_queue``, asynchronous sources' events waiting for the
+worker; ``object_version_floors``, what pruning ``object_versions`` left behind).
 
 Column names are a public contract (``docs/querying.md`` explains each one).
 The schema itself is created by the Alembic revisions in ``migrations/``; these
@@ -21,6 +23,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     SmallInteger,
     String,
     Text,
@@ -48,6 +51,8 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 #: BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 Timestamp = DateTime(timezone=True)
+#: A version (app.freshness): exact on PostgreSQL; the demo's SQLite hands back numbers.
+VersionNumber = Numeric().with_variant(Numeric(asdecimal=False), "sqlite")
 
 EVENT_STATUSES = tuple(str(status) for status in STORED_STATUSES)
 #: ``processed_events.received_via``: a live delivery, or an event a reconcile run recovered.
@@ -301,3 +306,41 @@ class ReconcileRun(Base):
 
 
 reconcile_runs = ReconcileRun.__table__
+class ObjectVersion(Base):
+    """The newest version applied to each object of a source with ``freshness``.
+
+    One row per ``(source, object_key)``, written in the transaction of the event that
+    applied it, by one statement that changes the row only when the event's version is
+    larger (docs/configuration.md#freshness). ``version`` is the normalised value: the
+    number itself, or an RFC 3339 time as seconds since 1970-01-01T00:00:00Z, with every
+    fractional digit that was given.
+    """
+
+    __tablename__ = "object_versions"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    object_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    version: Mapped[Any] = mapped_column(VersionNumber, nullable=False)
+    #: The event whose version this is (its row in ``processed_events``).
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
+    applied_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class ObjectVersionFloor(Base):
+    """Per source, the newest version ``idemhook objects prune`` has deleted.
+
+    An event whose version is at or below its source's floor is stale whatever its
+    object, so that pruning ``object_versions`` never lets an old event apply.
+    """
+
+    __tablename__ = "object_version_floors"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[Any] = mapped_column(VersionNumber, nullable=False)
+    #: The pruned event that set the floor (what a stale answer names as newer).
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH))
+    pruned_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+object_versions = ObjectVersion.__table__
+object_version_floors = ObjectVersionFloor.__table__

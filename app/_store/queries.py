@@ -237,7 +237,7 @@ def failures_of(session: Session, source: str, event_id: str) -> list[dict[str, 
 
 
 #: Statuses of an event that is over and not failed: its failures are resolved.
-RESOLVED_STATUSES = ("processed", "ignored", "rejected")
+RESOLVED_STATUSES = ("processed", "ignored", "rejected", "stale")
 
 
 def applied_since_failure(failures: Any = FAILURES) -> Any:
@@ -372,6 +372,30 @@ def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any
         "groups": ordered,
         "totals": totals,
     }
+
+
+# -- object versions -------------------------------------------------------------------------
+
+
+def object_view(found: dict[str, Any]) -> dict[str, Any]:
+    """An object's version (:func:`idemhook._store.object_versions.show`) as the CLI and the read
+    API print it: versions as exact decimal text (a JSON number would round a long
+    fraction through a float on many readers), times in ISO 8601."""
+    shown = dict(found)
+    shown["version"] = _exact(found["version"])
+    shown["applied_at"] = iso(found["applied_at"])
+    floor = found["floor"]
+    if floor is not None:
+        shown["floor"] = {
+            "version": _exact(floor["version"]),
+            "event_id": floor["event_id"],
+            "pruned_at": iso(floor["pruned_at"]),
+        }
+    return shown
+
+
+def _exact(version: Any) -> str | None:
+    return None if version is None else format(version, "f")
 
 
 # -- outbox messages -------------------------------------------------------------------------

@@ -9,6 +9,8 @@ by :func:`idemhook._store.database.dumps`, timestamps through the dialect's bind
   ``duplicate_count`` of 0 means this transaction inserted the row.
 - :attr:`ClaimStatements.finish_sql`: store one event's status and result by id.
 - :meth:`ClaimStatements.store`: store many results in one ``UPDATE ... FROM (VALUES ...)``.
+- :attr:`ClaimStatements.fresh`: for a source with ``freshness``, the claim with the check
+  of its object's version in the same statement (:mod:`idemhook._store.object_versions`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from idemhook._contract import (
     Event,
 )
 from idemhook._store.models import RECEIVED_VIA, processed_events
+from idemhook._store.object_versions import FreshStatements
 from idemhook._values.jsontext import (
     dumps,
 )
@@ -125,6 +128,8 @@ class ClaimStatements:
         self._store_many: dict[int, str] = {}  # see store_many_sql
         #: Sent with the COMMIT of a transaction that only counted duplicates: no disk flush.
         self.duplicates_only_sql = "SET LOCAL synchronous_commit TO OFF"
+        #: A source with ``freshness``: the claim and the check of its object's version.
+        self.fresh = FreshStatements(dialect, self.claim_sql, self._timestamp)
 
     def _compile(self, statement: Any, names: Collection[str] = _PARAMETERS) -> str:
         return compile_statement(statement, self.dialect, names)

@@ -29,6 +29,10 @@ class Status(StrEnum):
     RECEIVED = "received"
     #: Asynchronous source: recorded and left to the worker (answers only, never stored).
     ACCEPTED = "accepted"
+    #: A source with ``freshness``: a newer version of the event's object was applied
+    #: already (or this version, under another event ID); no handler ran, except those
+    #: registered with ``stale=True`` (docs/configuration.md#freshness).
+    STALE = "stale"
 
 
 #: The statuses a claim row can hold (the table's check constraint).
@@ -39,6 +43,7 @@ STORED_STATUSES = (
     Status.IN_FLIGHT,
     Status.RECEIVED,
     Status.FAILED,
+    Status.STALE,
 )
 
 
@@ -63,6 +68,10 @@ class Outcome:
             body["error"] = self.error
         elif self.status is Status.ACCEPTED:
             pass  # nothing has run yet: no result
+        elif self.status is Status.STALE:
+            # The result names the applied event that made this one stale.
+            body["newer"] = self.result.get("newer") if isinstance(self.result, dict) else None
+            body["result"] = self.result
         else:
             body["result"] = self.result
         return body

@@ -1,5 +1,6 @@
 """The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``,
-``/outbox``, ``/outbox/<id>``, ``/reconcile`` and ``/reconcile/runs``.
+``/outbox``, ``/outbox/<id>``, ``/reconcile``, ``/reconcile/runs`` and
+``/objects/<source>/<object>``.
 
 Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
 answers 404), and then only for ``Authorization: Bearer <token>``. The token is
@@ -13,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from idemhook._store import queries
+from idemhook._store import object_versions, queries
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, NotFound
 from idemhook._values.outbox_status import MESSAGE_STATUSES
@@ -197,6 +198,20 @@ def list_reconcile_runs() -> Response:
     except queries.QueryError as exc:
         raise BadRequest(str(exc), code=exc.code) from None
     return jsonify({"runs": rows, "next": next_cursor})
+@bp.get("/objects/<source>/<path:object_key>")
+def show_object(source: str, object_key: str) -> Response:
+    """The version applied to one object of a source with freshness, and its event."""
+    _args(set())
+    _no_nul(source, object_key)
+    with read_session() as session:
+        found = object_versions.show(session.connection(), source, object_key)
+    if found is None or found["event_id"] is None:
+        raise NotFound(
+            f"No version is recorded for object {object_key!r} of source {source!r} (none "
+            "of its events applied yet, no freshness configured, or pruned).",
+            code="object_not_found",
+        )
+    return jsonify(queries.object_view(found))
 
 
 def init_app(app: Flask) -> None:

@@ -2,7 +2,8 @@
 
 Checks run cheapest first and before anything is stored: unknown source (404),
 body size (413, enforced before the body is read), content type (415),
-signature (401), JSON and event fields (400). Only then does the claim open a
+signature (401), JSON and event fields (400: the ID and type, and for a source with
+``freshness`` each event's object and version). Only then does the claim open a
 transaction: the claim that runs the handlers (:mod:`idemhook._engine.claim`), or for a source
 with ``mode = "async"`` the one that records the events for ``idemhook worker``
 and answers at once (:mod:`idemhook._engine.accept`).
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from idemhook._config.events import events_of
+from idemhook._config.freshness import versions_of
 from idemhook._config.schemes import Delivery, Reply
 from idemhook._config.sources import Source
 from idemhook._engine.accept import Acceptor
@@ -60,11 +62,17 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
         return render_reply(early)
     payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
+    # Each event's object and version (400 if missing or malformed), before anything is stored.
+    versions = (
+        versions_of(source.freshness, events) if source.freshness else None
+    )
     if source.asynchronous:
-        outcomes = receiver.acceptor.accept(source, events)
+        outcomes = receiver.acceptor.accept(source, events, versions)
         answer = source.scheme.respond(outcomes)
         return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
-    outcomes = receiver.claimer.apply(events, body)
+    outcomes = receiver.claimer.apply(
+        events, body, versions, lock_objects=source.batch is not None
+    )
     answer = source.scheme.respond(outcomes)
     return render_reply(answer) if answer is not None else respond(source, outcomes)
 

@@ -60,13 +60,13 @@ def test_overview_counts_the_last_24_hours_per_source(browser, sql):
     seed(sql, "acme", "old", ago=timedelta(days=2))  # outside the window
     seed(sql, "gone", "g1", ago=timedelta(hours=3))  # a source no longer configured
     page = browser.get("/dashboard").text
-    # events: a0 a1 a2 inv rej; duplicates 2 of 7 deliveries
+    # events: a0 a1 a2 inv rej; duplicates 2 of 7 deliveries; none stale
     # (The last figure is Pending: events of asynchronous sources waiting for the worker.)
     assert _row(page, "acme") == (
-        "acme | 5 | 2 | 28.6% | 1 | 1 | 1 | 0 | "
+        "acme | 5 | 2 | 28.6% | 1 | 1 | 0 | 1 | 0 | "
         "http://localhost/webhooks/acme (as this page was reached)"
     )
-    assert _row(page, "open").startswith("open | 0 | 0 | - | 0 | 0 | 0 | 0 |")
+    assert _row(page, "open").startswith("open | 0 | 0 | - | 0 | 0 | 0 | 0 | 0 |")
     assert _row(page, "gone").startswith("gone (not configured) | 1 | 0 | 0.0%")
     assert _row(page, "All sources").startswith("All sources | 6 | 2 |")
     # The chart draws one bar of events and one of duplicates per hour.
@@ -122,7 +122,32 @@ def test_overview_shows_what_waits_for_the_worker_per_asynchronous_source(make_a
     assert overview.async_queues()
     page = b.get("/dashboard").text
     assert "queued: waiting to be processed 2" in text_of(page)
-    assert _row(page, "queued").startswith("queued | 2 | 0 | 0.0% | 0 | 0 | 0 | 2 (oldest")
+    assert _row(page, "queued").startswith("queued | 2 | 0 | 0.0% | 0 | 0 | 0 | 0 | 2 (oldest")
+
+
+def test_overview_counts_stale_events_and_the_event_page_names_the_newer_one(make_app):
+    from tests.test_freshness import FRESH_SOURCES, event
+
+    app = make_app(FRESH_SOURCES, IDEMHOOK_ADMIN_TOKEN=TOKEN)
+    b = Browser(app.test_client())
+    b.login()
+    deliver(b.client, "versioned", event("v2", 2))
+    deliver(b.client, "versioned", event("v1", 1))
+    deliver(b.client, "versioned", event("v0", 0))
+    page = b.get("/dashboard").text
+    # Source | Events | Duplicates | Rate | Ignored | Rejected | Stale | Failed attempts
+    assert _row(page, "versioned").startswith("versioned | 3 | 0 | 0.0% | 0 | 0 | 2 | 0 |")
+    assert 'href="/dashboard/events?source=versioned&amp;status=stale"' in page
+    event_page = b.get("/dashboard/events/versioned/v1").text
+    assert "Status stale · newer: v2" in text_of(event_page)
+    assert 'href="/dashboard/events/versioned/v2"' in event_page
+    # Replaying it warns that it would overwrite newer data, and does when asked.
+    confirm = text_of(b.get("/dashboard/replay/versioned/v1").text)
+    assert "its object c1 holds event v2 (version 2, newer than this event's 1)" in confirm
+    done = b.post("/dashboard/replay/versioned/v1")
+    assert done.status_code == 303
+    shown = text_of(b.get("/dashboard/events/versioned/v1").text)
+    assert "Replayed (replay #1)" in shown and "Status processed" in shown
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Every figure is read through an index and bounded (:mod:`idemhook._web.dashboard
   duplicates.
 - **Unresolved failures**: those among the newest :data:`UNRESOLVED_SCAN` failures
   whose event has not been applied since; "≥" when there are older failures still.
-- **Ignored, rejected** (and, with asynchronous sources, **pending**) come from the
+- **Ignored, rejected, stale** (and, with asynchronous sources, **pending**) come from the
   partial index of events whose status is not ``processed``, which carries the
   source: exact while the window holds at most :data:`STATUS_SCAN` of them, the
   planner's estimate per source past that. **Failed attempts** come from
@@ -83,6 +83,7 @@ class SourceFigures:
     duplicates: Count = field(default_factory=lambda: Count(0))
     ignored: Count = field(default_factory=lambda: Count(0))
     rejected: Count = field(default_factory=lambda: Count(0))
+    stale: Count = field(default_factory=lambda: Count(0))
     failures: Count = field(default_factory=lambda: Count(0))
     pending: Count | None = None
     oldest_pending: datetime | None = None
@@ -115,7 +116,7 @@ class Overview:
         return any(not h.events.exact for h in self.hours) or any(
             not c.exact
             for s in self.sources
-            for c in (s.events, s.ignored, s.rejected, s.failures)
+            for c in (s.events, s.ignored, s.rejected, s.stale, s.failures)
         )
 
     @property
@@ -126,6 +127,7 @@ class Overview:
             total.duplicates += s.duplicates
             total.ignored += s.ignored
             total.rejected += s.rejected
+            total.stale += s.stale
             total.failures += s.failures
         return total
 
@@ -148,7 +150,7 @@ def build(session: Session, configured: list[str], now: datetime | None = None) 
         return per_source[name]
 
     hours = _hours(session, starts, figures)
-    for status, attribute in (("ignored", "ignored"), ("rejected", "rejected")):
+    for status, attribute in (("ignored", "ignored"), ("rejected", "rejected"), ("stale", "stale")):
         counted = _by_source(
             session,
             select(EVENTS.c.source).where(

@@ -376,14 +376,19 @@ def replay_event(source: str, event_id: str) -> Response | str:
         handlers = [
             r.name for r in receiver.claimer.registry.for_event(source, found["event_type"])
         ]
+        try:
+            stale = replay.staleness(receiver.claimer, receiver.sources, source, event_id)
+        except failures.ActionRefused:
+            stale = None  # the replay itself says why it cannot run
         return render_template(
             "dashboard/replay.html",
             page="events",
             event=found,
             handlers=handlers,
+            stale=stale,
         )
     try:
-        replayed = replay.replay(receiver.claimer, source, event_id)
+        replayed = replay.replay(receiver.claimer, source, event_id, receiver.sources)
     except (failures.ActionRefused, replay.ReplayFailed) as exc:
         flash(f"Not replayed: {exc}", "error")
     else:
