@@ -246,7 +246,7 @@ def build(url: str, variant: str) -> tuple[Any, str]:
             )
         registry._cache.clear()
     if variant == "intake-only":
-        claimer.apply = lambda events, body, versions=None: [
+        claimer.apply = lambda events, body, versions=None, **_options: [
             Outcome(events[0].id, "processed", None)
         ]
     if variant == "no-watchdog":

@@ -136,6 +136,7 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
             "baseline-batch": served * instructions.BATCH,
             "receiver-batch": served * instructions.BATCH,
             "async-ack": 0,  # acknowledged only: idemhook worker runs the handler
+            "receiver-fresh": served,  # every event newer than its account's last
         }
         assert observed("receiver") == (True, True)
         assert observed("no-log") == (False, True)

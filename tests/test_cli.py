@@ -58,6 +58,7 @@ def test_help_without_configuration_lists_every_command(tmp_path: Path) -> None:
         "events",
         "failures",
         "handlers",
+        "objects",
         "outbox",
         "reconcile",
         "send",

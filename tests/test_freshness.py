@@ -507,3 +507,18 @@ def test_sources_and_handlers_list_say_what_freshness_does(runner):
         "audited", "*", "tests.plugins.versioned:audit", "(stale=True:", "sees", "stale",
         "events", "too)",
     ]
+
+
+def test_an_event_accepted_before_freshness_was_set_fails_its_attempt_naming_the_field(
+    make_app, sql
+):
+    # Accepted while the asynchronous source had no freshness; applied after it was set.
+    before = {**FRESH_SOURCES, "sources": {**FRESH_SOURCES["sources"]}}
+    before["sources"]["versioned_async"] = {**SIGNED, "mode": "async"}
+    deliver(make_app(before).test_client(), "versioned_async", {"id": "u1", "type": "t"})
+    applied_by = make_app(FRESH_SOURCES)
+    assert apply_due(applied_by) == 1
+    assert claim_of(sql, "u1", "versioned_async")[0] == "received"  # due again after a backoff
+    [error] = sql("SELECT error FROM delivery_failures WHERE event_id = 'u1'")[0]
+    assert "idemhook freshness raised BadRequest" in error and "body:object" in error
+    assert applied(sql, "versioned_async") == []

@@ -40,6 +40,7 @@ from sqlalchemy.orm import sessionmaker
 from idemhook._config.freshness import Versioned, in_version_order
 from idemhook._contract import (
     Event,
+    StaleEvent,
 )
 from idemhook._engine import failures
 from idemhook._engine.attempt import overrun, watched
@@ -51,7 +52,6 @@ from idemhook._engine.dispatch import (
 from idemhook._engine.registry import (
     Registration,
     Registry,
-    StaleEvent,
 )
 from idemhook._engine.watchdog import Job, Watchdog
 from idemhook._store import claims
