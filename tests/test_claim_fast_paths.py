@@ -7,6 +7,7 @@ must still be written.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import text
 
 from idemhook import handler
 from idemhook.testing import deliver
+from tests.conftest import SOURCES
 from tests.orm_effects import mapped_effect
 
 
@@ -180,3 +182,194 @@ def test_batch_reports_each_event_once_to_metrics_even_after_a_failure(client, s
     assert moved(events, source="batched", type="x", outcome="processed") == 2
     assert moved("idemhook_claim_wait_seconds_count", source="batched") == 5
     assert moved("idemhook_handler_duration_seconds_count", source="batched") == 5
+
+
+def _observe_text_statements(event, db):
+    """What a handler sees of its ``text()`` statements, in a form two runs can compare."""
+    seen = {}
+    inserted = db.execute(
+        text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e), (:s, :f)"),
+        {"s": event.source, "e": event.id, "f": event.id + "-b"},
+    )
+    seen["insert rowcount"] = inserted.rowcount
+    seen["returns rows"] = inserted.returns_rows
+    updated = db.execute(
+        text("UPDATE test_effects SET source = :s WHERE event_id LIKE :p"),
+        {"s": event.source, "p": event.id + "%", "unused": 1},
+    )
+    seen["update rowcount"] = updated.rowcount
+    seen["percent literal"] = db.execute(text("SELECT 7 % 3")).scalar_one()
+    rows = db.execute(
+        text(
+            "SELECT event_id, 1.50::numeric AS price, '{\"a\": [1]}'::jsonb AS doc, "
+            "TIMESTAMPTZ '2026-01-02 03:04:05+00' AS at FROM test_effects "
+            "WHERE event_id LIKE :p ORDER BY event_id"
+        ),
+        {"p": event.id + "%"},
+    )
+    seen["keys"] = list(rows.keys())
+    seen["mappings"] = [
+        {k: (type(v).__name__, str(v)) for k, v in row.items()} for row in rows.mappings()
+    ]
+    seen["first"] = tuple(db.execute(text("SELECT 1 AS one, 'x' AS two")).first())
+    seen["none"] = db.execute(
+        text("SELECT 1 FROM test_effects WHERE event_id = :e"), {"e": "absent"}
+    ).scalar_one_or_none()
+    seen["scalars"] = (
+        db.execute(
+            text("SELECT event_id FROM test_effects WHERE event_id LIKE :p ORDER BY 1"),
+            {"p": event.id + "%"},
+        )
+        .scalars()
+        .all()
+    )
+    seen["result type"] = type(inserted).__name__
+    return seen
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_handlers_text_statements_answer_alike_on_the_direct_path_and_sqlalchemys(make_app):
+    """Handlers' ``text()`` statements go straight to the lane's cursor when nothing would
+    see the difference (idemhook._store.lanes.Lane.run_text): what a handler gets back is
+    what SQLAlchemy's own path gives it, which a listener on the engine forces."""
+    from sqlalchemy import event as sa_event
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", _observe_text_statements)
+
+    direct = deliver(app.test_client(), "acme", {"id": "d1", "type": "x"})
+    engine = app.extensions["idemhook.db"].engine
+    sa_event.listen(engine, "before_cursor_execute", lambda *args: None)
+    through = deliver(app.test_client(), "acme", {"id": "d2", "type": "x"})
+
+    assert direct.status_code == through.status_code == 200
+    seen_direct, seen_through = direct.json["result"], through.json["result"]
+    assert seen_direct.pop("result type") == "Rows"
+    assert seen_through.pop("result type") == "CursorResult"
+    rename = json.loads(json.dumps(seen_through).replace("d2", "d1"))
+    assert seen_direct == rename
+    assert seen_direct["update rowcount"] == 2 and seen_direct["percent literal"] == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_direct_statements_error_is_sqlalchemys_and_fails_the_event(make_app, sql):
+    from sqlalchemy.exc import DataError
+
+    caught = []
+
+    @handler("acme", "*")
+    def divide(event, db):
+        insert = text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e)")
+        db.execute(insert, {"s": event.source, "e": event.id})
+        try:
+            db.execute(text("SELECT 1 / :zero"), {"zero": 0})
+        except DataError as exc:
+            caught.append(type(exc.orig).__name__)
+            raise
+
+    app = make_app()
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("acme", "*", divide)
+
+    response = deliver(app.test_client(), "acme", {"id": "u1", "type": "x"})
+
+    assert response.status_code == 500 and response.json["error"] == "handler_failed"
+    assert caught == ["DivisionByZero"]
+    assert effects(sql, "u1") == 0
+    assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    # The lane is usable again: the next delivery applies.
+    registry.registrations.clear()
+    registry.add("acme", "*", _observe_text_statements)
+    assert deliver(app.test_client(), "acme", {"id": "u2", "type": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_batchs_failed_and_rejected_events_are_undone_alone_and_no_handler_runs_twice(
+    make_app, sql
+):
+    """A batch is claimed by one statement on PostgreSQL; each event's handlers still run in
+    a savepoint of their own, sent with their first statement (direct or SQLAlchemy's)."""
+    from idemhook import Reject
+
+    Effect = mapped_effect()
+    calls = []
+
+    @handler("batched", "*")
+    def mixed(event, db):
+        calls.append(event.id)
+        kind = event.payload["kind"]
+        if kind == "orm":
+            db.add(Effect(event.source, event.id))
+            return "orm"
+        db.execute(
+            text("INSERT INTO test_effects (source, event_id) VALUES (:s, :e)"),
+            {"s": event.source, "e": event.id},
+        )
+        if kind == "fail-after-write":
+            raise RuntimeError("after its write")
+        if kind == "reject":
+            return Reject("not for us")
+        return "text"
+
+    @handler("batched", "early.*")
+    def fails_first(event, db):
+        calls.append(event.id + "!")
+        raise RuntimeError("before any statement")
+
+    config = copy.deepcopy(SOURCES)
+    config["sources"]["batched"]["max_batch"] = 10
+    app = make_app(config)
+    registry = app.extensions["idemhook.registry"]
+    registry.registrations.clear()
+    registry.add("batched", "early.*", fails_first)
+    registry.add("batched", "*", mixed)
+    batch = [
+        {"id": "b1", "type": "x", "kind": "text"},
+        {"id": "b2", "type": "early.x", "kind": "text"},
+        {"id": "b3", "type": "x", "kind": "orm"},
+        {"id": "b4", "type": "x", "kind": "fail-after-write"},
+        {"id": "b5", "type": "x", "kind": "reject"},
+        {"id": "b4", "type": "x", "kind": "fail-after-write"},
+        {"id": "b6", "type": "x", "kind": "text"},
+    ]
+
+    response = deliver(app.test_client(), "batched", batch)
+
+    assert response.status_code == 500
+    assert [(e["event_id"], e["status"]) for e in response.json["events"]] == [
+        ("b1", "processed"),
+        ("b2", "failed"),
+        ("b3", "processed"),
+        ("b4", "failed"),
+        ("b5", "rejected"),
+        ("b4", "failed"),
+        ("b6", "processed"),
+    ]
+    assert calls == ["b1", "b2!", "b3", "b4", "b5", "b6"]  # each once, in order
+    assert sorted(r[0] for r in sql("SELECT event_id FROM test_effects")) == ["b1", "b3", "b6"]
+    claims = sql("SELECT event_id, status FROM processed_events ORDER BY event_id")
+    assert [tuple(r) for r in claims] == [
+        ("b1", "processed"),
+        ("b3", "processed"),
+        ("b5", "rejected"),
+        ("b6", "processed"),
+    ]
+    failed = sorted(r[0] for r in sql("SELECT event_id FROM delivery_failures"))
+    assert failed == ["b2", "b4", "b5"]
+
+    calls.clear()
+    again = deliver(app.test_client(), "batched", batch)
+
+    assert [e["status"] for e in again.json["events"]] == [
+        "duplicate",
+        "failed",
+        "duplicate",
+        "failed",
+        "duplicate",
+        "failed",
+        "duplicate",
+    ]
+    assert calls == ["b2!", "b4"]

@@ -54,7 +54,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from sqlalchemy.dialects import sqlite
@@ -77,9 +76,7 @@ from idemhook._values.errors import ServiceUnavailable
 from idemhook._values.headers import (
     safe_headers,
 )
-from idemhook._values.jsontext import (
-    dumps,
-)
+from idemhook._values.jsontext import dumps, string
 from idemhook._values.outcome import Outcome, Status
 
 #: The shortest time between two notifications of one process (seconds). Each is a
@@ -206,8 +203,8 @@ class Acceptor:
         for i in distinct:
             event = events[i]
             items.append(
-                f"[{_string(event.id)},{_string(event.type)},{dumps(event.payload)},"
-                f"{_string(keys[i]) if keys is not None else 'null'}]"
+                f"[{string(event.id)},{string(event.type)},{dumps(event.payload)},"
+                f"{string(keys[i]) if keys is not None else 'null'}]"
             )
         document = f'{{"h":{dumps(safe_headers(events[0].headers))},"e":[{",".join(items)}]}}'
         params: dict[str, Any] = {"d": document}
@@ -349,11 +346,6 @@ def _notify_forever(wanted: threading.Event, database_ref: weakref.ref[Database]
             pause = sent + NOTIFY_INTERVAL - time.monotonic()
         del database  # held only while sending
         time.sleep(max(0.0, pause))
-
-
-def _string(value: str | None) -> str:
-    """``value`` as a JSON string (IDs, types and keys are checked: no NUL, no lone surrogate)."""
-    return "null" if value is None else encode_basestring(value)
 
 
 def _first_of_each(events: Sequence[Event]) -> list[int]:

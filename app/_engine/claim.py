@@ -15,11 +15,16 @@ For each event of a delivery, in one transaction on a lane (:mod:`idemhook._stor
 Each event runs inside a savepoint (``SAVEPOINT``/``RELEASE`` travel in the
 round trip of its claim on PostgreSQL), so a handler's failure or ``Reject``
 rolls back that event alone: a failed event is answered 500 and recorded in
-``delivery_failures``; a rejected one is claimed as ``rejected``. No handler
-ever runs twice in one delivery: the transaction is tried again only when its
-connection was lost before any handler started (a kept connection that did not
-survive a database restart). A connection lost later is answered from a fresh
-connection's look at the claims: committed, they are duplicates; not, ``503``.
+``delivery_failures``; a rejected one is claimed as ``rejected``. The transaction
+is tried again only when its connection was lost before any handler started (a
+kept connection that did not survive a database restart). A connection lost later
+is answered from a fresh connection's look at the claims: committed, they are
+duplicates; not, ``503``.
+
+A batch (several events, PostgreSQL, no ``freshness``) is claimed by one statement
+(:meth:`DeliveryClaim.together`) instead of one per event; each event's savepoint then
+leaves with its handlers' first statement, so a batch costs one round trip more than
+its handlers' statements, and a failed event is still undone alone.
 
 The whole claim runs on a claim thread watched by the request
 (:mod:`idemhook._engine.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
@@ -66,7 +71,7 @@ from idemhook._store.object_versions import Stale
 from idemhook._store.session import (
     ClaimSession,
 )
-from idemhook._store.statements import ClaimStatements
+from idemhook._store.statements import ClaimRow, ClaimStatements
 from idemhook._values.errors import ServiceUnavailable
 from idemhook._values.jsontext import (
     dumps,
@@ -201,20 +206,132 @@ class DeliveryClaim:
         #: The claim statement: a live delivery's, or a recovered event's (Claimer.apply).
         self.claim_sql = claimer.statements.claim_sql
         self.claiming_object: str | None = None
+        #: Whether the events are claimed together (see the module's docstring).
+        self.batched = (
+            len(events) > 1 and versions is None and claimer.statements.claim_many_sql is not None
+        )
 
     def once(self, job: Job) -> list[Outcome]:
+        if self.batched and self.claim_sql is self.claimer.statements.claim_sql:
+            return self.together(job)
+        return self.apart(job)
+
+    def together(self, job: Job) -> list[Outcome]:
+        """Claim every event of a batch in one statement, then run each event's handlers.
+
+        Each event's handlers still run in a savepoint of their own, sent with their first
+        statement (:meth:`~idemhook._store.lanes.Lane.savepoint`), so a failed event is
+        undone alone and no handler runs twice; the claim of a failed event is deleted
+        with it, a rejected one's is stored as ``rejected``.
+        """
+        claimer, events = self.claimer, self.events
+        statements = claimer.statements
+        tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(events[0].headers)))
+        registry = claimer.registry
+        distinct: dict[str, Event] = {}
+        repeats: dict[str, int] = {}
+        for event in events:
+            if distinct.setdefault(event.id, event) is event:
+                repeats[event.id] = 0
+            else:
+                repeats[event.id] += 1
+        claimed = list(distinct.values())
+        handled = [registry.for_event(event.source, event.type) for event in claimed]
+        statuses = [Status.PROCESSED if found else Status.IGNORED for found in handled]
+        registrations = dict(zip(distinct, handled, strict=True))
+        with claimer.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                started = time.perf_counter()
+                self.claiming = events[0]
+                params = statements.claim_many_params(
+                    claimed, statuses, list(repeats.values()), tx.headers
+                )
+                rows = statements.claim_rows(
+                    lane.execute(statements.claim_many_sql, params).fetchall(), repeats
+                )
+                self.claiming = None
+                share = (time.perf_counter() - started) / len(claimed)
+                first: dict[str, Outcome] = {}
+                for event in events:
+                    if job.abandoned:
+                        lane.rollback()
+                        return []
+                    tx.timings.append((event, "claim", share))
+                    earlier = first.get(event.id)
+                    if earlier is None:
+                        outcome = first[event.id] = self._claimed(
+                            lane, event, job, rows[event.id], registrations[event.id]
+                        )
+                    else:  # a repeat inside this delivery: answered as its first was
+                        outcome = self._done(event, _repeat(earlier), time.perf_counter())
+                    tx.outcomes.append(outcome)
+                sql, params = self._closing_statement()
+                if not job.may_commit():  # answered handler_timeout already: keep nothing
+                    lane.rollback()
+                    return []
+                lane.commit(sql, params)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+            failures.write(lane, tx.failures)
+        claimer._report(tx)
+        return tx.outcomes
+
+    def _claimed(
+        self,
+        lane: Lane,
+        event: Event,
+        job: Job,
+        row: ClaimRow,
+        registrations: Sequence[Registration],
+    ) -> Outcome:
+        """Apply ``event``, claimed already (``row``), in its savepoint."""
+        started = time.perf_counter()
+        if row.duplicates:
+            return self._done(event, Outcome(event.id, Status.DUPLICATE, row.result), started)
+        if not registrations:
+            return self._done(event, Outcome(event.id, Status.IGNORED), started)
+        lane.savepoint()  # leaves with the handlers' first statement
+        run = self._run(lane, event, job, registrations)
+        if run.status in (Status.PROCESSED, Status.IGNORED):
+            self._store(lane, row.id, run.status, run.stored or "null", event, run.result)
+            return self._done(event, Outcome(event.id, run.status, run.result), started)
+        tx, statements = self.tx, self.claimer.statements
+        lane.session.close()
+        lane.rollback_to_savepoint()
+        if run.status is Status.REJECTED:
+            stored = statements.result_row(row.id, Status.REJECTED, dumps(run.result, strict=True))
+            lane.execute(statements.finish_sql, stored)
+            outcome = Outcome(event.id, Status.REJECTED, run.result, handler=run.handler)
+        else:
+            lane.execute(statements.forget_sql, {"row_id": row.id})
+            outcome = _failed_outcome(event, run)
+        tx.failures.append(failures.failure_of(event, run, self.raw_body))
+        return self._done(event, outcome, started)
+
+    def apart(self, job: Job) -> list[Outcome]:
+        """Each event in its own savepoint: a failed one is undone alone."""
         claimer = self.claimer
         tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(self.events[0].headers)))
         with claimer.database.lanes.lane() as lane:
             lane.begin()
             try:
                 versions = self.versions
+                failed: dict[str, Outcome] = {}
                 for i, event in enumerate(self.events):
                     if job.abandoned:
                         lane.rollback()
                         return []
+                    if event.id in failed:  # a repeat of a failed event: never run twice
+                        tx.outcomes.append(self._done(event, failed[event.id], time.perf_counter()))
+                        continue
                     versioned = versions[i] if versions is not None else None
-                    tx.outcomes.append(self._event(lane, event, job, versioned))
+                    outcome = self._event(lane, event, job, versioned)
+                    if outcome.status is Status.FAILED:
+                        failed[event.id] = outcome
+                    tx.outcomes.append(outcome)
                 sql, params = self._closing_statement()
                 if not job.may_commit():  # answered handler_timeout already: keep nothing
                     lane.rollback()
@@ -252,18 +369,26 @@ class DeliveryClaim:
         if not registrations:
             return self._done(event, Outcome(event.id, Status.IGNORED), started)
 
-        job.handlers_started(event)
-        handlers_started = time.perf_counter()
-        run = run_handlers(registrations, event, lane.session, senders=claimer.registry.senders)
-        job.handlers_ended()
-        tx.timings.append((event, "handlers", time.perf_counter() - handlers_started))
-        if run.status is Status.FAILED and is_disconnect(run.error):
-            raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
-
+        run = self._run(lane, event, job, registrations)
         if run.status in (Status.PROCESSED, Status.IGNORED):
             self._store(lane, row.id, run.status, run.stored or "null", event, run.result)
             return self._done(event, Outcome(event.id, run.status, run.result), started)
         return self._undo(lane, event, run, started)
+
+    def _run(
+        self, lane: Lane, event: Event, job: Job, registrations: Sequence[Registration]
+    ) -> HandlerRun:
+        """Run ``event``'s handlers (the one handler path) on the lane's session."""
+        job.handlers_started(event)
+        started = time.perf_counter()
+        run = run_handlers(
+            registrations, event, lane.session, senders=self.claimer.registry.senders
+        )
+        job.handlers_ended()
+        self.tx.timings.append((event, "handlers", time.perf_counter() - started))
+        if run.status is Status.FAILED and is_disconnect(run.error):
+            raise run.error  # type: ignore[misc]  # the lost connection: the bracket decides
+        return run
 
     def _stale(
         self,
@@ -406,9 +531,7 @@ class DeliveryClaim:
             run = HandlerRun(Status.FAILED, handler="COMMIT", error=error)
             failed.outcomes.append(_failed_outcome(event, run))
             failed.failures.append(failures.failure_of(event, run, self.raw_body))
-        failed.observed = [
-            (e, o, 0.0) for e, o in zip(self.events, failed.outcomes, strict=True)
-        ]
+        failed.observed = [(e, o, 0.0) for e, o in zip(self.events, failed.outcomes, strict=True)]
         failed.timings = tx.timings
         with self.claimer.database.lanes.lane() as lane:
             failures.write(lane, failed.failures)
@@ -467,6 +590,13 @@ class DeliveryClaim:
         outcome = _failed_outcome(event, run)
         for observer in claimer.observers:
             observer(event, outcome, claimer.watchdog.limit)
+
+
+def _repeat(first: Outcome) -> Outcome:
+    """The answer to an event's repeat inside one delivery, from its first occurrence's."""
+    if first.status in (Status.FAILED, Status.DUPLICATE):
+        return first
+    return Outcome(first.event_id, Status.DUPLICATE, first.result)
 
 
 def _failed_outcome(event: Event, run: HandlerRun) -> Outcome:

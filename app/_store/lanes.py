@@ -41,15 +41,18 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import TextClause
 
 from idemhook._store.engine import LANE_OPTION, Timeouts, inherited_connections
-from idemhook._store.session import ClaimSession
+from idemhook._store.session import ClaimSession, Rows
 
 #: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
 statement_log = logging.getLogger("sqlalchemy.engine.Engine")
 
 #: A lane's connection is replaced after this long, as the pool's ``pool_recycle`` would.
 RECYCLE_SECONDS = 3600
+#: How many handlers' ``text()`` statements the lanes keep compiled (Lane.run_text).
+TEXT_CACHE_SIZE = 1024
 #: The savepoint each event of a claim runs in, and its verbs.
 SAVEPOINT = "SAVEPOINT idemhook_event"
 RELEASE = "RELEASE SAVEPOINT idemhook_event"
@@ -79,6 +82,11 @@ class Lane:
         self._savepoint = False  # this transaction has an event savepoint
         self._pending = ""  # PostgreSQL: savepoint statements that leave with the next one
         self._traced = False
+        #: Handlers' ``text()`` statements as SQL, shared by the engine's lanes (run_text).
+        self._lanes_texts = lanes.texts
+        if self.pipelined:
+            session.direct = self.run_text
+            session.before_statement = self.send_pending
 
     @property
     def usable(self) -> bool:
@@ -118,8 +126,20 @@ class Lane:
 
     def rollback_to_savepoint(self) -> None:
         """Undo everything since :meth:`savepoint`; the transaction goes on."""
-        self._pending = ""
+        if self._pending:  # never sent: nothing ran since; the previous one (if any) stays
+            self._savepoint = self._pending.startswith(RELEASE)
+            self._pending = ""
+            return
         self.execute(ROLLBACK_TO)
+
+    def send_pending(self) -> None:
+        """Send the savepoint statements waiting for the next statement, now (PostgreSQL).
+
+        Called by the handler session before a statement that does not go through the
+        lane (SQLAlchemy's own path), so that its work is inside the event's savepoint.
+        """
+        if self._pending:
+            self.execute("")
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run ``sql`` on the lane (in the transaction); return something with ``fetchone``."""
@@ -145,6 +165,66 @@ class Lane:
         except self._dialect.loaded_dbapi.Error as exc:
             raise self._wrap(exc, sql, params) from exc
         return self.cursor
+
+    def run_text(self, session: ClaimSession, statement: TextClause, params: Any) -> Rows | None:
+        """A handler's ``text()`` statement, straight on the cursor; None: not here.
+
+        Only inside the claim's transaction (a pending savepoint leaves with it), for a
+        dict of plain parameters naming every bound one, a session with nothing to flush,
+        and no one listening to the engine's statements or logging them. Errors are SQLAlchemy's,
+        as on SQLAlchemy's own path (a lost connection retires the idle lanes).
+        """
+        if not self._server_open or (params is not None and type(params) is not dict):
+            return None
+        sql = self._lanes_texts.get(statement)
+        if sql is None:
+            sql = self._compile_text(statement)
+        if not sql or session.flushes():
+            return None
+        connection = self.connection
+        dispatch = connection.dispatch
+        if (
+            dispatch.before_execute
+            or dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+            or dispatch.after_execute
+            or session.dispatch.do_orm_execute
+            or connection._echo
+        ):
+            return None
+        names, text = sql
+        values = params or {}
+        if not names.issubset(values):
+            return None  # SQLAlchemy's path says which value is missing
+        cursor, pending = self.cursor, self._pending
+        if pending:  # the event's savepoint leaves with it
+            text, self._pending = pending + text, ""
+        try:
+            cursor.execute(text, values)
+            description = cursor.description
+            rows = cursor.fetchall() if description else []
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._wrap(exc, text, values) from exc
+        keys = [column[0] for column in description] if description else []
+        return Rows(keys, rows, cursor.rowcount)
+
+    def _compile_text(self, statement: TextClause) -> tuple[frozenset[str], str] | tuple[()]:
+        """``statement``'s SQL and parameter names, or () where SQLAlchemy must bind them."""
+        dialect = self._dialect
+        compiled = statement.compile(dialect=dialect)
+        plain = not statement._execution_options and not compiled.escaped_bind_names
+        for bind in compiled.binds.values():
+            if bind.expanding or bind.value is not None or bind.callable is not None:
+                plain = False
+            elif bind.type._cached_bind_processor(dialect) is not None:
+                plain = False
+        found: tuple[frozenset[str], str] | tuple[()] = (
+            (frozenset(compiled.binds), compiled.string) if plain else ()
+        )
+        texts = self._lanes_texts
+        if len(texts) < TEXT_CACHE_SIZE:
+            texts[statement] = found
+        return found
 
     def execute_alone(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """PostgreSQL: run ``sql`` as a transaction of its own, committed when this returns.
@@ -235,6 +315,8 @@ class Lanes:
         self.engine = engine
         self.keep = keep
         self.pipelined = engine.dialect.name == "postgresql"
+        #: Lane.run_text's compiled statements (a dict: its reads and writes are atomic).
+        self.texts: dict[TextClause, tuple[frozenset[str], str] | tuple[()]] = {}
         #: What the first statement of each transaction is prefixed with (PostgreSQL).
         self.begin_sql = "BEGIN; " + (f"{timeouts.sql}; " if timeouts else "")
         #: The same for a transaction of one message (:meth:`Lane.execute_alone`).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 #: Key of the wrapper that holds a payload PostgreSQL's JSONB cannot store.
@@ -32,6 +33,12 @@ def dumps(value: Any, *, strict: bool = False) -> str:
 # Built once: ``json.dumps`` with options builds a new encoder on every call.
 _LENIENT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def string(value: str | None) -> str:
+    """``value`` as a JSON string, or ``null``: for IDs, types and keys, which intake checks
+    (no NUL, no lone surrogate), written into a statement's one JSON parameter."""
+    return "null" if value is None else encode_basestring(value)
 
 
 def _wrap(value: Any) -> str:
