@@ -23,6 +23,8 @@ Variants (``--variants``):
   as received, answer 202; no handler runs (``idemhook worker`` would run it).
 - ``receiver-fresh``: the receiver's source with ``freshness`` set (``bench_fresh``):
   each event's object and version read, and checked in the claim's statement.
+- ``baseline-api``, ``receiver-api``: an API request with a new ``Idempotency-Key`` (the
+  baseline's bare minimum of a key; the receiver's ``bench_api`` and its operation).
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -42,8 +44,8 @@ import tempfile
 import tomllib
 from typing import Any
 
-from .load import event, new_ids, sign
-from .run import ASYNC_SOURCE_TOML, FRESH_SOURCE_TOML, SECRET, SOURCES_TOML
+from .load import event, keyed_body, new_ids, sign, sign_keyed
+from .run import ASYNC_SOURCE_TOML, FRESH_SOURCE_TOML, PATHS, RUN_SOURCES_TOML, SECRET, SOURCES_TOML
 
 VARIANTS = (
     "baseline",
@@ -57,6 +59,8 @@ VARIANTS = (
     "receiver-batch",
     "async-ack",
     "receiver-fresh",
+    "baseline-api",
+    "receiver-api",
 )
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
@@ -150,6 +154,16 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
     def environs(n: int, start: int = 0) -> list[dict[str, Any]]:
         out = []
         for i, eid in enumerate(new_ids(n), start=start):
+            if variant.endswith("-api"):
+                body = keyed_body(eid)
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-Signature": sign_keyed(secret, eid, body),
+                    "Idempotency-Key": eid,
+                }
+                builder = EnvironBuilder(path=path, method="POST", data=body, headers=headers)
+                out.append(builder.get_environ())
+                continue
             if size:
                 ids = new_ids(size)
                 document: Any = [event(bid, i * size + j) for j, bid in enumerate(ids)]
@@ -169,7 +183,7 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
         for environ in batch:
             body = b"".join(app(environ, start_response))
-            if not status[-1].startswith(("200", "202")):
+            if not status[-1].startswith(("200", "201", "202")):
                 raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
@@ -209,6 +223,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
         os.environ["BENCH_SECRET"] = SECRET
         from .baseline import create_app as create_baseline
 
+        if variant == "baseline-api":
+            return create_baseline(), PATHS[("baseline", "keyed")]
         suffix = "_batch" if variant.endswith("-batch") else ""
         return create_baseline(), "/webhooks/baseline" + suffix
     if variant not in VARIANTS:
@@ -224,6 +240,8 @@ def build(url: str, variant: str) -> tuple[Any, str]:
     if variant == "receiver-fresh":  # the source with freshness and its handler, beside them
         config = tomllib.loads(SOURCES_TOML + FRESH_SOURCE_TOML)
         config["plugins"].append("bench.fresh_handler")
+    if variant == "receiver-api":  # everything the HTTP bench's receiver serves
+        config = tomllib.loads(RUN_SOURCES_TOML)
     app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": config})
     idemhook_log = logging.getLogger("idemhook")  # to stderr: count() reads it from a pipe
     claimer = app.extensions["idemhook.receiver"].claimer
@@ -256,11 +274,11 @@ def build(url: str, variant: str) -> tuple[Any, str]:
 
     if variant == "async-ack":
         return app, "/webhooks/bench_async"
+    if variant == "receiver-api":
+        return app, PATHS[("receiver", "keyed")]
     if variant == "receiver-fresh":
         return app, "/webhooks/bench_fresh"
-    return app, "/webhooks/bench_batch" if variant.endswith(
-        "-batch"
-    ) else "/webhooks/bench"
+    return app, "/webhooks/bench_batch" if variant.endswith("-batch") else "/webhooks/bench"
 
 
 def _no_sql(event: Any, db: Any) -> dict[str, int]:

@@ -21,10 +21,12 @@ kept connection that did not survive a database restart). A connection lost late
 is answered from a fresh connection's look at the claims: committed, they are
 duplicates; not, ``503``.
 
-A batch (several events, PostgreSQL, no ``freshness``) is claimed by one statement
-(:meth:`DeliveryClaim.together`) instead of one per event; each event's savepoint then
-leaves with its handlers' first statement, so a batch costs one round trip more than
-its handlers' statements, and a failed event is still undone alone.
+On PostgreSQL (no ``freshness``) a delivery's events are claimed by one statement
+(:meth:`DeliveryClaim.together`) instead of one per event; each event of a batch then
+has its savepoint sent with its handlers' first statement, so a batch costs one round
+trip more than its handlers' statements, and a failed event is still undone alone. A
+single event needs no savepoint: its transaction is rolled back whole, and a rejected
+event claimed anew as ``rejected``.
 
 The whole claim runs on a claim thread watched by the request
 (:mod:`idemhook._engine.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
@@ -206,13 +208,11 @@ class DeliveryClaim:
         #: The claim statement: a live delivery's, or a recovered event's (Claimer.apply).
         self.claim_sql = claimer.statements.claim_sql
         self.claiming_object: str | None = None
-        #: Whether the events are claimed together (see the module's docstring).
-        self.batched = (
-            len(events) > 1 and versions is None and claimer.statements.claim_many_sql is not None
-        )
+        #: Whether the events are claimed by one statement (see the module's docstring).
+        self.one_statement = versions is None and claimer.statements.claim_many_sql is not None
 
     def once(self, job: Job) -> list[Outcome]:
-        if self.batched and self.claim_sql is self.claimer.statements.claim_sql:
+        if self.one_statement and self.claim_sql is self.claimer.statements.claim_sql:
             return self.together(job)
         return self.apart(job)
 
@@ -247,9 +247,8 @@ class DeliveryClaim:
                 params = statements.claim_many_params(
                     claimed, statuses, list(repeats.values()), tx.headers
                 )
-                rows = statements.claim_rows(
-                    lane.execute(statements.claim_many_sql, params).fetchall(), repeats
-                )
+                sql = statements.claim_many_for(events[0].source)
+                rows = statements.claim_rows(lane.execute(sql, params).fetchall(), repeats)
                 self.claiming = None
                 share = (time.perf_counter() - started) / len(claimed)
                 first: dict[str, Outcome] = {}
@@ -293,13 +292,26 @@ class DeliveryClaim:
             return self._done(event, Outcome(event.id, Status.DUPLICATE, row.result), started)
         if not registrations:
             return self._done(event, Outcome(event.id, Status.IGNORED), started)
-        lane.savepoint()  # leaves with the handlers' first statement
+        alone = len(self.events) == 1
+        if not alone:
+            lane.savepoint()  # leaves with the handlers' first statement
         run = self._run(lane, event, job, registrations)
         if run.status in (Status.PROCESSED, Status.IGNORED):
             self._store(lane, row.id, run.status, run.stored or "null", event, run.result)
             return self._done(event, Outcome(event.id, run.status, run.result), started)
         tx, statements = self.tx, self.claimer.statements
         lane.session.close()
+        if alone:  # no savepoint: the transaction is the event's; a rejected one is claimed anew
+            lane.rollback()
+            lane.begin()
+            outcome = (
+                self._claim_rejected(lane, event, run)
+                if run.status is Status.REJECTED
+                else _failed_outcome(event, run)
+            )
+            if outcome.status in (Status.FAILED, Status.REJECTED):
+                tx.failures.append(failures.failure_of(event, run, self.raw_body))
+            return self._done(event, outcome, started)
         lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
             stored = statements.result_row(row.id, Status.REJECTED, dumps(run.result, strict=True))
