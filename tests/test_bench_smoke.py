@@ -58,7 +58,10 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     queued = saved["async"]
     assert queued["drain"]["events"] == SMOKE.async_events and queued["drain"]["per_s"] > 0
     assert queued["latency"]["p99_ms"] >= queued["latency"]["p50_ms"] > 0
-    assert len(results["targets"]) == 14
+    assert len(results["targets"]) == 17
+    targets = {check["target"] for check in results["targets"]}
+    assert "Receiver >= 0.85 x baseline req/s, 10% duplicates" in targets
+    assert any(t.startswith("p99 at 70% of the receiver's peak <= 1.10 x") for t in targets)
     assert all(isinstance(check["met"], bool) for check in results["targets"])
 
     page = report.write(saved, docs=tmp_path / "docs")
