@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.schemes.base import (
@@ -67,6 +67,7 @@ class IdempotencyKey(Scheme):
     )
     defaults = {"event_id": f"header:{KEY_HEADER}"}
     operation = True
+    serves_tenants = False
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         where = f"[sources.{source}]"
@@ -206,8 +207,9 @@ class IdempotencyKey(Scheme):
             )
         return found[0]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         self.authenticate(delivery)
+        return 0
 
     # -- signing (the test kit, `idemhook sign` and `send`) --------------------------------------
 
