@@ -1,0 +1,225 @@
+"""Tenants' secrets on a delivery's path, and the tally of which secret verified each one.
+
+:class:`Tenants` finds the keys a delivery to ``POST /webhooks/<source>/<tenant>`` is
+verified with: that tenant's live secrets, read from ``source_secrets`` by one indexed
+SELECT per delivery, so a secret added, expired or removed applies to the next delivery in
+every process, with nothing to invalidate. The decrypted key of each stored token is kept
+(a token never changes: a re-encrypted secret is a new token).
+
+:class:`Matches` counts, in process, which secret verified each delivery (a static
+secret's position in the source's list, or a tenant secret's id) and writes the tallies
+from a background thread about once a second, and at exit: one statement per secret
+seen, never one per delivery, so the hot path pays a dictionary update.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from idemhook._config.secrets import SecretBox
+from idemhook._config.sources import Source, valid_tenant
+from idemhook._store import source_secrets as store
+from idemhook._store.database import Database
+from idemhook._values.errors import ConfigError, NotFound, Unauthorized
+
+log = logging.getLogger("idemhook.tenants")
+
+#: How often each process writes its tallies of matched secrets.
+FLUSH_SECONDS = 1.0
+#: Decrypted keys kept per process before the cache starts over.
+MAX_CACHED_KEYS = 10_000
+
+
+def tenant_label(secret_id: int) -> str:
+    """How a tenant secret is named in the metric and the tallies: ``id:<id>``."""
+    return f"id:{secret_id}"
+
+
+class Matches:
+    """Which secret verified each delivery: counted here, written about once a second."""
+
+    def __init__(self, database: Database, flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.database = database
+        self.flush_seconds = flush_seconds
+        #: Called with ``(source, label)`` for every match (the metric).
+        self.observers: list[Callable[[str, str], None]] = []
+        self._lock = threading.Lock()
+        self._static: dict[tuple[str, str], list[float]] = {}
+        self._tenants: dict[int, list[float]] = {}
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def static(self, source: str, index: int) -> None:
+        """The source's own secret at ``index`` (0-based) verified a delivery."""
+        label = str(index + 1)
+        self._count(self._static, (source, label))
+        for observe in self.observers:
+            observe(source, label)
+
+    def tenant(self, source: str, secret_id: int) -> None:
+        """The tenant secret ``secret_id`` verified a delivery."""
+        self._count(self._tenants, secret_id)
+        for observe in self.observers:
+            observe(source, tenant_label(secret_id))
+
+    def _count(self, tallies: dict, key: object) -> None:
+        now = time.time()
+        with self._lock:
+            tally = tallies.get(key)
+            if tally is None:
+                tallies[key] = [1, now]
+            else:
+                tally[0] += 1
+                tally[1] = now
+        if self._pid != os.getpid():
+            self._start()
+
+    def _start(self) -> None:
+        # Once per process (a forked worker starts its own): threads do not survive a fork.
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            # The thread and the exit hook hold the tally weakly: a dropped app's thread ends.
+            ref = weakref.ref(self)
+            self._thread = threading.Thread(
+                target=_run,
+                args=(ref, self._stop, self.flush_seconds),
+                name="idemhook-secret-matches",
+                daemon=True,
+            )
+            self._thread.start()
+        atexit.register(_at_exit, ref)
+
+    def flush(self, *, quiet: bool = False) -> None:
+        """Write the tallies counted since the last flush (one statement per secret)."""
+        with self._lock:
+            static, self._static = self._static, {}
+            tenants, self._tenants = self._tenants, {}
+        if not static and not tenants:
+            return
+        try:
+            store.record_matches(
+                self.database.engine,
+                {key: _tally(v) for key, v in static.items()},
+                {key: _tally(v) for key, v in tenants.items()},
+            )
+        except SQLAlchemyError as exc:
+            # Kept for the next flush: a database that is away for a while loses no count.
+            if not quiet:
+                log.warning("could not record which secrets matched (%s); retrying", exc)
+            with self._lock:
+                _merge(self._static, static)
+                _merge(self._tenants, tenants)
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Stop the thread and write what is left (at exit, and when an app is dropped)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self.flush(quiet=quiet)
+
+
+def _run(ref: weakref.ref[Matches], stop: threading.Event, seconds: float) -> None:
+    while not stop.wait(seconds):
+        matches = ref()
+        if matches is None:
+            return
+        matches.flush()
+        del matches
+
+
+def _at_exit(ref: weakref.ref[Matches]) -> None:
+    # At exit the log's streams may be closed already; a count that cannot be written then
+    # is lost either way.
+    matches = ref()
+    if matches is not None and matches._pid == os.getpid():
+        matches.close(quiet=True)
+
+
+def _tally(value: list[float]) -> store.Tally:
+    return store.Tally(int(value[0]), datetime.fromtimestamp(value[1], UTC))
+
+
+def _merge(into: dict, tallies: dict) -> None:
+    for key, (count, last) in tallies.items():
+        mine = into.setdefault(key, [0, last])
+        mine[0] += count
+        mine[1] = max(mine[1], last)
+
+
+class Tenants:
+    """A tenant's live keys for a delivery, and the record of which one verified it."""
+
+    def __init__(self, database: Database, box: SecretBox | None, matches: Matches) -> None:
+        self.database = database
+        self.box = box
+        self.matches = matches
+        self._keys: dict[bytes, bytes] = {}
+
+    def keys_for(self, source: Source, tenant: str) -> tuple[Sequence[int], Sequence[bytes]]:
+        """The ids and keys of ``tenant``'s live secrets (404 ``unknown_tenant``, 401
+        ``no_live_secret``)."""
+        if not source.tenants or not valid_tenant(tenant):
+            raise unknown_tenant(source, tenant)
+        rows = store.of_tenant(self.database.engine, source.name, tenant)
+        if not rows:
+            raise unknown_tenant(source, tenant)
+        now = datetime.now(UTC)
+        live = [row for row in rows if row.expires_at is None or row.expires_at > now]
+        if not live:
+            raise Unauthorized(
+                f"Every secret of tenant {tenant!r} of source {source.name!r} has expired; add "
+                f"one with `idemhook secrets add {source.name} {tenant}` (docs/operations.md).",
+                code="no_live_secret",
+            )
+        return [row.id for row in live], [self._key(source, row.token) for row in live]
+
+    def _key(self, source: Source, token: bytes) -> bytes:
+        key = self._keys.get(token)
+        if key is None:
+            if self.box is None:
+                raise ConfigError(
+                    "IDEMHOOK_SECRETS_KEY is not set, and tenant secrets are stored; set it"
+                )
+            key = source.scheme.tenant_key(self.box.decrypt(token))
+            if len(self._keys) >= MAX_CACHED_KEYS:
+                self._keys.clear()
+            self._keys[token] = key
+        return key
+
+
+def unknown_tenant(source: Source, tenant: str) -> NotFound:
+    """404 ``unknown_tenant``: no secret is stored for this tenant (or the name is not one)."""
+    if not source.tenants:
+        message = (
+            f"Source {source.name!r} has no tenants; its deliveries go to "
+            f"/webhooks/{source.name} (or set tenants = true)."
+        )
+    elif tenant and not valid_tenant(tenant):
+        message = (
+            "A tenant's name is 1-64 letters, digits, '.', '_', '-' or '@'; this one is not."
+        )
+    elif not tenant:
+        message = (
+            f"Source {source.name!r} has no secret of its own: deliveries go to "
+            f"/webhooks/{source.name}/<tenant>."
+        )
+    else:
+        message = (
+            f"Source {source.name!r} has no tenant {tenant!r}; add its secret with "
+            f"`idemhook secrets add {source.name} {tenant}`."
+        )
+    return NotFound(message, code="unknown_tenant")
