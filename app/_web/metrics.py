@@ -8,6 +8,8 @@
 - ``idemhook_secret_matches_total{source,secret}``: deliveries each secret verified: a
   static secret's position in the source's ``secret`` list (``1``, ``2``...) or a tenant
   secret's id (``id:<id>``), never its value; retire an old secret once it stops moving.
+  Added by the tally's flush (:class:`idemhook._engine.tenants.Matches`), about a second
+  after the deliveries, so that the request pays a deque append and no more.
 - ``idemhook_handler_duration_seconds{source}``: time in handlers per event.
 - ``idemhook_claim_wait_seconds{source}``: time of the claim ``INSERT``, which
   includes waiting for a concurrent delivery of the same event to finish.
@@ -169,9 +171,10 @@ class Metrics:
         """Record the receipt-to-processed time of one asynchronous event."""
         self._child(self.delay, source).observe(seconds)
 
-    def observe_secret_match(self, source: str, secret: str) -> None:
-        """Count one delivery verified by ``secret`` (a position or ``id:<id>``, never a value)."""
-        self._child(self.secret_matches, source, secret).inc()
+    def observe_secret_match(self, source: str, secret: str, count: int) -> None:
+        """Count ``count`` deliveries verified by ``secret`` (a position or ``id:<id>``, never
+        a value); called by the tally's flush thread about once a second, off the request."""
+        self._child(self.secret_matches, source, secret).inc(count)
 
     def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
         """Record one HTTP request (``status``: the three digits of its status line)."""
