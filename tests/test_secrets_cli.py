@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import requests
 from cryptography.fernet import Fernet, InvalidToken
 
-from tests.servers import gunicorn
+from tests.servers import gunicorn, toml
+from tests.test_cli import run
 from tests.test_tenants import ALICE_SECRET, KEY, TENANTS, add_secret, event, http_post, sign
 
 ADMIN = "admin-token-for-the-read-api"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stored(sql, secret_id: int) -> bytes:
@@ -144,3 +147,20 @@ def test_list_expire_and_remove_need_only_the_database(make_app, sql):
     assert sql("SELECT id FROM source_secrets") == [(second,)]
     empty = runner.invoke(args=["secrets", "list", "shop", "alice"])
     assert "No secrets are stored for tenant 'alice' of source 'shop'." in empty.output
+
+
+def test_start_up_and_sources_check_say_the_key_is_needed(tmp_path):
+    (tmp_path / "webhooks.toml").write_text(toml(TENANTS))
+    env = {"PYTHONPATH": str(ROOT)}
+    done = run("sources", "check", cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stdout
+    assert "IDEMHOOK_SECRETS_KEY is not set, and source 'shop'" in done.stdout
+    assert "2 source(s) with problems: shop, shop_async" in done.stderr
+    # The server refuses to start the same way (any command that builds the whole app).
+    refused = run("handlers", "list", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    assert "IDEMHOOK_SECRETS_KEY is not set" in refused.stderr
+    ok = run("sources", "check", cwd=tmp_path, env={**env, "IDEMHOOK_SECRETS_KEY": KEY})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "tenants    yes: https://<your-host>/webhooks/shop/<tenant>" in ok.stdout
+    assert KEY not in ok.stdout + ok.stderr + done.stdout + done.stderr

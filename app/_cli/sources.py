@@ -192,7 +192,7 @@ def _describe_tenants(
         report.secret = "none of its own: each tenant's, in the database"
     try:
         secrets_config.box_of(
-            config.get("IDEMHOOK_SECRETS_KEY"), needed_by=f"source {source.name!r}'s tenants"
+            config.get("IDEMHOOK_SECRETS_KEY"), needed_by=f"source {source.name!r} (tenants = true)"
         )
     except ConfigError as exc:
         report.problems.append(str(exc))
