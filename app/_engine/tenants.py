@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from idemhook._config.secrets import SecretBox
 from idemhook._config.sources import Source, valid_tenant
 from idemhook._store import source_secrets as store
-from idemhook._store.database import Database
+from idemhook._store.database import Database, unavailable_when_lost
 from idemhook._values.errors import ConfigError, NotFound, Unauthorized
 
 log = logging.getLogger("idemhook.tenants")
@@ -200,7 +200,8 @@ class Tenants:
         ``no_live_secret``)."""
         if not source.tenants or not valid_tenant(tenant):
             raise unknown_tenant(source, tenant)
-        rows = store.of_tenant(self.database.engine, source.name, tenant)
+        with unavailable_when_lost():  # a lost database: 503, as a claim's would be
+            rows = store.of_tenant(self.database.engine, source.name, tenant)
         if not rows:
             raise unknown_tenant(source, tenant)
         now = datetime.now(UTC)
