@@ -205,10 +205,12 @@ class ClientEvent(Event):
         headers: Headers,
         received_at: datetime,
         client: str | None = None,
+        *,
+        tenant: str | None = None,
     ) -> None:
         # ``client`` stays the seventh positional argument (before ``tenant``, which an
-        # idempotency-key source never has).
-        Event.__init__(self, source, id, type, payload, headers, received_at)
+        # idempotency-key source never has; a keyword, for dataclasses.replace).
+        Event.__init__(self, source, id, type, payload, headers, received_at, tenant)
         object.__setattr__(self, "client", client)
 
 

@@ -16,6 +16,7 @@ from werkzeug.datastructures import Headers
 
 from idemhook._config.schemes import SCHEMES, Delivery
 from idemhook._engine.applier import apply_due
+from idemhook.testing import deliver
 from tests.conftest import SECRET
 from tests.servers import gunicorn, pin_sessions
 
@@ -142,6 +143,12 @@ def test_a_tenant_whose_secrets_all_expired_is_401_no_live_secret(shop, tenants,
     assert result.exit_code == 0, result.output
     answer = post(shop.test_client(), "/webhooks/shop/alice", ALICE_SECRET, event("evt_1"))
     assert (answer.status_code, answer.json["error"]) == (404, "unknown_tenant")
+
+
+def test_the_test_kit_delivers_as_a_tenant(shop, tenants):
+    answer = deliver(shop.test_client(), "shop", {"id": "evt_k", "type": "t"}, tenant="bob")
+    assert answer.status_code == 200, answer.json
+    assert (answer.json["event_id"], answer.json["result"]["tenant"]) == ("bob:evt_k", "bob")
 
 
 def test_async_tenant_events_reach_the_worker_with_their_tenant(shop, sql):

@@ -13,6 +13,7 @@ To add a scheme: write ``app/_config/schemes/<name>.py`` with a subclass decorat
 
 from __future__ import annotations
 
+import copy
 import hmac
 import os
 import time
@@ -94,6 +95,16 @@ class Scheme:
     def secret_key(self, secret: str) -> bytes:
         """The key ``secret`` stands for: its UTF-8 bytes, unless the provider encodes it."""
         return secret.encode()
+
+    def with_keys(self, keys: Sequence[bytes]) -> Scheme:
+        """A copy of this scheme that signs (and verifies) with ``keys``: a tenant's."""
+        clone = copy.copy(self)
+        clone.keys = tuple(keys)
+        clone.keys_changed()
+        return clone
+
+    def keys_changed(self) -> None:
+        """Recompute what a scheme derives from :attr:`keys` (after :meth:`with_keys`)."""
 
     def tenant_key(self, secret: str) -> bytes:
         """The key a tenant's ``secret`` stands for; :class:`ConfigError` if it cannot be one."""

@@ -67,5 +67,8 @@ class Pipedrive(Scheme):
             raise error
         return index
 
+    def keys_changed(self) -> None:
+        self._expected = tuple(basic_header(self.username, key.decode()) for key in self.keys)
+
     def sign(self, delivery: Delivery) -> dict[str, str]:
         return {"Authorization": self._expected[0]}
