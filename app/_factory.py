@@ -113,7 +113,7 @@ def create_app(
     plugins.register_blueprints(app, registry)
     problems.init_app(app)
     # Last of the routes: an API source's path must not take one of the others.
-    operations.init_app(app, loaded.sources, claimer)
+    operations.init_app(app, loaded.sources, claimer, matches)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

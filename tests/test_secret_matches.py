@@ -16,8 +16,10 @@ from sqlalchemy import event as sa_event
 
 from idemhook._engine.tenants import Matches
 from idemhook._values.errors import ConfigError
+from idemhook.testing import deliver
 from tests.reliability.conftest import wait_for
 from tests.servers import gunicorn
+from tests.test_operations import API_SOURCES
 from tests.test_tenants import ALICE_SECRET, KEY, TENANTS, add_secret, event, http_post, sign
 
 OLD = "old-static-secret-0123456789"
@@ -140,3 +142,22 @@ def test_a_malformed_key_is_named_by_position_never_shown(make_app):
         make_app(TENANTS, IDEMHOOK_SECRETS_KEY=f"{good},not-a-key-at-all")
     assert "key 2 of 2 is not a Fernet key" in str(caught.value)
     assert good not in str(caught.value) and "not-a-key-at-all" not in str(caught.value)
+
+
+def test_an_apis_clients_secrets_are_counted_too(make_app, sql):
+    app = make_app(API_SOURCES)
+    client = app.test_client()
+    for n in range(2):
+        answer = deliver(client, "orders", {"to": "x"}, as_client="globex", key=f"g{n}")
+        assert answer.status_code == 201, answer.json
+    assert deliver(client, "emails", {"to": "y"}, as_client="acme", key="e1").status_code == 201
+    assert deliver(client, "charges", {"amount": 1}, key="c1").status_code < 300
+    app.extensions["idemhook.matches"].flush()
+    assert static_counts(sql) == [
+        ("charges", "1", 1),
+        ("emails", "acme:1", 1),
+        ("orders", "globex:1", 2),
+    ]
+    shown = app.test_cli_runner().invoke(args=["sources"]).output
+    assert "client globex, secret: last matched 20" in shown and ", 2 deliveries" in shown
+    assert "client acme, secret: never matched" in shown  # orders' acme

@@ -163,14 +163,21 @@ def _when(value: Any) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _describe_matches(report: Report, count: int, matched: Mapping[str, Any], why: str) -> None:
-    """One line per static secret: when it last verified a delivery, and how many."""
+def _describe_matches(
+    report: Report, count: int, matched: Mapping[str, Any], why: str, client: str = ""
+) -> None:
+    """One line per static secret: when it last verified a delivery, and how many.
+
+    ``client``: the secrets of that named client of an ``idempotency-key`` source.
+    """
     for position in range(1, count + 1):
         label = f"secret {position}" if count > 1 else "secret"
+        if client:
+            label = f"client {client}, {label}"
         if why:
             report.matches.append(f"{label}: last match unknown ({why})")
             continue
-        seen = matched.get(str(position))
+        seen = matched.get(f"{client}:{position}" if client else str(position))
         if seen is None:
             report.matches.append(f"{label}: never matched")
         else:
@@ -245,6 +252,7 @@ def inspect_sources() -> list[Report]:
             report.secret = f"resolves ({len(clients)} clients: {', '.join(map(str, clients))})"
             for client, keys in clients.items():
                 _warn_short(report, keys, f"clients.{client}")
+                _describe_matches(report, len(keys), static_matches.get(name, {}), why, client)
         else:
             count = len(scheme.secrets)
             report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")

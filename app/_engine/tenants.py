@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,6 +39,13 @@ log = logging.getLogger("idemhook.tenants")
 FLUSH_SECONDS = 1.0
 #: Decrypted keys kept per process before the cache starts over.
 MAX_CACHED_KEYS = 10_000
+
+
+def static_label(index: int | tuple[str, int]) -> str:
+    """How a static secret is named: its position from 1 (``2``), or a client's (``acme:2``)."""
+    if isinstance(index, tuple):
+        return f"{index[0]}:{index[1] + 1}"
+    return str(index + 1)
 
 
 def tenant_label(secret_id: int) -> str:
@@ -59,7 +67,7 @@ class Matches:
         self.flush_seconds = flush_seconds
         #: Called with ``(source, label, count)`` at each flush, per secret seen (the metric).
         self.observers: list[Callable[[str, str, int], None]] = []
-        self._static: deque[tuple[str, int]] = deque()
+        self._static: deque[tuple[str, int | tuple[str, int]]] = deque()
         self._tenants: deque[tuple[str, int]] = deque()
         #: Counts a failed write left for the next flush.
         self._unwritten_static: dict[tuple[str, str], list] = {}
@@ -73,6 +81,13 @@ class Matches:
     def static(self, source: str, index: int) -> None:
         """The source's own secret at ``index`` (0-based) verified a delivery."""
         self._static.append((source, index))
+        if self._thread is None:
+            self._start()
+
+    def client(self, source: str, client: str | None, index: int) -> None:
+        """An ``idempotency-key`` source's client's secret at ``index`` verified a request
+        (None: the anonymous client of ``secret``, counted as a static secret)."""
+        self._static.append((source, index if client is None else (client, index)))
         if self._thread is None:
             self._start()
 
@@ -107,7 +122,7 @@ class Matches:
             static = _drain(self._static)
             tenants = _drain(self._tenants)
             for (source, index), count in static.items():
-                label = str(index + 1)
+                label = static_label(index)
                 for observe in self.observers:
                     observe(source, label, count)
                 _add(self._unwritten_static, (source, label), count, now)
@@ -140,9 +155,9 @@ class Matches:
         self.flush(quiet=quiet)
 
 
-def _drain(noted: deque) -> dict[tuple[str, int], int]:
+def _drain(noted: deque) -> dict[tuple[str, Any], int]:
     # Only the flush pops (from the left) while deliveries append (on the right): safe.
-    counts: dict[tuple[str, int], int] = {}
+    counts: dict[tuple[str, Any], int] = {}
     for _ in range(len(noted)):
         key = noted.popleft()
         counts[key] = counts.get(key, 0) + 1

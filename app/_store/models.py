@@ -382,13 +382,14 @@ class SecretMatch(Base):
     """How often, and when last, each static secret of a source verified a delivery.
 
     ``secret`` is the secret's position in the source's ``secret`` list (``1`` for a
-    single secret), never its value.
+    single secret; ``<client>:<position>`` for a named client of an ``idempotency-key``
+    source), never its value.
     """
 
     __tablename__ = "secret_matches"
 
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
-    secret: Mapped[str] = mapped_column(String(16), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(80), primary_key=True)
     last_matched_at: Mapped[datetime] = mapped_column(Timestamp)
     matched_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
 

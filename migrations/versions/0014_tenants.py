@@ -6,7 +6,8 @@ token, never the secret), and a delivery is verified against that tenant's live 
 ``processed_events.tenant`` and ``delivery_failures.tenant`` say which tenant sent an
 event (null for a source's own endpoint; the ``event_id`` of a tenant's event is
 ``<tenant>:<id>``, so ``(source, event_id)`` stays the one unique key).
-``secret_matches`` counts, per static secret of a source (its position in the list),
+``secret_matches`` counts, per static secret of a source (its position in the list;
+``<client>:<position>`` for a named client of an idempotency-key source),
 the deliveries it verified and when it last did; tenants' secrets keep theirs in their own
 row.
 
@@ -54,7 +55,7 @@ def upgrade() -> None:
     op.create_table(
         "secret_matches",
         sa.Column("source", sa.String(64), nullable=False),
-        sa.Column("secret", sa.String(16), nullable=False),
+        sa.Column("secret", sa.String(80), nullable=False),
         sa.Column("last_matched_at", Timestamp, nullable=False),
         sa.Column("matched_count", sa.BigInteger(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint("source", "secret", name="pk_secret_matches"),
