@@ -251,3 +251,28 @@ def test_a_secret_added_while_serving_verifies_the_next_delivery_on_every_worker
             }
         for sessions in pinned.values():
             sessions[0].close()
+
+
+def test_a_batch_from_a_tenant_scopes_every_events_id(make_app, sql):
+    config = {
+        "plugins": ["tests.plugins.tenanted"],
+        "sources": {
+            **TENANTS["sources"],
+            "bulk": {
+                "scheme": "hmac-sha256",
+                "event_id": "body:id",
+                "batch": "array",
+                "tenants": True,
+            },
+        },
+    }
+    app = make_app(config, IDEMHOOK_SECRETS_KEY=KEY)
+    add_secret(app.test_cli_runner(), "bulk", "alice@example.com", ALICE_SECRET)
+    batch = [{"id": "e1"}, {"id": "e2"}]
+    answer = deliver(app.test_client(), "bulk", batch, tenant="alice@example.com")
+    assert answer.status_code == 200, answer.json
+    assert [e["event_id"] for e in answer.json["events"]] == [
+        "alice@example.com:e1",
+        "alice@example.com:e2",
+    ]
+    assert sql("SELECT DISTINCT tenant FROM processed_events") == [("alice@example.com",)]
