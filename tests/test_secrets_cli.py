@@ -164,3 +164,17 @@ def test_start_up_and_sources_check_say_the_key_is_needed(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "tenants    yes: https://<your-host>/webhooks/shop/<tenant>" in ok.stdout
     assert KEY not in ok.stdout + ok.stderr + done.stdout + done.stderr
+
+
+def test_a_row_no_key_opens_is_a_500_and_a_log_line_naming_the_setting(make_app, caplog):
+    runner = make_app(TENANTS, IDEMHOOK_SECRETS_KEY=KEY).test_cli_runner()
+    add_secret(runner, "shop", "alice", ALICE_SECRET)
+    other = make_app(TENANTS, IDEMHOOK_SECRETS_KEY=Fernet.generate_key().decode())
+    body = event("evt_1")
+    answer = other.test_client().post(
+        "/webhooks/shop/alice", data=body, headers=sign(ALICE_SECRET, body)
+    )
+    assert (answer.status_code, answer.json["error"]) == (500, "internal_error")
+    logged = [r.getMessage() for r in caplog.records if r.name == "idemhook.tenants"]
+    assert len(logged) == 1 and "IDEMHOOK_SECRETS_KEY: none of its keys decrypts" in logged[0]
+    assert KEY not in caplog.text and ALICE_SECRET not in caplog.text

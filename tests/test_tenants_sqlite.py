@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from idemhook._engine.applier import apply_due
+from tests.conftest import SECRET
 from tests.test_tenants import ALICE_SECRET, KEY, TENANTS, add_secret, event, post
 
 
@@ -31,7 +32,10 @@ def test_tenants_on_sqlite(make_app, sql):
         ("shop", "alice:evt_1", "alice", "processed"),
         ("shop_async", "alice:evt_2", "alice", "processed"),
     ]
-    app.extensions["idemhook.matches"].flush()
+    for n in range(2):  # the source's own secret, twice: one upsert, then its update
+        assert post(client, "/webhooks/shop", SECRET, event(f"own_{n}")).status_code == 200
+        app.extensions["idemhook.matches"].flush()
     assert sql("SELECT matched_count FROM source_secrets WHERE id = :id", id=secret_id) == [(1,)]
+    assert sql("SELECT source, secret, matched_count FROM secret_matches") == [("shop", "1", 2)]
     listed = runner.invoke(args=["secrets", "list", "shop"])
     assert listed.exit_code == 0 and ALICE_SECRET not in listed.output

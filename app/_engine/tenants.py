@@ -227,19 +227,24 @@ class Tenants:
                 f"one with `idemhook secrets add {source.name} {tenant}` (docs/operations.md).",
                 code="no_live_secret",
             )
-        return [row.id for row in live], [self._key(source, row.token) for row in live]
+        return [row.id for row in live], [self._key(source, row) for row in live]
 
-    def _key(self, source: Source, token: bytes) -> bytes:
-        key = self._keys.get(token)
+    def _key(self, source: Source, row: store.StoredSecret) -> bytes:
+        key = self._keys.get(row.token)
         if key is None:
-            if self.box is None:
-                raise ConfigError(
-                    "IDEMHOOK_SECRETS_KEY is not set, and tenant secrets are stored; set it"
-                )
-            key = source.scheme.tenant_key(self.box.decrypt(token))
+            try:
+                if self.box is None:
+                    raise ConfigError(
+                        "IDEMHOOK_SECRETS_KEY is not set, and tenant secrets are stored; set it"
+                    )
+                key = source.scheme.tenant_key(self.box.decrypt(row.token))
+            except ConfigError as exc:
+                # Said here, with the secret's id: the error handler logs no exception's text.
+                log.error("tenant secret %s of source %r: %s", row.id, source.name, exc)
+                raise
             if len(self._keys) >= MAX_CACHED_KEYS:
                 self._keys.clear()
-            self._keys[token] = key
+            self._keys[row.token] = key
         return key
 
 
