@@ -276,3 +276,11 @@ def test_a_batch_from_a_tenant_scopes_every_events_id(make_app, sql):
         "alice@example.com:e2",
     ]
     assert sql("SELECT DISTINCT tenant FROM processed_events") == [("alice@example.com",)]
+
+
+def test_sign_refuses_a_source_with_no_secret_of_its_own(shop):
+    result = shop.test_cli_runner().invoke(args=["sign", "shop_async", "-"], input="{}")
+    assert result.exit_code == 2
+    assert "source 'shop_async' has no secret of its own" in result.output
+    signed_by_kit = shop.test_cli_runner().invoke(args=["sign", "shop", "-"], input="{}")
+    assert signed_by_kit.exit_code == 0 and "/webhooks/shop" in signed_by_kit.output

@@ -63,6 +63,11 @@ def signed_request(
         all_headers.update(source.scheme.sign_as(delivery, client))
     elif keys is not None:
         all_headers.update(source.scheme.with_keys(keys[:1]).sign(delivery))
+    elif not source.own_secret:
+        raise ValueError(
+            f"source {source.name!r} has no secret of its own: each of its tenants signs with "
+            "its own (the test kit: deliver(..., tenant=...))"
+        )
     else:
         all_headers.update(source.scheme.sign(delivery))
     return body, all_headers
