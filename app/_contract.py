@@ -166,6 +166,10 @@ class Event:
     payload: Any
     headers: Headers = field(repr=False)
     received_at: datetime
+    #: The tenant that sent the event (``POST /webhooks/<source>/<tenant>``, a source with
+    #: ``tenants = true``); None for a source's own endpoint. Its ``id`` is then
+    #: ``<tenant>:<provider's id>``, so that IDs are unique per tenant.
+    tenant: str | None = None
     #: The API client that sent the request (its name under ``clients``, an
     #: ``idempotency-key`` source); None otherwise. A class attribute here, a field of
     #: :class:`ClientEvent`, so that webhook events cost nothing more to build.
@@ -192,6 +196,23 @@ class ClientEvent(Event):
 
     client: str | None = None
 
+    def __init__(
+        self,
+        source: str,
+        id: str,
+        type: str | None,
+        payload: Any,
+        headers: Headers,
+        received_at: datetime,
+        client: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> None:
+        # ``client`` stays the seventh positional argument (before ``tenant``, which an
+        # idempotency-key source never has; a keyword, for dataclasses.replace).
+        Event.__init__(self, source, id, type, payload, headers, received_at, tenant)
+        object.__setattr__(self, "client", client)
+
 
 @dataclass(frozen=True, slots=True)
 class StaleEvent(Event):
@@ -202,7 +223,13 @@ class StaleEvent(Event):
     @classmethod
     def of(cls, event: Event) -> StaleEvent:
         return cls(
-            event.source, event.id, event.type, event.payload, event.headers, event.received_at
+            event.source,
+            event.id,
+            event.type,
+            event.payload,
+            event.headers,
+            event.received_at,
+            event.tenant,
         )
 
 

@@ -22,11 +22,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from idemhook import _cli as cli
 from idemhook._cli.common import NEEDS_ATTRIBUTE, ConfigMissing
-from idemhook._config import settings, sources
+from idemhook._config import secrets, settings, sources
 from idemhook._engine import logs, reconcile
 from idemhook._engine import registry as plugins
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer
+from idemhook._engine.tenants import Matches, Tenants
 from idemhook._store import database as db
 from idemhook._store.engine import APPLICATION_NAMES
 from idemhook._values import errors
@@ -81,6 +82,11 @@ def create_app(
         loaded.sources, registry, retention
     )
 
+    tenanted = sorted(name for name, source in loaded.sources.items() if source.tenants)
+    needed_by = f"source(s) {', '.join(tenanted)} with tenants = true" if tenanted else ""
+    box = secrets.box_of(app.config["IDEMHOOK_SECRETS_KEY"], needed_by=needed_by)
+    app.extensions["idemhook.secrets"] = box
+
     errors.init_app(app)
     logs.init_app(app)
     database = db.init_app(app)
@@ -92,11 +98,14 @@ def create_app(
         claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
     acceptor = Acceptor(database, observers=[logs.log_accepted])
-    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
+    matches = Matches(database)
+    app.extensions["idemhook.matches"] = matches
+    tenants = Tenants(database, box, matches)
+    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor, tenants))
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
     metrics.init_app(
-        app, claimer, acceptor, queued, sorted(app.extensions["idemhook.reconcile"])
+        app, claimer, acceptor, queued, sorted(app.extensions["idemhook.reconcile"]), matches
     )
     api.init_app(app)
     dashboard.init_app(app)
@@ -104,7 +113,7 @@ def create_app(
     plugins.register_blueprints(app, registry)
     problems.init_app(app)
     # Last of the routes: an API source's path must not take one of the others.
-    operations.init_app(app, loaded.sources, claimer)
+    operations.init_app(app, loaded.sources, claimer, matches)
     cli.init_app(app)
     proxies = app.config["IDEMHOOK_TRUSTED_PROXIES"]
     if proxies:

@@ -48,6 +48,8 @@ TABLES = (
     "outbox_messages",
     "event_queue",
     "reconcile_runs",
+    "source_secrets",
+    "secret_matches",
     "test_effects",
     "test_failures",
     "test_applied",
@@ -130,6 +132,9 @@ def make_app(db_url: URL) -> Iterator:
 
     yield make
     for app in built:
+        matches = app.extensions.get("idemhook.matches")
+        if matches is not None:  # which secret verified: written now, before the cleanup
+            matches.close()
         app.extensions["idemhook.db"].engine.dispose()
     _clean(db_url)
 

@@ -22,6 +22,7 @@ from idemhook._cli.handlers import handlers_cli
 from idemhook._cli.objects import objects_cli
 from idemhook._cli.outbox import outbox_cli
 from idemhook._cli.reconcile import reconcile_command
+from idemhook._cli.secrets import secrets_cli
 from idemhook._cli.send import send_command
 from idemhook._cli.serve import serve_command
 from idemhook._cli.sign import sign_command
@@ -33,6 +34,7 @@ COMMANDS = (
     serve_command,
     sign_command,
     sources_cli,
+    secrets_cli,
     handlers_cli,
     send_command,
     events_cli,

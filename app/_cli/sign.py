@@ -41,6 +41,12 @@ def sign_for(
     headers: dict[str, str] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Sign ``payload`` (with ``headers``) for ``src`` as ``client`` with ``key``."""
+    if not src.own_secret:
+        raise click.BadParameter(
+            f"source {src.name!r} has no secret of its own: each of its tenants signs with its "
+            "own, kept encrypted (idemhook secrets); nothing here can sign for them",
+            param_hint="SOURCE",
+        )
     try:
         return signed_request(
             src,

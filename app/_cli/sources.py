@@ -11,14 +11,18 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import click
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
+from sqlalchemy import create_engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from idemhook._cli.common import ConfigMissing, no_database
+from idemhook._config import secrets as secrets_config
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module
 from idemhook._config.reconcile import check_retention, human
@@ -26,6 +30,7 @@ from idemhook._config.schemes import SCHEMES
 from idemhook._engine import registry as plugins_module
 from idemhook._engine.reconcile import retention_of
 from idemhook._engine.registry import Registry
+from idemhook._store import source_secrets
 from idemhook._values.errors import ConfigError
 
 #: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
@@ -46,6 +51,10 @@ class Report:
     freshness: str = "-"
     secret: str = "?"
     reconcile: str = "-"
+    #: ``yes: <url>/<tenant>, ...`` for a source with ``tenants = true``.
+    tenants: str = "-"
+    #: One line per static secret: its position, last match and count (never its value).
+    matches: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -128,10 +137,82 @@ def _tables(config: Any) -> Mapping[str, Any]:
     return tables
 
 
+def _recorded(config: Mapping[str, Any]) -> tuple[dict, dict, str]:
+    """Static secrets' matches and tenants per source, from the database when it answers.
+
+    ``sources`` needs no database: without one (or before ``db upgrade``) the counts are
+    simply not shown, and the third value says why.
+    """
+    if has_app_context() and "idemhook.db" in current_app.extensions:
+        engine, own = current_app.extensions["idemhook.db"].engine, False
+    elif str(config.get("DATABASE_URL")) not in ("", "None", settings_module.NO_DATABASE):
+        url = make_url(config["DATABASE_URL"])
+        # A release gate must not hang on a database that does not answer: a few seconds.
+        quick = {"connect_timeout": 3} if url.get_backend_name() == "postgresql" else {}
+        engine, own = create_engine(url, connect_args=quick), True
+    else:
+        return {}, {}, "no DATABASE_URL"
+    try:
+        return source_secrets.static_matches(engine), source_secrets.tenant_counts(engine), ""
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", exc)).strip().splitlines() or ["?"])[0]
+        return {}, {}, f"the database did not answer ({first})"
+    finally:
+        if own:
+            engine.dispose()
+
+
+def _when(value: Any) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _describe_matches(
+    report: Report, count: int, matched: Mapping[str, Any], why: str, client: str = ""
+) -> None:
+    """One line per static secret: when it last verified a delivery, and how many.
+
+    ``client``: the secrets of that named client of an ``idempotency-key`` source.
+    """
+    for position in range(1, count + 1):
+        label = f"secret {position}" if count > 1 else "secret"
+        if client:
+            label = f"client {client}, {label}"
+        if why:
+            report.matches.append(f"{label}: last match unknown ({why})")
+            continue
+        seen = matched.get(f"{client}:{position}" if client else str(position))
+        if seen is None:
+            report.matches.append(f"{label}: never matched")
+        else:
+            report.matches.append(
+                f"{label}: last matched {_when(seen['last_matched_at'])}, "
+                f"{seen['matched_count']} deliveries"
+            )
+
+
+def _describe_tenants(
+    report: Report, source: sources_module.Source, root: str, tenants: int | None,
+    config: Mapping[str, Any], why: str,
+) -> None:
+    url = f"{root or 'https://<your-host>'}/webhooks/{source.name}/<tenant>"
+    known = f"{tenants} tenant(s) with secrets" if not why else f"tenants unknown ({why})"
+    report.tenants = f"yes: {url}; {known} (`idemhook secrets list {source.name}`)"
+    if not source.own_secret:
+        report.url = url
+        report.secret = "none of its own: each tenant's, in the database"
+    try:
+        secrets_config.box_of(
+            config.get("IDEMHOOK_SECRETS_KEY"), needed_by=f"source {source.name!r} (tenants = true)"
+        )
+    except ConfigError as exc:
+        report.problems.append(str(exc))
+
+
 def inspect_sources() -> list[Report]:
     """Check every configured source on its own and describe it."""
     config, registry = _context()
     base = config.get("IDEMHOOK_PUBLIC_URL") or ""
+    static_matches, tenant_counts, why = _recorded(config)
     reports = []
     for name, table in _tables(config["IDEMHOOK_CONFIG"]).items():
         public = table.get("public_url") if isinstance(table, Mapping) else None
@@ -174,10 +255,17 @@ def inspect_sources() -> list[Report]:
             report.secret = f"resolves ({len(clients)} clients: {', '.join(map(str, clients))})"
             for client, keys in clients.items():
                 _warn_short(report, keys, f"clients.{client}")
+                _describe_matches(report, len(keys), static_matches.get(name, {}), why, client)
         else:
             count = len(scheme.secrets)
             report.secret = "resolves" + (f" ({count} secrets, rotation)" if count > 1 else "")
             _warn_short(report, scheme.keys, "secret")
+            if count:
+                _describe_matches(report, count, static_matches.get(name, {}), why)
+        if source.tenants:
+            _describe_tenants(
+                report, source, root, tenant_counts.get(name, 0), config, why
+            )
         _describe_reconcile(report, source, config, registry)
         if (
             registry is not None
@@ -273,6 +361,10 @@ def _show(reports: list[Report]) -> None:
         click.echo(f"  mode       {report.mode}")
         click.echo(f"  freshness  {report.freshness}")
         click.echo(f"  secret     {report.secret}")
+        for line in report.matches:
+            click.echo(f"    {line}")
+        if report.tenants != "-":
+            click.echo(f"  tenants    {report.tenants}")
         if report.reconcile != "-":
             click.echo(f"  reconcile  {report.reconcile}")
         for problem in report.problems:

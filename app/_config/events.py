@@ -7,6 +7,7 @@ which read a provider's logged events exactly as the live source reads a deliver
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +51,11 @@ def events_of(source: Source, payload: Any, headers: Any, received_at: datetime)
         )
         events.append(Event(source.name, event_id, event_type, item, headers, received_at))
     return events
+
+
+def for_tenant(event: Event, tenant: str) -> Event:
+    """``event`` as a tenant's: its ID scoped to the tenant (``<tenant>:<id>``), as stored."""
+    return replace(event, id=f"{tenant}:{event.id}", tenant=tenant)
 
 
 def event_of(source: Source, item: Any, headers: Any, received_at: datetime) -> Event:

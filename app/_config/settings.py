@@ -48,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "IDEMHOOK_ADMIN_TOKEN": None,
     # Key that signs the dashboard's session cookie; unset: derived from the admin token.
     "IDEMHOOK_SECRET_KEY": None,
+    # Keys that encrypt tenants' secrets at rest (docs/configuration.md#tenants): Fernet
+    # keys, comma-separated; the first encrypts, every one decrypts. Required once a source
+    # has tenants = true. Never logged or shown.
+    "IDEMHOOK_SECRETS_KEY": "",
     # Whether GET /metrics answers without the admin token (when one is set).
     "IDEMHOOK_METRICS_PUBLIC": True,
     # Per-event log lines as "text" or "json".

@@ -7,6 +7,7 @@ One place for the test kit (``idemhook.testing``), ``idemhook sign`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,11 +44,13 @@ def signed_request(
     url: str,
     client: str | None = None,
     key: str | None = None,
+    keys: Sequence[bytes] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Return ``(body, headers)`` of a POST to ``url`` that ``source``'s scheme accepts.
 
     For an ``idempotency-key`` source, ``client`` names the client to sign as (default:
     the first) and ``key`` is the ``Idempotency-Key`` to send (default: a new UUID).
+    ``keys``: sign with the first of these instead of the source's own secret (a tenant's).
     """
     body = encode(payload)
     all_headers = {"Content-Type": source.content_types[0], **(headers or {})}
@@ -58,6 +61,13 @@ def signed_request(
         if not isinstance(source.scheme, IdempotencyKey):
             raise ValueError(f"source {source.name!r} has no clients (it is not idempotency-key)")
         all_headers.update(source.scheme.sign_as(delivery, client))
+    elif keys is not None:
+        all_headers.update(source.scheme.with_keys(keys[:1]).sign(delivery))
+    elif not source.own_secret:
+        raise ValueError(
+            f"source {source.name!r} has no secret of its own: each of its tenants signs with "
+            "its own (the test kit: deliver(..., tenant=...))"
+        )
     else:
         all_headers.update(source.scheme.sign(delivery))
     return body, all_headers
@@ -69,7 +79,7 @@ def endpoint_url(base_url: str, source: Source) -> str:
     return f"{base_url.rstrip('/')}{path}" if path else webhook_url(base_url, source.name)
 
 
-def signing_url(app: Flask, source: Source, url: str) -> str:
+def signing_url(app: Flask, source: Source, url: str, tenant: str | None = None) -> str:
     """The URL a signature must cover to verify when the request is posted to ``url``.
 
     The receiver checks a URL-signing scheme (HubSpot) against the public URL when
@@ -81,7 +91,8 @@ def signing_url(app: Flask, source: Source, url: str) -> str:
     if not base:
         return url
     query = urlsplit(url).query
-    return webhook_url(base, source.name) + (f"?{query}" if query else "")
+    path = webhook_url(base, source.name) + (f"/{tenant}" if tenant is not None else "")
+    return path + (f"?{query}" if query else "")
 
 
 def webhook_url(base_url: str, source: str) -> str:

@@ -25,6 +25,14 @@ from idemhook._config.settings import check_public_url
 from idemhook._values.errors import ConfigError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A tenant's name (``POST /webhooks/<source>/<tenant>``): 1-64 letters, digits, ``.``,
+#: ``_``, ``-`` or ``@``; never ``:``, which separates it from the event ID it scopes.
+TENANT_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+def valid_tenant(name: str) -> bool:
+    """Whether ``name`` can be a tenant's name."""
+    return TENANT_NAME.fullmatch(name) is not None
 
 COMMON_KEYS = frozenset(
     {
@@ -46,6 +54,7 @@ COMMON_KEYS = frozenset(
         "max_backoff_seconds",
         "reconcile",
         "freshness",
+        "tenants",
     }
 )
 #: The keys that only an asynchronous source (``mode = "async"``) reads.
@@ -101,6 +110,15 @@ class Source:
     #: ``[sources.<name>.freshness]``: where each event's object and version are; an
     #: event older than its object's applied version is ``stale``. None: no check.
     freshness: Freshness | None = None
+    #: ``tenants = true``: also served at ``POST /webhooks/<name>/<tenant>``, each tenant
+    #: verified against its own secrets, kept (encrypted) in ``source_secrets``.
+    tenants: bool = False
+
+    @property
+    def own_secret(self) -> bool:
+        """Whether ``POST /webhooks/<name>`` is served: the source has a secret of its own,
+        or needs none (a source with tenants and no ``secret`` serves only its tenants)."""
+        return not self.tenants or bool(self.scheme.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +216,25 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         )
     if "allow_unverified" in table and not isinstance(table["allow_unverified"], bool):
         raise ConfigError(f"[sources.{name}] allow_unverified: must be true or false")
+    tenants = table.get("tenants", False)
+    if not isinstance(tenants, bool):
+        raise ConfigError(f"[sources.{name}] tenants: must be true or false")
+    if tenants and not scheme_cls.serves_tenants:
+        raise ConfigError(
+            f"[sources.{name}] tenants: a {scheme_name} source cannot have tenants; tenants "
+            "are for providers that sign each customer's deliveries with its own secret"
+        )
+    if tenants and table.get("freshness") is not None:
+        raise ConfigError(
+            f"[sources.{name}] tenants: [sources.{name}.freshness] compares versions per object "
+            "across the whole source, and tenants' objects may share keys; a source with "
+            "tenants cannot have freshness yet"
+        )
+    if tenants and "reconcile" in table:
+        raise ConfigError(
+            f"[sources.{name}] tenants: a reconcile run reads one provider account's log; "
+            "a source with tenants cannot have [sources.{name}.reconcile]"
+        )
     settings = {**scheme_cls.defaults, **table}
     scheme = scheme_cls(name, settings)
 
@@ -254,6 +291,7 @@ def _source(name: str, table: Any, *, default_max_body: int) -> Source:
         asynchronous=asynchronous,
         reconcile=reconcile,
         freshness=freshness,
+        tenants=tenants,
         **(_async_settings(settings, name) if asynchronous else {}),
     )
 

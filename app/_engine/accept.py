@@ -103,6 +103,7 @@ class Acceptor:
         self._result = processor(processed_events.c.result.type, dialect, bind=False)
         #: The statement per source (its name a literal), written once.
         self._sql: dict[str, str] = {}
+        self._tenant_sql: dict[str, str] = {}
         #: Wakes the workers after a claim with new events commits (PostgreSQL).
         self.notifier = Notifier(database) if self._postgresql else None
 
@@ -207,9 +208,14 @@ class Acceptor:
                 f"{string(keys[i]) if keys is not None else 'null'}]"
             )
         document = f'{{"h":{dumps(safe_headers(events[0].headers))},"e":[{",".join(items)}]}}'
+        tenant = events[0].tenant
+        if tenant is not None:  # a tenant's delivery: its name joins the document
+            document = f'{document[:-1]},"t":{_string(tenant)}}}'
         params: dict[str, Any] = {"d": document}
         if recovered:  # rare: not worth a cache
             sql = accept_sql(source.name, recovered=True)
+        elif tenant is not None:
+            sql = self._tenant_sql.get(source.name) or self._compile(source, tenant=True)
         else:
             sql = self._sql.get(source.name) or self._compile(source)
         if keys is not None:
@@ -223,11 +229,12 @@ class Acceptor:
             for event_id, duplicates, status, result in rows
         }
 
-    def _compile(self, source: Source) -> str:
+    def _compile(self, source: Source, *, tenant: bool = False) -> str:
         """The statement for ``source``: its name, [A-Za-z0-9_.-] (app.sources), a literal."""
-        sql = accept_sql(source.name)
-        if len(self._sql) < 1024:
-            self._sql[source.name] = sql
+        sql = accept_sql(source.name, tenant=tenant)
+        cache = self._tenant_sql if tenant else self._sql
+        if len(cache) < 1024:
+            cache[source.name] = sql
         return sql
 
     # -- SQLite (the demo): one transaction, one statement per event -------------------------
@@ -259,6 +266,7 @@ class Acceptor:
                     "last_seen_at": event.received_at,
                     "order_key": keys[i] if keys is not None else None,
                     "received_via": RECEIVED_VIA[1] if recovered else RECEIVED_VIA[0],
+                    "tenant": event.tenant,
                 }
                 insert = sqlite.insert(table).values(values)
                 statement = insert.on_conflict_do_update(

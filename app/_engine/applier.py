@@ -607,7 +607,7 @@ def _given_up(taken: _Taken, batch: _Batch) -> None:
 
 def _taken(row: Any) -> _Taken:
     row_id, source, event_id, event_type, payload, headers, received_at, attempts = row[:8]
-    interruptions = row[8]
+    interruptions, tenant = row[8], row[9]
     if isinstance(received_at, str):  # SQLite hands back text through the lane
         received_at = datetime.fromisoformat(received_at)
     if received_at.tzinfo is None:
@@ -616,7 +616,9 @@ def _taken(row: Any) -> _Taken:
         payload = loads(payload)
     if isinstance(headers, str):
         headers = loads(headers)
-    event = Event(source, event_id, event_type, payload, Headers(headers or {}), received_at)
+    event = Event(
+        source, event_id, event_type, payload, Headers(headers or {}), received_at, tenant
+    )
     return _Taken(row_id, source, event, attempts, interruptions)
 
 

@@ -205,8 +205,14 @@ class DeliveryClaim:
         self.tx = _Transaction()
         #: The event whose claim statement runs now (named when it waits too long).
         self.claiming: Event | None = None
-        #: The claim statement: a live delivery's, or a recovered event's (Claimer.apply).
-        self.claim_sql = claimer.statements.claim_sql
+        #: The claim statement: a live delivery's, a tenant's (its events all have the
+        #: delivery's tenant), or a recovered event's (Claimer.apply).
+        self.tenant = events[0].tenant if events else None
+        self.claim_sql = (
+            claimer.statements.claim_sql
+            if self.tenant is None
+            else claimer.statements.tenant_claim_sql
+        )
         self.claiming_object: str | None = None
         #: Whether the events are claimed by one statement (see the module's docstring).
         self.one_statement = versions is None and claimer.statements.claim_many_sql is not None
@@ -477,7 +483,7 @@ class DeliveryClaim:
         applied version, what made it stale (the version has not moved).
         """
         statements = self.claimer.statements
-        fresh = statements.fresh
+        fresh = statements.fresh if self.tenant is None else statements.tenant_fresh
         self.claiming, self.claiming_object = event, versioned.object_key
         params = statements.claim_params(event, status, self.tx.headers)
         if self.claimer._postgresql:
@@ -489,7 +495,7 @@ class DeliveryClaim:
             # newer: None when the version moved (or a duplicate), else the newer event.
             stale = None if newer is None or duplicates else Stale(newer or None)
         else:
-            row = statements.claim_row(lane.execute(statements.claim_sql, params).fetchone())
+            row = statements.claim_row(lane.execute(self.claim_sql, params).fetchone())
             stale = None
             if not row.duplicates:
                 stale = fresh.check(lane, event.source, event.id, versioned)

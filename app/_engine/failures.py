@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
-from idemhook._config.events import events_of
+from idemhook._config.events import events_of, for_tenant
 from idemhook._config.freshness import versions_of
 from idemhook._config.sources import Source
 from idemhook._contract import (
@@ -57,6 +57,7 @@ def failure_row(
         "headers": safe_headers(event.headers),
         "permanent": permanent,
         "failed_at": datetime.now(UTC),
+        "tenant": event.tenant,
     }
 
 
@@ -160,7 +161,9 @@ def retry_failure(
         )
     with claimer.database.session() as session:
         failure = session.execute(
-            select(failures.c.raw_body, failures.c.headers, failures.c.failed_at)
+            select(
+                failures.c.raw_body, failures.c.headers, failures.c.failed_at, failures.c.tenant
+            )
             .where(failures.c.source == source, failures.c.event_id == event_id)
             .order_by(failures.c.failed_at.desc(), failures.c.id.desc())
             .limit(1)
@@ -183,11 +186,10 @@ def retry_failure(
     if not raw_body:
         raise ActionRefused(f"the raw body of {event_id!r} was pruned (--payloads-only)")
     headers = Headers(failure.headers or {})
-    found = [
-        e
-        for e in events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
-        if e.id == event_id
-    ]
+    parsed = events_of(src, src.scheme.parse(raw_body), headers, datetime.now(UTC))
+    if failure.tenant is not None:  # a tenant's event: its ID scoped as on receipt
+        parsed = [for_tenant(e, failure.tenant) for e in parsed]
+    found = [e for e in parsed if e.id == event_id]
     if not found:
         raise ActionRefused(f"the stored body no longer yields event {event_id!r}")
     versions = None

@@ -139,8 +139,13 @@ def replay(
             raise ActionRefused(f"no handler matches source {source!r} type {row.event_type!r}")
         headers = Headers(row.headers or {})
         fields = (source, event_id, row.event_type, row.payload, headers, row.received_at)
-        # An idempotency-key source's row: the handlers see its client, as they did live.
-        event = Event(*fields) if row.response_status is None else ClientEvent(*fields, row.client)
+        # An idempotency-key source's row: the handlers see its client, as they did live;
+        # a tenant's event, its tenant.
+        event = (
+            Event(*fields, row.tenant)
+            if row.response_status is None
+            else ClientEvent(*fields, row.client)
+        )
         run = run_handlers(registrations, event, session, senders=claimer.registry.senders)
         if run.status is Status.REJECTED:
             raise ReplayFailed(

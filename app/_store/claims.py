@@ -21,13 +21,15 @@ ORDER_LOCK_SPACE = 0x69646D68  # "idmh"
 #: event cost more than the JSON text (whose parts are written once each, below).
 #: ``ORDER BY n``: ids are drawn in the delivery's order (receipt order per order key).
 #: ``{via_column}``/``{via_value}``: empty for a delivery (``received_via`` keeps its default),
-#: ``, received_via``/``, 'reconcile'`` for the events a reconcile run recovered.
+#: ``, received_via``/``, 'reconcile'`` for the events a reconcile run recovered;
+#: ``{tenant_column}``/``{tenant_value}``: empty but for a tenant's delivery, whose document
+#: also holds ``"t"``, the tenant.
 ACCEPT_PG = (
     "WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d), "
     "claimed AS (INSERT INTO processed_events AS e (source, event_id, event_type, "
     "status, received_at, payload, headers, duplicate_count, last_seen_at, replay_count, "
-    "order_key{via_column}) SELECT {source}, a.x->>0, a.x->>1, 'received', now(), a.x->2, "
-    "d.d->'h', 0, now(), 0, a.x->>3{via_value} "
+    "order_key{via_column}{tenant_column}) SELECT {source}, a.x->>0, a.x->>1, 'received', "
+    "now(), a.x->2, d.d->'h', 0, now(), 0, a.x->>3{via_value}{tenant_value} "
     "FROM d, jsonb_array_elements(d.d->'e') WITH ORDINALITY AS a(x, n) "
     "ORDER BY a.n "
     "ON CONFLICT (source, event_id) DO UPDATE SET "
@@ -41,10 +43,17 @@ ACCEPT_PG = (
 )
 
 
-def accept_sql(source: str, *, recovered: bool = False) -> str:
+def accept_sql(source: str, *, recovered: bool = False, tenant: bool = False) -> str:
     """:data:`ACCEPT_PG` for ``source`` (a checked name, [A-Za-z0-9_.-]: a literal)."""
     via = (", received_via", ", 'reconcile'") if recovered else ("", "")
-    return ACCEPT_PG.format(source=f"'{source}'", via_column=via[0], via_value=via[1])
+    tenant_ = (", tenant", ", d.d->>'t'") if tenant else ("", "")
+    return ACCEPT_PG.format(
+        source=f"'{source}'",
+        via_column=via[0],
+        via_value=via[1],
+        tenant_column=tenant_[0],
+        tenant_value=tenant_[1],
+    )
 
 
 def known_event_ids(engine: Engine, source: str, event_ids: Sequence[str]) -> set[str]:

@@ -180,6 +180,7 @@ def _take(sources: list[str], postgresql: bool) -> Any:
         e.c.received_at,
         e.c.attempts,
         e.c.interruptions,
+        e.c.tenant,
     ]
     if postgresql:  # the session holding the locks, in case a handler overruns
         columns.append(func.pg_backend_pid())

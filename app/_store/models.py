@@ -112,6 +112,9 @@ class ProcessedEvent(Base):
     #: How the event reached idemhook: ``delivery`` (the provider posted it) or
     #: ``reconcile`` (found in the provider's own log by ``idemhook reconcile``, docs/reconcile.md).
     received_via: Mapped[str] = mapped_column(String(16), server_default=RECEIVED_VIA[0])
+    #: The tenant that sent the event (``POST /webhooks/<source>/<tenant>``; its
+    #: ``event_id`` is then ``<tenant>:<id>``); null for a source's own endpoint.
+    tenant: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         UniqueConstraint("source", "event_id"),
@@ -150,6 +153,8 @@ class DeliveryFailure(Base):
     headers: Mapped[Any | None] = mapped_column(JSONType)
     permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     failed_at: Mapped[datetime] = mapped_column(Timestamp)
+    #: The event's tenant, as in ``processed_events``; null for a source's own endpoint.
+    tenant: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index(None, "source", "event_id"),
@@ -344,3 +349,50 @@ class ObjectVersionFloor(Base):
 
 object_versions = ObjectVersion.__table__
 object_version_floors = ObjectVersionFloor.__table__
+
+
+class SourceSecret(Base):
+    """One secret of one tenant of a source with ``tenants = true`` (docs/configuration.md).
+
+    ``secret`` is the Fernet token of the secret (:mod:`idemhook._config.secrets`), never the
+    secret itself. A delivery to ``/webhooks/<source>/<tenant>`` is verified against the
+    tenant's live rows (``expires_at`` null or later than now).
+    """
+
+    __tablename__ = "source_secrets"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(64))
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: When a delivery last verified with this secret, and how many did (flushed about
+    #: once a second by each process that verified them).
+    last_matched_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    matched_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+    __table_args__ = (
+        # The delivery's lookup: a tenant's secrets.
+        Index(None, "source", "tenant"),
+    )
+
+
+class SecretMatch(Base):
+    """How often, and when last, each static secret of a source verified a delivery.
+
+    ``secret`` is the secret's position in the source's ``secret`` list (``1`` for a
+    single secret; ``<client>:<position>`` for a named client of an ``idempotency-key``
+    source), never its value.
+    """
+
+    __tablename__ = "secret_matches"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(80), primary_key=True)
+    last_matched_at: Mapped[datetime] = mapped_column(Timestamp)
+    matched_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+source_secrets = SourceSecret.__table__
+secret_matches = SecretMatch.__table__

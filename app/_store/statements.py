@@ -63,6 +63,7 @@ _PARAMETERS = frozenset(
         "row_id",
         "result",
         "processed_at",
+        "tenant",
     }
 )
 
@@ -161,13 +162,19 @@ class ClaimStatements:
         self._claim_many: dict[str, str] = {}  # claim_many_for
         #: A source with ``freshness``: the claim and the check of its object's version.
         self.fresh = FreshStatements(dialect, self.claim_sql, self._timestamp)
+        #: The claim of a tenant's event (``processed_events.tenant``), and with freshness:
+        #: statements of their own, so that the claim of every other delivery is unchanged.
+        self.tenant_claim_sql = self._compile(
+            claim_statement(tenant=bindparam("tenant", type_=String))
+        )
+        self.tenant_fresh = FreshStatements(dialect, self.tenant_claim_sql, self._timestamp)
 
     def _compile(self, statement: Any, names: Collection[str] = _PARAMETERS) -> str:
         return compile_statement(statement, self.dialect, names)
 
     def claim_params(self, event: Event, status: Status, headers: str) -> dict:
         """The claim's parameters (``headers``: the delivery's stored headers, as JSON)."""
-        return {
+        params = {
             "source": event.source,
             "event_id": event.id,
             "event_type": event.type,
@@ -176,6 +183,9 @@ class ClaimStatements:
             "payload": dumps(event.payload),
             "headers": headers,
         }
+        if event.tenant is not None:  # the tenant's statements (tenant_claim_sql)
+            params["tenant"] = event.tenant
+        return params
 
     def claim_many_params(
         self,

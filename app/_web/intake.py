@@ -1,8 +1,10 @@
-"""``POST /webhooks/<source>``: size and type checks, verification, parsing, then the claim.
+"""``POST /webhooks/<source>[/<tenant>]``: size and type checks, verification, parsing, the claim.
 
-Checks run cheapest first and before anything is stored: unknown source (404),
-body size (413, enforced before the body is read), content type (415),
-signature (401), JSON and event fields (400: the ID and type, and for a source with
+Checks run cheapest first and before anything is stored: unknown source (404), for
+``/webhooks/<source>/<tenant>`` a tenant with no stored secret (404 ``unknown_tenant``) or
+none live (401 ``no_live_secret``), body size (413, enforced before the body is read),
+content type (415), signature (401: a tenant's delivery against that tenant's live secrets
+only), JSON and event fields (400: the ID and type, and for a source with
 ``freshness`` each event's object and version). Only then does the claim open a
 transaction: the claim that runs the handlers (:mod:`idemhook._engine.claim`), or for a source
 with ``mode = "async"`` the one that records the events for ``idemhook worker``
@@ -16,12 +18,13 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from idemhook._config.events import events_of
+from idemhook._config.events import events_of, for_tenant
 from idemhook._config.freshness import versions_of
 from idemhook._config.schemes import Delivery, Reply
 from idemhook._config.sources import Source
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
+from idemhook._engine.tenants import Matches, Tenants, unknown_tenant
 from idemhook._values.errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
 from idemhook._values.outcome import Status
 
@@ -29,12 +32,21 @@ bp = Blueprint("intake", __name__)
 
 
 class Receiver:
-    """Per-app state of the intake: the configured sources, the claimer and the acceptor."""
+    """Per-app state of the intake: the configured sources, the claimer and the acceptor,
+    the tenants' secrets and the tally of which secret verified each delivery."""
 
-    def __init__(self, sources: Mapping[str, Source], claimer: Claimer, acceptor: Acceptor) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        claimer: Claimer,
+        acceptor: Acceptor,
+        tenants: Tenants,
+    ) -> None:
         self.sources = sources
         self.claimer = claimer
         self.acceptor = acceptor
+        self.tenants = tenants
+        self.matches: Matches = tenants.matches
 
 
 def init_app(app: Flask, receiver: Receiver) -> None:
@@ -43,7 +55,8 @@ def init_app(app: Flask, receiver: Receiver) -> None:
 
 
 @bp.post("/webhooks/<source_name>")
-def receive(source_name: str) -> Response | tuple[Response, int]:
+@bp.post("/webhooks/<source_name>/<tenant>")
+def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Response, int]:
     received_at = datetime.now(UTC)
     receiver: Receiver = current_app.extensions["idemhook.receiver"]
     source = receiver.sources.get(source_name)
@@ -53,15 +66,27 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
             "add [sources.<name>] to the sources file.",
             code="unknown_source",
         )
+    if tenant is None:
+        if not source.own_secret:
+            raise unknown_tenant(source, "")
+        keys = secret_ids = None
+    else:  # the tenant's live secrets: one indexed SELECT, nothing written
+        secret_ids, keys = receiver.tenants.keys_for(source, tenant)
     body = _read_body(source)
     url = public_url(source) if source.scheme.signs_url else ""
     delivery = Delivery(body, request.headers, request.method, url)
-    source.scheme.verify(delivery)
+    matched = source.scheme.verify(delivery, keys)
+    if secret_ids is not None:
+        receiver.matches.tenant(source.name, secret_ids[matched])
+    elif source.scheme.keys:
+        receiver.matches.static(source.name, matched)
     early = source.scheme.preempt(delivery)
     if early is not None:
         return render_reply(early)
     payload = source.scheme.parse(body)
     events = events_of(source, payload, request.headers, received_at)
+    if tenant is not None:  # event IDs are scoped per tenant: <tenant>:<id>
+        events = [for_tenant(event, tenant) for event in events]
     # Each event's object and version (400 if missing or malformed), before anything is stored.
     versions = (
         versions_of(source.freshness, events) if source.freshness else None

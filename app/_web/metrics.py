@@ -5,6 +5,11 @@
   each process labels at most ``MAX_TYPES_PER_SOURCE`` distinct types per source
   and counts the rest as ``type="other"``.
 - ``idemhook_request_duration_seconds{endpoint,status}``: every HTTP request.
+- ``idemhook_secret_matches_total{source,secret}``: deliveries each secret verified: a
+  static secret's position in the source's ``secret`` list (``1``, ``2``...) or a tenant
+  secret's id (``id:<id>``), never its value; retire an old secret once it stops moving.
+  Added by the tally's flush (:class:`idemhook._engine.tenants.Matches`), about a second
+  after the deliveries, so that the request pays a deque append and no more.
 - ``idemhook_handler_duration_seconds{source}``: time in handlers per event.
 - ``idemhook_claim_wait_seconds{source}``: time of the claim ``INSERT``, which
   includes waiting for a concurrent delivery of the same event to finish.
@@ -59,6 +64,7 @@ from idemhook._contract import (
 )
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
+from idemhook._engine.tenants import Matches
 from idemhook._store.engine import aware
 from idemhook._store.models import event_queue, outbox_messages, reconcile_runs
 from idemhook._values.outbox_status import MessageStatus
@@ -120,6 +126,13 @@ class Metrics:
             buckets=_DELAY_BUCKETS,
             registry=self.registry,
         )
+        self.secret_matches = Counter(
+            "idemhook_secret_matches",
+            "Deliveries each secret verified, by source and secret: a static secret's "
+            "position in the source's list (1, 2, ...), or a tenant secret's id (id:<id>).",
+            ["source", "secret"],
+            registry=self.registry,
+        )
 
     def type_label(self, source: str, event_type: str | None) -> str:
         """``event_type`` itself while this source has few distinct types, else "other"."""
@@ -157,6 +170,11 @@ class Metrics:
     def observe_delay(self, source: str, seconds: float) -> None:
         """Record the receipt-to-processed time of one asynchronous event."""
         self._child(self.delay, source).observe(seconds)
+
+    def observe_secret_match(self, source: str, secret: str, count: int) -> None:
+        """Count ``count`` deliveries verified by ``secret`` (a position or ``id:<id>``, never
+        a value); called by the tally's flush thread about once a second, off the request."""
+        self._child(self.secret_matches, source, secret).inc(count)
 
     def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
         """Record one HTTP request (``status``: the three digits of its status line)."""
@@ -456,6 +474,7 @@ def init_app(
     acceptor: Acceptor | None = None,
     queued: list[str] = (),
     reconciled: list[str] = (),
+    matches: Matches | None = None,
 ) -> Metrics:
     """``queued``: the asynchronous sources (their waiting events are reported);
     ``reconciled``: the reconciled sources (their runs are reported)."""
@@ -463,6 +482,8 @@ def init_app(
     metrics_.attach(claimer)
     if acceptor is not None:
         acceptor.observers.append(metrics_.observe_event)
+    if matches is not None:
+        matches.observers.append(metrics_.observe_secret_match)
     metrics_.add_collector(OutboxCollector(claimer.database.engine))
     metrics_.add_collector(QueueCollector(claimer.database.engine, list(queued)))
     metrics_.add_collector(ReconcileCollector(claimer.database.engine, list(reconciled)))

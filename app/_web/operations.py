@@ -40,6 +40,7 @@ from idemhook._contract import (
 )
 from idemhook._engine.claim import Claimer
 from idemhook._engine.keys import Answer, KeyClaimer, KeyRequest
+from idemhook._engine.tenants import Matches
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, IdemhookError
 from idemhook._web import problems
@@ -58,19 +59,25 @@ _API_VIEW_MARK = "__idemhook_api_source__"
 class Operations:
     """Per-app state: the ``idempotency-key`` sources and their claimer."""
 
-    def __init__(self, sources: Mapping[str, Source], claimer: Claimer) -> None:
+    def __init__(
+        self, sources: Mapping[str, Source], claimer: Claimer, matches: Matches | None = None
+    ) -> None:
         self.sources = sources
         self.keys = KeyClaimer(claimer)
+        #: Which client secret authenticated each request (``idemhook sources``, the metric).
+        self.matches = matches
 
 
-def init_app(app: Flask, sources: Mapping[str, Source], claimer: Claimer) -> None:
+def init_app(
+    app: Flask, sources: Mapping[str, Source], claimer: Claimer, matches: Matches | None = None
+) -> None:
     """Serve each ``idempotency-key`` source at ``/webhooks/<name>`` and at its ``path``.
 
     Call it after every other route is registered: a ``path`` that another route
     already serves (``/events``, another source's path) stops start-up.
     """
     operated = {name: s for name, s in sources.items() if s.scheme.operation}
-    app.extensions["idemhook.operations"] = Operations(operated, claimer)
+    app.extensions["idemhook.operations"] = Operations(operated, claimer, matches)
     _check_api_views(app, operated)
     for name, source in operated.items():
         scheme = source.scheme
@@ -172,7 +179,9 @@ def _receive(operations: Operations, source: Source, received_at: datetime) -> A
     scheme = source.scheme
     assert isinstance(scheme, IdempotencyKey)
     body = _read_body(source)
-    client = scheme.authenticate(Delivery(body, request.headers, request.method))
+    client, index = scheme.authenticate_which(Delivery(body, request.headers, request.method))
+    if operations.matches is not None:
+        operations.matches.client(source.name, client, index)
     key = parse_key(request.headers.get(KEY_HEADER))
     payload = scheme.parse(body)
     if not isinstance(payload, dict):

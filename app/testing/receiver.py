@@ -54,13 +54,18 @@ class Kit:
         *,
         client: str | None = None,
         key: str | None = None,
+        tenant: str | None = None,
     ) -> TestResponse:
         """POST ``payload`` (a dict/list, text or bytes) to ``source``, signed by its scheme.
 
         ``client`` and ``key`` (``idempotency-key`` sources): the client to sign as and the
-        ``Idempotency-Key`` to send; the same key again is the client's retry.
+        ``Idempotency-Key`` to send; the same key again is the client's retry. ``tenant``
+        (a source with ``tenants = true``): post to ``/webhooks/<source>/<tenant>``, signed
+        with the tenant's first live secret.
         """
-        return deliver(self.client, source, payload, headers, as_client=client, key=key)
+        return deliver(
+            self.client, source, payload, headers, as_client=client, key=key, tenant=tenant
+        )
 
     def apply_received(self) -> int:
         """Apply the events asynchronous sources have received, as ``idemhook worker`` would.

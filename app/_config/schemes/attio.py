@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from collections.abc import Sequence
 
 from idemhook._config.schemes.base import (
     Delivery,
     Scheme,
     invalid,
-    matches_any,
+    match_index,
     register,
     require_header,
 )
@@ -37,14 +38,19 @@ class Attio(Scheme):
         "max_batch": 1,
     }
 
-    def _digests(self, body: bytes) -> list[str]:
-        return [hmac.new(k, body, hashlib.sha256).hexdigest() for k in self.keys]
+    def _digests(self, body: bytes, keys: Sequence[bytes] | None = None) -> list[str]:
+        return [
+            hmac.new(k, body, hashlib.sha256).hexdigest()
+            for k in (self.keys if keys is None else keys)
+        ]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         header = HEADER if delivery.headers.get(HEADER) else LEGACY_HEADER
         given = require_header(delivery, header).strip().lower()
-        if not matches_any(self._digests(delivery.body), given):
+        index = match_index(self._digests(delivery.body, keys), given)
+        if index < 0:
             raise invalid(header, " (the webhook's secret in Attio's developer settings)")
+        return index
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         headers = {HEADER: self._digests(delivery.body)[0]}

@@ -13,6 +13,7 @@ To add a scheme: write ``app/_config/schemes/<name>.py`` with a subclass decorat
 
 from __future__ import annotations
 
+import copy
 import hmac
 import os
 import time
@@ -67,6 +68,9 @@ class Scheme:
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Whether the scheme needs ``secret``.
     needs_secret: ClassVar[bool] = True
+    #: Whether a source of this scheme may have ``tenants = true``: its requests are signed
+    #: with a secret (an HMAC key or a password) that :meth:`verify` can be given per request.
+    serves_tenants: ClassVar[bool] = True
     #: Whether the signature covers the URL the sender called (``Delivery.url``). Only
     #: then does the intake work the URL out; most schemes sign the body alone.
     signs_url: ClassVar[bool] = False
@@ -80,7 +84,9 @@ class Scheme:
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         self.source = source
-        entries = _resolve(source, config.get("secret")) if self.needs_secret else []
+        # A source with tenants may have no secret of its own: only its tenants' endpoints.
+        own = self.needs_secret and not (config.get("tenants") and config.get("secret") is None)
+        entries = _resolve(source, config.get("secret")) if own else []
         self.secrets: tuple[str, ...] = tuple(value for _where, value in entries)
         #: The key each secret stands for, in the same order; never empty (checked here, once,
         #: so that no scheme can verify a request with an empty HMAC key).
@@ -89,6 +95,20 @@ class Scheme:
     def secret_key(self, secret: str) -> bytes:
         """The key ``secret`` stands for: its UTF-8 bytes, unless the provider encodes it."""
         return secret.encode()
+
+    def with_keys(self, keys: Sequence[bytes]) -> Scheme:
+        """A copy of this scheme that signs (and verifies) with ``keys``: a tenant's."""
+        clone = copy.copy(self)
+        clone.keys = tuple(keys)
+        clone.keys_changed()
+        return clone
+
+    def keys_changed(self) -> None:
+        """Recompute what a scheme derives from :attr:`keys` (after :meth:`with_keys`)."""
+
+    def tenant_key(self, secret: str) -> bytes:
+        """The key a tenant's ``secret`` stands for; :class:`ConfigError` if it cannot be one."""
+        return self._key("a tenant's secret", secret)
 
     def _key(self, where: str, secret: str) -> bytes:
         prefix = self.secret_prefix
@@ -105,8 +125,14 @@ class Scheme:
             )
         return key
 
-    def verify(self, delivery: Delivery) -> None:
-        """Raise :class:`Unauthorized` unless the delivery is authentic."""
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
+        """Raise :class:`Unauthorized` unless the delivery is authentic; else which key matched.
+
+        ``keys``: the keys to try (a tenant's live secrets); None: the source's own
+        (:attr:`keys`). Returns the position in that list of the key that verified the
+        delivery (0 for a scheme with no secrets), never the key itself. Every key is
+        tried (:func:`match_index`), so the time taken tells nothing of which one matched.
+        """
         raise NotImplementedError
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
@@ -180,8 +206,7 @@ def _resolve(source: str, value: Any, key: str = "secret") -> list[tuple[str, st
                 )
             if not resolved.strip():
                 raise ConfigError(
-                    f"[sources.{source}] {where}: environment variable {name} holds only "
-                    "whitespace"
+                    f"[sources.{source}] {where}: environment variable {name} holds only whitespace"
                 )
             item = resolved
         entries.append((where, item))
@@ -199,6 +224,20 @@ def matches_any(expected: Iterable[bytes | str], given: bytes | str) -> bool:
     for candidate in expected:
         cand_b = candidate.encode() if isinstance(candidate, str) else candidate
         found |= hmac.compare_digest(cand_b, given_b)
+    return found
+
+
+def match_index(expected: Sequence[bytes | str], given: bytes | str) -> int:
+    """The position in ``expected`` of the one equal to ``given`` (first of equals), else -1.
+
+    Constant-time as :func:`matches_any`: every candidate is compared, with no early exit.
+    """
+    given_b = given.encode() if isinstance(given, str) else given
+    found = -1
+    for index, candidate in enumerate(expected):
+        cand_b = candidate.encode() if isinstance(candidate, str) else candidate
+        equal = hmac.compare_digest(cand_b, given_b)
+        found = index if equal and found < 0 else found
     return found
 
 

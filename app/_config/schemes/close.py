@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.schemes.base import (
@@ -14,7 +14,7 @@ from idemhook._config.schemes.base import (
     Scheme,
     check_freshness,
     invalid,
-    matches_any,
+    match_index,
     positive_int_option,
     register,
     require_header,
@@ -50,16 +50,23 @@ class Close(Scheme):
                 "copy it exactly as the subscription returned it"
             ) from None
 
-    def _digests(self, timestamp: str, body: bytes) -> list[str]:
+    def _digests(
+        self, timestamp: str, body: bytes, keys: Sequence[bytes] | None = None
+    ) -> list[str]:
         signed = timestamp.encode() + body
-        return [hmac.new(k, signed, hashlib.sha256).hexdigest() for k in self.keys]
+        return [
+            hmac.new(k, signed, hashlib.sha256).hexdigest()
+            for k in (self.keys if keys is None else keys)
+        ]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         given = require_header(delivery, HASH).strip().lower()
         timestamp = require_header(delivery, TIMESTAMP).strip()
-        if not matches_any(self._digests(timestamp, delivery.body), given):
+        index = match_index(self._digests(timestamp, delivery.body, keys), given)
+        if index < 0:
             raise invalid(HASH)
         check_freshness(timestamp, tolerance=self.tolerance, header=TIMESTAMP)
+        return index
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         timestamp = str(int(time.time()))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from idemhook._config.schemes.base import (
     Delivery,
     Reply,
     Scheme,
     invalid,
-    matches_any,
+    match_index,
     register,
     require_header,
 )
@@ -29,13 +30,18 @@ class GitHub(Scheme):
 
     defaults = {"event_id": "header:X-GitHub-Delivery", "event_type": "header:X-GitHub-Event"}
 
-    def _digests(self, body: bytes) -> list[str]:
-        return ["sha256=" + hmac.new(k, body, hashlib.sha256).hexdigest() for k in self.keys]
+    def _digests(self, body: bytes, keys: Sequence[bytes] | None = None) -> list[str]:
+        return [
+            "sha256=" + hmac.new(k, body, hashlib.sha256).hexdigest()
+            for k in (self.keys if keys is None else keys)
+        ]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         given = require_header(delivery, HEADER).strip().lower()
-        if not matches_any(self._digests(delivery.body), given):
+        index = match_index(self._digests(delivery.body, keys), given)
+        if index < 0:
             raise invalid(HEADER, " (the webhook's Secret field in GitHub)")
+        return index
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         return {HEADER: self._digests(delivery.body)[0]}

@@ -20,7 +20,7 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,7 +30,7 @@ from idemhook._config.schemes.base import (
     Scheme,
     check_freshness,
     invalid,
-    matches_any,
+    match_index,
     positive_int_option,
     register,
     require_header,
@@ -73,38 +73,44 @@ class HubSpot(Scheme):
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
 
-    def expected(self, delivery: Delivery, timestamp: str = "") -> list[str]:
+    def expected(
+        self, delivery: Delivery, timestamp: str = "", keys: Sequence[bytes] | None = None
+    ) -> list[str]:
         """The signature each configured secret gives for ``delivery`` (v3: at ``timestamp``)."""
+        keys = self.keys if keys is None else keys
         body = delivery.body
         method = delivery.method.upper().encode()
         if self.version == "v3":
             signed = method + signed_uri(delivery.url).encode() + body + timestamp.encode()
             return [
                 base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-                for key in self.keys
+                for key in keys
             ]
         if self.version == "v2":
             return [
                 hashlib.sha256(key + method + delivery.url.encode() + body).hexdigest()
-                for key in self.keys
+                for key in keys
             ]
-        return [hashlib.sha256(key + body).hexdigest() for key in self.keys]
+        return [hashlib.sha256(key + body).hexdigest() for key in keys]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         if self.version == "v3":
             given = require_header(delivery, V3_HEADER).strip()
             timestamp = require_header(delivery, TIMESTAMP).strip()
-            if not matches_any(self.expected(delivery, timestamp), given):
+            index = match_index(self.expected(delivery, timestamp, keys), given)
+            if index < 0:
                 raise invalid(
                     V3_HEADER,
                     " (the app's client secret) and that the public URL is the one "
                     "registered in HubSpot (IDEMHOOK_PUBLIC_URL)",
                 )
             check_freshness(timestamp, tolerance=self.tolerance, header=TIMESTAMP, unit=1000)
-            return
+            return index
         given = require_header(delivery, LEGACY_HEADER).strip().lower()
-        if not matches_any(self.expected(delivery), given):
+        index = match_index(self.expected(delivery, "", keys), given)
+        if index < 0:
             raise invalid(LEGACY_HEADER)
+        return index
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         if self.version == "v3":

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.schemes.base import (
@@ -29,7 +29,7 @@ from idemhook._config.schemes.base import (
     Scheme,
     _resolve,
     invalid,
-    matches_any,
+    match_index,
     register,
     require_header,
 )
@@ -67,6 +67,7 @@ class IdempotencyKey(Scheme):
     )
     defaults = {"event_id": f"header:{KEY_HEADER}"}
     operation = True
+    serves_tenants = False
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         where = f"[sources.{source}]"
@@ -161,6 +162,10 @@ class IdempotencyKey(Scheme):
 
     def authenticate(self, delivery: Delivery) -> str | None:
         """The client that sent ``delivery`` (None: the anonymous one); 401 if nobody did."""
+        return self.authenticate_which(delivery)[0]
+
+    def authenticate_which(self, delivery: Delivery) -> tuple[str | None, int]:
+        """The client that sent ``delivery`` and the position of its secret that matched."""
         if self.auth == "bearer":
             return self._bearer_client(delivery)
         given = require_header(delivery, self.header).strip().lower()
@@ -180,12 +185,13 @@ class IdempotencyKey(Scheme):
         # 400 about the key, which only an authentic request (of any client) is told.
         key = delivery.headers.get(KEY_HEADER, "")
         digests = [_digest(k, key, delivery.body) for k in keys]
-        if not keys or not matches_any(digests, given):
+        index = match_index(digests, given) if keys else -1
+        if index < 0:
             hint = f" (for the client named in {self.client_header})" if client else ""
             raise invalid(self.header, f"{hint}, over the {KEY_HEADER} header, '.', and the body")
-        return client
+        return client, index
 
-    def _bearer_client(self, delivery: Delivery) -> str | None:
+    def _bearer_client(self, delivery: Delivery) -> tuple[str | None, int]:
         given = delivery.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -194,11 +200,12 @@ class IdempotencyKey(Scheme):
                 "missing_credentials",
             )
         token = token.strip()
-        found: list[str | None] = []
+        found: list[tuple[str | None, int]] = []
         # Every client's every token is compared: the time taken says nothing of which matched.
         for client, secrets in self._secrets.items():
-            if matches_any(secrets, token):
-                found.append(client)
+            index = match_index(secrets, token)
+            if index >= 0:
+                found.append((client, index))
         if not found:
             raise _bearer_error(
                 "The bearer token does not match any client of this source.",
@@ -206,8 +213,8 @@ class IdempotencyKey(Scheme):
             )
         return found[0]
 
-    def verify(self, delivery: Delivery) -> None:
-        self.authenticate(delivery)
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
+        return self.authenticate_which(delivery)[1]
 
     # -- signing (the test kit, `idemhook sign` and `send`) --------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.schemes.base import Delivery, Scheme, register
@@ -14,6 +14,7 @@ class Unverified(Scheme):
     """Accept every request. Only for trusted networks and local experiments."""
 
     needs_secret = False
+    serves_tenants = False
 
     def __init__(self, source: str, config: Mapping[str, Any]) -> None:
         super().__init__(source, config)
@@ -23,8 +24,8 @@ class Unverified(Scheme):
                 "set allow_unverified = true to confirm that is intended"
             )
 
-    def verify(self, delivery: Delivery) -> None:
-        return None
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
+        return 0
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         return {}

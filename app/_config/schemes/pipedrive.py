@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from idemhook._config.schemes.base import Delivery, Scheme, matches_any, register
+from idemhook._config.schemes.base import Delivery, Scheme, match_index, register
 from idemhook._values.errors import ConfigError, Unauthorized
 
 
@@ -42,7 +42,7 @@ class Pipedrive(Scheme):
         self.username = username
         self._expected = tuple(basic_header(username, secret) for secret in self.secrets)
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         given = delivery.headers.get("Authorization")
         if not given:
             error = Unauthorized(
@@ -52,13 +52,23 @@ class Pipedrive(Scheme):
             )
             error.headers["WWW-Authenticate"] = 'Basic realm="idemhook"'
             raise error
-        if not matches_any(self._expected, given.strip()):
+        expected = (
+            self._expected
+            if keys is None
+            else [basic_header(self.username, key.decode()) for key in keys]
+        )
+        index = match_index(expected, given.strip())
+        if index < 0:
             error = Unauthorized(
                 "The HTTP Basic credentials do not match this source's username and secret.",
                 code="invalid_credentials",
             )
             error.headers["WWW-Authenticate"] = 'Basic realm="idemhook"'
             raise error
+        return index
+
+    def keys_changed(self) -> None:
+        self._expected = tuple(basic_header(self.username, key.decode()) for key in self.keys)
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         return {"Authorization": self._expected[0]}

@@ -142,6 +142,7 @@ class SalesforceOutbound(Scheme):
     """Outbound Messages from the Salesforce org ``organization_id``."""
 
     needs_secret = False
+    serves_tenants = False
     option_keys = frozenset({"organization_id"})
     defaults = {
         "event_id": "body:Id",
@@ -161,7 +162,7 @@ class SalesforceOutbound(Scheme):
             )
         self.organization_id = org
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         given = parse_message(delivery.body)["OrganizationId"] or ""
         # Salesforce sends the 18-character ID; a configured 15-character one is its prefix.
         if not matches_any([self.organization_id], given[: len(self.organization_id)]):
@@ -169,6 +170,7 @@ class SalesforceOutbound(Scheme):
                 "The message's OrganizationId is not this source's organization_id.",
                 code="invalid_organization",
             )
+        return 0
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         # Nothing is signed; Salesforce sends this header with every message.

@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.locators import AnyHeader
@@ -23,7 +23,7 @@ from idemhook._config.schemes.base import (
     Scheme,
     check_freshness,
     invalid,
-    matches_any,
+    match_index,
     positive_int_option,
     register,
 )
@@ -80,24 +80,28 @@ class StandardWebhooks(Scheme):
                 )
         return prefix, msg_id, timestamp, signature  # type: ignore[return-value]
 
-    def _digests(self, msg_id: str, timestamp: str, body: bytes) -> list[str]:
+    def _digests(
+        self, msg_id: str, timestamp: str, body: bytes, keys: Sequence[bytes] | None = None
+    ) -> list[str]:
         signed = f"{msg_id}.{timestamp}.".encode() + body
         return [
             base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-            for key in self.keys
+            for key in (self.keys if keys is None else keys)
         ]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         prefix, msg_id, timestamp, signature = self._headers(delivery)
-        expected = self._digests(msg_id, timestamp, delivery.body)
-        found = False
+        expected = self._digests(msg_id, timestamp, delivery.body, keys)
+        found = -1
         for entry in signature.split():
             version, _, value = entry.partition(",")
             if version == "v1":
-                found |= matches_any(expected, value)
-        if not found:
+                index = match_index(expected, value)
+                found = index if found < 0 else found
+        if found < 0:
             raise invalid(f"{prefix}-signature")
         check_freshness(timestamp, tolerance=self.tolerance, header=f"{prefix}-timestamp")
+        return found
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         msg_id = delivery.headers.get("webhook-id") or delivery.headers.get("svix-id")

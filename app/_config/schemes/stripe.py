@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idemhook._config.schemes.base import (
@@ -14,7 +14,7 @@ from idemhook._config.schemes.base import (
     Scheme,
     check_freshness,
     invalid,
-    matches_any,
+    match_index,
     positive_int_option,
     register,
     require_header,
@@ -41,11 +41,16 @@ class Stripe(Scheme):
             source, config, "tolerance_seconds", DEFAULT_TOLERANCE_SECONDS
         )
 
-    def _digests(self, timestamp: str, body: bytes) -> list[str]:
+    def _digests(
+        self, timestamp: str, body: bytes, keys: Sequence[bytes] | None = None
+    ) -> list[str]:
         signed = timestamp.encode() + b"." + body
-        return [hmac.new(key, signed, hashlib.sha256).hexdigest() for key in self.keys]
+        return [
+            hmac.new(key, signed, hashlib.sha256).hexdigest()
+            for key in (self.keys if keys is None else keys)
+        ]
 
-    def verify(self, delivery: Delivery) -> None:
+    def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         header = require_header(delivery, HEADER)
         timestamp = None
         given: list[str] = []
@@ -57,13 +62,15 @@ class Stripe(Scheme):
                 given.append(value.lower())
         if timestamp is None or not given:
             raise invalid(HEADER, " (the header has no t= or no v1= entry)")
-        expected = self._digests(timestamp, delivery.body)
-        found = False
+        expected = self._digests(timestamp, delivery.body, keys)
+        found = -1
         for candidate in given:
-            found |= matches_any(expected, candidate)
-        if not found:
+            index = match_index(expected, candidate)
+            found = index if found < 0 else found
+        if found < 0:
             raise invalid(HEADER)
         check_freshness(timestamp, tolerance=self.tolerance, header=f"{HEADER} t=")
+        return found
 
     def sign(self, delivery: Delivery) -> dict[str, str]:
         timestamp = str(int(time.time()))
