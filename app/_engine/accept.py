@@ -210,7 +210,7 @@ class Acceptor:
         document = f'{{"h":{dumps(safe_headers(events[0].headers))},"e":[{",".join(items)}]}}'
         tenant = events[0].tenant
         if tenant is not None:  # a tenant's delivery: its name joins the document
-            document = f'{document[:-1]},"t":{_string(tenant)}}}'
+            document = f'{document[:-1]},"t":{string(tenant)}}}'
         params: dict[str, Any] = {"d": document}
         if recovered:  # rare: not worth a cache
             sql = accept_sql(source.name, recovered=True)

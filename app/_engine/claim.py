@@ -218,7 +218,10 @@ class DeliveryClaim:
         self.one_statement = versions is None and claimer.statements.claim_many_sql is not None
 
     def once(self, job: Job) -> list[Outcome]:
-        if self.one_statement and self.claim_sql is self.claimer.statements.claim_sql:
+        statements = self.claimer.statements
+        if self.one_statement and (
+            self.claim_sql is statements.claim_sql or self.claim_sql is statements.tenant_claim_sql
+        ):
             return self.together(job)
         return self.apart(job)
 

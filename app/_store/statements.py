@@ -69,7 +69,8 @@ _PARAMETERS = frozenset(
 
 
 #: A batch's claims in one statement (PostgreSQL): the events come as one JSON parameter,
-#: ``{"h": headers, "t": time of receipt, "e": [[id, type, payload, status, repeats], ...]}``
+#: ``{"h": headers, "t": time of receipt, "n": tenant (absent: none),
+#: "e": [[id, type, payload, status, repeats], ...]}``
 #: and the source a literal (a checked name); psycopg2 spends about
 #: 10,000 instructions on each parameter it quotes: four per event cost more than the JSON
 #: text), each ID once (one statement cannot insert a row and update it too) with the number
@@ -80,9 +81,9 @@ _PARAMETERS = frozenset(
 CLAIM_MANY_PG = (
     "WITH d AS (SELECT CAST(%(d)s AS jsonb) AS d) "
     "INSERT INTO processed_events AS e (source, event_id, event_type, status, received_at, "
-    "payload, headers, duplicate_count, replay_count, last_seen_at) "
+    "payload, headers, duplicate_count, replay_count, last_seen_at, tenant) "
     "SELECT {source}, a.x->>0, a.x->>1, a.x->>3, t.t, a.x->2, d.d->'h', (a.x->>4)::integer, "
-    "0, t.t FROM d, CAST(d.d->>'t' AS timestamptz) AS t(t), "
+    "0, t.t, d.d->>'n' FROM d, CAST(d.d->>'t' AS timestamptz) AS t(t), "
     "jsonb_array_elements(d.d->'e') AS a(x) ORDER BY a.x->>0 "
     "ON CONFLICT (source, event_id) DO UPDATE SET "
     "duplicate_count = e.duplicate_count + 1 + excluded.duplicate_count, "
@@ -201,8 +202,10 @@ class ClaimStatements:
             f'[{string(event.id)},{string(event.type)},{dumps(event.payload)},"{status}",{n}]'
             for event, status, n in zip(events, statuses, repeats, strict=True)
         )
-        received_at = events[0].received_at.isoformat()
-        return {"d": f'{{"h":{headers},"t":"{received_at}","e":[{items}]}}'}
+        first = events[0]
+        tenant = "" if first.tenant is None else f',"n":{string(first.tenant)}'
+        received_at = first.received_at.isoformat()
+        return {"d": f'{{"h":{headers},"t":"{received_at}"{tenant},"e":[{items}]}}'}
 
     def claim_many_for(self, source: str) -> str:
         """:data:`CLAIM_MANY_PG` for ``source`` (a checked name, [A-Za-z0-9_.-]: a literal)."""
