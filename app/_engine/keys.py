@@ -181,6 +181,20 @@ class KeyClaimer:
     def params(self, request: KeyRequest, owner: str) -> dict[str, Any]:
         event = request.event
         ts = self.statements.timestamp
+        if self.statements.server_clock:  # PostgreSQL: times from now(), seconds as numbers
+            return {
+                "source": event.source,
+                "event_id": event.id,
+                "client": event.client,
+                "event_type": event.type,
+                "received_at": ts(event.received_at),
+                "payload": dumps(event.payload),
+                "headers": dumps(failures.safe_headers(event.headers)),
+                "fingerprint": request.fingerprint,
+                "ttl_seconds": request.key_ttl,
+                "lease_seconds": self.lease_seconds,
+                "lock_owner": owner,
+            }
         now = datetime.now(UTC)
         ttl = timedelta(seconds=request.key_ttl)
         return {
@@ -287,8 +301,9 @@ class KeyOperation:
             "result": stored,
             "response_status": answer.status,
             "response_headers": dumps([list(pair) for pair in answer.headers]),
-            "processed_at": keys.statements.timestamp(datetime.now(UTC)),
         }
+        if not keys.statements.server_clock:  # PostgreSQL: clock_timestamp() in the statement
+            params["processed_at"] = keys.statements.timestamp(datetime.now(UTC))
         if not job.may_commit():  # answered handler_timeout already: keep nothing
             lane.session.close()
             lane.rollback()
@@ -330,8 +345,9 @@ class KeyOperation:
         if row is None or row.status == Status.IN_FLIGHT:
             raise _in_use(request, "a request with it is still running")
         self.keys.observe(event, Outcome(event.id, Status.DUPLICATE, row.result), self.started)
-        return Answer(row.response_status or 200, row.result, _headers(row.response_headers),
-                      replayed=True)
+        return Answer(
+            row.response_status or 200, row.result, _headers(row.response_headers), replayed=True
+        )
 
     def _failed(self, run: HandlerRun) -> HandlerFailed:
         """The error of a failed operation (observed here; its row is written on the lane)."""
@@ -395,8 +411,7 @@ class KeyOperation:
 
     def unavailable(self, error: DBAPIError) -> Exception:
         return ServiceUnavailable(
-            "The database is unavailable; nothing was recorded. Retry with the same key "
-            "shortly.",
+            "The database is unavailable; nothing was recorded. Retry with the same key shortly.",
             code="database_unavailable",
         )
 
@@ -419,9 +434,7 @@ class KeyOperation:
             "the request was answered 503 handler_timeout and its transaction rolled back",
         )
         event = request.event
-        failures.record(
-            keys.database.reserve, [failures.failure_of(event, run, request.raw_body)]
-        )
+        failures.record(keys.database.reserve, [failures.failure_of(event, run, request.raw_body)])
         outcome = Outcome(event.id, Status.FAILED, error=run.summary, handler=run.handler)
         for observer in keys.claimer.observers:
             observer(event, outcome, keys.claimer.watchdog.limit)

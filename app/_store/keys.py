@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    Float,
     Integer,
     String,
     and_,
@@ -43,6 +44,8 @@ _KEY_PARAMETERS = frozenset(
         "lock_owner",
         "now",
         "cutoff",
+        "ttl_seconds",
+        "lease_seconds",
         "row_id",
         "status",
         "result",
@@ -91,11 +94,27 @@ class KeyStatements:
         table = processed_events
         c = table.c
         in_flight = literal_column(f"'{Status.IN_FLIGHT}'")
-        now = bindparam("now", type_=String)
+        #: PostgreSQL: every time of a lease is the server's (``now()``, the lease message's
+        #: one transaction time, plus or minus seconds passed as numbers), so that
+        #: instances' clocks never meet and psycopg2 quotes no timestamp (about 30,000
+        #: instructions each; docs/performance.md). SQLite: the request's own clock.
+        self.server_clock = dialect.name == "postgresql"
+        if self.server_clock:
+            now: Any = func.now()
+            second = literal_column("interval '1 second'")
+            ttl = bindparam("ttl_seconds", type_=Float) * second
+            cutoff: Any = now - ttl
+            expires_at: Any = now + ttl
+            locked_until: Any = now + bindparam("lease_seconds", type_=Float) * second
+            processed_at: Any = func.clock_timestamp()
+        else:
+            now = bindparam("now", type_=String)
+            cutoff = bindparam("cutoff", type_=String)
+            expires_at = bindparam("expires_at", type_=String)
+            locked_until = bindparam("locked_until", type_=String)
+            processed_at = bindparam("processed_at", type_=String)
         # Rows claimed before key expiry existed have no expires_at: received_at + key_ttl.
-        unexpired = func.coalesce(
-            c.expires_at > now, c.received_at > bindparam("cutoff", type_=String)
-        )
+        unexpired = func.coalesce(c.expires_at > now, c.received_at > cutoff)
         fingerprint = bindparam("fingerprint", type_=String)
         same_request = or_(
             c.fingerprint.is_(None), fingerprint.is_(None), c.fingerprint == fingerprint
@@ -122,8 +141,8 @@ class KeyStatements:
             payload=bindparam("payload", type_=String),
             headers=bindparam("headers", type_=String),
             fingerprint=fingerprint,
-            expires_at=bindparam("expires_at", type_=String),
-            locked_until=bindparam("locked_until", type_=String),
+            expires_at=expires_at,
+            locked_until=locked_until,
             lock_owner=bindparam("lock_owner", type_=String),
             duplicate_count=literal_column("0"),
             replay_count=literal_column("0"),
@@ -183,7 +202,7 @@ class KeyStatements:
                 result=bindparam("result", type_=String),
                 response_status=bindparam("response_status", type_=Integer),
                 response_headers=bindparam("response_headers", type_=String),
-                processed_at=bindparam("processed_at", type_=String),
+                processed_at=processed_at,
                 locked_until=nothing,
                 lock_owner=nothing,
             )
@@ -212,19 +231,18 @@ class KeyStatements:
         )
         #: PostgreSQL: the release, committed without a disk flush.
         self.release_message = no_flush + self.release_sql
-        self._read_answer = select(
-            c.status, c.result, c.response_status, c.response_headers
-        ).where(key)
+        self._read_answer = select(c.status, c.result, c.response_status, c.response_headers).where(
+            key
+        )
 
-    def release_and_read(self, engine: Any, source: str, event_id: str, row_id: int,
-                         owner: str) -> Any:
+    def release_and_read(
+        self, engine: Any, source: str, event_id: str, row_id: int, owner: str
+    ) -> Any:
         """On a fresh connection: free the key if it is still ``owner``'s and in flight
         (waiting for a transaction that is committing it), then read its answer."""
         with engine.begin() as conn:
             conn.exec_driver_sql(self.release_sql, {"row_id": row_id, "lock_owner": owner})
-            return conn.execute(
-                self._read_answer, {"source": source, "event_id": event_id}
-            ).first()
+            return conn.execute(self._read_answer, {"source": source, "event_id": event_id}).first()
 
     def release_on(self, engine: Any, row_id: int, owner: str) -> None:
         """Free the key on ``engine`` if its lease is still ``owner``'s."""
@@ -239,6 +257,11 @@ class KeyStatements:
             return None
         row_id, status, owner, fingerprint, result, response_status, headers = row
         return KeyRow(
-            row_id, status, owner, fingerprint, self._json(result), response_status,
+            row_id,
+            status,
+            owner,
+            fingerprint,
+            self._json(result),
+            response_status,
             self._json(headers),
         )
