@@ -140,6 +140,8 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
             "receiver-batch": served * instructions.BATCH,
             "async-ack": 0,  # acknowledged only: idemhook worker runs the handler
             "receiver-fresh": served,  # every event newer than its account's last
+            "baseline-api": served,  # a new key each: the operation runs
+            "receiver-api": served,
         }
         assert observed("receiver") == (True, True)
         assert observed("no-log") == (False, True)

@@ -125,11 +125,11 @@ def test_a_flush_writes_each_secret_once_however_many_deliveries(make_app, sql):
         matches.static("shop", 0)
         matches.tenant("shop", secret_id)
     matches.static("shop", 1)
-    sa_event.listen(database.engine, "before_cursor_execute", seen)
+    sa_event.listen(database.reserve, "before_cursor_execute", seen)  # where it writes
     try:
         matches.close()
     finally:
-        sa_event.remove(database.engine, "before_cursor_execute", seen)
+        sa_event.remove(database.reserve, "before_cursor_execute", seen)
     writes = [s for s in statements if "secret_matches" in s or "source_secrets" in s]
     assert len(writes) == 3  # one per secret seen, not one per delivery
     assert static_counts(sql) == [("shop", "1", 20), ("shop", "2", 1)]

@@ -133,8 +133,11 @@ class Matches:
             if not self._unwritten_static and not self._unwritten_tenants:
                 return
             try:
+                # On a connection of its own (Database.reserve keeps none): the flush never
+                # waits behind request threads for a pooled connection, and never holds one
+                # that outlives the app's engine (Engine.dispose).
                 store.record_matches(
-                    self.database.engine,
+                    self.database.reserve,
                     {key: store.Tally(*v) for key, v in self._unwritten_static.items()},
                     {key: store.Tally(*v) for key, v in self._unwritten_tenants.items()},
                 )
