@@ -27,6 +27,8 @@ from idemhook._engine import logs, reconcile
 from idemhook._engine import registry as plugins
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer
+from idemhook._engine.pauses import Pauses
+from idemhook._engine.refusals import Refusals
 from idemhook._store import database as db
 from idemhook._store.engine import APPLICATION_NAMES
 from idemhook._values import errors
@@ -92,11 +94,20 @@ def create_app(
         claim_threads=2 * app.config["IDEMHOOK_POOL_SIZE"],
     )
     acceptor = Acceptor(database, observers=[logs.log_accepted])
-    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor))
+    refusals = Refusals(database, app.config["IDEMHOOK_REJECTIONS_PER_MINUTE"])
+    receiver = intake.Receiver(loaded.sources, claimer, acceptor, refusals, Pauses(database))
+    intake.init_app(app, receiver)
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
+    webhooks = sorted(n for n, source in loaded.sources.items() if not source.scheme.operation)
     metrics.init_app(
-        app, claimer, acceptor, queued, sorted(app.extensions["idemhook.reconcile"])
+        app,
+        claimer,
+        acceptor,
+        queued,
+        sorted(app.extensions["idemhook.reconcile"]),
+        refusals=refusals,
+        sources=webhooks,
     )
     api.init_app(app)
     dashboard.init_app(app)

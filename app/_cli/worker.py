@@ -67,12 +67,14 @@ def worker_command(metrics_bind: str | None) -> None:
     registry = current_app.extensions["idemhook.registry"]
     sources = current_app.extensions["idemhook.receiver"].sources
     queued = sorted(name for name, source in sources.items() if source.asynchronous)
+    # A synchronous source's deliveries wait for the worker too while it is paused.
+    webhooks = sorted(name for name, source in sources.items() if not source.scheme.operation)
     scheduled = {
         name: config
         for name, config in current_app.extensions["idemhook.reconcile"].items()
         if config.every is not None
     }
-    if not registry.senders and not queued and not scheduled:
+    if not registry.senders and not webhooks and not scheduled:
         raise ConfigMissing(
             'no @sender is registered, no source has mode = "async" and none is reconciled '
             "`every` so often, so `idemhook worker` has nothing to do: list the module of "
@@ -92,8 +94,9 @@ def worker_command(metrics_bind: str | None) -> None:
     works: list[Work] = []
     if registry.senders:
         works.append(Delivery(database, registry.senders, batch=batch, metrics=outbox_metrics))
-    if queued:
-        # Every configured source: one switched back to sync may still have events waiting.
+    if webhooks:
+        # Every configured source: one switched back to sync may still have events waiting,
+        # and a paused one's wait for its resume (idemhook sources pause).
         works.append(
             Applier(
                 database,

@@ -7,14 +7,23 @@ signature (401), JSON and event fields (400: the ID and type, and for a source w
 transaction: the claim that runs the handlers (:mod:`idemhook._engine.claim`), or for a source
 with ``mode = "async"`` the one that records the events for ``idemhook worker``
 and answers at once (:mod:`idemhook._engine.accept`).
+
+Every 4xx answered before the claim (but ``unknown_source``: anyone could invent
+names) is logged and recorded in ``rejected_deliveries`` by :func:`_refusals_recorded`,
+the one place that sees them all (:mod:`idemhook._engine.refusals`). A paused source
+(``idemhook sources pause``) is verified and checked as ever, then accepted as an
+asynchronous source's delivery is, for ``idemhook worker`` to apply after ``resume``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from idemhook._config.events import events_of
 from idemhook._config.freshness import versions_of
@@ -22,19 +31,38 @@ from idemhook._config.schemes import Delivery, Reply
 from idemhook._config.sources import Source
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
-from idemhook._values.errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
+from idemhook._engine.pauses import Pauses
+from idemhook._engine.refusals import Refusal, Refusals
+from idemhook._values.errors import (
+    HTTP_CODES,
+    HandlerFailed,
+    IdemhookError,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
 
 bp = Blueprint("intake", __name__)
 
 
 class Receiver:
-    """Per-app state of the intake: the configured sources, the claimer and the acceptor."""
+    """Per-app state of the intake: the sources, the claimer, the acceptor, refusals, pauses."""
 
-    def __init__(self, sources: Mapping[str, Source], claimer: Claimer, acceptor: Acceptor) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        claimer: Claimer,
+        acceptor: Acceptor,
+        refusals: Refusals | None = None,
+        pauses: Pauses | None = None,
+    ) -> None:
         self.sources = sources
         self.claimer = claimer
         self.acceptor = acceptor
+        self.refusals = refusals
+        self.pauses = pauses
 
 
 def init_app(app: Flask, receiver: Receiver) -> None:
@@ -42,9 +70,62 @@ def init_app(app: Flask, receiver: Receiver) -> None:
     app.register_blueprint(bp)
 
 
+#: Where the view leaves the body it read, for a refusal's size and SHA-256.
+_BODY = "idemhook.body"
+
+
+def _refusals_recorded(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Log and record every 4xx ``view`` raises (its one place), then raise it on."""
+
+    @functools.wraps(view)
+    def recording(source_name: str, **kwargs: Any) -> Any:
+        received_at = datetime.now(UTC)
+        try:
+            return view(source_name, received_at, **kwargs)
+        except IdemhookError as error:
+            if 400 <= error.status_code < 500 and error.code != "unknown_source":
+                _refused(source_name, error.code, error.status_code, error.message, received_at)
+            raise
+        except HTTPException as error:  # Werkzeug's own (a body over the limit, chunked)
+            status = error.code or 500
+            if 400 <= status < 500:
+                code = HTTP_CODES.get(status, "http_error")
+                _refused(source_name, code, status, error.description or "", received_at)
+            raise
+
+    return recording
+
+
+def _refused(source_name: str, code: str, status: int, message: str, at: datetime) -> None:
+    receiver: Receiver = current_app.extensions["idemhook.receiver"]
+    source = receiver.sources.get(source_name)
+    if receiver.refusals is None or source is None:
+        return
+    headers = safe_headers(request.headers)
+    # A scheme's own signature header, when its name says nothing (signature_header).
+    secret = {name.lower() for name in source.scheme.secret_headers}
+    if secret:
+        headers = {k: v for k, v in headers.items() if k.lower() not in secret}
+    view_args = request.view_args or {}
+    receiver.refusals.record(
+        Refusal(
+            source=source_name,
+            tenant=view_args.get("tenant"),
+            code=code,
+            status=status,
+            message=message,
+            received_at=at,
+            client_addr=request.remote_addr,
+            user_agent=request.headers.get("User-Agent"),
+            body=request.environ.get(_BODY),
+            headers=headers,
+        )
+    )
+
+
 @bp.post("/webhooks/<source_name>")
-def receive(source_name: str) -> Response | tuple[Response, int]:
-    received_at = datetime.now(UTC)
+@_refusals_recorded
+def receive(source_name: str, received_at: datetime) -> Response | tuple[Response, int]:
     receiver: Receiver = current_app.extensions["idemhook.receiver"]
     source = receiver.sources.get(source_name)
     if source is None:
@@ -53,7 +134,7 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
             "add [sources.<name>] to the sources file.",
             code="unknown_source",
         )
-    body = _read_body(source)
+    body = request.environ[_BODY] = _read_body(source)
     url = public_url(source) if source.scheme.signs_url else ""
     delivery = Delivery(body, request.headers, request.method, url)
     source.scheme.verify(delivery)
@@ -66,8 +147,10 @@ def receive(source_name: str) -> Response | tuple[Response, int]:
     versions = (
         versions_of(source.freshness, events) if source.freshness else None
     )
-    if source.asynchronous:
-        outcomes = receiver.acceptor.accept(source, events, versions)
+    pauses = receiver.pauses
+    paused = pauses is not None and pauses.paused(source.name)
+    if source.asynchronous or paused:
+        outcomes = receiver.acceptor.accept(source, events, versions, paused=paused)
         answer = source.scheme.respond(outcomes)
         return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
     outcomes = receiver.claimer.apply(

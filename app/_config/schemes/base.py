@@ -105,6 +105,11 @@ class Scheme:
             )
         return key
 
+    @property
+    def secret_headers(self) -> tuple[str, ...]:
+        """Headers this source signs with whose names ``safe_headers`` would not catch."""
+        return ()
+
     def verify(self, delivery: Delivery) -> None:
         """Raise :class:`Unauthorized` unless the delivery is authentic."""
         raise NotImplementedError
