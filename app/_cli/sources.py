@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 from flask import current_app, has_app_context
-from flask.cli import ScriptInfo
+from flask.cli import ScriptInfo, with_appcontext
 
 from idemhook._cli.common import ConfigMissing, needs_sources, no_database
 from idemhook._config import settings as settings_module
@@ -301,19 +301,16 @@ def sources_cli(ctx: click.Context) -> None:
         config, _registry = _context()
         _show_file(inspect_file(config["IDEMHOOK_CONFIG"]))
         reports = inspect_sources()
-        _note_pauses(reports)
+        _note_pauses(reports, config.get("DATABASE_URL"))
         _show(reports)
 
 
-def _note_pauses(reports: list[Report]) -> None:
+def _note_pauses(reports: list[Report], url: Any) -> None:
     """Mark the paused sources, when there is a database to ask (the listing needs none)."""
-    if not has_app_context():
+    if not url or str(url) == settings_module.NO_DATABASE:
         return
     try:
-        database = get_db()
-        if str(database.engine.url) == settings_module.NO_DATABASE:
-            return
-        found = pauses_store.pauses(database.engine)
+        found = pauses_store.pauses_at(url)
     except Exception:  # noqa: BLE001 (the listing works from the sources file alone)
         return
     for report in reports:
@@ -378,6 +375,7 @@ def _webhook_source(name: str) -> None:
 @click.argument("source")
 @click.option("--reason", help="Why, shown by `idemhook sources` and the dashboard.")
 @click.option("--by", "by", help="Who paused it (default: $USER).")
+@with_appcontext
 def pause_command(source: str, reason: str | None, by: str | None) -> None:
     """Pause SOURCE: its deliveries are verified, recorded as received and answered at
     once, without running handlers, until `idemhook sources resume SOURCE`.
@@ -398,6 +396,7 @@ def pause_command(source: str, reason: str | None, by: str | None) -> None:
 @needs_sources
 @sources_cli.command("resume")
 @click.argument("source")
+@with_appcontext
 def resume_command(source: str) -> None:
     """Resume SOURCE: `idemhook worker` applies the deliveries received during the pause,
     in receipt order, each once; new deliveries run their handlers again."""

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, select, text
+from sqlalchemy import Engine, bindparam, create_engine, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from idemhook._store.lanes import Lanes
@@ -190,6 +190,16 @@ def paused_sources(lanes: Lanes, engine: Engine) -> frozenset[str]:
             return frozenset(name for (name,) in lane.execute_alone(_PAUSED_SQL).fetchall())
     with engine.connect() as conn:
         return frozenset(name for (name,) in conn.exec_driver_sql(_PAUSED_SQL))
+
+
+def pauses_at(url: Any) -> dict[str, dict[str, Any]]:
+    """Every pause in the database at ``url`` (a short-lived engine: ``idemhook sources``)."""
+    postgresql = str(url).startswith("postgresql")
+    engine = create_engine(url, connect_args={"connect_timeout": 3} if postgresql else {})
+    try:
+        return pauses(engine)
+    finally:
+        engine.dispose()
 
 
 def pauses(session: Session | Engine) -> dict[str, dict[str, Any]]:
