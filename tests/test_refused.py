@@ -141,3 +141,19 @@ def test_the_refusal_is_answered_when_the_database_is_down(make_app, db_url, cap
     assert response.get_json()["error"] == "invalid_signature"
     [line] = [r for r in caplog.records if r.name == "idemhook.refused"]
     assert "recorded=" in line.getMessage() and "code=invalid_signature" in line.getMessage()
+
+
+def test_hubspot_behind_a_wrong_public_url_says_which_url_it_verified(make_app, sql):
+    config = {"sources": {"hubspot": {"scheme": "hubspot", "secret": "hubspot-secret-1234"}}}
+    sender = make_app(config)  # signs the URL it posts to: http://localhost/webhooks/hubspot
+    receiver = make_app(config, IDEMHOOK_PUBLIC_URL="https://wrong.example.com/hooks")
+    events = [{"portalId": 1, "subscriptionId": 2, "eventId": 3, "occurredAt": 4,
+               "subscriptionType": "contact.creation"}]  # fmt: skip
+    _, body, headers = signed(sender, "hubspot", events)
+    response = receiver.test_client().post("/webhooks/hubspot", data=body, headers=headers)
+    assert response.status_code == 401
+    message = response.get_json()["message"]
+    assert "the URL verified was https://wrong.example.com/hooks/webhooks/hubspot" in message
+    assert sql("SELECT source, error, message FROM rejected_deliveries") == [
+        ("hubspot", "invalid_signature", message)
+    ]
