@@ -157,3 +157,15 @@ def test_hubspot_behind_a_wrong_public_url_says_which_url_it_verified(make_app, 
     assert sql("SELECT source, error, message FROM rejected_deliveries") == [
         ("hubspot", "invalid_signature", message)
     ]
+
+
+def test_prune_deletes_old_refusals_and_keeps_recent_ones(client, runner, sql):
+    for _ in range(3):
+        forged(client)
+    sql("UPDATE rejected_deliveries SET received_at = now() - interval '40 days' WHERE slot < 3")
+    dry = runner.invoke(args=["events", "prune", "--older-than", "30d", "--dry-run"])
+    assert dry.exit_code == 0 and "; 2 refused deliveries" in dry.output
+    assert sql("SELECT count(*) FROM rejected_deliveries")[0][0] == 3
+    done = runner.invoke(args=["events", "prune", "--older-than", "30d", "--batch-size", "1"])
+    assert done.exit_code == 0 and "; 2 refused deliveries" in done.output, done.output
+    assert sql("SELECT slot FROM rejected_deliveries") == [(3,)]
