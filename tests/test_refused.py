@@ -169,3 +169,33 @@ def test_prune_deletes_old_refusals_and_keeps_recent_ones(client, runner, sql):
     done = runner.invoke(args=["events", "prune", "--older-than", "30d", "--batch-size", "1"])
     assert done.exit_code == 0 and "; 2 refused deliveries" in done.output, done.output
     assert sql("SELECT slot FROM rejected_deliveries") == [(3,)]
+
+
+def test_rejections_list_and_the_read_api_show_the_rows(make_app, sql):
+    app = make_app(IDEMHOOK_ADMIN_TOKEN="an-admin-token-of-16+")
+    client, runner = app.test_client(), app.test_cli_runner()
+    forged(client)
+    forged(client, b"hello", **{"Content-Type": "text/plain"})
+    listed = runner.invoke(args=["rejections", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "invalid_signature" in listed.output and "unsupported_media_type" in listed.output
+    assert "acme: 1 invalid_signature, 1 unsupported_media_type since" in listed.output
+    as_json = runner.invoke(args=["rejections", "list", "--json", "--source", "acme"])
+    lines = [json.loads(line) for line in as_json.output.splitlines()]
+    assert [line["error"] for line in lines] == ["unsupported_media_type", "invalid_signature"]
+    assert "hunter2" not in as_json.output
+    other = runner.invoke(args=["rejections", "list", "--source", "batched", "--since", "1h"])
+    assert other.exit_code == 0 and "no refused deliveries since" in other.output
+
+    auth = {"Authorization": "Bearer an-admin-token-of-16+"}
+    assert client.get("/rejections").status_code == 401
+    page = client.get("/rejections?source=acme&code=invalid_signature", headers=auth)
+    assert page.status_code == 200
+    [row] = page.get_json()["rejections"]
+    assert row["error"] == "invalid_signature" and row["count"] == 1
+    assert row["received_at"].endswith("Z") and "minute" not in row
+    first = client.get("/rejections?limit=1", headers=auth).get_json()
+    assert len(first["rejections"]) == 1 and first["next"]
+    rest = client.get(f"/rejections?limit=1&cursor={first['next']}", headers=auth).get_json()
+    assert rest["rejections"][0]["id"] != first["rejections"][0]["id"]
+    assert client.get("/rejections?nope=1", headers=auth).status_code == 400

@@ -64,6 +64,12 @@ _INSERT_SQLITE = text(
 )
 
 
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def minute_of(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
 
@@ -78,65 +84,6 @@ def record_rejection(lanes: Lanes, engine: Engine, row: dict[str, Any], cap: int
         return
     with engine.begin() as conn:
         conn.execute(_INSERT_SQLITE, params)
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-#: What a listing shows of a row: every column but the cap's bookkeeping.
-REJECTION_COLUMNS = (
-    "id", "source", "tenant", "error", "status_code", "message", "received_at", "count",
-    "client_addr", "user_agent", "body_bytes", "body_sha256", "headers",
-)  # fmt: skip
-
-
-def _iso(value: datetime) -> str:
-    if value.tzinfo is None:  # SQLite hands back naive UTC
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def list_rejections(
-    session: Session,
-    *,
-    source: str | None = None,
-    since: datetime | None = None,
-    limit: int = 50,
-    before_id: int | None = None,
-) -> list[dict[str, Any]]:
-    """Refused deliveries, newest first (the minute's summary row counts the rest)."""
-    query = select(*(REJECTIONS.c[name] for name in REJECTION_COLUMNS))
-    if source is not None:
-        query = query.where(REJECTIONS.c.source == source)
-    if since is not None:
-        query = query.where(REJECTIONS.c.received_at >= since)
-    if before_id is not None:
-        query = query.where(REJECTIONS.c.id < before_id)
-    rows = session.execute(
-        query.order_by(REJECTIONS.c.received_at.desc(), REJECTIONS.c.id.desc()).limit(limit)
-    ).all()
-    found = []
-    for row in rows:
-        item = dict(row._mapping)
-        item["received_at"] = _iso(item["received_at"])
-        found.append(item)
-    return found
-
-
-def rejection_counts(
-    session: Session, since: datetime, source: str | None = None
-) -> dict[str, dict[str, int]]:
-    """Refusals since ``since`` per source and error code (``count`` summed)."""
-    query = (
-        select(REJECTIONS.c.source, REJECTIONS.c.error, func.sum(REJECTIONS.c.count))
-        .where(REJECTIONS.c.received_at >= since)
-        .group_by(REJECTIONS.c.source, REJECTIONS.c.error)
-    )
-    if source is not None:
-        query = query.where(REJECTIONS.c.source == source)
-    counts: dict[str, dict[str, int]] = {}
-    for name, error, total in session.execute(query):
-        counts.setdefault(name, {})[error] = int(total or 0)
-    return counts
 
 
 def prune_rejections(engine: Engine, cutoff: datetime, *, batch_size: int, dry_run: bool) -> int:
