@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -199,3 +200,48 @@ def test_rejections_list_and_the_read_api_show_the_rows(make_app, sql):
     rest = client.get(f"/rejections?limit=1&cursor={first['next']}", headers=auth).get_json()
     assert rest["rejections"][0]["id"] != first["rejections"][0]["id"]
     assert client.get("/rejections?nope=1", headers=auth).status_code == 400
+
+
+OTHER_SCHEMES = {
+    "sources": {
+        "standard": {
+            "scheme": "standard-webhooks",
+            "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        },
+        "pipedrive": {"scheme": "pipedrive", "username": "idemhook", "secret": "pd-password-1234"},
+    }
+}
+
+
+def test_a_stale_timestamp_is_recorded_with_its_code(make_app, sql, monkeypatch):
+    app = make_app(OTHER_SCHEMES)
+    with monkeypatch.context() as patched:  # signed an hour ago: a replay
+        patched.setattr(time, "time", lambda: 1_800_000_000.0 - 3600)
+        _, body, headers = signed(app, "standard", {"type": "invoice.paid"})
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    response = app.test_client().post("/webhooks/standard", data=body, headers=headers)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "stale_timestamp"
+    [row] = sql("SELECT source, error, headers FROM rejected_deliveries")
+    assert row[:2] == ("standard", "stale_timestamp")
+    assert "webhook-signature" not in {name.lower() for name in row[2]}
+    assert "webhook-timestamp" in {name.lower() for name in row[2]}
+
+
+def test_missing_and_wrong_credentials_are_recorded_without_them(make_app, sql):
+    client = make_app(OTHER_SCHEMES).test_client()
+    body = b'{"meta": {"id": "1", "entity": "deal", "action": "change"}}'
+    json_type = {"Content-Type": "application/json"}
+    assert client.post("/webhooks/pipedrive", data=body, headers=json_type).status_code == 401
+    wrong = {**json_type, "Authorization": "Basic aWRlbWhvb2s6aHVudGVyMg=="}
+    assert client.post("/webhooks/pipedrive", data=body, headers=wrong).status_code == 401
+    no_signature = client.post("/webhooks/standard", data=b"{}", headers=json_type)
+    assert no_signature.get_json()["error"] == "missing_signature"
+    rows = sql("SELECT source, error, headers::text FROM rejected_deliveries ORDER BY id")
+    assert [row[:2] for row in rows] == [
+        ("pipedrive", "missing_credentials"),
+        ("pipedrive", "invalid_credentials"),
+        ("standard", "missing_signature"),
+    ]
+    assert all("aWRlbWhvb2s6aHVudGVyMg" not in row[2] for row in rows)
+    assert all("authorization" not in row[2].lower() for row in rows)
