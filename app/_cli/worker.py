@@ -53,8 +53,9 @@ def _address(value: str | None) -> tuple[str, int] | None:
 )
 @with_appcontext
 def worker_command(metrics_bind: str | None) -> None:
-    """Deliver due outbox messages, apply asynchronous sources' received events and
-    reconcile the sources with a reconcile `every`, until SIGTERM or Ctrl-C.
+    """Deliver due outbox messages, apply asynchronous sources' received events (and a
+    resumed source's, received while it was paused) and reconcile the sources with a
+    reconcile `every`, until SIGTERM or Ctrl-C.
 
     Run as many as you like, on as many machines: they share the work
     (FOR UPDATE SKIP LOCKED). It wakes on LISTEN/NOTIFY when a claim that added
