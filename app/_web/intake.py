@@ -9,18 +9,17 @@ with ``mode = "async"`` the one that records the events for ``idemhook worker``
 and answers at once (:mod:`idemhook._engine.accept`).
 
 Every 4xx answered before the claim (but ``unknown_source``: anyone could invent
-names) is logged and recorded in ``rejected_deliveries`` by :func:`_refusals_recorded`,
-the one place that sees them all (:mod:`idemhook._engine.refusals`). A paused source
+names) is logged and recorded in ``rejected_deliveries`` by the blueprint's error
+handlers, the one place that sees every error of its views, and costs a delivery
+that is not refused nothing (:mod:`idemhook._engine.refusals`). A paused source
 (``idemhook sources pause``) is verified and checked as ever, then accepted as an
 asynchronous source's delivery is, for ``idemhook worker`` to apply after ``resume``.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -40,6 +39,8 @@ from idemhook._values.errors import (
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    render,
+    render_http,
 )
 from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
@@ -70,35 +71,27 @@ def init_app(app: Flask, receiver: Receiver) -> None:
     app.register_blueprint(bp)
 
 
-#: Where the view leaves the body it read, for a refusal's size and SHA-256.
-_BODY = "idemhook.body"
+@bp.errorhandler(IdemhookError)
+def _refused(error: IdemhookError) -> Response:
+    """Every error of the intake's views: a 4xx before the claim is logged and recorded."""
+    if 400 <= error.status_code < 500 and error.code != "unknown_source":
+        _record(error.code, error.status_code, error.message, error.body)
+    return render(error)
 
 
-def _refusals_recorded(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Log and record every 4xx ``view`` raises (its one place), then raise it on."""
-
-    @functools.wraps(view)
-    def recording(source_name: str, **kwargs: Any) -> Any:
-        received_at = datetime.now(UTC)
-        try:
-            return view(source_name, received_at, **kwargs)
-        except IdemhookError as error:
-            if 400 <= error.status_code < 500 and error.code != "unknown_source":
-                _refused(source_name, error.code, error.status_code, error.message, received_at)
-            raise
-        except HTTPException as error:  # Werkzeug's own (a body over the limit, chunked)
-            status = error.code or 500
-            if 400 <= status < 500:
-                code = HTTP_CODES.get(status, "http_error")
-                _refused(source_name, code, status, error.description or "", received_at)
-            raise
-
-    return recording
+@bp.errorhandler(HTTPException)
+def _refused_by_werkzeug(error: HTTPException) -> Response:
+    """Werkzeug's own errors in the intake's views (a chunked body over the limit)."""
+    status = error.code or 500
+    if 400 <= status < 500:
+        _record(HTTP_CODES.get(status, "http_error"), status, error.description or "", None)
+    return render_http(error)
 
 
-def _refused(source_name: str, code: str, status: int, message: str, at: datetime) -> None:
+def _record(code: str, status: int, message: str, body: bytes | None) -> None:
     receiver: Receiver = current_app.extensions["idemhook.receiver"]
-    source = receiver.sources.get(source_name)
+    view_args = request.view_args or {}
+    source = receiver.sources.get(view_args.get("source_name", ""))
     if receiver.refusals is None or source is None:
         return
     headers = safe_headers(request.headers)
@@ -106,26 +99,25 @@ def _refused(source_name: str, code: str, status: int, message: str, at: datetim
     secret = {name.lower() for name in source.scheme.secret_headers}
     if secret:
         headers = {k: v for k, v in headers.items() if k.lower() not in secret}
-    view_args = request.view_args or {}
     receiver.refusals.record(
         Refusal(
-            source=source_name,
+            source=source.name,
             tenant=view_args.get("tenant"),
             code=code,
             status=status,
             message=message,
-            received_at=at,
+            received_at=datetime.now(UTC),
             client_addr=request.remote_addr,
             user_agent=request.headers.get("User-Agent"),
-            body=request.environ.get(_BODY),
+            body=body,
             headers=headers,
         )
     )
 
 
 @bp.post("/webhooks/<source_name>")
-@_refusals_recorded
-def receive(source_name: str, received_at: datetime) -> Response | tuple[Response, int]:
+def receive(source_name: str) -> Response | tuple[Response, int]:
+    received_at = datetime.now(UTC)
     receiver: Receiver = current_app.extensions["idemhook.receiver"]
     source = receiver.sources.get(source_name)
     if source is None:
@@ -134,19 +126,22 @@ def receive(source_name: str, received_at: datetime) -> Response | tuple[Respons
             "add [sources.<name>] to the sources file.",
             code="unknown_source",
         )
-    body = request.environ[_BODY] = _read_body(source)
-    url = public_url(source) if source.scheme.signs_url else ""
-    delivery = Delivery(body, request.headers, request.method, url)
-    source.scheme.verify(delivery)
-    early = source.scheme.preempt(delivery)
-    if early is not None:
-        return render_reply(early)
-    payload = source.scheme.parse(body)
-    events = events_of(source, payload, request.headers, received_at)
-    # Each event's object and version (400 if missing or malformed), before anything is stored.
-    versions = (
-        versions_of(source.freshness, events) if source.freshness else None
-    )
+    body = _read_body(source)
+    try:
+        url = public_url(source) if source.scheme.signs_url else ""
+        delivery = Delivery(body, request.headers, request.method, url)
+        source.scheme.verify(delivery)
+        early = source.scheme.preempt(delivery)
+        if early is not None:
+            return render_reply(early)
+        payload = source.scheme.parse(body)
+        events = events_of(source, payload, request.headers, received_at)
+        # Each event's object and version (400 if missing or malformed), before anything
+        # is stored.
+        versions = versions_of(source.freshness, events) if source.freshness else None
+    except IdemhookError as error:
+        error.body = body  # a refusal's size and SHA-256 (_refused); free when none is raised
+        raise
     pauses = receiver.pauses
     paused = pauses is not None and pauses.paused(source.name)
     if source.asynchronous or paused:
