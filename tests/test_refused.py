@@ -245,3 +245,15 @@ def test_missing_and_wrong_credentials_are_recorded_without_them(make_app, sql):
     ]
     assert all("aWRlbWhvb2s6aHVudGVyMg" not in row[2] for row in rows)
     assert all("authorization" not in row[2].lower() for row in rows)
+
+
+def test_refusals_are_counted_in_the_metrics(client):
+    for _ in range(3):
+        forged(client)
+    forged(client, b"hi", **{"Content-Type": "text/plain"})
+    client.post("/webhooks/invented", data=b"{}")
+    metrics = client.get("/metrics").get_data(as_text=True)
+    counted = 'idemhook_rejected_deliveries_total{code="%s",source="acme"} %s'
+    assert counted % ("invalid_signature", "3.0") in metrics
+    assert counted % ("unsupported_media_type", "1.0") in metrics
+    assert 'source="invented"' not in metrics
