@@ -72,7 +72,7 @@ def test_pause_refuses_a_source_that_is_not_configured(runner, sql):
 
 
 @pytest.mark.gunicorn
-def test_every_process_pauses_and_resume_applies_in_order(make_app, db_url, sql):
+def test_every_instance_pauses_and_resume_applies_in_order(make_app, db_url, sql):
     app = make_app(WITH_QUEUE)  # signs, runs the commands, empties the tables afterwards
     runner = app.test_cli_runner()
 
@@ -82,25 +82,32 @@ def test_every_process_pauses_and_resume_applies_in_order(make_app, db_url, sql)
             f"{server.url}/webhooks/{source}", data=body, headers=headers, timeout=30
         )
 
-    with gunicorn(WITH_QUEUE, db_url, workers=2) as server, worker(WITH_QUEUE, db_url):
-        assert post(server, "acme", "before").json()["status"] == "processed"
+    # Two instances (one process each, so an answer says what that process knows) and a
+    # worker, on one database.
+    with (
+        gunicorn(WITH_QUEUE, db_url, workers=1) as one,
+        gunicorn(WITH_QUEUE, db_url, workers=1) as two,
+        worker(WITH_QUEUE, db_url),
+    ):
+        instances = (one, two)
+        for server in instances:
+            assert post(server, "acme", f"before-{server.url}").json()["status"] == "processed"
         assert runner.invoke(args=["sources", "pause", "acme"]).exit_code == 0
-        # Each process reads the pause within a second: deliveries until one of each
-        # process's answers says accepted (the processes answer in turn; bounded).
-        seen = 0
-        n = 0
-        while seen < 20:
-            n += 1
-            assert n < 20_000, "the pause never reached the server"
-            response = post(server, "acme", f"probe-{n}")
-            seen = seen + 1 if response.status_code == 202 else 0
+        # Each instance reads the pause within a second: deliveries until it answers
+        # accepted (bounded; once it has, it holds the pause until it reads a resume).
+        for k, server in enumerate(instances):
+            n = 0
+            while post(server, "acme", f"probe-{k}-{n}").status_code != 202:
+                n += 1
+                assert n < 20_000, "the pause never reached the instance"
         ids = [f"paused-{k}" for k in range(20)]
-        for event_id in ids:
-            response = post(server, "acme", event_id)
+        for k, event_id in enumerate(ids):
+            response = post(instances[k % 2], "acme", event_id)
             assert response.status_code == 202, response.text
+            assert response.json()["status"] == "accepted"
         # The worker takes due events oldest first: once it has applied an event received
         # after all of them, it has looked at the paused ones and left them.
-        assert post(server, "queued", "after").status_code == 202
+        assert post(one, "queued", "after").status_code == 202
         while not sql("SELECT 1 FROM test_applied WHERE event_id = 'after'"):
             pass  # the exact signal: the row the worker's handler writes
         assert [e for e in effects(sql) if e.startswith("paused-")] == []
@@ -111,3 +118,19 @@ def test_every_process_pauses_and_resume_applies_in_order(make_app, db_url, sql)
         assert applied == ids  # each once, in receipt order
         counts = sql("SELECT event_id, count(*) FROM test_effects GROUP BY event_id")
         assert all(count == 1 for _, count in counts)
+
+
+@pytest.mark.gunicorn
+def test_a_worker_of_synchronous_sources_applies_a_paused_source_after_resume(app, db_url, sql):
+    runner, client = app.test_cli_runner(), app.test_client()
+    assert runner.invoke(args=["sources", "pause", "acme"]).exit_code == 0
+    ids = [f"held-{n}" for n in range(3)]
+    for event_id in ids:
+        _, body, headers = signed(app, "acme", {"id": event_id, "type": "contact.updated"})
+        assert client.post("/webhooks/acme", data=body, headers=headers).status_code == 202
+    # No sender, no asynchronous source: the worker runs because a source is paused.
+    with worker(SOURCES, db_url):
+        assert runner.invoke(args=["sources", "resume", "acme"]).exit_code == 0
+        while sql("SELECT count(*) FROM event_queue")[0][0]:
+            pass  # the worker empties the queue (woken by the resume's NOTIFY)
+    assert effects(sql) == ids

@@ -9,6 +9,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 from prometheus_client import start_http_server
+from sqlalchemy.exc import SQLAlchemyError
 
 from idemhook._cli.common import ConfigMissing
 from idemhook._engine.applier import Applier
@@ -24,6 +25,7 @@ from idemhook._store.engine import (
     application_name,
     build_engine,
 )
+from idemhook._store.refusals import held
 from idemhook._web.metrics import (
     Metrics,
     OutboxCollector,
@@ -75,13 +77,15 @@ def worker_command(metrics_bind: str | None) -> None:
         for name, config in current_app.extensions["idemhook.reconcile"].items()
         if config.every is not None
     }
-    if not registry.senders and not webhooks and not scheduled:
+    # Only synchronous sources: work only while one is paused or its events wait.
+    if not registry.senders and not queued and not scheduled and not _held():
         raise ConfigMissing(
             'no @sender is registered, no source has mode = "async" and none is reconciled '
             "`every` so often, so `idemhook worker` has nothing to do: list the module of "
             "your senders in `plugins` (IDEMHOOK_CONFIG) or install it with an "
             "idemhook.handlers entry point (docs/outbox.md), make a source asynchronous "
-            "(docs/async.md), or set [sources.<name>.reconcile] every (docs/reconcile.md)"
+            "(docs/async.md), or set [sources.<name>.reconcile] every (docs/reconcile.md); "
+            "it also runs while a source is paused (idemhook sources pause) or its events wait"
         )
     database = _database(config)
     metrics = Metrics()
@@ -138,6 +142,14 @@ def worker_command(metrics_bind: str | None) -> None:
         worker.run()
     finally:
         database.engine.dispose()
+
+
+def _held() -> bool:
+    """Whether a source is paused or received events wait (False if it cannot be read)."""
+    try:
+        return held(get_db().engine)
+    except SQLAlchemyError:
+        return False
 
 
 def _database(config: Any) -> Database:

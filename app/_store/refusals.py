@@ -31,7 +31,7 @@ from sqlalchemy import Engine, bindparam, create_engine, delete, func, select, t
 from sqlalchemy.orm import Session
 
 from idemhook._store.lanes import Lanes
-from idemhook._store.models import Timestamp, rejected_deliveries, source_pauses
+from idemhook._store.models import Timestamp, event_queue, rejected_deliveries, source_pauses
 from idemhook._store.notify import EVENTS_CHANNEL, notify_sql
 from idemhook._values.jsontext import dumps
 
@@ -137,6 +137,13 @@ def paused_sources(lanes: Lanes, engine: Engine) -> frozenset[str]:
             return frozenset(name for (name,) in lane.execute_alone(_PAUSED_SQL).fetchall())
     with engine.connect() as conn:
         return frozenset(name for (name,) in conn.exec_driver_sql(_PAUSED_SQL))
+
+
+def held(engine: Engine) -> bool:
+    """Whether a source is paused or any received event waits (a worker has work)."""
+    query = select(select(PAUSES.c.source).exists() | select(event_queue.c.id).exists())
+    with engine.connect() as conn:
+        return bool(conn.execute(query).scalar())
 
 
 def pauses_at(url: Any) -> dict[str, dict[str, Any]]:
