@@ -27,6 +27,8 @@ from idemhook._engine import logs, reconcile
 from idemhook._engine import registry as plugins
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer
+from idemhook._engine.pauses import Pauses
+from idemhook._engine.refusals import Refusals
 from idemhook._engine.tenants import Matches, Tenants
 from idemhook._store import database as db
 from idemhook._store.engine import APPLICATION_NAMES
@@ -101,11 +103,23 @@ def create_app(
     matches = Matches(database)
     app.extensions["idemhook.matches"] = matches
     tenants = Tenants(database, box, matches)
-    intake.init_app(app, intake.Receiver(loaded.sources, claimer, acceptor, tenants))
+    refusals = Refusals(database, app.config["IDEMHOOK_REJECTIONS_PER_MINUTE"])
+    receiver = intake.Receiver(
+        loaded.sources, claimer, acceptor, tenants, refusals, Pauses(database)
+    )
+    intake.init_app(app, receiver)
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
+    webhooks = sorted(n for n, source in loaded.sources.items() if not source.scheme.operation)
     metrics.init_app(
-        app, claimer, acceptor, queued, sorted(app.extensions["idemhook.reconcile"]), matches
+        app,
+        claimer,
+        acceptor,
+        queued,
+        sorted(app.extensions["idemhook.reconcile"]),
+        refusals=refusals,
+        sources=webhooks,
+        matches=matches,
     )
     api.init_app(app)
     dashboard.init_app(app)

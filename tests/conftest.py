@@ -58,6 +58,8 @@ TABLES = (
     "test_objects",
     "test_object_log",
     "test_audit",
+    "rejected_deliveries",
+    "source_pauses",
 )
 
 

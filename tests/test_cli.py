@@ -61,6 +61,7 @@ def test_help_without_configuration_lists_every_command(tmp_path: Path) -> None:
         "objects",
         "outbox",
         "reconcile",
+        "rejections",
         "secrets",
         "send",
         "serve",

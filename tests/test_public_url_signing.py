@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from idemhook.testing import postgres
@@ -100,6 +101,15 @@ def test_send_and_sign_are_accepted_by_a_receiver_with_the_same_public_url(crm_d
             cwd=ROOT, env=bare, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert other.stdout.startswith("HTTP 401\n") and "invalid_signature" in other.stdout
+        # The answer names the URL that was verified, and the refusal is on record.
+        assert f"the URL verified was {PUBLIC}/webhooks/hubspot" in other.stdout
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            refused = conn.execute(
+                text("SELECT source, error, status_code FROM rejected_deliveries")
+            ).all()
+        engine.dispose()
+        assert refused == [("hubspot", "invalid_signature", 401)]
 
 
 def _text(url: URL) -> str:

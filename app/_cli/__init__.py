@@ -22,6 +22,7 @@ from idemhook._cli.handlers import handlers_cli
 from idemhook._cli.objects import objects_cli
 from idemhook._cli.outbox import outbox_cli
 from idemhook._cli.reconcile import reconcile_command
+from idemhook._cli.rejections import rejections_cli
 from idemhook._cli.secrets import secrets_cli
 from idemhook._cli.send import send_command
 from idemhook._cli.serve import serve_command
@@ -42,6 +43,7 @@ COMMANDS = (
     objects_cli,
     outbox_cli,
     reconcile_command,
+    rejections_cli,
     worker_command,
 )
 
@@ -69,6 +71,6 @@ def cli() -> None:
 
     Commands read DATABASE_URL and IDEMHOOK_CONFIG (the sources file, default
     ./webhooks.toml); the read-only ones (events list/show/stats, failures
-    list/show, objects, outbox) need only DATABASE_URL. Exit status 2 means a usage or
+    list/show, objects, outbox, rejections) need only DATABASE_URL. Exit status 2 means a usage or
     configuration problem, said in one line.
     """

@@ -199,8 +199,8 @@ def events_replay(source: str, event_id: str, force: bool, as_json: bool) -> Non
 def events_prune(
     older_than: str | None, payloads_only: bool, dry_run: bool, batch_size: int
 ) -> None:
-    """Delete events and failures older than --older-than (or IDEMHOOK_RETENTION), in short
-    batches."""
+    """Delete events, failures and refused deliveries older than --older-than (or
+    IDEMHOOK_RETENTION), in short batches."""
     try:
         kept = retention_of(current_app.config["IDEMHOOK_RETENTION"])
     except ConfigError as exc:
@@ -241,4 +241,5 @@ def events_prune(
     click.echo(
         f"{verb} {what} {report.events} events and {report.failures} failures "
         f"received before {queries.iso(report.cutoff)}{batches}".replace("  ", " ")
+        + ("" if payloads_only else f"; {report.rejections} refused deliveries")
     )

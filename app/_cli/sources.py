@@ -8,20 +8,21 @@ a deploy's release phase.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 from flask import current_app, has_app_context
-from flask.cli import ScriptInfo
+from flask.cli import ScriptInfo, with_appcontext
 from sqlalchemy import create_engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from idemhook._cli.common import ConfigMissing, no_database
+from idemhook._cli.common import ConfigMissing, needs_sources, no_database
 from idemhook._config import secrets as secrets_config
 from idemhook._config import settings as settings_module
 from idemhook._config import sources as sources_module
@@ -30,7 +31,9 @@ from idemhook._config.schemes import SCHEMES
 from idemhook._engine import registry as plugins_module
 from idemhook._engine.reconcile import retention_of
 from idemhook._engine.registry import Registry
+from idemhook._store import refusals as pauses_store
 from idemhook._store import source_secrets
+from idemhook._store.database import get_db
 from idemhook._values.errors import ConfigError
 
 #: Below this many bytes of key a secret draws a warning (HMAC keys are guessable when short).
@@ -55,6 +58,7 @@ class Report:
     tenants: str = "-"
     #: One line per static secret: its position, last match and count (never its value).
     matches: list[str] = field(default_factory=list)
+    paused: str = ""
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -367,6 +371,8 @@ def _show(reports: list[Report]) -> None:
             click.echo(f"  tenants    {report.tenants}")
         if report.reconcile != "-":
             click.echo(f"  reconcile  {report.reconcile}")
+        if report.paused:
+            click.echo(f"  PAUSED     {report.paused}")
         for problem in report.problems:
             click.echo(f"  PROBLEM    {problem}")
         for warning in report.warnings:
@@ -385,7 +391,32 @@ def sources_cli(ctx: click.Context) -> None:
     if ctx.invoked_subcommand is None:
         config, _registry = _context()
         _show_file(inspect_file(config["IDEMHOOK_CONFIG"]))
-        _show(inspect_sources())
+        reports = inspect_sources()
+        _note_pauses(reports, config.get("DATABASE_URL"))
+        _show(reports)
+
+
+def _note_pauses(reports: list[Report], url: Any) -> None:
+    """Mark the paused sources, when there is a database to ask (the listing needs none)."""
+    if not url or str(url) == settings_module.NO_DATABASE:
+        return
+    try:
+        found = pauses_store.pauses_at(url)
+    except Exception:  # noqa: BLE001 (the listing works from the sources file alone)
+        return
+    for report in reports:
+        pause = found.get(report.name)
+        if pause is not None:
+            report.paused = _pause_text(pause)
+
+
+def _pause_text(pause: Mapping[str, Any]) -> str:
+    text = f"since {pause['paused_at']}"
+    if pause.get("by"):
+        text += f" by {pause['by']}"
+    if pause.get("reason"):
+        text += f": {pause['reason']}"
+    return text + "; deliveries are recorded and wait for `idemhook sources resume`"
 
 
 def _show_file(problems: list[str]) -> None:
@@ -418,3 +449,53 @@ def check_command() -> None:
             parts.append(f"{len(broken)} source(s) with problems: {', '.join(broken)}")
         raise click.ClickException("; ".join(parts))
     click.echo(f"ok: {len(reports)} source(s)")
+
+
+def _webhook_source(name: str) -> None:
+    sources = current_app.extensions["idemhook.receiver"].sources
+    source = sources.get(name)
+    if source is None or source.scheme.operation:
+        known = ", ".join(sorted(n for n, s in sources.items() if not s.scheme.operation))
+        raise click.ClickException(
+            f"no webhook source named {name!r} is configured (sources: {known or 'none'})"
+        )
+
+
+@needs_sources
+@sources_cli.command("pause")
+@click.argument("source")
+@click.option("--reason", help="Why, shown by `idemhook sources` and the dashboard.")
+@click.option("--by", "by", help="Who paused it (default: $USER).")
+@with_appcontext
+def pause_command(source: str, reason: str | None, by: str | None) -> None:
+    """Pause SOURCE: its deliveries are verified, recorded as received and answered at
+    once, without running handlers, until `idemhook sources resume SOURCE`.
+
+    Every process of every instance sees the pause within a second.
+    """
+    _webhook_source(source)
+    who = by or os.environ.get("USER") or None
+    if pauses_store.pause(get_db().engine, source, datetime.now(UTC), who, reason):
+        click.echo(
+            f"paused {source}: its deliveries are recorded and answered without running "
+            f"handlers; `idemhook sources resume {source}` lets `idemhook worker` apply them"
+        )
+    else:
+        click.echo(f"{source} was paused already")
+
+
+@needs_sources
+@sources_cli.command("resume")
+@click.argument("source")
+@with_appcontext
+def resume_command(source: str) -> None:
+    """Resume SOURCE: `idemhook worker` applies the deliveries received during the pause,
+    in receipt order, each once; new deliveries run their handlers again."""
+    _webhook_source(source)
+    if pauses_store.resume(get_db().engine, source):
+        click.echo(
+            f"resumed {source}: `idemhook worker` applies what was received while it was "
+            "paused, in receipt order"
+        )
+    else:
+        click.echo(f"{source} was not paused")

@@ -9,6 +9,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 from prometheus_client import start_http_server
+from sqlalchemy.exc import SQLAlchemyError
 
 from idemhook._cli.common import ConfigMissing
 from idemhook._engine.applier import Applier
@@ -24,6 +25,7 @@ from idemhook._store.engine import (
     application_name,
     build_engine,
 )
+from idemhook._store.refusals import held
 from idemhook._web.metrics import (
     Metrics,
     OutboxCollector,
@@ -53,8 +55,9 @@ def _address(value: str | None) -> tuple[str, int] | None:
 )
 @with_appcontext
 def worker_command(metrics_bind: str | None) -> None:
-    """Deliver due outbox messages, apply asynchronous sources' received events and
-    reconcile the sources with a reconcile `every`, until SIGTERM or Ctrl-C.
+    """Deliver due outbox messages, apply asynchronous sources' received events (and a
+    resumed source's, received while it was paused) and reconcile the sources with a
+    reconcile `every`, until SIGTERM or Ctrl-C.
 
     Run as many as you like, on as many machines: they share the work
     (FOR UPDATE SKIP LOCKED). It wakes on LISTEN/NOTIFY when a claim that added
@@ -67,18 +70,22 @@ def worker_command(metrics_bind: str | None) -> None:
     registry = current_app.extensions["idemhook.registry"]
     sources = current_app.extensions["idemhook.receiver"].sources
     queued = sorted(name for name, source in sources.items() if source.asynchronous)
+    # A synchronous source's deliveries wait for the worker too while it is paused.
+    webhooks = sorted(name for name, source in sources.items() if not source.scheme.operation)
     scheduled = {
         name: config
         for name, config in current_app.extensions["idemhook.reconcile"].items()
         if config.every is not None
     }
-    if not registry.senders and not queued and not scheduled:
+    # Only synchronous sources: work only while one is paused or its events wait.
+    if not registry.senders and not queued and not scheduled and not _held():
         raise ConfigMissing(
             'no @sender is registered, no source has mode = "async" and none is reconciled '
             "`every` so often, so `idemhook worker` has nothing to do: list the module of "
             "your senders in `plugins` (IDEMHOOK_CONFIG) or install it with an "
             "idemhook.handlers entry point (docs/outbox.md), make a source asynchronous "
-            "(docs/async.md), or set [sources.<name>.reconcile] every (docs/reconcile.md)"
+            "(docs/async.md), or set [sources.<name>.reconcile] every (docs/reconcile.md); "
+            "it also runs while a source is paused (idemhook sources pause) or its events wait"
         )
     database = _database(config)
     metrics = Metrics()
@@ -92,8 +99,9 @@ def worker_command(metrics_bind: str | None) -> None:
     works: list[Work] = []
     if registry.senders:
         works.append(Delivery(database, registry.senders, batch=batch, metrics=outbox_metrics))
-    if queued:
-        # Every configured source: one switched back to sync may still have events waiting.
+    if webhooks:
+        # Every configured source: one switched back to sync may still have events waiting,
+        # and a paused one's wait for its resume (idemhook sources pause).
         works.append(
             Applier(
                 database,
@@ -134,6 +142,14 @@ def worker_command(metrics_bind: str | None) -> None:
         worker.run()
     finally:
         database.engine.dispose()
+
+
+def _held() -> bool:
+    """Whether a source is paused or received events wait (False if it cannot be read)."""
+    try:
+        return held(get_db().engine)
+    except SQLAlchemyError:
+        return False
 
 
 def _database(config: Any) -> Database:

@@ -75,6 +75,9 @@ DEFAULTS: dict[str, Any] = {
     # How long claims are kept (what the scheduled `events prune --older-than` uses): its
     # default, and longer than every reconcile lookback (docs/reconcile.md). Empty: not said.
     "IDEMHOOK_RETENTION": "",
+    # Refused deliveries recorded per source and minute in rejected_deliveries; the rest
+    # of the minute's refusals are counted in one more row (docs/operations.md).
+    "IDEMHOOK_REJECTIONS_PER_MINUTE": 60,
     # `idemhook worker`: the URL it LISTENs on (a direct or session-mode connection);
     # empty: DATABASE_URL; "off": no LISTEN, polling only (docs/outbox.md).
     "IDEMHOOK_WORKER_LISTEN_URL": "",

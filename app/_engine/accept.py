@@ -85,6 +85,10 @@ from idemhook._values.outcome import Outcome, Status
 #: an idle worker hears of a new event at most this much later (docs/async.md).
 NOTIFY_INTERVAL = 0.02
 
+#: The order key of a paused source's events when the source has none of its own: one
+#: chain per source, applied in receipt order after ``idemhook sources resume``.
+PAUSED_KEY = "(paused)"
+
 Observer = Callable[[Event, Outcome, float], None]
 log = logging.getLogger("idemhook.claim")
 
@@ -112,14 +116,20 @@ class Acceptor:
         source: Source,
         events: Sequence[Event],
         versions: Sequence[Versioned] | None = None,
+        *,
+        paused: bool = False,
     ) -> list[Outcome]:
         """Claim ``events`` (one delivery to ``source``) as received; their outcomes.
 
         ``versions`` (a source with ``freshness``): the events are claimed in object and
         version order, so that the worker, which takes them in claim order, meets a
         delivery's events of one object oldest first.
+
+        ``paused`` (``idemhook sources pause``, any source): a source without an
+        ``order_key`` has its events claimed under the one key :data:`PAUSED_KEY`, so
+        that after ``resume`` the worker applies them one at a time in receipt order.
         """
-        return self._accept(source, events, versions, recovered=False)[0]
+        return self._accept(source, events, versions, recovered=False, paused=paused)[0]
 
     def recover(self, source: Source, events: Sequence[Event]) -> list[bool]:
         """Claim ``events`` that a reconcile run found as received, marked ``reconcile``.
@@ -136,9 +146,13 @@ class Acceptor:
         versions: Sequence[Versioned] | None,
         *,
         recovered: bool,
+        paused: bool = False,
     ) -> tuple[list[Outcome], list[bool]]:
         started = time.perf_counter()
-        keys = order_keys_of(source, list(events)) if source.order_key is not None else None
+        if source.order_key is not None:
+            keys: list[str] | None = order_keys_of(source, list(events))
+        else:
+            keys = [PAUSED_KEY] * len(events) if paused else None
         distinct = _first_of_each(events)
         if versions is not None and len(distinct) > 1:
             ranks = {position: rank for rank, position in enumerate(in_version_order(versions))}

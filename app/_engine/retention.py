@@ -4,6 +4,7 @@ Exactly-once holds only while a claim exists (docs/guarantees.md): keep claims
 longer than the longest retry window of your providers (``LONGEST_RETRY_WINDOW``).
 An asynchronous source's event still waiting for the worker (``received``) is
 never pruned, however old: it is the queue, and its payload is what the worker runs.
+Refused deliveries (``rejected_deliveries``) past the same age are deleted with them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, func, select, update
 
 from idemhook._store.queries import EVENTS, FAILURES, QueryError
+from idemhook._store.refusals import prune_rejections
 
 
 @dataclass(slots=True)
@@ -27,6 +29,8 @@ class PruneReport:
     events: int = 0
     failures: int = 0
     batches: int = 0
+    #: Refused deliveries deleted (none with ``payloads_only``: they hold no payload).
+    rejections: int = 0
 
 
 def prune(
@@ -88,4 +92,8 @@ def prune(
             report.batches += 1
             if done < batch_size:
                 break
+    if not payloads_only:
+        report.rejections = prune_rejections(
+            engine, cutoff, batch_size=batch_size, dry_run=dry_run
+        )
     return report

@@ -29,7 +29,12 @@ from sqlalchemy import (
 )
 
 from idemhook._store.lanes import Lane, Lanes
-from idemhook._store.models import delivery_failures, event_queue, processed_events
+from idemhook._store.models import (
+    delivery_failures,
+    event_queue,
+    processed_events,
+    source_pauses,
+)
 from idemhook._store.statements import ClaimStatements, compile_statement, processor
 
 
@@ -170,6 +175,11 @@ def _take(sources: list[str], postgresql: bool) -> Any:
         p.c.order_key == q.c.order_key,
         p.c.id < q.c.id,
     )
+    # A paused source's events wait for `idemhook sources resume`. NOT IN, not NOT EXISTS:
+    # PostgreSQL keeps it a filter over a hashed subplan read once per take, where an
+    # anti-join over the (small, rarely analysed) pauses table changed the take's plan
+    # into a sort of the whole queue (tests/test_applying.py reads the plan).
+    paused = q.c.source.in_(select(source_pauses.c.source).scalar_subquery())
     columns = [
         q.c.id,
         e.c.source,
@@ -191,6 +201,7 @@ def _take(sources: list[str], postgresql: bool) -> Any:
             q.c.next_attempt_at <= (func.now() if postgresql else bindparam("now", type_=String)),
             _among(q.c.source, sources),
             or_(q.c.order_key.is_(None), ~earlier),
+            ~paused,
         )
         .order_by(q.c.next_attempt_at, q.c.id)
         .limit(bindparam("limit", type_=Integer))

@@ -396,3 +396,59 @@ class SecretMatch(Base):
 
 source_secrets = SourceSecret.__table__
 secret_matches = SecretMatch.__table__
+
+
+class RejectedDelivery(Base):
+    """A delivery refused before its claim (401, 403, 400, 404 tenant, 413, 415).
+
+    Never the body, never a secret-bearing header. At most
+    ``IDEMHOOK_REJECTIONS_PER_MINUTE`` rows per source and minute (``slot`` 1 to N), and
+    one more, slot N + 1, whose ``count`` holds every refusal past them: a flood of
+    forged requests cannot fill the disk (:mod:`idemhook._store.refusals`).
+    """
+
+    __tablename__ = "rejected_deliveries"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    #: The tenant named in the URL (``/webhooks/<source>/<tenant>``), else NULL.
+    tenant: Mapped[str | None] = mapped_column(String(255))
+    #: The answer's stable ``error`` code (``invalid_signature``, ``payload_too_large``).
+    error: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    #: The refusal's own text, as the sender was answered.
+    message: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+    #: ``received_at`` to the minute, and the row's place in that minute (the cap's key).
+    minute: Mapped[datetime] = mapped_column(Timestamp)
+    slot: Mapped[int] = mapped_column(Integer)
+    #: Refusals this row stands for: 1, or in the minute's last slot all past the cap.
+    count: Mapped[int] = mapped_column(Integer, server_default="1")
+    #: The client's address after IDEMHOOK_TRUSTED_PROXIES (ProxyFix).
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(Text)
+    body_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    #: Hex SHA-256 of the body read (NULL when it was refused before being read: 413, 415).
+    body_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: The request's headers without those that may carry a secret (``safe_headers``).
+    headers: Mapped[Any | None] = mapped_column(JSONType)
+
+    __table_args__ = (
+        UniqueConstraint("source", "minute", "slot"),
+        Index(None, "received_at"),
+    )
+
+
+class SourcePause(Base):
+    """A paused source: its deliveries are recorded ``received``, applied after resume."""
+
+    __tablename__ = "source_pauses"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(Timestamp)
+    paused_by: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+rejected_deliveries = RejectedDelivery.__table__
+source_pauses = SourcePause.__table__

@@ -31,6 +31,7 @@ from idemhook._store.models import (
     outbox_messages,
     processed_events,
     reconcile_runs,
+    rejected_deliveries,
 )
 
 # Re-exported: a query's callers catch queries.QueryError.
@@ -43,6 +44,7 @@ QUEUE = event_queue
 FAILURES = delivery_failures
 OUTBOX = outbox_messages
 RUNS = reconcile_runs
+REJECTIONS = rejected_deliveries
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -510,3 +512,53 @@ def reconcile_summary(
             }
         )
     return summary
+
+
+# -- refused deliveries ------------------------------------------------------------------------
+
+#: What a listing shows of a refusal: every column but the cap's bookkeeping (minute, slot).
+REJECTION_COLUMNS = tuple(c.name for c in REJECTIONS.columns if c.name not in ("minute", "slot"))
+
+
+def list_rejections(
+    session: Session,
+    filters: Filters,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of refused deliveries, newest first, and the next cursor (or None).
+
+    Filters: ``source``, ``since``, ``until``, and ``type`` read as the error code. A row
+    with ``count`` above 1 stands for that many refusals (the minute's last row past the
+    cap, docs/operations.md#refused-deliveries).
+    """
+    query = select(*(REJECTIONS.c[name] for name in REJECTION_COLUMNS))
+    if filters.source is not None:
+        query = query.where(REJECTIONS.c.source == filters.source)
+    if filters.type is not None:
+        query = query.where(REJECTIONS.c.error == filters.type)
+    if filters.since is not None:
+        query = query.where(REJECTIONS.c.received_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(REJECTIONS.c.received_at < filters.until)
+    rows, next_cursor = _page(
+        session, query, REJECTIONS.c.received_at, REJECTIONS.c.id, limit, cursor
+    )
+    return [_row(r._mapping, REJECTION_COLUMNS) for r in rows], next_cursor
+
+
+def rejection_counts(
+    session: Session, since: datetime, source: str | None = None
+) -> dict[str, dict[str, int]]:
+    """Refusals received since ``since``, per source and error code (``count`` summed)."""
+    query = (
+        select(REJECTIONS.c.source, REJECTIONS.c.error, func.sum(REJECTIONS.c.count))
+        .where(REJECTIONS.c.received_at >= since)
+        .group_by(REJECTIONS.c.source, REJECTIONS.c.error)
+    )
+    if source is not None:
+        query = query.where(REJECTIONS.c.source == source)
+    counts: dict[str, dict[str, int]] = {}
+    for name, error, total in session.execute(query):
+        counts.setdefault(name, {})[error] = int(total or 0)
+    return counts

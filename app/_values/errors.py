@@ -36,6 +36,9 @@ class IdemhookError(Exception):
 
     status_code = 500
     code = "internal_error"
+    #: The request body as read, when this error refused it after reading it (the intake
+    #: sets it: a refused delivery's size and SHA-256 are recorded, never the body).
+    body: bytes | None = None
 
     def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
@@ -135,7 +138,7 @@ def render(error: IdemhookError):
     return response
 
 
-def _render_http(error: HTTPException):
+def render_http(error: HTTPException):
     code = error.code or 500
     body = {
         "error": HTTP_CODES.get(code, "http_error"),
@@ -208,7 +211,7 @@ def _name(error: BaseException) -> str:
 
 def init_app(app: Flask) -> None:
     app.register_error_handler(IdemhookError, render)
-    app.register_error_handler(HTTPException, _render_http)
+    app.register_error_handler(HTTPException, render_http)
     # Flask picks the most specific handler, so this one gets only what the two above
     # do not, in tests (TESTING) as in production.
     app.register_error_handler(Exception, _render_unexpected)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-# Header names never stored (in delivery_failures.headers or processed_events.headers).
-_SECRET_HEADER_PARTS = ("signature", "authorization", "cookie", "hmac", "token", "secret", "-sig")
+# Header names never stored (in delivery_failures.headers, processed_events.headers or
+# rejected_deliveries.headers); a scheme adds the names it is configured with
+# (Scheme.secret_headers).
+_SECRET_HEADER_PARTS = (
+    "signature", "authorization", "cookie", "hmac", "token", "secret", "-sig", "api-key",
+    "apikey", "password",
+)  # fmt: skip
 
 
 def safe_headers(headers: Any) -> dict[str, str]:

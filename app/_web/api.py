@@ -1,6 +1,6 @@
 """The read API: ``GET /events``, ``/events/<source>/<event_id>``, ``/events/stats``, ``/failures``,
-``/outbox``, ``/outbox/<id>``, ``/reconcile``, ``/reconcile/runs`` and
-``/objects/<source>/<object>``.
+``/outbox``, ``/outbox/<id>``, ``/reconcile``, ``/reconcile/runs``,
+``/objects/<source>/<object>`` and ``/rejections``.
 
 Enabled only when ``IDEMHOOK_ADMIN_TOKEN`` is set (otherwise every route here
 answers 404), and then only for ``Authorization: Bearer <token>``. The token is
@@ -26,6 +26,7 @@ _LIST_PARAMS = {"source", "type", "since", "until", "limit", "cursor"}
 _EVENT_PARAMS = _LIST_PARAMS | {"status", "client"}
 _FAILURE_PARAMS = _LIST_PARAMS | {"pending"}
 _STATS_PARAMS = {"source", "type", "since", "until", "by"}
+_REJECTION_PARAMS = {"source", "code", "since", "until", "limit", "cursor"}
 _OUTBOX_PARAMS = {"kind", "status", "source", "since", "until", "limit", "cursor"}
 
 
@@ -129,6 +130,23 @@ def show_event(source: str, event_id: str) -> Response:
 @bp.get("/failures")
 def list_failures() -> Response:
     return _page(queries.list_failures, "failures", _FAILURE_PARAMS)
+
+
+@bp.get("/rejections")
+def list_rejections() -> Response:
+    """Refused deliveries, newest first; ``?code=`` narrows to one error code."""
+    args = _args(_REJECTION_PARAMS)
+    if "code" in args:
+        args["type"] = args.pop("code")
+    filters, limit = _filters(args), _limit(args)
+    try:
+        with read_session() as session:
+            rows, next_cursor = queries.list_rejections(
+                session, filters, limit, args.get("cursor") or None
+            )
+    except queries.QueryError as exc:
+        raise BadRequest(str(exc), code=exc.code) from None
+    return jsonify({"rejections": rows, "next": next_cursor})
 
 
 @bp.get("/outbox")

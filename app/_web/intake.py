@@ -9,6 +9,13 @@ only), JSON and event fields (400: the ID and type, and for a source with
 transaction: the claim that runs the handlers (:mod:`idemhook._engine.claim`), or for a source
 with ``mode = "async"`` the one that records the events for ``idemhook worker``
 and answers at once (:mod:`idemhook._engine.accept`).
+
+Every 4xx answered before the claim (but ``unknown_source``: anyone could invent
+names) is logged and recorded in ``rejected_deliveries`` by the blueprint's error
+handlers, the one place that sees every error of its views, and costs a delivery
+that is not refused nothing (:mod:`idemhook._engine.refusals`). A paused source
+(``idemhook sources pause``) is verified and checked as ever, then accepted as an
+asynchronous source's delivery is, for ``idemhook worker`` to apply after ``resume``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from idemhook._config.events import events_of, for_tenant
 from idemhook._config.freshness import versions_of
@@ -24,16 +32,28 @@ from idemhook._config.schemes import Delivery, Reply
 from idemhook._config.sources import Source
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
+from idemhook._engine.pauses import Pauses
+from idemhook._engine.refusals import Refusal, Refusals
 from idemhook._engine.tenants import Matches, Tenants, unknown_tenant
-from idemhook._values.errors import HandlerFailed, NotFound, PayloadTooLarge, UnsupportedMediaType
+from idemhook._values.errors import (
+    HTTP_CODES,
+    HandlerFailed,
+    IdemhookError,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    render,
+    render_http,
+)
+from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
 
 bp = Blueprint("intake", __name__)
 
 
 class Receiver:
-    """Per-app state of the intake: the configured sources, the claimer and the acceptor,
-    the tenants' secrets and the tally of which secret verified each delivery."""
+    """Per-app state of the intake: the sources, the claimer, the acceptor, the tenants'
+    secrets and the tally of which secret verified each delivery, refusals, pauses."""
 
     def __init__(
         self,
@@ -41,17 +61,65 @@ class Receiver:
         claimer: Claimer,
         acceptor: Acceptor,
         tenants: Tenants,
+        refusals: Refusals | None = None,
+        pauses: Pauses | None = None,
     ) -> None:
         self.sources = sources
         self.claimer = claimer
         self.acceptor = acceptor
         self.tenants = tenants
         self.matches: Matches = tenants.matches
+        self.refusals = refusals
+        self.pauses = pauses
 
 
 def init_app(app: Flask, receiver: Receiver) -> None:
     app.extensions["idemhook.receiver"] = receiver
     app.register_blueprint(bp)
+
+
+@bp.errorhandler(IdemhookError)
+def _refused(error: IdemhookError) -> Response:
+    """Every error of the intake's views: a 4xx before the claim is logged and recorded."""
+    if 400 <= error.status_code < 500 and error.code != "unknown_source":
+        _record(error.code, error.status_code, error.message, error.body)
+    return render(error)
+
+
+@bp.errorhandler(HTTPException)
+def _refused_by_werkzeug(error: HTTPException) -> Response:
+    """Werkzeug's own errors in the intake's views (a chunked body over the limit)."""
+    status = error.code or 500
+    if 400 <= status < 500:
+        _record(HTTP_CODES.get(status, "http_error"), status, error.description or "", None)
+    return render_http(error)
+
+
+def _record(code: str, status: int, message: str, body: bytes | None) -> None:
+    receiver: Receiver = current_app.extensions["idemhook.receiver"]
+    view_args = request.view_args or {}
+    source = receiver.sources.get(view_args.get("source_name", ""))
+    if receiver.refusals is None or source is None:
+        return
+    headers = safe_headers(request.headers)
+    # A scheme's own signature header, when its name says nothing (signature_header).
+    secret = {name.lower() for name in source.scheme.secret_headers}
+    if secret:
+        headers = {k: v for k, v in headers.items() if k.lower() not in secret}
+    receiver.refusals.record(
+        Refusal(
+            source=source.name,
+            tenant=view_args.get("tenant"),
+            code=code,
+            status=status,
+            message=message,
+            received_at=datetime.now(UTC),
+            client_addr=request.remote_addr,
+            user_agent=request.headers.get("User-Agent"),
+            body=body,
+            headers=headers,
+        )
+    )
 
 
 @bp.post("/webhooks/<source_name>")
@@ -73,26 +141,31 @@ def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Res
     else:  # the tenant's live secrets: one indexed SELECT, nothing written
         secret_ids, keys = receiver.tenants.keys_for(source, tenant)
     body = _read_body(source)
-    url = public_url(source) if source.scheme.signs_url else ""
-    delivery = Delivery(body, request.headers, request.method, url)
-    matched = source.scheme.verify(delivery, keys)
-    if secret_ids is not None:
-        receiver.matches.tenant(source.name, secret_ids[matched])
-    elif source.scheme.keys:
-        receiver.matches.static(source.name, matched)
-    early = source.scheme.preempt(delivery)
-    if early is not None:
-        return render_reply(early)
-    payload = source.scheme.parse(body)
-    events = events_of(source, payload, request.headers, received_at)
-    if tenant is not None:  # event IDs are scoped per tenant: <tenant>:<id>
-        events = [for_tenant(event, tenant) for event in events]
-    # Each event's object and version (400 if missing or malformed), before anything is stored.
-    versions = (
-        versions_of(source.freshness, events) if source.freshness else None
-    )
-    if source.asynchronous:
-        outcomes = receiver.acceptor.accept(source, events, versions)
+    try:
+        url = public_url(source) if source.scheme.signs_url else ""
+        delivery = Delivery(body, request.headers, request.method, url)
+        matched = source.scheme.verify(delivery, keys)
+        if secret_ids is not None:
+            receiver.matches.tenant(source.name, secret_ids[matched])
+        elif source.scheme.keys:
+            receiver.matches.static(source.name, matched)
+        early = source.scheme.preempt(delivery)
+        if early is not None:
+            return render_reply(early)
+        payload = source.scheme.parse(body)
+        events = events_of(source, payload, request.headers, received_at)
+        if tenant is not None:  # event IDs are scoped per tenant: <tenant>:<id>
+            events = [for_tenant(event, tenant) for event in events]
+        # Each event's object and version (400 if missing or malformed), before anything
+        # is stored.
+        versions = versions_of(source.freshness, events) if source.freshness else None
+    except IdemhookError as error:
+        error.body = body  # a refusal's size and SHA-256 (_refused); free when none is raised
+        raise
+    pauses = receiver.pauses
+    paused = pauses is not None and pauses.paused(source.name)
+    if source.asynchronous or paused:
+        outcomes = receiver.acceptor.accept(source, events, versions, paused=paused)
         answer = source.scheme.respond(outcomes)
         return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
     outcomes = receiver.claimer.apply(

@@ -27,6 +27,12 @@
   ``idemhook_reconciled_events_total{source}`` and
   ``idemhook_reconcile_last_success_timestamp_seconds{source}``: read from
   ``reconcile_runs`` at each scrape (:class:`ReconcileCollector`, docs/reconcile.md).
+- ``idemhook_rejected_deliveries_total{source,code}``: deliveries refused before the
+  claim (401, 403, 400, 404 tenant, 413, 415), by source and error code, counted by the
+  process that refused them (:mod:`idemhook._engine.refusals`; ``rejected_deliveries``
+  holds the rows).
+- ``idemhook_source_paused{source}``: 1 while a source is paused (``idemhook sources
+  pause``), else 0; read from ``source_pauses`` at each scrape (:class:`PauseCollector`).
 - ``idemhook_outbox_deliveries_total{kind,outcome}`` (sent, retry, dead,
   lease_lost) and ``idemhook_outbox_send_duration_seconds{kind}``: counted by
   each ``idemhook worker`` (:class:`OutboxMetrics`), served on its
@@ -64,9 +70,10 @@ from idemhook._contract import (
 )
 from idemhook._engine.accept import Acceptor
 from idemhook._engine.claim import Claimer, Outcome
+from idemhook._engine.refusals import Refusal, Refusals
 from idemhook._engine.tenants import Matches
 from idemhook._store.engine import aware
-from idemhook._store.models import event_queue, outbox_messages, reconcile_runs
+from idemhook._store.models import event_queue, outbox_messages, reconcile_runs, source_pauses
 from idemhook._values.outbox_status import MessageStatus
 from idemhook._web.admin import require_admin_token
 
@@ -133,6 +140,16 @@ class Metrics:
             ["source", "secret"],
             registry=self.registry,
         )
+
+        self.rejected = Counter(
+            "idemhook_rejected_deliveries",
+            "Deliveries refused before the claim, by source and error code.",
+            ["source", "code"],
+            registry=self.registry,
+        )
+
+    def observe_refusal(self, refusal: Refusal) -> None:
+        self._child(self.rejected, refusal.source, refusal.code).inc()
 
     def type_label(self, source: str, event_type: str | None) -> str:
         """``event_type`` itself while this source has few distinct types, else "other"."""
@@ -300,6 +317,36 @@ class QueueCollector:
             age.add_metric([source], waited)
         yield queued
         yield age
+
+
+class PauseCollector:
+    """``idemhook_source_paused{source}``: 1 while the source is paused, read at scrape time.
+
+    Every configured source is reported (0 when running), and any other source a
+    pause row names.
+    """
+
+    def __init__(self, engine: Engine, sources: list[str]) -> None:
+        self.engine = engine
+        self.sources = sorted(sources)
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at collect time
+
+    def collect(self) -> Any:
+        try:
+            with self.engine.connect() as conn:
+                paused = set(conn.execute(select(source_pauses.c.source)).scalars())
+        except SQLAlchemyError:
+            return
+        gauge = GaugeMetricFamily(
+            "idemhook_source_paused",
+            "1 while the source is paused (idemhook sources pause), else 0.",
+            labels=["source"],
+        )
+        for source in sorted(set(self.sources) | paused):
+            gauge.add_metric([source], 1 if source in paused else 0)
+        yield gauge
 
 
 class ReconcileCollector:
@@ -475,15 +522,21 @@ def init_app(
     queued: list[str] = (),
     reconciled: list[str] = (),
     matches: Matches | None = None,
+    refusals: Refusals | None = None,
+    sources: list[str] = (),
 ) -> Metrics:
     """``queued``: the asynchronous sources (their waiting events are reported);
-    ``reconciled``: the reconciled sources (their runs are reported)."""
+    ``reconciled``: the reconciled sources (their runs are reported); ``sources``: every
+    webhook source (paused or not)."""
     metrics_ = Metrics()
     metrics_.attach(claimer)
     if acceptor is not None:
         acceptor.observers.append(metrics_.observe_event)
     if matches is not None:
         matches.observers.append(metrics_.observe_secret_match)
+    if refusals is not None:
+        refusals.observers.append(metrics_.observe_refusal)
+    metrics_.add_collector(PauseCollector(claimer.database.engine, list(sources)))
     metrics_.add_collector(OutboxCollector(claimer.database.engine))
     metrics_.add_collector(QueueCollector(claimer.database.engine, list(queued)))
     metrics_.add_collector(ReconcileCollector(claimer.database.engine, list(reconciled)))

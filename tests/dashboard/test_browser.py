@@ -31,7 +31,7 @@ pytestmark = pytest.mark.gunicorn
 
 #: The screenshots docs/dashboard.md shows, in its order.
 SCREENSHOTS = (
-    "login", "overview", "events", "event", "replay", "failures", "retried", "outbox"
+    "login", "overview", "events", "event", "replay", "failures", "retried", "outbox", "refused"
 )
 PUBLIC_URL = "https://hooks.example.com"
 
@@ -275,6 +275,43 @@ def test_the_outbox_a_dead_message_retried(page, server, send, sql, screenshots,
     assert sql(
         "SELECT status, attempts FROM outbox_messages WHERE key = 'acme:evt_3002:1'"
     ) == [("pending", 0)]
+
+
+def test_refused_deliveries_and_a_paused_source(page, server, send, pg_url, screenshots):
+    # A HubSpot-style mistake in miniature: a sender with the wrong secret, a forged
+    # flood from a scanner, one body that is not JSON; then the operator pauses acme.
+    forged = {"Content-Type": "application/json", "X-Signature": "sha256=" + "0" * 64}
+    for n in range(6):
+        agent = "Acme-Webhooks/2.1" if n % 2 else "python-requests/2.32 (scanner)"
+        answer = requests.post(
+            f"{server.url}/webhooks/acme",
+            data=b'{"id": "evt_9", "type": "contact.updated"}',
+            headers={**forged, "User-Agent": agent},
+            timeout=30,
+        )
+        assert answer.status_code == 401
+    answer = requests.post(
+        f"{server.url}/webhooks/batched", data=b"hello", headers={"Content-Type": "text/plain"},
+        timeout=30,
+    )  # fmt: skip
+    assert answer.status_code == 415
+    app = create_app({"DATABASE_URL": pg_url, "IDEMHOOK_CONFIG": SOURCES})
+    try:
+        paused = app.test_cli_runner().invoke(
+            args=["sources", "pause", "acme", "--by", "oncall", "--reason", "CRM maintenance"]
+        )
+        assert paused.exit_code == 0, paused.output
+    finally:
+        app.extensions["idemhook.db"].engine.dispose()
+    _login(page, server)
+    assert "Refused deliveries 7" in " ".join(page.inner_text("section.waiting").split())
+    page.click("nav >> text=Refused")
+    assert page.inner_text("h1") == "Refused deliveries"
+    counts = page.locator("table.refused-counts tbody tr", has_text="acme").inner_text()
+    assert counts.split() == ["acme", "6", "0", "6"]
+    assert page.locator("table.refused tbody tr").count() == 7
+    assert "CRM maintenance" in page.inner_text("section.waiting")
+    _shoot(page, screenshots, "refused")
 
 
 def test_hostile_payloads_stay_text_in_the_browser(page, server, send):

@@ -125,6 +125,11 @@ class Scheme:
             )
         return key
 
+    @property
+    def secret_headers(self) -> tuple[str, ...]:
+        """Headers this source signs with whose names ``safe_headers`` would not catch."""
+        return ()
+
     def verify(self, delivery: Delivery, keys: Sequence[bytes] | None = None) -> int:
         """Raise :class:`Unauthorized` unless the delivery is authentic; else which key matched.
 

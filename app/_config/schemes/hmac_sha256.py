@@ -30,6 +30,10 @@ class HmacSha256(Scheme):
             raise ConfigError(f"[sources.{source}] signature_header: must be a header name")
         self.header = header
 
+    @property
+    def secret_headers(self) -> tuple[str, ...]:
+        return (self.header,)
+
     def _digests(self, body: bytes, keys: Sequence[bytes] | None = None) -> list[str]:
         return [
             hmac.new(key, body, hashlib.sha256).hexdigest()

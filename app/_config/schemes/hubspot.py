@@ -102,13 +102,20 @@ class HubSpot(Scheme):
                 raise invalid(
                     V3_HEADER,
                     " (the app's client secret) and that the public URL is the one "
-                    "registered in HubSpot (IDEMHOOK_PUBLIC_URL)",
+                    "registered in HubSpot (IDEMHOOK_PUBLIC_URL); the URL verified was "
+                    f"{signed_uri(delivery.url)}",
                 )
             check_freshness(timestamp, tolerance=self.tolerance, header=TIMESTAMP, unit=1000)
             return index
         given = require_header(delivery, LEGACY_HEADER).strip().lower()
         index = match_index(self.expected(delivery, "", keys), given)
         if index < 0:
+            if self.version == "v2":  # v2 signs the URL too: name the one verified
+                raise invalid(
+                    LEGACY_HEADER,
+                    " and that the public URL is the one registered in HubSpot "
+                    f"(IDEMHOOK_PUBLIC_URL); the URL verified was {delivery.url}",
+                )
             raise invalid(LEGACY_HEADER)
         return index
 

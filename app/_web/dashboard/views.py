@@ -1,4 +1,5 @@
-"""The dashboard's pages: overview, events, one event (and its replay), failures, outbox.
+"""The dashboard's pages: overview, events, one event (and its replay), failures, outbox,
+refused deliveries (and paused sources).
 
 Reads go through :mod:`idemhook._store.queries` (the read API's filters and keyset cursors);
 actions through the functions the CLI runs: :func:`idemhook._engine.replay.replay` for
@@ -10,7 +11,7 @@ CSRF and the response headers are :mod:`.access`.
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import (
@@ -32,6 +33,7 @@ from idemhook._config.sources import Source
 from idemhook._engine import failures, replay
 from idemhook._engine import outbox as outbox_actions
 from idemhook._store import queries
+from idemhook._store import refusals as refusals_store
 from idemhook._store.database import (
     get_db,
     read_session,
@@ -225,6 +227,8 @@ def overview() -> str:
         figures = overview_module.build(session, sorted(sources))
         # Per reconciled source: last run, recovered in 24 h, last error (docs/reconcile.md).
         reconcile = queries.reconcile_summary(session, reconciled)
+        refused = queries.rejection_counts(session, figures.since)
+        paused = refusals_store.pauses(session)
     for entry in figures.sources:
         entry.url, entry.url_guessed = register_url(sources.get(entry.name), entry.name)
     return render_template(
@@ -234,6 +238,9 @@ def overview() -> str:
         chart=draw(figures.hours),
         sample=overview_module.SAMPLE,
         reconcile=reconcile,
+        refused=sum(sum(codes.values()) for codes in refused.values()),
+        refused_by_source={name: sum(codes.values()) for name, codes in refused.items()},
+        paused=paused,
     )
 
 
@@ -549,3 +556,42 @@ def retry_outbox() -> Response:
         if result.status != "retrying":
             flash(f"Message {result.id} not retried: {result.detail}.", "error")
     return redirect(back, code=303)
+
+
+# -- refused deliveries ----------------------------------------------------------------------
+
+
+@bp.get("/refused")
+def refused_page() -> str:
+    """Deliveries refused before the claim: per source counts by code (24 h), the latest rows."""
+    source = request.args.get("source") or None
+    cursor = request.args.get("cursor") or None
+    since = datetime.now(UTC) - timedelta(hours=24)
+    rows: list[dict[str, Any]] = []
+    next_cursor = None
+    error = None
+    with read_session() as session:
+        counts = queries.rejection_counts(session, since)
+        paused = refusals_store.pauses(session)
+        try:
+            rows, next_cursor = queries.list_rejections(
+                session, queries.Filters(source=source), PAGE, cursor
+            )
+        except queries.QueryError as exc:
+            error = str(exc)
+    codes = sorted({code for by_code in counts.values() for code in by_code})
+    return render_template(
+        "dashboard/refused.html",
+        page="refused",
+        counts=counts,
+        codes=codes,
+        rows=rows,
+        source=source,
+        since=since,
+        paused=paused,
+        error=error,
+        next_url=url_for(".refused_page", source=source, cursor=next_cursor)
+        if next_cursor
+        else None,
+        first_url=url_for(".refused_page", source=source) if cursor else None,
+    )
