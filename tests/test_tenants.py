@@ -129,6 +129,14 @@ def test_unknown_tenants_are_refused_and_nothing_is_written(
     assert (answer.status_code, answer.json["error"]) == (status, code)
     assert "alice-secret" not in answer.get_data(as_text=True)
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    # Nothing but the rejection log, which names the tenant the URL gave (not for a source
+    # that is not configured: anyone could invent names).
+    refused = sql("SELECT source, tenant, error, body_sha256 FROM rejected_deliveries")
+    if code == "unknown_source":
+        assert refused == []
+    else:
+        source, _, tenant = path.removeprefix("/webhooks/").partition("/")
+        assert [tuple(r) for r in refused] == [(source, tenant or None, code, None)]
 
 
 def test_a_tenant_whose_secrets_all_expired_is_401_no_live_secret(shop, tenants, sql):
@@ -138,6 +146,9 @@ def test_a_tenant_whose_secrets_all_expired_is_401_no_live_secret(shop, tenants,
     answer = post(shop.test_client(), "/webhooks/shop/alice", ALICE_SECRET, event("evt_1"))
     assert (answer.status_code, answer.json["error"]) == (401, "no_live_secret")
     assert sql("SELECT count(*) FROM processed_events")[0][0] == 0
+    assert sql("SELECT tenant, error, status_code FROM rejected_deliveries") == [
+        ("alice", "no_live_secret", 401)
+    ]
     # Removed: the tenant is unknown again.
     result = runner.invoke(args=["secrets", "remove", "shop", "alice", str(tenants["alice"])])
     assert result.exit_code == 0, result.output
