@@ -21,6 +21,13 @@ SECRET_HEADERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_earlier_refusals(sql):
+    """Refusals other tests' servers recorded (tests that start gunicorn on the shared
+    database empty no table) are not this test's."""
+    sql("DELETE FROM rejected_deliveries")
+
+
 def rows(sql, source="acme"):
     return sql(
         "SELECT error, status_code, tenant, client_addr, user_agent, body_bytes, body_sha256, "

@@ -15,6 +15,14 @@ from idemhook.testing import signed
 from tests.conftest import SOURCES
 from tests.servers import gunicorn
 
+
+@pytest.fixture(autouse=True)
+def no_earlier_refusals(sql):
+    """Refusals other tests' servers recorded (tests that start gunicorn on the shared
+    database empty no table) are not this test's."""
+    sql("DELETE FROM rejected_deliveries")
+
+
 pytestmark = pytest.mark.gunicorn
 
 FORGED = 10_000

@@ -272,7 +272,7 @@ class DeliveryClaim:
                             lane, event, job, rows[event.id], registrations[event.id]
                         )
                     else:  # a repeat inside this delivery: answered as its first was
-                        outcome = self._done(event, _repeat(earlier), time.perf_counter())
+                        outcome = self._repeated(event, earlier)
                     tx.outcomes.append(outcome)
                 sql, params = self._closing_statement()
                 if not job.may_commit():  # answered handler_timeout already: keep nothing
@@ -286,6 +286,17 @@ class DeliveryClaim:
             failures.write(lane, tx.failures)
         claimer._report(tx)
         return tx.outcomes
+
+    def _repeated(self, event: Event, first: Outcome) -> Outcome:
+        """A repeat of an event inside this delivery: answered as its first occurrence was,
+        without running anything. A failed one is recorded again (one failure row per
+        failed occurrence, as a delivery that ran each would leave)."""
+        outcome = _repeat(first)
+        if outcome.status is Status.FAILED:
+            rows = self.tx.failures
+            row = next(r for r in reversed(rows) if r["event_id"] == event.id)
+            rows.append(dict(row))
+        return self._done(event, outcome, time.perf_counter())
 
     def _claimed(
         self,
@@ -346,7 +357,7 @@ class DeliveryClaim:
                         lane.rollback()
                         return []
                     if event.id in failed:  # a repeat of a failed event: never run twice
-                        tx.outcomes.append(self._done(event, failed[event.id], time.perf_counter()))
+                        tx.outcomes.append(self._repeated(event, failed[event.id]))
                         continue
                     versioned = versions[i] if versions is not None else None
                     outcome = self._event(lane, event, job, versioned)

@@ -171,8 +171,8 @@ class Lane:
 
         Only inside the claim's transaction (a pending savepoint leaves with it), for a
         dict of plain parameters naming every bound one, a session with nothing to flush,
-        and no one listening to the engine's statements or logging them. Errors are SQLAlchemy's,
-        as on SQLAlchemy's own path (a lost connection retires the idle lanes).
+        and no one listening to the engine's statements or logging them. Errors are
+        SQLAlchemy's, as on its own path (a lost connection retires the idle lanes).
         """
         if not self._server_open or (params is not None and type(params) is not dict):
             return None
@@ -238,7 +238,13 @@ class Lane:
         if self._transaction is not None or not self.pipelined:
             raise RuntimeError("execute_alone: PostgreSQL, outside a transaction only")
         self._traced = bool(self.connection.dispatch.before_cursor_execute)
-        return self._run(self._alone + sql, params)
+        result = self._run(self._alone + sql, params)
+        if self._traced and self.connection.in_transaction():
+            # SQLAlchemy's path began its own bookkeeping transaction; the server's ended
+            # with the message (the driver is in autocommit mode): end ours, or the lane's
+            # next begin() would find it. The rows stay readable (the driver buffers them).
+            self.connection.commit()
+        return result
 
     def commit(self, sql: str | None = None, params: Mapping[str, Any] | None = None) -> None:
         """Run ``sql`` (if any), then commit; on PostgreSQL both leave in one message."""

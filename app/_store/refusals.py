@@ -52,7 +52,9 @@ _INSERT_PG = (
     "ON CONFLICT (source, minute, slot) DO UPDATE SET count = r.count + 1"
 )
 _INSERT_SQLITE = text(
-    f"INSERT INTO rejected_deliveries AS r ({_COLUMNS}) "
+    "INSERT INTO rejected_deliveries AS r (source, tenant, error, status_code, message, "
+    "received_at, minute, slot, count, client_addr, user_agent, body_bytes, body_sha256, "
+    "headers) "
     "SELECT :source, :tenant, :error, :status_code, :message, :received_at, :minute, "
     "MIN(COALESCE(MAX(slot), 0) + 1, :cap + 1), 1, :client_addr, :user_agent, :body_bytes, "
     ":body_sha256, :headers "
