@@ -186,10 +186,12 @@ def test_an_event_that_kills_every_worker_ends_failed_and_the_others_are_applied
 
 
 def blocked_worker(sql) -> int | None:
-    """The pid of the worker whose handler waits for the test's advisory lock, if any."""
+    """The pid of the worker whose handler waits for the test's advisory lock, if any (in
+    this run's database only: a second suite beside this one runs the same test)."""
     rows = sql(
         "SELECT application_name FROM pg_stat_activity "
-        "WHERE application_name LIKE :prefix AND wait_event_type = 'Lock'",
+        "WHERE datname = current_database() AND application_name LIKE :prefix "
+        "AND wait_event_type = 'Lock'",
         prefix=APPLICATION_NAME_PREFIX + "%",
     )
     return int(rows[0][0][len(APPLICATION_NAME_PREFIX) :]) if rows else None
