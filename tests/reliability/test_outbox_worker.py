@@ -65,7 +65,7 @@ def test_a_handler_that_raises_after_adding_sends_nothing_and_its_retry_sends_on
         row = status_of(sql, message_id)
         assert row.result["message_id"] == email.message_id
         assert row.result["smtp"].startswith("250 ")
-        assert "outcome=sent" in running.log()
+        wait_for(lambda: "outcome=sent" in running.log(), "the worker's sent line")
     assert len(smtp.accepted) == 1  # the failed delivery's message never existed
 
 
@@ -85,7 +85,8 @@ def test_a_worker_killed_while_the_smtp_server_holds_data_is_replaced_after_its_
         smtp.release()  # the server now answers the dead worker's session (too late)
         with worker(sources, clean_db, env=mail_env(smtp)) as second:
             wait_for(lambda: status_of(sql, message_id).status == "sent", "the resend")
-            assert "outcome=sent" in second.log()
+            # The line is written after the commit: wait for it, not for a guess.
+            wait_for(lambda: "outcome=sent" in second.log(), "the second worker's sent line")
         row = status_of(sql, message_id)
     assert row.attempts == 2  # the killed worker's attempt, and the one that was recorded
     ids = smtp.message_ids(accepted=False)
