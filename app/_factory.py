@@ -80,9 +80,7 @@ def create_app(
     registry.configure_senders(loaded.outbox)
     app.extensions["idemhook.registry"] = registry
     retention = reconcile.retention_of(app.config["IDEMHOOK_RETENTION"])
-    app.extensions["idemhook.reconcile"] = reconcile.configured(
-        loaded.sources, registry, retention
-    )
+    app.extensions["idemhook.reconcile"] = reconcile.configured(loaded.sources, registry, retention)
 
     tenanted = sorted(name for name, source in loaded.sources.items() if source.tenants)
     needed_by = f"source(s) {', '.join(tenanted)} with tenants = true" if tenanted else ""

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from idemhook._store.engine import (
     is_disconnect,
 )
-from idemhook._store.queries import QueryError, parse_when
+from idemhook._store.queries import DEFAULT_LIMIT, MAX_LIMIT, QueryError, parse_when
 
 #: Attribute saying what a command needs built (read by the console script's app factory).
 NEEDS_ATTRIBUTE = "idemhook_needs"
@@ -113,6 +113,17 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ):
         func = option(func)
     return func
+
+
+def listing_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--limit (a page of rows) and --json (one object per line), as every listing has."""
+    func = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")(func)
+    return click.option(
+        "--limit",
+        type=click.IntRange(1, MAX_LIMIT),
+        default=DEFAULT_LIMIT,
+        show_default=True,
+    )(func)
 
 
 def emit_json_lines(rows: Iterable[dict[str, Any]]) -> None:

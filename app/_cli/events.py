@@ -15,6 +15,7 @@ from idemhook._cli.common import (
     emit_json_lines,
     emit_table,
     filter_options,
+    listing_options,
     needs_sources,
 )
 from idemhook._config.reconcile import human
@@ -47,13 +48,7 @@ WAITING_TABLE = (
     help="Only this status (received: waiting for idemhook worker, docs/async.md).",
 )
 @click.option("--client", help="Only this client's keys (idempotency-key sources).")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, queries.MAX_LIMIT),
-    default=queries.DEFAULT_LIMIT,
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@listing_options
 def events_list(source, event_type, since, until, status, client, limit, as_json) -> None:
     """List processed events, newest first."""
     filters = queries.Filters(source, event_type, status, since, until, client=client)

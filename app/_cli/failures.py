@@ -12,6 +12,7 @@ from idemhook._cli.common import (
     emit_json_lines,
     emit_table,
     filter_options,
+    listing_options,
     needs_sources,
 )
 from idemhook._engine import failures
@@ -28,13 +29,7 @@ LIST_TABLE = ("id", "failed_at", "source", "event_id", "event_type", "resolved",
 @failures_cli.command("list")
 @filter_options
 @click.option("--pending", is_flag=True, help="Only failures whose event has not applied since.")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, queries.MAX_LIMIT),
-    default=queries.DEFAULT_LIMIT,
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@listing_options
 def failures_list(source, event_type, since, until, pending, limit, as_json) -> None:
     """List failed deliveries, newest first."""
     filters = queries.Filters(source, event_type, None, since, until, pending=pending)

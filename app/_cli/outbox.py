@@ -6,7 +6,14 @@ import json
 
 import click
 
-from idemhook._cli.common import WHEN, DatabaseGroup, database_only, emit_json_lines, emit_table
+from idemhook._cli.common import (
+    WHEN,
+    DatabaseGroup,
+    database_only,
+    emit_json_lines,
+    emit_table,
+    listing_options,
+)
 from idemhook._engine import outbox
 from idemhook._store import queries
 from idemhook._store.database import get_db
@@ -24,13 +31,7 @@ LIST_TABLE = ("id", "created_at", "kind", "status", "attempts", "next_attempt_at
 @click.option("--source", help="Only messages added by this source's handlers.")
 @click.option("--since", type=WHEN, help="Created from this time on: 2h, 30d, or ISO 8601.")
 @click.option("--until", type=WHEN, help="Created before this time: 2h, 30d, or ISO 8601.")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, queries.MAX_LIMIT),
-    default=queries.DEFAULT_LIMIT,
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@listing_options
 def outbox_list(kind, status, source, since, until, limit, as_json) -> None:
     """List outbox messages, newest first."""
     filters = queries.OutboxFilters(kind, status, source, since, until)
@@ -99,7 +100,10 @@ def outbox_retry(message_ids, all_dead, kind, as_json) -> None:
 @click.option("--include-dead", is_flag=True, help="Prune dead messages too (not only sent).")
 @click.option("--dry-run", is_flag=True, help="Only count what would be pruned.")
 @click.option(
-    "--batch-size", type=click.IntRange(1), default=5000, show_default=True,
+    "--batch-size",
+    type=click.IntRange(1),
+    default=5000,
+    show_default=True,
     help="Rows per transaction.",
 )
 def outbox_prune(older_than: str, include_dead: bool, dry_run: bool, batch_size: int) -> None:

@@ -34,9 +34,7 @@ HISTORY_COLUMNS = (
 
 
 @needs_sources
-@click.command(
-    "reconcile", short_help="Apply the events a provider logged and never got through."
-)
+@click.command("reconcile", short_help="Apply the events a provider logged and never got through.")
 @click.argument("source")
 @click.option(
     "--since",

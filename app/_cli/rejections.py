@@ -6,7 +6,14 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from idemhook._cli.common import WHEN, DatabaseGroup, database_only, emit_json_lines, emit_table
+from idemhook._cli.common import (
+    WHEN,
+    DatabaseGroup,
+    database_only,
+    emit_json_lines,
+    emit_table,
+    listing_options,
+)
 from idemhook._store import queries
 from idemhook._store.database import get_db
 
@@ -25,16 +32,8 @@ LIST_TABLE = (
 @rejections_cli.command("list")
 @click.option("--source", help="Only this source.")
 @click.option("--code", help="Only this error code (invalid_signature, stale_timestamp, ...).")
-@click.option(
-    "--since", type=WHEN, help="From this time on: 1h, 30d, or ISO 8601 (default: 24h)."
-)
-@click.option(
-    "--limit",
-    type=click.IntRange(1, queries.MAX_LIMIT),
-    default=queries.DEFAULT_LIMIT,
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--since", type=WHEN, help="From this time on: 1h, 30d, or ISO 8601 (default: 24h).")
+@listing_options
 def rejections_list(
     source: str | None, code: str | None, since: datetime | None, limit: int, as_json: bool
 ) -> None:

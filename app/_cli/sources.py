@@ -115,8 +115,11 @@ def inspect_file(config: Any) -> list[str]:
             try:
                 registry.configure_senders({kind: table})
             except (ConfigError, AttributeError) as exc:
-                problems.append(str(exc) if isinstance(exc, ConfigError) else
-                                f"[outbox.{kind}]: must be a table")
+                problems.append(
+                    str(exc)
+                    if isinstance(exc, ConfigError)
+                    else f"[outbox.{kind}]: must be a table"
+                )
     else:
         problems.append(f"{origin}: [outbox] must be a table of [outbox.<kind>] tables")
     return problems
@@ -195,8 +198,12 @@ def _describe_matches(
 
 
 def _describe_tenants(
-    report: Report, source: sources_module.Source, root: str, tenants: int | None,
-    config: Mapping[str, Any], why: str,
+    report: Report,
+    source: sources_module.Source,
+    root: str,
+    tenants: int | None,
+    config: Mapping[str, Any],
+    why: str,
 ) -> None:
     url = f"{root or 'https://<your-host>'}/webhooks/{source.name}/<tenant>"
     known = f"{tenants} tenant(s) with secrets" if not why else f"tenants unknown ({why})"
@@ -267,9 +274,7 @@ def inspect_sources() -> list[Report]:
             if count:
                 _describe_matches(report, count, static_matches.get(name, {}), why)
         if source.tenants:
-            _describe_tenants(
-                report, source, root, tenant_counts.get(name, 0), config, why
-            )
+            _describe_tenants(report, source, root, tenant_counts.get(name, 0), config, why)
         _describe_reconcile(report, source, config, registry)
         if (
             registry is not None
@@ -281,7 +286,9 @@ def inspect_sources() -> list[Report]:
 
 
 def _describe_reconcile(
-    report: Report, source: sources_module.Source, config: Mapping[str, Any],
+    report: Report,
+    source: sources_module.Source,
+    config: Mapping[str, Any],
     registry: Registry | None,
 ) -> None:
     """Where missed events are looked for (docs/reconcile.md), and a lookback retention
@@ -299,9 +306,7 @@ def _describe_reconcile(
     when = f"every {human(settings.every)}" if settings.every else "only by idemhook reconcile"
     report.reconcile = f"{where}, lookback {human(settings.lookback)}, {when}"
     try:
-        check_retention(
-            {source.name: settings}, retention_of(config.get("IDEMHOOK_RETENTION"))
-        )
+        check_retention({source.name: settings}, retention_of(config.get("IDEMHOOK_RETENTION")))
     except ConfigError as exc:
         report.problems.append(str(exc))
 

@@ -209,8 +209,7 @@ def _object_key(locator: Locator, payload: Any, headers: Any) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise BadRequest(
-            f"The object key at {locator} must be a string or an integer, "
-            f"not {_json_type(value)}.",
+            f"The object key at {locator} must be a string or an integer, not {_json_type(value)}.",
             code="invalid_object_key",
         )
     problem = None

@@ -76,8 +76,7 @@ def parse(source: str, scheme: str, table: Any) -> ReconcileConfig:
     if unknown:
         what = f"a {scheme} source" if provider != PLUGIN else "a source reconciled by a plugin"
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)} for {what} "
-            f"(known: {', '.join(allowed)})"
+            f"{where}: unknown key(s) {', '.join(unknown)} for {what} (known: {', '.join(allowed)})"
         )
     lookback = duration(table.get("lookback"), DEFAULT_LOOKBACK, f"{where} lookback")
     if provider == STRIPE and lookback > STRIPE_MAX_LOOKBACK:

@@ -34,6 +34,7 @@ def valid_tenant(name: str) -> bool:
     """Whether ``name`` can be a tenant's name."""
     return TENANT_NAME.fullmatch(name) is not None
 
+
 COMMON_KEYS = frozenset(
     {
         "scheme",

@@ -277,8 +277,9 @@ class Applier:
         fits = int(BATCH_SECONDS / per_event) if per_event > 0 else self.max_batch
         self.batch = max(1, min(self.max_batch, fits, self.batch * 2))
 
-    def _failed(self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float,
-                batch: _Batch) -> None:
+    def _failed(
+        self, lane: Lane, taken: _Taken, run: HandlerRun, seconds: float, batch: _Batch
+    ) -> None:
         """Count the failed attempt: due again after a backoff, or ``failed`` at the limit."""
         batch.failures.append(_failure(taken, run))
         retries = self.sources[taken.source].retries
@@ -302,8 +303,9 @@ class Applier:
             stored=[(i, str(status), text) for i, status, text in batch.stored],
         )
 
-    def _record_alone(self, taken: _Taken, run: HandlerRun, seconds: float,
-                      batch: _Batch) -> _Batch:
+    def _record_alone(
+        self, taken: _Taken, run: HandlerRun, seconds: float, batch: _Batch
+    ) -> _Batch:
         """Record one failed attempt at ``taken`` in a transaction of its own."""
         with self.database.lanes.lane() as lane:
             lane.begin()

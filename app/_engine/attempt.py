@@ -187,14 +187,10 @@ def retrying(
 def overrun(watchdog: Watchdog, setting: str, consequence: str) -> HandlerRun:
     """The failed run of handlers that ran past ``watchdog``'s limit (``setting``)."""
     limit = round(watchdog.limit * 1000)
-    error = TimeoutError(
-        f"the handlers ran longer than {setting} ({limit} ms); {consequence}"
-    )
+    error = TimeoutError(f"the handlers ran longer than {setting} ({limit} ms); {consequence}")
     return HandlerRun(Status.FAILED, handler="handlers", error=error)
 
 
-def watched(
-    watchdog: Watchdog, attempt: Attempt[T], on_overrun: Callable[[Job], None]
-) -> T:
+def watched(watchdog: Watchdog, attempt: Attempt[T], on_overrun: Callable[[Job], None]) -> T:
     """Run ``attempt`` on a claim thread watched by ``watchdog`` (the request's deadline)."""
     return watchdog.run(lambda job: run(attempt, job), on_overrun=on_overrun)

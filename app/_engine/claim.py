@@ -12,21 +12,21 @@ For each event of a delivery, in one transaction on a lane (:mod:`idemhook._stor
 3. **store** the result: sent with the COMMIT, one statement for the whole delivery.
 4. **commit**.
 
-Each event runs inside a savepoint (``SAVEPOINT``/``RELEASE`` travel in the
-round trip of its claim on PostgreSQL), so a handler's failure or ``Reject``
-rolls back that event alone: a failed event is answered 500 and recorded in
-``delivery_failures``; a rejected one is claimed as ``rejected``. The transaction
-is tried again only when its connection was lost before any handler started (a
-kept connection that did not survive a database restart). A connection lost later
-is answered from a fresh connection's look at the claims: committed, they are
-duplicates; not, ``503``.
+Each event of a batch runs inside a savepoint (``SAVEPOINT``/``RELEASE`` travel in
+the round trip of its claim or its handlers' first statement on PostgreSQL), so a
+handler's failure or ``Reject`` rolls back that event alone: a failed event is
+answered 500 and recorded in ``delivery_failures``; a rejected one is claimed as
+``rejected``. The transaction is tried again only when its connection was lost before
+any handler started (a kept connection that did not survive a database restart). A
+connection lost later is answered from a fresh connection's look at the claims:
+committed, they are duplicates; not, ``503``.
 
 On PostgreSQL (no ``freshness``) a delivery's events are claimed by one statement
-(:meth:`DeliveryClaim.together`) instead of one per event; each event of a batch then
+(:meth:`DeliveryClaim._together`) instead of one per event; each event of a batch then
 has its savepoint sent with its handlers' first statement, so a batch costs one round
 trip more than its handlers' statements, and a failed event is still undone alone. A
-single event needs no savepoint: its transaction is rolled back whole, and a rejected
-event claimed anew as ``rejected``.
+single event (on either path, freshness included) needs no savepoint: its transaction
+is rolled back whole, and a rejected event claimed anew as ``rejected``.
 
 The whole claim runs on a claim thread watched by the request
 (:mod:`idemhook._engine.watchdog`): a handler that overruns ``IDEMHOOK_HANDLER_TIMEOUT_MS``
@@ -219,23 +219,43 @@ class DeliveryClaim:
 
     def once(self, job: Job) -> list[Outcome]:
         statements = self.claimer.statements
-        if self.one_statement and (
+        together = self.one_statement and (
             self.claim_sql is statements.claim_sql or self.claim_sql is statements.tenant_claim_sql
-        ):
-            return self.together(job)
-        return self.apart(job)
+        )
+        headers = dumps(failures.safe_headers(self.events[0].headers))
+        self.tx = _Transaction(headers=headers)
+        with self.claimer.database.lanes.lane() as lane:
+            lane.begin()
+            try:
+                applied = self._together(lane, job) if together else self._apart(lane, job)
+                if not applied:  # abandoned: answered handler_timeout already
+                    lane.rollback()
+                    return []
+                sql, params = self._closing_statement()
+                if not job.may_commit():  # answered handler_timeout already: keep nothing
+                    lane.rollback()
+                    return []
+                lane.commit(sql, params)
+            finally:
+                if lane.in_transaction:
+                    lane.rollback()
+                lane.session.close()
+            # On the attempt's own lane: never waits for the pool (docs/guarantees.md).
+            failures.write(lane, self.tx.failures)
+        self.claimer._report(self.tx)
+        return self.tx.outcomes
 
-    def together(self, job: Job) -> list[Outcome]:
-        """Claim every event of a batch in one statement, then run each event's handlers.
+    def _together(self, lane: Lane, job: Job) -> bool:
+        """Claim every event of the delivery in one statement, then run each event's handlers.
 
-        Each event's handlers still run in a savepoint of their own, sent with their first
-        statement (:meth:`~idemhook._store.lanes.Lane.savepoint`), so a failed event is
-        undone alone and no handler runs twice; the claim of a failed event is deleted
-        with it, a rejected one's is stored as ``rejected``.
+        Each event of a batch still runs in a savepoint of its own, sent with its handlers'
+        first statement (:meth:`~idemhook._store.lanes.Lane.savepoint`), so a failed event
+        is undone alone and no handler runs twice; the claim of a failed event is deleted
+        with it, a rejected one's is stored as ``rejected``. Returns False when the job
+        was abandoned.
         """
-        claimer, events = self.claimer, self.events
+        claimer, events, tx = self.claimer, self.events, self.tx
         statements = claimer.statements
-        tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(events[0].headers)))
         registry = claimer.registry
         distinct: dict[str, Event] = {}
         repeats: dict[str, int] = {}
@@ -248,44 +268,27 @@ class DeliveryClaim:
         handled = [registry.for_event(event.source, event.type) for event in claimed]
         statuses = [Status.PROCESSED if found else Status.IGNORED for found in handled]
         registrations = dict(zip(distinct, handled, strict=True))
-        with claimer.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                started = time.perf_counter()
-                self.claiming = events[0]
-                params = statements.claim_many_params(
-                    claimed, statuses, list(repeats.values()), tx.headers
+        started = time.perf_counter()
+        self.claiming = events[0]
+        params = statements.claim_many_params(claimed, statuses, list(repeats.values()), tx.headers)
+        sql = statements.claim_many_for(events[0].source)
+        rows = statements.claim_rows(lane.execute(sql, params).fetchall(), repeats)
+        self.claiming = None
+        share = (time.perf_counter() - started) / len(claimed)
+        first: dict[str, Outcome] = {}
+        for event in events:
+            if job.abandoned:
+                return False
+            tx.timings.append((event, "claim", share))
+            earlier = first.get(event.id)
+            if earlier is None:
+                outcome = first[event.id] = self._claimed(
+                    lane, event, job, rows[event.id], registrations[event.id]
                 )
-                sql = statements.claim_many_for(events[0].source)
-                rows = statements.claim_rows(lane.execute(sql, params).fetchall(), repeats)
-                self.claiming = None
-                share = (time.perf_counter() - started) / len(claimed)
-                first: dict[str, Outcome] = {}
-                for event in events:
-                    if job.abandoned:
-                        lane.rollback()
-                        return []
-                    tx.timings.append((event, "claim", share))
-                    earlier = first.get(event.id)
-                    if earlier is None:
-                        outcome = first[event.id] = self._claimed(
-                            lane, event, job, rows[event.id], registrations[event.id]
-                        )
-                    else:  # a repeat inside this delivery: answered as its first was
-                        outcome = self._repeated(event, earlier)
-                    tx.outcomes.append(outcome)
-                sql, params = self._closing_statement()
-                if not job.may_commit():  # answered handler_timeout already: keep nothing
-                    lane.rollback()
-                    return []
-                lane.commit(sql, params)
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-                lane.session.close()
-            failures.write(lane, tx.failures)
-        claimer._report(tx)
-        return tx.outcomes
+            else:  # a repeat inside this delivery: answered as its first was
+                outcome = self._repeated(event, earlier)
+            tx.outcomes.append(outcome)
+        return True
 
     def _repeated(self, event: Event, first: Outcome) -> Outcome:
         """A repeat of an event inside this delivery: answered as its first occurrence was,
@@ -319,19 +322,10 @@ class DeliveryClaim:
         if run.status in (Status.PROCESSED, Status.IGNORED):
             self._store(lane, row.id, run.status, run.stored or "null", event, run.result)
             return self._done(event, Outcome(event.id, run.status, run.result), started)
+        if alone:  # no savepoint: the transaction is the event's (see _undo)
+            return self._undo(lane, event, run, started)
         tx, statements = self.tx, self.claimer.statements
         lane.session.close()
-        if alone:  # no savepoint: the transaction is the event's; a rejected one is claimed anew
-            lane.rollback()
-            lane.begin()
-            outcome = (
-                self._claim_rejected(lane, event, run)
-                if run.status is Status.REJECTED
-                else _failed_outcome(event, run)
-            )
-            if outcome.status in (Status.FAILED, Status.REJECTED):
-                tx.failures.append(failures.failure_of(event, run, self.raw_body))
-            return self._done(event, outcome, started)
         lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
             stored = statements.result_row(row.id, Status.REJECTED, dumps(run.result, strict=True))
@@ -343,49 +337,33 @@ class DeliveryClaim:
         tx.failures.append(failures.failure_of(event, run, self.raw_body))
         return self._done(event, outcome, started)
 
-    def apart(self, job: Job) -> list[Outcome]:
-        """Each event in its own savepoint: a failed one is undone alone."""
-        claimer = self.claimer
-        tx = self.tx = _Transaction(headers=dumps(failures.safe_headers(self.events[0].headers)))
-        with claimer.database.lanes.lane() as lane:
-            lane.begin()
-            try:
-                versions = self.versions
-                failed: dict[str, Outcome] = {}
-                for i, event in enumerate(self.events):
-                    if job.abandoned:
-                        lane.rollback()
-                        return []
-                    if event.id in failed:  # a repeat of a failed event: never run twice
-                        tx.outcomes.append(self._repeated(event, failed[event.id]))
-                        continue
-                    versioned = versions[i] if versions is not None else None
-                    outcome = self._event(lane, event, job, versioned)
-                    if outcome.status is Status.FAILED:
-                        failed[event.id] = outcome
-                    tx.outcomes.append(outcome)
-                sql, params = self._closing_statement()
-                if not job.may_commit():  # answered handler_timeout already: keep nothing
-                    lane.rollback()
-                    return []
-                lane.commit(sql, params)
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
-                lane.session.close()
-            # On the attempt's own lane: never waits for the pool (docs/guarantees.md).
-            failures.write(lane, tx.failures)
-        claimer._report(tx)
-        return tx.outcomes
+    def _apart(self, lane: Lane, job: Job) -> bool:
+        """Claim and apply each event in turn (a batch's each in its own savepoint, so a
+        failed one is undone alone). Returns False when the job was abandoned."""
+        tx, versions = self.tx, self.versions
+        failed: dict[str, Outcome] = {}
+        for i, event in enumerate(self.events):
+            if job.abandoned:
+                return False
+            if event.id in failed:  # a repeat of a failed event: never run twice
+                tx.outcomes.append(self._repeated(event, failed[event.id]))
+                continue
+            versioned = versions[i] if versions is not None else None
+            outcome = self._event(lane, event, job, versioned)
+            if outcome.status is Status.FAILED:
+                failed[event.id] = outcome
+            tx.outcomes.append(outcome)
+        return True
 
     # -- one event -----------------------------------------------------------------------------
 
     def _event(self, lane: Lane, event: Event, job: Job, versioned: Versioned | None) -> Outcome:
-        """Claim ``event`` and run its handlers inside its own savepoint."""
+        """Claim ``event`` and run its handlers (inside its own savepoint in a batch)."""
         claimer, tx = self.claimer, self.tx
         started = time.perf_counter()
         registrations = claimer.registry.for_event(event.source, event.type)
-        lane.savepoint()
+        if len(self.events) > 1:
+            lane.savepoint()
         status = Status.PROCESSED if registrations else Status.IGNORED
         if versioned is None:
             row, stale = self._claim(lane, event, status), None
@@ -466,10 +444,18 @@ class DeliveryClaim:
             lane.execute(claimer.statements.finish_sql, row)
 
     def _undo(self, lane: Lane, event: Event, run: HandlerRun, started: float) -> Outcome:
-        """Failed or rejected: undo this event's claim and effects, keep the others'."""
+        """Failed or rejected: undo this event's claim and effects, keep the others'.
+
+        A single event has no savepoint: its transaction is rolled back whole and begun
+        again, so that a rejected event is claimed anew as ``rejected``.
+        """
         tx = self.tx
         lane.session.close()
-        lane.rollback_to_savepoint()
+        if len(self.events) == 1:
+            lane.rollback()
+            lane.begin()
+        else:
+            lane.rollback_to_savepoint()
         if run.status is Status.REJECTED:
             outcome = self._claim_rejected(lane, event, run)
             if outcome.status is Status.REJECTED:

@@ -42,6 +42,7 @@ from idemhook._values.outcome import Status
 
 log = logging.getLogger("idemhook.claim")
 
+
 def failure_row(
     event: Event, *, error: str, cause: BaseException, raw_body: bytes, permanent: bool
 ) -> dict[str, Any]:
@@ -89,9 +90,7 @@ def write(lane: Lane, rows: list[dict[str, Any]]) -> None:
         lane.commit()
     except SQLAlchemyError as exc:
         lane.rollback()
-        log.warning(
-            "could not record %d delivery failure(s): %s", len(rows), type(exc).__name__
-        )
+        log.warning("could not record %d delivery failure(s): %s", len(rows), type(exc).__name__)
 
 
 def record(engine: Engine, rows: list[dict[str, Any]]) -> None:
@@ -106,9 +105,7 @@ def record(engine: Engine, rows: list[dict[str, Any]]) -> None:
         with engine.begin() as conn:
             conn.execute(insert(delivery_failures), rows)
     except SQLAlchemyError as exc:
-        log.warning(
-            "could not record %d delivery failure(s): %s", len(rows), type(exc).__name__
-        )
+        log.warning("could not record %d delivery failure(s): %s", len(rows), type(exc).__name__)
 
 
 # -- retry -----------------------------------------------------------------------------------
@@ -161,9 +158,7 @@ def retry_failure(
         )
     with claimer.database.session() as session:
         failure = session.execute(
-            select(
-                failures.c.raw_body, failures.c.headers, failures.c.failed_at, failures.c.tenant
-            )
+            select(failures.c.raw_body, failures.c.headers, failures.c.failed_at, failures.c.tenant)
             .where(failures.c.source == source, failures.c.event_id == event_id)
             .order_by(failures.c.failed_at.desc(), failures.c.id.desc())
             .limit(1)
@@ -171,9 +166,7 @@ def retry_failure(
         if failure is None:
             raise ActionRefused(f"no recorded failure of event {event_id!r} from {source!r}")
         applied = session.execute(
-            select(events.c.status).where(
-                events.c.source == source, events.c.event_id == event_id
-            )
+            select(events.c.status).where(events.c.source == source, events.c.event_id == event_id)
         ).scalar()
     if applied in (Status.RECEIVED, Status.FAILED):
         return requeue(claimer.database.engine, source, event_id)
@@ -236,9 +229,7 @@ def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
                 select(queue.c.id).where(queue.c.id == row.id).with_for_update(skip_locked=True)
             ).first()
             if queued is None:
-                return RetryResult(
-                    source, event_id, "skipped", "a worker is applying it right now"
-                )
+                return RetryResult(source, event_id, "skipped", "a worker is applying it right now")
             conn.execute(update(queue).where(queue.c.id == row.id).values(next_attempt_at=now))
         else:
             conn.execute(
@@ -256,7 +247,6 @@ def requeue(engine: Engine, source: str, event_id: str) -> RetryResult:
             .values(status=str(Status.RECEIVED), attempts=0, interruptions=0, result=None)
         )
         if conn.dialect.name == "postgresql":
-
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, "")))
     return RetryResult(
         source, event_id, "accepted", f"due now for idemhook worker (was {row.status})"

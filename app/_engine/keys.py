@@ -181,23 +181,7 @@ class KeyClaimer:
     def params(self, request: KeyRequest, owner: str) -> dict[str, Any]:
         event = request.event
         ts = self.statements.timestamp
-        if self.statements.server_clock:  # PostgreSQL: times from now(), seconds as numbers
-            return {
-                "source": event.source,
-                "event_id": event.id,
-                "client": event.client,
-                "event_type": event.type,
-                "received_at": ts(event.received_at),
-                "payload": dumps(event.payload),
-                "headers": dumps(failures.safe_headers(event.headers)),
-                "fingerprint": request.fingerprint,
-                "ttl_seconds": request.key_ttl,
-                "lease_seconds": self.lease_seconds,
-                "lock_owner": owner,
-            }
-        now = datetime.now(UTC)
-        ttl = timedelta(seconds=request.key_ttl)
-        return {
+        params: dict[str, Any] = {
             "source": event.source,
             "event_id": event.id,
             "client": event.client,
@@ -206,12 +190,19 @@ class KeyClaimer:
             "payload": dumps(event.payload),
             "headers": dumps(failures.safe_headers(event.headers)),
             "fingerprint": request.fingerprint,
-            "expires_at": ts(now + ttl),
-            "locked_until": ts(now + timedelta(seconds=self.lease_seconds)),
             "lock_owner": owner,
-            "now": ts(now),
-            "cutoff": ts(now - ttl),
         }
+        if self.statements.server_clock:  # PostgreSQL: times from now(), seconds as numbers
+            params["ttl_seconds"] = request.key_ttl
+            params["lease_seconds"] = self.lease_seconds
+            return params
+        now = datetime.now(UTC)
+        ttl = timedelta(seconds=request.key_ttl)
+        params["expires_at"] = ts(now + ttl)
+        params["locked_until"] = ts(now + timedelta(seconds=self.lease_seconds))
+        params["now"] = ts(now)
+        params["cutoff"] = ts(now - ttl)
+        return params
 
 
 class KeyLost(Exception):

@@ -52,9 +52,7 @@ APPLIED_FIELDS = (
 )
 #: A refused delivery's line (app._engine.refusals), in order (``recorded`` only when not).
 REFUSED_FIELDS = ("source", "tenant", "code", "status", "client", "recorded")
-_ALL_FIELDS = tuple(
-    dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS + REFUSED_FIELDS)
-)
+_ALL_FIELDS = tuple(dict.fromkeys(FIELDS + MESSAGE_FIELDS + APPLIED_FIELDS + REFUSED_FIELDS))
 
 
 def log_outcome(event: Event, outcome: Outcome, seconds: float, level: int = logging.INFO) -> None:

@@ -57,9 +57,7 @@ class Outbox:
 
     __slots__ = ("event", "session", "senders", "position")
 
-    def __init__(
-        self, event: Event, session: Session, senders: Mapping[str, Any] | None
-    ) -> None:
+    def __init__(self, event: Event, session: Session, senders: Mapping[str, Any] | None) -> None:
         self.event = event
         self.session = session
         self.senders = senders
@@ -103,8 +101,6 @@ def bind(event: Event, session: Session, senders: Mapping[str, Any] | None) -> T
 
 def unbind(token: Token) -> None:
     current_outbox.reset(token)
-
-
 
 
 def add_message(
@@ -207,8 +203,12 @@ def retry(engine: Engine, ids: Sequence[int]) -> list[RetryResult]:
             conn.execute(
                 update(TABLE)
                 .where(TABLE.c.id == message_id)
-                .values(status=str(MessageStatus.PENDING), attempts=0, next_attempt_at=now,
-                        leased_by=None)
+                .values(
+                    status=str(MessageStatus.PENDING),
+                    attempts=0,
+                    next_attempt_at=now,
+                    leased_by=None,
+                )
             )
             notify(conn, row.kind)
             was = "dead" if row.status == MessageStatus.DEAD else "waiting for its next attempt"

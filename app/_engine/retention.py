@@ -93,7 +93,5 @@ def prune(
             if done < batch_size:
                 break
     if not payloads_only:
-        report.rejections = prune_rejections(
-            engine, cutoff, batch_size=batch_size, dry_run=dry_run
-        )
+        report.rejections = prune_rejections(engine, cutoff, batch_size=batch_size, dry_run=dry_run)
     return report

@@ -197,9 +197,7 @@ class Delivery:
                 record = Record(taken.id, token, MessageStatus.PENDING, error=error, delay=delay)
             outcome = _Outcome(message, record, error_type=type(exc).__name__)
         else:
-            record = Record(
-                taken.id, token, MessageStatus.SENT, result=_result_text(sender, value)
-            )
+            record = Record(taken.id, token, MessageStatus.SENT, result=_result_text(sender, value))
             outcome = _Outcome(message, record)
         outcome.seconds = time.perf_counter() - started
         return outcome
@@ -251,6 +249,9 @@ def _result_text(sender: Sender, value: Any) -> str:
     try:
         return dumps(value, strict=True)
     except (TypeError, ValueError):
-        log.warning("%s returned a result JSON cannot hold (%s); stored as a note",
-                    sender.name, type(value).__name__)
+        log.warning(
+            "%s returned a result JSON cannot hold (%s); stored as a note",
+            sender.name,
+            type(value).__name__,
+        )
         return dumps({"unstorable_result": type(value).__name__})

@@ -259,9 +259,7 @@ def unknown_tenant(source: Source, tenant: str) -> NotFound:
             f"/webhooks/{source.name} (or set tenants = true)."
         )
     elif tenant and not valid_tenant(tenant):
-        message = (
-            "A tenant's name is 1-64 letters, digits, '.', '_', '-' or '@'; this one is not."
-        )
+        message = "A tenant's name is 1-64 letters, digits, '.', '_', '-' or '@'; this one is not."
     elif not tenant:
         message = (
             f"Source {source.name!r} has no secret of its own: deliveries go to "

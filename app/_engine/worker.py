@@ -104,8 +104,11 @@ class Listener:
         # No pool (one connection, held for good) and no SET LOCAL: LISTEN runs outside
         # any transaction, in autocommit.
         self.engine = build_engine(
-            url, timeouts=Timeouts(connect_timeout_ms, connect_timeout_ms, 0), pool_size=1,
-            pool_mode="session-pooler", name=name,
+            url,
+            timeouts=Timeouts(connect_timeout_ms, connect_timeout_ms, 0),
+            pool_size=1,
+            pool_mode="session-pooler",
+            name=name,
         )
         self._raw: Any = None
         self._retry_at = 0.0
@@ -221,8 +224,9 @@ class Worker:
     def run(self) -> None:
         names = ", ".join(work.name for work in self.works)
         how = "LISTEN/NOTIFY and polling" if self.listener else "polling"
-        log.info("worker %s started (%s; %s every %.2f s)", worker_name(), names, how,
-                 self.poll_seconds)
+        log.info(
+            "worker %s started (%s; %s every %.2f s)", worker_name(), names, how, self.poll_seconds
+        )
         try:
             while not self.stopping:
                 if self.listener is not None:
@@ -236,8 +240,11 @@ class Worker:
                 try:
                     work.release()
                 except SQLAlchemyError as exc:
-                    log.warning("%s: could not give back its work (%s); its leases will expire",
-                                work.name, first_line(exc))
+                    log.warning(
+                        "%s: could not give back its work (%s); its leases will expire",
+                        work.name,
+                        first_line(exc),
+                    )
             if self.listener is not None:
                 self.listener.dispose()
             os.close(self._wake_r)

@@ -75,8 +75,6 @@ def order_lock_sql(n: int) -> str:
     return f"SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, hashtext(%(lock_{n})s)); "
 
 
-
-
 def results(engine: Engine, keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """``{event_id: result}`` of the claims of ``keys`` ((source, event_id)) that committed."""
     table = processed_events

@@ -135,5 +135,3 @@ def unavailable_when_lost() -> Iterator[None]:
                 "The database is unavailable; retry shortly.", code="database_unavailable"
             ) from exc
         raise
-
-

@@ -267,9 +267,7 @@ def _compile(statement: Any, dialect: Any) -> str:
 
 
 #: The parameters the worker's statements are given.
-_PARAMETERS = frozenset(
-    {"now", "limit", "row_id", "status", "result", "delay", "next_attempt_at"}
-)
+_PARAMETERS = frozenset({"now", "limit", "row_id", "status", "result", "delay", "next_attempt_at"})
 #: Sent with a batch's COMMIT: its counted takes taken back; its finished events leave the
 #: queue; their results stored.
 _FINISH_PG = (
@@ -295,5 +293,3 @@ _GIVE_BACK_PG = (
     "UPDATE processed_events SET interruptions = GREATEST(interruptions - 1, 0) "
     "WHERE id = ANY(CAST(%(ids)s AS bigint[]))"
 )
-
-

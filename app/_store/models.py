@@ -311,6 +311,8 @@ class ReconcileRun(Base):
 
 
 reconcile_runs = ReconcileRun.__table__
+
+
 class ObjectVersion(Base):
     """The newest version applied to each object of a source with ``freshness``.
 

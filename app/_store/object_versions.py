@@ -78,8 +78,7 @@ LOCK_PG = (
 #: The check (migration 0013); ``{source}``: the source's name as a literal (names are
 #: [A-Za-z0-9_.-], app.sources): one placeholder fewer for psycopg2 to parse per event.
 _APPLY_PG = (
-    "idemhook_apply_version({source}, %(object_key)s, CAST(%(version)s AS numeric), "
-    "%(event_id)s)"
+    "idemhook_apply_version({source}, %(object_key)s, CAST(%(version)s AS numeric), %(event_id)s)"
 )
 
 _UPSERT_SQLITE = (
@@ -271,9 +270,7 @@ def newer_than(
     return None if row is None else (row.event_id, _decimal(row.version))
 
 
-def move(
-    conn: Connection, source: str, object_key: str, version: Decimal, event_id: str
-) -> None:
+def move(conn: Connection, source: str, object_key: str, version: Decimal, event_id: str) -> None:
     """Make ``event_id`` the object's applied version, whatever it was (a forced replay)."""
     dialect = conn.dialect.name
     bound: Any = version if dialect == "postgresql" else sqlite_number(version)

@@ -163,8 +163,9 @@ class OutboxStore:
             rows = self._run(_TAKE_PG, params)
         else:
             rows = self._take_sqlite(lease, limit)
-        return sorted((Message(*row[:5], aware(row[5]), *row[6:]) for row in rows),
-                      key=lambda m: m.id)
+        return sorted(
+            (Message(*row[:5], aware(row[5]), *row[6:]) for row in rows), key=lambda m: m.id
+        )
 
     def step(
         self,
@@ -254,16 +255,20 @@ class OutboxStore:
     def _take_sqlite(self, lease: str, limit: int) -> list[tuple[Any, ...]]:
         now = datetime.now(UTC)
         with self.database.engine.begin() as conn:
-            ids = conn.execute(
-                select(TABLE.c.id)
-                .where(
-                    TABLE.c.status == _PENDING,
-                    TABLE.c.next_attempt_at <= now,
-                    TABLE.c.kind.in_(self.kinds),
+            ids = (
+                conn.execute(
+                    select(TABLE.c.id)
+                    .where(
+                        TABLE.c.status == _PENDING,
+                        TABLE.c.next_attempt_at <= now,
+                        TABLE.c.kind.in_(self.kinds),
+                    )
+                    .order_by(TABLE.c.next_attempt_at, TABLE.c.id)
+                    .limit(limit)
                 )
-                .order_by(TABLE.c.next_attempt_at, TABLE.c.id)
-                .limit(limit)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not ids:
                 return []
             return [
@@ -273,8 +278,14 @@ class OutboxStore:
                     .where(TABLE.c.id.in_(ids))
                     .values(leased_by=lease, next_attempt_at=now + timedelta(seconds=HOLD_SECONDS))
                     .returning(
-                        TABLE.c.id, TABLE.c.kind, TABLE.c.key, TABLE.c.payload, TABLE.c.attempts,
-                        TABLE.c.created_at, TABLE.c.source, TABLE.c.event_id,
+                        TABLE.c.id,
+                        TABLE.c.kind,
+                        TABLE.c.key,
+                        TABLE.c.payload,
+                        TABLE.c.attempts,
+                        TABLE.c.created_at,
+                        TABLE.c.source,
+                        TABLE.c.event_id,
                     )
                 ).all()
             ]
@@ -297,7 +308,8 @@ class OutboxStore:
                 if r.status is MessageStatus.PENDING:
                     values["next_attempt_at"] = now + timedelta(seconds=r.delay)
                 changed = conn.execute(
-                    update(TABLE).where(TABLE.c.id == r.id, TABLE.c.leased_by == r.token)
+                    update(TABLE)
+                    .where(TABLE.c.id == r.id, TABLE.c.leased_by == r.token)
                     .values(values)
                 ).rowcount
                 if changed:

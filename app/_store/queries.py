@@ -51,6 +51,7 @@ MAX_LIMIT = 1000
 #: Longest retry window of the providers we document (Stripe and Close: 3 days).
 LONGEST_RETRY_WINDOW = timedelta(days=3)
 
+
 @dataclass(frozen=True, slots=True)
 class Filters:
     """What a listing is narrowed to; ``None`` means any."""
@@ -134,6 +135,8 @@ _EVENTS_QUEUED = EVENTS.outerjoin(QUEUE, QUEUE.c.id == EVENTS.c.id)
 
 def _event_column(name: str) -> Any:
     return QUEUE.c.next_attempt_at if name == "next_attempt_at" else EVENTS.c[name]
+
+
 _TIMES = {
     "received_at",
     "processed_at",
@@ -337,9 +340,7 @@ def stats(session: Session, filters: Filters, by: str = "type") -> dict[str, Any
         source=filters.source, type=filters.type, since=filters.since, until=filters.until
     )
     failure_rows = session.execute(
-        failure_filters(select(fkey, func.count().label("failures")), window).group_by(
-            fkey
-        )
+        failure_filters(select(fkey, func.count().label("failures")), window).group_by(fkey)
     ).all()
 
     groups: dict[str, dict[str, Any]] = {}
@@ -473,12 +474,22 @@ def reconcile_summary(
     last success. Read through the ``(source, started_at, id)`` index."""
     now = now or datetime.now(UTC)
     newest = (RUNS.c.started_at.desc(), RUNS.c.id.desc())
-    shown = [RUNS.c[name] for name in ("id", "started_at", "finished_at", "outcome", "seen",
-                                       "already", "recovered", "failed", "error")]
+    shown = [
+        RUNS.c[name]
+        for name in (
+            "id",
+            "started_at",
+            "finished_at",
+            "outcome",
+            "seen",
+            "already",
+            "recovered",
+            "failed",
+            "error",
+        )
+    ]
     names = tuple(c.name for c in shown)
-    known = set(sources) | set(
-        session.execute(select(RUNS.c.source).distinct()).scalars().all()
-    )
+    known = set(sources) | set(session.execute(select(RUNS.c.source).distinct()).scalars().all())
     summary = []
     for source in sorted(known):
         mine = RUNS.c.source == source

@@ -113,9 +113,7 @@ def renew(engine: Engine, run_id: int, lease: timedelta, counts: Counts) -> bool
     return changed == 1
 
 
-def finish(
-    engine: Engine, run_id: int, outcome: str, counts: Counts, error: str | None
-) -> bool:
+def finish(engine: Engine, run_id: int, outcome: str, counts: Counts, error: str | None) -> bool:
     """Record how the run ended; False when it had been taken over (finished as abandoned)."""
     with engine.begin() as conn:
         changed = conn.execute(
@@ -152,4 +150,3 @@ def slot_taken(engine: Engine, source: str, scheduled_for: datetime) -> bool:
             )
         ).first()
     return found is not None
-

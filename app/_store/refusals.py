@@ -170,4 +170,3 @@ def pauses(session: Session | Engine) -> dict[str, dict[str, Any]]:
         row.source: {"paused_at": _iso(row.paused_at), "by": row.paused_by, "reason": row.reason}
         for row in rows
     }
-

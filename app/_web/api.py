@@ -216,6 +216,8 @@ def list_reconcile_runs() -> Response:
     except queries.QueryError as exc:
         raise BadRequest(str(exc), code=exc.code) from None
     return jsonify({"runs": rows, "next": next_cursor})
+
+
 @bp.get("/objects/<source>/<path:object_key>")
 def show_object(source: str, object_key: str) -> Response:
     """The version applied to one object of a source with freshness, and its event."""

@@ -168,9 +168,7 @@ def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Res
         outcomes = receiver.acceptor.accept(source, events, versions, paused=paused)
         answer = source.scheme.respond(outcomes)
         return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
-    outcomes = receiver.claimer.apply(
-        events, body, versions, lock_objects=source.batch is not None
-    )
+    outcomes = receiver.claimer.apply(events, body, versions, lock_objects=source.batch is not None)
     answer = source.scheme.respond(outcomes)
     return render_reply(answer) if answer is not None else respond(source, outcomes)
 

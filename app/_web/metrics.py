@@ -398,8 +398,7 @@ class ReconcileCollector:
         yield total
         events = CounterMetricFamily(
             "idemhook_reconciled_events",
-            "Events reconcile runs applied because the provider never got them through, "
-            "by source.",
+            "Events reconcile runs applied because the provider never got them through, by source.",
             labels=["source"],
         )
         found = {source: int(count or 0) for source, count in recovered}
@@ -441,7 +440,6 @@ class OutboxMetrics:
     def observe_delivery(self, kind: str, outcome: str, seconds: float) -> None:
         _labelled(self._children, self.deliveries, kind, outcome).inc()
         _labelled(self._children, self.send_duration, kind).observe(seconds)
-
 
 
 def _labelled(cache: dict[tuple[Any, tuple[str, ...]], Any], metric: Any, *labels: str) -> Any:

@@ -49,8 +49,7 @@ DESCRIPTIONS = {
     "get its answer.",
     "idempotency_key_mismatch": "This key was used for a different request (another "
     "method, path, Content-Type or body). Nothing ran. Use a new key for a new request.",
-    "missing_credentials": "The request carries no credentials (bearer token or "
-    "signature).",
+    "missing_credentials": "The request carries no credentials (bearer token or signature).",
     "invalid_credentials": "The credentials are not valid for this API.",
     "missing_signature": "The request is not signed.",
     "invalid_signature": "The signature does not match the body.",
@@ -91,8 +90,10 @@ def init_app(app: Flask) -> None:
 
 def _page(code: str) -> Response:
     if not _CODE.fullmatch(code) or code not in DESCRIPTIONS:
-        raise NotFound(f"No problem type {code!r}: see /problems/<code> for the ones listed.",
-                       code="unknown_problem_type")
+        raise NotFound(
+            f"No problem type {code!r}: see /problems/<code> for the ones listed.",
+            code="unknown_problem_type",
+        )
     title = TITLES.get(code) or code.replace("_", " ").capitalize()
     page = (
         "<!doctype html><html lang=en><meta charset=utf-8>"

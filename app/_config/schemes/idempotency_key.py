@@ -42,7 +42,7 @@ DEFAULT_KEY_TTL = "24h"
 MAX_KEY_LENGTH = 255
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: A bare key: visible ASCII without '"' and ',' (what Stripe's clients send).
-_BARE_KEY = re.compile(r'^[!#-+\--~]+$')
+_BARE_KEY = re.compile(r"^[!#-+\--~]+$")
 _TTL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _TTL_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: A path an API is served at: absolute, no route variables, no query or fragment.
@@ -91,9 +91,7 @@ class IdempotencyKey(Scheme):
         if self.auth not in ("hmac", "bearer"):
             raise ConfigError(f"{where} auth: 'hmac' or 'bearer'")
         self.header = _header_option(config, "signature_header", "X-Signature", where)
-        self.client_header = _header_option(
-            config, "client_header", DEFAULT_CLIENT_HEADER, where
-        )
+        self.client_header = _header_option(config, "client_header", DEFAULT_CLIENT_HEADER, where)
         if "client_header" in config and (clients is None or self.auth != "hmac"):
             raise ConfigError(
                 f"{where} client_header: only for auth = 'hmac' with clients (a bearer token "
@@ -247,9 +245,7 @@ class IdempotencyKey(Scheme):
         """The stored ``event_id``: the key, scoped by its client (``acme:<key>``)."""
         return key if client is None else f"{client}:{key}"
 
-    def fingerprint_of(
-        self, method: str, path: str, content_type: str, body: bytes
-    ) -> str | None:
+    def fingerprint_of(self, method: str, path: str, content_type: str, body: bytes) -> str | None:
         """``sha256:<hex>`` of what makes two requests the same; None when turned off."""
         if not self.fingerprint:
             return None
@@ -281,9 +277,12 @@ def parse_key(value: str | None) -> str:
     elif not value:
         key, problem = "", "is empty"
     else:
-        key, problem = "", (
-            "holds a character a bare key may not (a control character, space, comma, quote "
-            'or non-ASCII); send it as a quoted string, "like this", or a UUID'
+        key, problem = (
+            "",
+            (
+                "holds a character a bare key may not (a control character, space, comma, quote "
+                'or non-ASCII); send it as a quoted string, "like this", or a UUID'
+            ),
         )
     if problem is None and not key:
         problem = "is empty"

@@ -292,9 +292,7 @@ class Reconciliation:
                 status = Status.ACCEPTED if new else Status.DUPLICATE
                 error = None
             else:
-                (outcome,) = self.claimer.apply(
-                    [event], dumps(payload).encode(), recovered=True
-                )
+                (outcome,) = self.claimer.apply([event], dumps(payload).encode(), recovered=True)
                 status, error = outcome.status, outcome.error
         except BadRequest as exc:  # an asynchronous source's order key is missing
             self._failed(report, event.id, exc.message)
@@ -328,9 +326,7 @@ class Reconciliation:
         report = self._report
         counts = report.counts() if report is not None else Counts()
         if not reconcile_runs.renew(self.engine, self._run_id, LEASE, counts):
-            raise Interrupted(
-                None, "its lease ran out and another run took the source over"
-            )
+            raise Interrupted(None, "its lease ran out and another run took the source over")
         self._renewed = time.monotonic()
 
     def _wait(self, seconds: float, why: str) -> None:

@@ -176,9 +176,7 @@ def check_csrf() -> None:
     """Refuse a POST that does not carry this session's CSRF token."""
     expected = session.get("csrf")
     given = request.form.get(CSRF_FIELD, "")
-    if not (
-        isinstance(expected, str) and hmac.compare_digest(given.encode(), expected.encode())
-    ):
+    if not (isinstance(expected, str) and hmac.compare_digest(given.encode(), expected.encode())):
         raise Forbidden(
             "The form's CSRF token is missing or is not this session's: reload the page "
             "and submit the form again.",

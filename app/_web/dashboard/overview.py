@@ -153,9 +153,7 @@ def build(session: Session, configured: list[str], now: datetime | None = None) 
     for status, attribute in (("ignored", "ignored"), ("rejected", "rejected"), ("stale", "stale")):
         counted = _by_source(
             session,
-            select(EVENTS.c.source).where(
-                EVENTS.c.status == status, EVENTS.c.received_at >= since
-            ),
+            select(EVENTS.c.source).where(EVENTS.c.status == status, EVENTS.c.received_at >= since),
             EVENTS.c.source,
             list(per_source),
             scan=STATUS_SCAN,
@@ -199,9 +197,7 @@ def _hours(session: Session, starts: list[datetime], figures: Any) -> list[Hour]
         rows.setdefault(row.bucket, []).append(row)
     seen = [sum(r.n for r in rows.get(i, [])) for i in range(len(starts))]
     guesses = (
-        estimate_each(session, _hourly_ranges(), params)
-        if any(n > SAMPLE for n in seen)
-        else None
+        estimate_each(session, _hourly_ranges(), params) if any(n > SAMPLE for n in seen) else None
     )
     hours = []
     for i, start in enumerate(starts):

@@ -135,9 +135,7 @@ def _receiver() -> Any:
 
 def register_url(source: Source | None, name: str) -> tuple[str, bool]:
     """The URL to register at the provider, and whether it was guessed from this request."""
-    base = (source.public_url if source else None) or current_app.config.get(
-        "IDEMHOOK_PUBLIC_URL"
-    )
+    base = (source.public_url if source else None) or current_app.config.get("IDEMHOOK_PUBLIC_URL")
     guessed = not base
     root = (base or request.url_root).rstrip("/")
     # An API (idempotency-key) is called at its own path, when it has one.
@@ -338,8 +336,7 @@ def _event_or_failures(
 
 def _not_found(source: str, event_id: str) -> NotFound:
     return NotFound(
-        f"No event {event_id!r} from source {source!r} is recorded "
-        "(never received, or pruned).",
+        f"No event {event_id!r} from source {source!r} is recorded (never received, or pruned).",
         code="event_not_found",
     )
 
