@@ -25,6 +25,8 @@ Variants (``--variants``):
   each event's object and version read, and checked in the claim's statement.
 - ``baseline-api``, ``receiver-api``: an API request with a new ``Idempotency-Key`` (the
   baseline's bare minimum of a key; the receiver's ``bench_api`` and its operation).
+- ``baseline-dup``, ``receiver-dup``, ``baseline-api-replay``, ``receiver-api-replay``: the
+  same, each request one sent before (a duplicate event; a replayed key).
 
 The differences between variants are the costs of the parts (docs/performance.md).
 """
@@ -61,7 +63,13 @@ VARIANTS = (
     "receiver-fresh",
     "baseline-api",
     "receiver-api",
+    "baseline-dup",
+    "receiver-dup",
+    "baseline-api-replay",
+    "receiver-api-replay",
 )
+#: Variant suffixes that send again what was sent before (duplicates, replays).
+REPEATS = ("-dup", "-replay")
 #: Events per request of the ``-batch`` variants (their counts are per event).
 BATCH = 100
 WARMUP = 50
@@ -146,15 +154,17 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
 
     from werkzeug.test import EnvironBuilder
 
-    flask_app, path = build(url, variant)
+    repeats = variant.endswith(REPEATS)
+    base = variant.removesuffix("-dup").removesuffix("-replay")
+    flask_app, path = build(url, base)
     app = flask_app.wsgi_app  # its middleware included (the request timer)
     secret = SECRET.encode()
-    size = BATCH if variant.endswith("-batch") else 0
+    size = BATCH if base.endswith("-batch") else 0
 
-    def environs(n: int, start: int = 0) -> list[dict[str, Any]]:
+    def environs(n: int, start: int = 0, ids: list[str] | None = None) -> list[dict[str, Any]]:
         out = []
-        for i, eid in enumerate(new_ids(n), start=start):
-            if variant.endswith("-api"):
+        for i, eid in enumerate(ids or new_ids(n), start=start):
+            if base.endswith("-api"):
                 body = keyed_body(eid)
                 headers = {
                     "Content-Type": "application/json",
@@ -187,8 +197,13 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
                 raise RuntimeError(f"{variant}: {status[-1]} {body[:300]!r}")
 
     send(environs(WARMUP))
-    # With freshness, each event must be newer than the warm-up's of its account.
-    measured = environs(requests, start=WARMUP if variant == "receiver-fresh" else 0)
+    if repeats:  # sent once as new, then measured as duplicates or replays
+        ids = new_ids(requests)
+        send(environs(requests, ids=ids))
+        measured = environs(requests, ids=ids)
+    else:
+        # With freshness, each event must be newer than the warm-up's of its account.
+        measured = environs(requests, start=WARMUP if variant == "receiver-fresh" else 0)
     # As gunicorn.conf.py's post_worker_init does: the objects made at start-up stay out
     # of garbage collection, so a count is not swayed by when a full collection falls.
     gc.freeze()

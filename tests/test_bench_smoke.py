@@ -142,6 +142,12 @@ def test_instruction_count_variants_run_and_switch_their_parts_off(pg_server, ca
             "receiver-fresh": served,  # every event newer than its account's last
             "baseline-api": served,  # a new key each: the operation runs
             "receiver-api": served,
+            # Sent once as new, then measured again: the repeats run nothing (served, not
+            # served + 3).
+            "baseline-dup": served,
+            "receiver-dup": served,
+            "baseline-api-replay": served,
+            "receiver-api-replay": served,
         }
         assert observed("receiver") == (True, True)
         assert observed("no-log") == (False, True)

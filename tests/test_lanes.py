@@ -168,3 +168,33 @@ def test_an_app_dropped_without_dispose_gives_its_connections_back(make_app, pg_
     finally:
         watcher.dispose()
     assert alive == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_after_a_message_that_commits_itself_handlers_still_run_in_one_transaction(
+    make_app, sql
+):
+    """``Lane.execute_committing`` (the key's lease): the message's own work is committed,
+    and what handlers do next, by either path, is one transaction that a rollback undoes."""
+    Effect = mapped_effect()
+    app = make_app()
+    lanes = app.extensions["idemhook.db"].lanes
+    insert = "INSERT INTO test_effects (source, event_id) VALUES ('lane', :e)"
+    with lanes.lane() as lane:
+        lane.begin()
+        lane.execute_committing(
+            "INSERT INTO test_effects (source, event_id) VALUES ('lane', 'leased'); COMMIT; "
+            "SELECT 1"
+        )
+        pid = lane.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        # Nothing is open on the server until the handlers' first statement.
+        assert sql("SELECT state FROM pg_stat_activity WHERE pid = :p", p=pid) == [("idle",)]
+        lane.session.execute(text(insert), {"e": "direct"})  # straight to the lane's cursor
+        lane.session.add(Effect("lane", "orm"))  # SQLAlchemy's own path
+        lane.session.flush()
+        assert sql("SELECT state FROM pg_stat_activity WHERE pid = :p", p=pid) == [
+            ("idle in transaction",)
+        ]
+        lane.session.close()
+        lane.rollback()
+    assert _effects(sql) == ["leased"]

@@ -122,9 +122,6 @@ class KeyClaimer:
         #: the claim is abandoned and never commits; a statement (or the COMMIT) in flight
         #: then still has the statement timeout; and one more for the clocks of instances.
         self.lease_seconds = (claimer.watchdog.limit * 1000 + 2 * statement_ms) / 1000 + 1
-        self._lease_message = self.statements.lease_message.format(
-            begin=self.database.lanes.begin_sql
-        )
 
     def apply(self, request: KeyRequest) -> Answer:
         """Claim the key and run the operation, or answer from the key (409, 422, replay)."""
@@ -137,10 +134,10 @@ class KeyClaimer:
     # -- statements ----------------------------------------------------------------------------
 
     def lease(self, lane: Lane, params: dict[str, Any]) -> KeyRow | None:
-        """Count a replay or claim the key (committed), then read it in a new transaction."""
+        """Count a replay or claim the key (committed), then read its row."""
         s = self.statements
         if self._postgresql:
-            return s.key_row(lane.execute(self._lease_message, params).fetchone())
+            return s.key_row(lane.execute_committing(s.lease_message, params).fetchone())
         lane.execute(s.count_sql, params)
         lane.execute(s.lease_sql, params)
         lane.commit()

@@ -224,10 +224,11 @@ class KeyStatements:
         # crash that loses it loses the request that held it too. The operation's COMMIT
         # flushes the WAL up to it.
         no_flush = "SET LOCAL synchronous_commit TO OFF; "
-        #: PostgreSQL, one message: count a replay, lease, commit, begin (with ``begin``,
-        #: the lane's BEGIN and timeouts) and read the key's row.
+        #: PostgreSQL, one message (``Lane.execute_committing``): count a replay, lease,
+        #: commit, and read the key's row in the message's own transaction. The operation's
+        #: transaction begins with its first statement, so a replay ends with this message.
         self.lease_message = (
-            f"{no_flush}{self.count_sql}; {self.lease_sql}; COMMIT; {{begin}}{self.read_sql}"
+            f"{no_flush}{self.count_sql}; {self.lease_sql}; COMMIT; {self.read_sql}"
         )
         #: PostgreSQL: the release, committed without a disk flush.
         self.release_message = no_flush + self.release_sql

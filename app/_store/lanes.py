@@ -136,9 +136,10 @@ class Lane:
         """Send the savepoint statements waiting for the next statement, now (PostgreSQL).
 
         Called by the handler session before a statement that does not go through the
-        lane (SQLAlchemy's own path), so that its work is inside the event's savepoint.
+        lane (SQLAlchemy's own path), so that its work is inside the transaction and the
+        event's savepoint.
         """
-        if self._pending:
+        if self._pending or (self._transaction is not None and not self._server_open):
             self.execute("")
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -151,6 +152,19 @@ class Lane:
                 sql = self._pending + sql
             self._pending = ""
         return self._run(sql, params)
+
+    def execute_committing(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """PostgreSQL: run ``sql``, which commits the transaction itself.
+
+        Statements after its ``COMMIT`` run in the message's own implicit transaction,
+        committed when the message ends; what is returned holds the last one's rows.
+        The lane's transaction goes on: its next statement begins a new one on the
+        server, and a rollback before then has nothing to send.
+        """
+        result = self.execute(sql, params)
+        self._server_open = False
+        self._savepoint = False
+        return result
 
     def _run(self, sql: str, params: Mapping[str, Any] | None) -> Any:
         if self._traced:
@@ -169,12 +183,12 @@ class Lane:
     def run_text(self, session: ClaimSession, statement: TextClause, params: Any) -> Rows | None:
         """A handler's ``text()`` statement, straight on the cursor; None: not here.
 
-        Only inside the claim's transaction (a pending savepoint leaves with it), for a
+        Only inside the claim's transaction (its pending BEGIN or savepoint leaves with it), for a
         dict of plain parameters naming every bound one, a session with nothing to flush,
         and no one listening to the engine's statements or logging them. Errors are
         SQLAlchemy's, as on its own path (a lost connection retires the idle lanes).
         """
-        if not self._server_open or (params is not None and type(params) is not dict):
+        if self._transaction is None or (params is not None and type(params) is not dict):
             return None
         sql = self._lanes_texts.get(statement)
         if sql is None:
@@ -197,7 +211,10 @@ class Lane:
         if not names.issubset(values):
             return None  # SQLAlchemy's path says which value is missing
         cursor, pending = self.cursor, self._pending
-        if pending:  # the event's savepoint leaves with it
+        if not self._server_open:  # the transaction's BEGIN leaves with it
+            text, self._server_open = self._begin + pending + text, True
+            self._pending = ""
+        elif pending:  # the event's savepoint leaves with it
             text, self._pending = pending + text, ""
         try:
             cursor.execute(text, values)
