@@ -155,7 +155,7 @@ def run_child(url: str, variant: str, requests: int, *, toggle: bool) -> float:
     from werkzeug.test import EnvironBuilder
 
     repeats = variant.endswith(REPEATS)
-    base = variant.removesuffix("-dup").removesuffix("-replay")
+    base = next((variant.removesuffix(s) for s in REPEATS if variant.endswith(s)), variant)
     flask_app, path = build(url, base)
     app = flask_app.wsgi_app  # its middleware included (the request timer)
     secret = SECRET.encode()
