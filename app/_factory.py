@@ -34,7 +34,7 @@ from idemhook._store import database as db
 from idemhook._store.engine import APPLICATION_NAMES
 from idemhook._values import errors
 from idemhook._values.errors import ConfigError
-from idemhook._web import api, dashboard, health, intake, metrics, operations, problems
+from idemhook._web import api, dashboard, direct, health, intake, metrics, operations, problems
 from idemhook._web.json_provider import JSONProvider
 
 log = logging.getLogger("idemhook")
@@ -106,6 +106,7 @@ def create_app(
         loaded.sources, claimer, acceptor, tenants, refusals, Pauses(database)
     )
     intake.init_app(app, receiver)
+    direct.init_app(app, receiver)  # inside the request timer and ProxyFix, added below
     health.init_app(app)
     queued = [name for name, source in loaded.sources.items() if source.asynchronous]
     webhooks = sorted(n for n, source in loaded.sources.items() if not source.scheme.operation)

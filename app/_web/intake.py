@@ -22,9 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from idemhook._config.events import events_of, for_tenant
 from idemhook._config.freshness import versions_of
@@ -49,6 +54,8 @@ from idemhook._values.headers import safe_headers
 from idemhook._values.outcome import Status
 
 bp = Blueprint("intake", __name__)
+#: The endpoint of every webhook delivery (the request metrics' label).
+ENDPOINT = "intake.receive"
 
 
 class Receiver:
@@ -124,7 +131,7 @@ def _record(code: str, status: int, message: str, body: bytes | None) -> None:
 
 @bp.post("/webhooks/<source_name>")
 @bp.post("/webhooks/<source_name>/<tenant>")
-def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Response, int]:
+def receive(source_name: str, tenant: str | None = None) -> Response:
     received_at = datetime.now(UTC)
     receiver: Receiver = current_app.extensions["idemhook.receiver"]
     source = receiver.sources.get(source_name)
@@ -134,16 +141,35 @@ def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Res
             "add [sources.<name>] to the sources file.",
             code="unknown_source",
         )
+    url = public_url(source) if source.scheme.signs_url else ""
+    return render_reply(deliver(receiver, source, tenant, request.environ, url, received_at))
+
+
+def deliver(
+    receiver: Receiver,
+    source: Source,
+    tenant: str | None,
+    environ: dict[str, Any],
+    url: str,
+    received_at: datetime,
+) -> Reply:
+    """One delivery to ``source`` (``tenant``'s when given), from its WSGI ``environ``: the
+    answer, or an :class:`IdemhookError` (a refusal, a failed handler, a lost database).
+
+    The one path of every webhook delivery, whether Flask dispatched it (:func:`receive`)
+    or :mod:`idemhook._web.direct` did. ``url`` is the URL the sender called, for a
+    scheme that signs it (else unused).
+    """
     if tenant is None:
         if not source.own_secret:
             raise unknown_tenant(source, "")
         keys = secret_ids = None
     else:  # the tenant's live secrets: one indexed SELECT, nothing written
         secret_ids, keys = receiver.tenants.keys_for(source, tenant)
-    body = _read_body(source)
+    body = read_body(source, environ)
+    headers = EnvironHeaders(environ)
     try:
-        url = public_url(source) if source.scheme.signs_url else ""
-        delivery = Delivery(body, request.headers, request.method, url)
+        delivery = Delivery(body, headers, environ["REQUEST_METHOD"], url)
         matched = source.scheme.verify(delivery, keys)
         if secret_ids is not None:
             receiver.matches.tenant(source.name, secret_ids[matched])
@@ -151,9 +177,9 @@ def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Res
             receiver.matches.static(source.name, matched)
         early = source.scheme.preempt(delivery)
         if early is not None:
-            return render_reply(early)
+            return early
         payload = source.scheme.parse(body)
-        events = events_of(source, payload, request.headers, received_at)
+        events = events_of(source, payload, headers, received_at)
         if tenant is not None:  # event IDs are scoped per tenant: <tenant>:<id>
             events = [for_tenant(event, tenant) for event in events]
         # Each event's object and version (400 if missing or malformed), before anything
@@ -167,10 +193,10 @@ def receive(source_name: str, tenant: str | None = None) -> Response | tuple[Res
     if source.asynchronous or paused:
         outcomes = receiver.acceptor.accept(source, events, versions, paused=paused)
         answer = source.scheme.respond(outcomes)
-        return render_reply(answer) if answer is not None else acknowledge(source, outcomes)
+        return answer if answer is not None else acknowledge(source, outcomes)
     outcomes = receiver.claimer.apply(events, body, versions, lock_objects=source.batch is not None)
     answer = source.scheme.respond(outcomes)
-    return render_reply(answer) if answer is not None else respond(source, outcomes)
+    return answer if answer is not None else respond(source, outcomes)
 
 
 def public_url(source: Source) -> str:
@@ -187,34 +213,44 @@ def public_url(source: Source) -> str:
     return base.rstrip("/") + request.path + (f"?{query}" if query else "")
 
 
-def _read_body(source: Source) -> bytes:
+def read_body(source: Source, environ: dict[str, Any]) -> bytes:
+    """The request's body, once its size and type are known to be acceptable to ``source``.
+
+    Werkzeug's own functions, as Flask's ``request`` uses them: the same limits and the
+    same errors whichever path dispatched the request.
+    """
     # Refuse an oversized body before reading it. Without a Content-Length (chunked)
     # Werkzeug stops reading at max_content_length without saying so: allow one byte
     # more, so that a body which reaches it is known to be over the limit.
-    request.max_content_length = source.max_body_bytes + 1
     limit = source.max_body_bytes
-    length = request.content_length
+    length = get_content_length(environ)
     if length is not None and length > limit:
         raise PayloadTooLarge(
             f"The body is {length} bytes; source {source.name!r} accepts at most "
             f"{limit} (max_body_bytes)."
         )
-    mimetype = request.mimetype
+    mimetype = _mimetype(environ.get("CONTENT_TYPE", ""))
     if mimetype not in source.content_types:
         raise UnsupportedMediaType(
             f"Content-Type {mimetype or '(none)'!r} is not accepted here; "
             f"send {' or '.join(source.content_types)}."
         )
-    body = request.get_data(cache=False)
-    if len(body) > source.max_body_bytes:
+    body = get_input_stream(environ, max_content_length=limit + 1).read()
+    if len(body) > limit:
         raise PayloadTooLarge(
-            f"The body is over {source.max_body_bytes} bytes, the most source "
+            f"The body is over {limit} bytes, the most source "
             f"{source.name!r} accepts (max_body_bytes)."
         )
     return body
 
 
-def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Response, int]:
+@lru_cache(maxsize=64)
+def _mimetype(content_type: str) -> str:
+    """``request.mimetype`` of a Content-Type header (the few a sender uses, parsed once)."""
+    return parse_options_header(content_type)[0].lower()
+
+
+def respond(source: Source, outcomes: list[Outcome]) -> Reply:
     """200 when no event failed (processed, duplicate, ignored, rejected); else 500 (retry)."""
     failed = [o for o in outcomes if o.status == "failed"]
     if source.batch is None:
@@ -225,7 +261,7 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
                 "was recorded and a redelivery will run it again.",
                 event_id=outcome.event_id,
             )
-        return jsonify(outcome.to_dict())
+        return Reply(200, outcome.to_dict())
     events = [o.to_dict() for o in outcomes]
     if failed:
         if len(outcomes) == 1:
@@ -244,10 +280,10 @@ def respond(source: Source, outcomes: list[Outcome]) -> Response | tuple[Respons
                 "a redelivery of the whole batch applies only the failed ones."
             )
         raise HandlerFailed(message, events=events)
-    return jsonify({"status": "ok", "events": events})
+    return Reply(200, {"status": "ok", "events": events})
 
 
-def acknowledge(source: Source, outcomes: list[Outcome]) -> tuple[Response, int]:
+def acknowledge(source: Source, outcomes: list[Outcome]) -> Reply:
     """An asynchronous source's answer: ``ack_status`` while any event waits, else 200.
 
     A new event, or a duplicate of one still waiting for the worker, is
@@ -257,13 +293,14 @@ def acknowledge(source: Source, outcomes: list[Outcome]) -> tuple[Response, int]
     waiting = any(o.status is Status.ACCEPTED for o in outcomes)
     status = source.ack_status if waiting else 200
     if source.batch is None:
-        return jsonify(outcomes[0].to_dict()), status
+        return Reply(status, outcomes[0].to_dict())
     events = [o.to_dict() for o in outcomes]
-    return jsonify({"status": "accepted" if waiting else "ok", "events": events}), status
+    return Reply(status, {"status": "accepted" if waiting else "ok", "events": events})
 
 
 def render_reply(reply: Reply) -> Response:
-    """The HTTP response for a scheme's own answer (bytes as they are, else JSON)."""
+    """The HTTP response for an answer, the intake's or a scheme's own (bytes as they are,
+    else JSON); :class:`idemhook._web.direct.DirectDispatch` writes the same bytes."""
     if isinstance(reply.body, bytes):
         response = Response(reply.body, reply.status, content_type=reply.content_type)
     else:

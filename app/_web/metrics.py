@@ -499,6 +499,12 @@ class RequestTimer:
 _serving = threading.local()
 
 
+def note_endpoint(endpoint: str) -> None:
+    """Name the endpoint of this thread's request, for one Flask does not dispatch
+    (:mod:`idemhook._web.direct`)."""
+    _serving.endpoint = endpoint
+
+
 class _NotingViews(dict):
     """``app.view_functions`` that notes the endpoint Flask dispatches to, for the timer.
 

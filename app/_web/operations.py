@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, NotFound
 
 from idemhook._config.events import event_type_of
@@ -44,7 +45,7 @@ from idemhook._engine.tenants import Matches
 from idemhook._store.database import read_session
 from idemhook._values.errors import BadRequest, ConfigError, IdemhookError
 from idemhook._web import problems
-from idemhook._web.intake import _read_body
+from idemhook._web.intake import read_body
 
 #: The endpoints (metrics label requests by endpoint): one for /webhooks/<name>, one for
 #: the paths. Two rules of one endpoint with the same defaults would make Werkzeug
@@ -166,8 +167,9 @@ def receive(source_name: str) -> Response:
     received_at = datetime.now(UTC)
     operations: Operations = current_app.extensions["idemhook.operations"]
     source = operations.sources[source_name]
+    failed_type = problems.type_uri("handler_failed")
     try:
-        answer = _receive(operations, source, received_at)
+        answer = operate(operations, source, request.environ, received_at, failed_type)
     except IdemhookError as error:
         return problems.render(error)
     except HTTPException as error:  # Werkzeug's, while reading the body
@@ -175,31 +177,46 @@ def receive(source_name: str) -> Response:
     return render(answer)
 
 
-def _receive(operations: Operations, source: Source, received_at: datetime) -> Answer:
+def operate(
+    operations: Operations,
+    source: Source,
+    environ: dict[str, Any],
+    received_at: datetime,
+    failed_type: str,
+) -> Answer:
+    """One request to the API ``source``, from its WSGI ``environ``: the operation's answer
+    (run now, or replayed), or an :class:`IdemhookError` (or Werkzeug's, reading the body).
+
+    The one path of every API request, whether Flask dispatched it (:func:`receive`) or
+    :mod:`idemhook._web.direct` did. ``failed_type``: the problem type of a failed
+    operation (:func:`problems.type_uri`), stored with its answer when errors are replayed.
+    """
     scheme = source.scheme
     assert isinstance(scheme, IdempotencyKey)
-    body = _read_body(source)
-    client, index = scheme.authenticate_which(Delivery(body, request.headers, request.method))
+    body = read_body(source, environ)
+    headers = EnvironHeaders(environ)
+    method = environ["REQUEST_METHOD"]
+    client, index = scheme.authenticate_which(Delivery(body, headers, method))
     if operations.matches is not None:
         operations.matches.client(source.name, client, index)
-    key = parse_key(request.headers.get(KEY_HEADER))
+    key = parse_key(headers.get(KEY_HEADER))
     payload = scheme.parse(body)
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be one JSON object.", code="invalid_event")
     event = ClientEvent(
         source.name,
         scheme.event_id(client, key),
-        event_type_of(source, payload, request.headers),
+        event_type_of(source, payload, headers),
         payload,
-        request.headers,
+        headers,
         received_at,
         client,
     )
-    query = request.query_string.decode("latin-1")
+    query = environ.get("QUERY_STRING", "")
     fingerprint = scheme.fingerprint_of(
-        request.method,
-        request.path + (f"?{query}" if query else ""),
-        request.headers.get("Content-Type", ""),
+        method,
+        request_path(environ) + (f"?{query}" if query else ""),
+        headers.get("Content-Type", ""),
         body,
     )
     key_request = KeyRequest(
@@ -209,9 +226,15 @@ def _receive(operations: Operations, source: Source, received_at: datetime) -> A
         body,
         scheme.key_ttl,
         replay_errors=scheme.replay_errors,
-        failed_type=problems.type_uri("handler_failed"),
+        failed_type=failed_type,
     )
     return operations.keys.apply(key_request)
+
+
+def request_path(environ: Mapping[str, Any]) -> str:
+    """Werkzeug's ``request.path`` of ``environ``: PATH_INFO decoded, one leading slash."""
+    path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+    return "/" + path.lstrip("/")
 
 
 def render(answer: Answer) -> Response:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import get_current_url
 
 from idemhook._values.errors import HTTP_CODES, IdemhookError, NotFound
 
@@ -76,10 +79,16 @@ def type_uri(code: str) -> str:
     in docs/idempotency-keys.md; else this server's own ``/problems/<code>`` page,
     under ``IDEMHOOK_PUBLIC_URL`` or the request's own base URL.
     """
-    docs = current_app.config.get("IDEMHOOK_DOCS_URL")
+    return type_uri_of(current_app.config, request.environ, code)
+
+
+def type_uri_of(config: Mapping[str, Any], environ: Mapping[str, Any], code: str) -> str:
+    """:func:`type_uri` from the app's ``config`` and the request's WSGI ``environ``."""
+    docs = config.get("IDEMHOOK_DOCS_URL")
     if docs:
         return f"{docs.rstrip('/')}/{PAGE}#{code}"
-    base = current_app.config.get("IDEMHOOK_PUBLIC_URL") or request.host_url
+    # request.host_url: scheme, host and root path
+    base = config.get("IDEMHOOK_PUBLIC_URL") or get_current_url(environ, root_only=True)
     return f"{base.rstrip('/')}/problems/{code}"
 
 
