@@ -84,9 +84,7 @@ def write(lane: Lane, rows: list[dict[str, Any]]) -> None:
         return
     try:
         lane.begin()
-        if lane.pipelined:
-            lane.execute("")  # BEGIN and the timeouts, before SQLAlchemy's INSERT
-        lane.connection.execute(insert(delivery_failures), rows)
+        lane.joined().execute(insert(delivery_failures), rows)
         lane.commit()
     except SQLAlchemyError as exc:
         lane.rollback()

@@ -115,7 +115,7 @@ class EventQueue:
         the commit (``clock_timestamp()``).
         """
         if failures:
-            lane.connection.execute(insert(delivery_failures), failures)
+            lane.joined().execute(insert(delivery_failures), failures)
         if not stored and not done and not counted:
             return None, None
         if self.postgresql:

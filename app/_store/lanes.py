@@ -77,7 +77,12 @@ class Lane:
         self.pid = os.getpid()
         self.generation = lanes.generation
         self._dialect = connection.dialect
+        #: SQLAlchemy's transaction on the connection. On PostgreSQL it is bookkeeping only
+        #: (the driver is in autocommit mode; the lane sends BEGIN and COMMIT itself), so it
+        #: is begun when something takes SQLAlchemy's path (:meth:`send_pending`), not for a
+        #: claim whose statements all go through the lane: about 35,000 instructions.
         self._transaction: RootTransaction | None = None
+        self._open = False  # a transaction of the lane's is open (begin ... commit/rollback)
         self._server_open = False  # PostgreSQL: our BEGIN has been sent
         self._savepoint = False  # this transaction has an event savepoint
         self._pending = ""  # PostgreSQL: savepoint statements that leave with the next one
@@ -95,16 +100,18 @@ class Lane:
     @property
     def in_transaction(self) -> bool:
         """Whether the server may hold an open transaction of ours."""
-        return self._transaction is not None
+        return self._open
 
     def begin(self) -> None:
         """Start a transaction; on PostgreSQL its BEGIN leaves with the first statement."""
-        self._transaction = self.connection.begin()
+        self._open = True
         self._server_open = False
         self._savepoint = False
         self._pending = ""
         # Listeners (tracing) see the claim's statements through SQLAlchemy's own path.
         self._traced = bool(self.connection.dispatch.before_cursor_execute)
+        if self._traced or not self.pipelined:
+            self._transaction = self.connection.begin()
 
     def savepoint(self, *, now: bool = False) -> None:
         """Start the next event's savepoint (on PostgreSQL: with the next statement).
@@ -139,8 +146,18 @@ class Lane:
         lane (SQLAlchemy's own path), so that its work is inside the transaction and the
         event's savepoint.
         """
-        if self._pending or (self._transaction is not None and not self._server_open):
+        if self._open and self._transaction is None:  # SQLAlchemy's path: join it
+            connection = self.connection
+            self._transaction = connection.get_transaction() or connection.begin()
+        if self._pending or (self._open and not self._server_open):
             self.execute("")
+
+    def joined(self) -> Connection:
+        """The lane's connection for a statement of SQLAlchemy's own, inside the lane's
+        transaction (its pending BEGIN and savepoint sent first)."""
+        if self.pipelined:
+            self.send_pending()
+        return self.connection
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run ``sql`` on the lane (in the transaction); return something with ``fetchone``."""
@@ -188,7 +205,7 @@ class Lane:
         and no one listening to the engine's statements or logging them. Errors are
         SQLAlchemy's, as on its own path (a lost connection retires the idle lanes).
         """
-        if self._transaction is None or (params is not None and type(params) is not dict):
+        if not self._open or (params is not None and type(params) is not dict):
             return None
         sql = self._lanes_texts.get(statement)
         if sql is None:
@@ -252,7 +269,7 @@ class Lane:
         ``COMMIT`` to send and one round trip does it all. What is returned holds
         the last statement's rows.
         """
-        if self._transaction is not None or not self.pipelined:
+        if self._open or not self.pipelined:
             raise RuntimeError("execute_alone: PostgreSQL, outside a transaction only")
         self._traced = bool(self.connection.dispatch.before_cursor_execute)
         result = self._run(self._alone + sql, params)
@@ -271,13 +288,15 @@ class Lane:
             self._server_open = False
         elif sql:
             self.execute(sql, params)
-        transaction, self._transaction = self._transaction, None
+        transaction = self._transaction or self.connection.get_transaction()
+        self._transaction, self._open = None, False
         if transaction is not None and transaction.is_active:
             transaction.commit()
 
     def rollback(self) -> None:
         """Roll back whatever the transaction did; never raises for a dead connection."""
-        transaction, self._transaction = self._transaction, None
+        transaction = self._transaction or self.connection.get_transaction()
+        self._transaction, self._open = None, False
         try:
             if self.pipelined and self._server_open and self.usable:
                 self._server_open = False
