@@ -200,9 +200,14 @@ class DirectDispatch:
         return bool(app.teardown_appcontext_funcs) or any(s.receivers for s in _SIGNALS)
 
     def _build(self) -> dict[str, Route]:
-        """The paths Flask's URL map gives to the intake's and the API's views, by path."""
+        """The paths Flask's URL map gives to the intake's and the API's views, by path.
+
+        Built whole, then published (tenants first): threads that race to the first
+        request each build the same tables, and none reads a half-built one.
+        """
         adapter = self.app.url_map.bind("localhost")
         routes: dict[str, Route] = {}
+        tenanted: dict[str, Source] = {}
         for name, source in self.receiver.sources.items():
             scheme = source.scheme
             if scheme.operation:
@@ -215,12 +220,13 @@ class DirectDispatch:
             elif not scheme.signs_url:
                 if _routed(adapter, PREFIX + name, intake.ENDPOINT, name):
                     routes[PREFIX + name] = (WEBHOOK, source, intake.ENDPOINT)
-                self._tenanted[name] = source
+                tenanted[name] = source
         # A tenant's path is served directly only when no other rule could take one.
         for rule in self.app.url_map.iter_rules():
             rest = rule.rule[len(PREFIX) :] if rule.rule.startswith(PREFIX) else ""
             if "/" in rest and rule.endpoint != intake.ENDPOINT:
-                self._tenanted = {}
+                tenanted = {}
+        self._tenanted = tenanted
         self._routes = routes
         return routes
 
