@@ -17,9 +17,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import flask
 import pytest
 from flask import Flask, signals
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from idemhook._engine.keys import Answer
+from idemhook._web import direct, operations
 from idemhook.testing import deliver, signed
 from tests.conftest import SECRET, SOURCES, _clean
 from tests.test_operations import API_SOURCES
@@ -291,3 +296,31 @@ def test_a_path_a_plugin_routes_goes_through_flask(make_app, tmp_path, monkeypat
     assert client.post("/webhooks/acme/special").get_data() == b"special"
     assert new_event(client).status_code == 200
     assert handed == ["/webhooks/acme/special"]
+
+
+LOCATIONS = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40).filter(
+    lambda v: "\n" not in v and "\r" not in v
+)
+
+
+def test_an_operations_headers_are_what_werkzeug_would_send(make_app):
+    """The direct path writes an operation's headers itself: the same list Werkzeug sends
+    for Flask's response, whatever the handler's ``Location`` (quoted as an IRI alike)."""
+    app = make_app(CONFIG)
+
+    def same(location: str, replayed: bool) -> None:
+        headers_in = (("Location", location), ("X-Operation", "made"))
+        answer = Answer(201, {"id": 1}, headers_in, replayed)
+        content_type, headers = direct._operation_headers(answer)
+        with app.test_request_context("/v1/emails", method="POST"):
+            response = operations.render(answer)
+            sent = list(response.get_wsgi_headers(flask.request.environ).items())
+        body = (app.json.dumps({"id": 1}, separators=(",", ":")) + "\n").encode()
+        expected = [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers]
+        assert sorted(sent) == sorted(expected)
+
+    same("/v1/emails/1", False)  # a plain path: the direct path skips the quoting
+    same("/v1/é mails?a=b c#f", True)  # one that Werkzeug quotes
+    settings(max_examples=300, deadline=None)(
+        given(location=LOCATIONS, replayed=st.booleans())(same)
+    )()

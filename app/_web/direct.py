@@ -36,6 +36,7 @@ thread, :mod:`idemhook._engine.watchdog`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -70,6 +71,8 @@ _SCOPES = (None, intake.ENDPOINT.rpartition(".")[0], operations.ENDPOINT.rpartit
 _BODILESS = frozenset((204, 304, *range(100, 200)))
 #: Headers Werkzeug rewrites as URIs when it sends them.
 _URI_HEADERS = ("location", "content-location")
+#: A path of unreserved characters, which ``iri_to_uri`` gives back as it is.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 
 Route = tuple[str, Source, str]  # kind, source, endpoint
 WEBHOOK = "webhook"
@@ -263,7 +266,8 @@ def _operation_headers(answer: Answer) -> tuple[str, list[tuple[str, str]]] | No
             continue
         if lower in _URI_HEADERS:
             uris.add(lower)
-            value = iri_to_uri(value)
+            if not _PLAIN_PATH.fullmatch(value) or value.startswith("//"):
+                value = iri_to_uri(value)  # a plain path is its own URI: no quoting to do
         headers.append((name, value))
     if answer.replayed:
         _set(headers, operations.REPLAYED_HEADER, "true")

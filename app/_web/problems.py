@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -87,9 +88,25 @@ def type_uri_of(config: Mapping[str, Any], environ: Mapping[str, Any], code: str
     docs = config.get("IDEMHOOK_DOCS_URL")
     if docs:
         return f"{docs.rstrip('/')}/{PAGE}#{code}"
-    # request.host_url: scheme, host and root path
-    base = config.get("IDEMHOOK_PUBLIC_URL") or get_current_url(environ, root_only=True)
+    base = config.get("IDEMHOOK_PUBLIC_URL") or _host_url(
+        environ.get("wsgi.url_scheme", "http"),
+        environ.get("HTTP_HOST"),
+        environ.get("SERVER_NAME"),
+        environ.get("SERVER_PORT"),
+        environ.get("SCRIPT_NAME", ""),
+    )
     return f"{base.rstrip('/')}/problems/{code}"
+
+
+@lru_cache(maxsize=64)
+def _host_url(scheme: str, host: str | None, name: str | None, port: str | None, root: str) -> str:
+    """``request.host_url`` (scheme, host and root path) of the environ these come from:
+    Werkzeug's quoting, worked out once per host a server is called at, not per request."""
+    environ = {"wsgi.url_scheme": scheme, "SCRIPT_NAME": root}
+    for key, value in (("HTTP_HOST", host), ("SERVER_NAME", name), ("SERVER_PORT", port)):
+        if value is not None:
+            environ[key] = value
+    return get_current_url(environ, root_only=True)
 
 
 def init_app(app: Flask) -> None:
