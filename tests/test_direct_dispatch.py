@@ -282,6 +282,18 @@ def test_a_signal_receiver_or_debug_mode_sends_deliveries_through_flask(make_app
     assert len(handed) == 2
 
 
+def test_an_app_that_checks_the_host_header_sends_deliveries_through_flask(make_app):
+    """With Flask's TRUSTED_HOSTS set, a delivery to another Host is refused as Flask refuses
+    it (400), not answered by the direct path."""
+    app = make_app(CONFIG, TRUSTED_HOSTS=["hooks.example.com"])
+    handed = counting_fallback(app)
+    client = app.test_client()
+    other = send(client, "/webhooks/acme", EVENT, Host="attacker.example")
+    assert other.status_code == 400 and handed == ["/webhooks/acme"]
+    trusted = send(client, "/webhooks/acme", EVENT, Host="hooks.example.com")
+    assert trusted.status_code == 200 and trusted.json["status"] == "processed"
+
+
 def test_a_path_a_plugin_routes_goes_through_flask(make_app, tmp_path, monkeypatch):
     """A plugin's blueprint that serves POST /webhooks/acme/special takes every tenant's path
     from the direct path (Flask's routing decides), and /webhooks/acme stays direct."""

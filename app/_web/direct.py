@@ -15,7 +15,8 @@ every one where something could see the difference, goes through Flask as before
 - a path Flask would route elsewhere (checked against Flask's own URL map once, at
   the first request, when every blueprint has registered its rules), a source whose
   scheme signs the URL (the URL is Flask's ``request.url``);
-- an app in debug mode, or whose JSON answers are not compact;
+- an app in debug mode, whose JSON answers are not compact, or that checks the Host
+  header (Flask's ``TRUSTED_HOSTS`` or ``SERVER_NAME``);
 - any hook or signal a plugin or extension registered that a request would run:
   ``before_request``, ``after_request``, ``teardown_request``, ``teardown_appcontext``,
   URL value preprocessors, and receivers of Flask's request signals (an error
@@ -191,6 +192,9 @@ class DirectDispatch:
         app = self.app
         if app.debug or getattr(app.json, "compact", None) is False:
             return True
+        config = app.config
+        if config.get("TRUSTED_HOSTS") or config.get("SERVER_NAME"):
+            return True  # Flask checks the Host header (and routes by it)
         for hooks in (
             app.before_request_funcs,
             app.after_request_funcs,
