@@ -27,6 +27,7 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.wsgi import get_path_info
 
 from idemhook._config.events import event_type_of
 from idemhook._config.schemes import Delivery
@@ -231,10 +232,9 @@ def operate(
     return operations.keys.apply(key_request)
 
 
-def request_path(environ: Mapping[str, Any]) -> str:
+def request_path(environ: dict[str, Any]) -> str:
     """Werkzeug's ``request.path`` of ``environ``: PATH_INFO decoded, one leading slash."""
-    path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-    return "/" + path.lstrip("/")
+    return "/" + get_path_info(environ).lstrip("/")
 
 
 def render(answer: Answer) -> Response:
