@@ -257,7 +257,16 @@ def build(url: str, variant: str) -> tuple[Any, str]:
         config["plugins"].append("bench.fresh_handler")
     if variant == "receiver-api":  # everything the HTTP bench's receiver serves
         config = tomllib.loads(RUN_SOURCES_TOML)
-    app = create_app({"DATABASE_URL": parsed, "IDEMHOOK_CONFIG": config})
+    # As the HTTP bench's receiver: a direct connection, its statements prepared, unless
+    # the environment says otherwise (IDEMHOOK_PREPARED_STATEMENTS=false: as text).
+    prepared = os.environ.get("IDEMHOOK_PREPARED_STATEMENTS", "true").lower() != "false"
+    app = create_app(
+        {
+            "DATABASE_URL": parsed,
+            "IDEMHOOK_CONFIG": config,
+            "IDEMHOOK_PREPARED_STATEMENTS": prepared,
+        }
+    )
     # Which secret verified each delivery is written by a thread about once a second (one
     # statement per secret): under valgrind a second spans a few dozen requests, not the
     # hundreds a worker serves, so its writes would be counted many times over. The

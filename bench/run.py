@@ -97,6 +97,9 @@ class Plan:
     gunicorn: tuple[str, ...] = ()
     #: Scenario names to run (development); empty: all of them.
     only: tuple[str, ...] = ()
+    #: The receiver's IDEMHOOK_PREPARED_STATEMENTS: on, as a deployment that reaches
+    #: PostgreSQL directly sets it (the bench does); off: its statements sent as text.
+    prepared_statements: bool = True
 
 
 FULL = Plan()
@@ -297,7 +300,12 @@ class Bench:
             "receiver": Server(
                 "receiver",
                 "idemhook:create_app()",
-                {**common, "DATABASE_URL": url, "IDEMHOOK_CONFIG": str(sources)},
+                {
+                    **common,
+                    "DATABASE_URL": url,
+                    "IDEMHOOK_CONFIG": str(sources),
+                    "IDEMHOOK_PREPARED_STATEMENTS": str(self.plan.prepared_statements).lower(),
+                },
                 self.work / "receiver.log",
             ),
             "baseline": Server(
@@ -318,6 +326,7 @@ class Bench:
             "gunicorn_args": list(self.plan.gunicorn),
             "workers": workers,
             "pool_size": os.environ.get("IDEMHOOK_POOL_SIZE", "one connection per thread"),
+            "prepared_statements": self.plan.prepared_statements,
             "wrk": f"{self.wrk} -t2 -c{self.plan.connections} (Lua script bench/wrk.lua)",
             "plan": asdict(self.plan),
         }
@@ -1033,6 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gunicorn", default="", help="extra gunicorn arguments for both servers")
     parser.add_argument("--only", default="", help="comma-separated scenarios (development)")
     parser.add_argument("--docs", action="store_true", help="regenerate docs/performance.md")
+    parser.add_argument(
+        "--text-statements",
+        action="store_true",
+        help="the receiver with IDEMHOOK_PREPARED_STATEMENTS=false (its statements as text)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
@@ -1043,6 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, only=tuple(args.only.split(",")))
     if args.gunicorn:
         plan = replace(plan, gunicorn=plan.gunicorn + tuple(shlex.split(args.gunicorn)))
+    if args.text_statements:
+        plan = replace(plan, prepared_statements=False)
     out = args.out or RESULTS / ("quick" if args.quick else "full")
     bench = Bench(plan, out)
     try:

@@ -171,4 +171,10 @@ def _database(config: Any) -> Database:
         pool_mode=mode,
         name=application_name(config),
     )
-    return Database(engine, timeouts=timeouts, pool_mode=mode, name=application_name(config))
+    return Database(
+        engine,
+        timeouts=timeouts,
+        pool_mode=mode,
+        name=application_name(config),
+        prepare=bool(config["IDEMHOOK_PREPARED_STATEMENTS"]),
+    )

@@ -40,6 +40,10 @@ DEFAULTS: dict[str, Any] = {
     # "keep": keep connections (direct, or a transaction-mode pooler such as PgBouncer's
     # pool_mode = transaction); "session-pooler": hold one only while a delivery uses it.
     "IDEMHOOK_POOL_MODE": "keep",
+    # Prepare the claim's and the keys' statements once per kept connection (PostgreSQL).
+    # Only for a connection that is always the same server session: directly to
+    # PostgreSQL, never through a transaction-mode pooler (docs/configuration.md).
+    "IDEMHOOK_PREPARED_STATEMENTS": False,
     # Direct database URL for `idemhook db` commands (managed databases hand out a
     # pooled and a direct URL); empty: DATABASE_URL.
     "IDEMHOOK_MIGRATION_DATABASE_URL": "",
@@ -133,6 +137,13 @@ def load(
         raise ConfigError(
             f"IDEMHOOK_POOL_MODE must be {' or '.join(POOL_MODES)}, got {mode!r} "
             "(docs/operations.md, 'Behind a connection pooler')"
+        )
+    if settings["IDEMHOOK_PREPARED_STATEMENTS"] and mode == "session-pooler":
+        raise ConfigError(
+            "IDEMHOOK_PREPARED_STATEMENTS=true needs kept connections, but "
+            "IDEMHOOK_POOL_MODE=session-pooler keeps none: a statement prepared on a "
+            "connection would be prepared again for every delivery. Turn one of them off "
+            "(docs/configuration.md)."
         )
     if settings["IDEMHOOK_PUBLIC_URL"]:
         problem = check_public_url(settings["IDEMHOOK_PUBLIC_URL"])

@@ -128,7 +128,13 @@ class Claimer:
         engine = database.engine
         #: Sessions outside the claim (replay).
         self.sessions = sessionmaker(engine, class_=ClaimSession, expire_on_commit=False)
-        self.statements = ClaimStatements(engine.dialect)
+        self.statements = statements = ClaimStatements(engine.dialect)
+        database.lanes.prepared.register(
+            statements.claim_sql,
+            statements.tenant_claim_sql,
+            statements.recovered_claim_sql,
+            statements.finish_sql,
+        )
         #: At most as many claim threads as the pool has connections (size + overflow),
         #: so a claim never waits for a connection behind handlers that overran.
         self.watchdog = Watchdog(handler_timeout_ms, threads=claim_threads)

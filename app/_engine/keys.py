@@ -114,7 +114,15 @@ class KeyClaimer:
         self.claimer = claimer
         self.database = claimer.database
         engine = self.database.engine
-        self.statements = KeyStatements(engine.dialect)
+        self.statements = statements = KeyStatements(engine.dialect)
+        self.database.lanes.prepared.register(
+            statements.count_sql,
+            statements.lease_sql,
+            statements.read_sql,
+            statements.finish_sql,
+            statements.finish_checked_sql,
+            statements.release_sql,
+        )
         self._postgresql = engine.dialect.name == "postgresql"
         timeouts = self.database.timeouts
         statement_ms = timeouts.statement_ms if timeouts else 2000

@@ -36,6 +36,7 @@ class Database:
         timeouts: Timeouts | None = None,
         pool_mode: str = "keep",
         name: str = APPLICATION_NAMES["web"],
+        prepare: bool = False,
     ) -> None:
         self.engine = engine
         self.name = name
@@ -44,7 +45,7 @@ class Database:
         self.pool_mode = pool_mode
         #: The claim's lanes; in session-pooler mode none is kept between deliveries.
         keep = 0 if pool_mode == "session-pooler" else _pool_size(engine)
-        self.lanes = Lanes(engine, keep=keep, timeouts=timeouts)
+        self.lanes = Lanes(engine, keep=keep, timeouts=timeouts, prepare=prepare)
 
     def session(self) -> Session:
         return self.sessions()
@@ -85,7 +86,11 @@ def init_app(app: Flask) -> Database:
         name=application_name(app.config),
     )
     database = Database(
-        engine, timeouts=timeouts, pool_mode=pool_mode, name=application_name(app.config)
+        engine,
+        timeouts=timeouts,
+        pool_mode=pool_mode,
+        name=application_name(app.config),
+        prepare=bool(app.config["IDEMHOOK_PREPARED_STATEMENTS"]),
     )
     app.extensions["idemhook.db"] = database
     return database

@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
 from idemhook._store.engine import LANE_OPTION, Timeouts, inherited_connections
+from idemhook._store.prepared import CACHE_SIZE, MISSING, Prepared
 from idemhook._store.session import ClaimSession, Rows
 
 #: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
@@ -89,6 +90,12 @@ class Lane:
         self._traced = False
         #: Handlers' ``text()`` statements as SQL, shared by the engine's lanes (run_text).
         self._lanes_texts = lanes.texts
+        #: IDEMHOOK_PREPARED_STATEMENTS: the names prepared on this connection, the registry
+        #: version they reflect, and the messages translated to their EXECUTEs so far.
+        self._prepared = lanes.prepared
+        self._prepared_names: set[str] = set()
+        self._prepared_version = -1
+        self._translated: dict[str, str] = {}
         if self.pipelined:
             session.direct = self.run_text
             session.before_statement = self.send_pending
@@ -96,6 +103,30 @@ class Lane:
     @property
     def usable(self) -> bool:
         return not self.connection.invalidated and not self.connection.closed
+
+    def prepare(self) -> None:
+        """Prepare the registered statements this connection lacks (outside a transaction)."""
+        prepared = self._prepared
+        if self._prepared_version == prepared.version:
+            return
+        self._prepared_version = prepared.version
+        self._translated = {}
+        if not prepared.enabled:
+            self._prepared_names = set()
+            return
+        try:
+            prepared.prepare_on(self.cursor, self._prepared_names)
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._wrap(exc, "PREPARE", None) from exc
+
+    def _translate(self, sql: str) -> str:
+        """``sql`` with the statements prepared on this connection as their EXECUTEs."""
+        found = self._translated.get(sql)
+        if found is None:
+            found = self._prepared.translate(sql, self._prepared_names)
+            if len(self._translated) < CACHE_SIZE:
+                self._translated[sql] = found
+        return found
 
     @property
     def in_transaction(self) -> bool:
@@ -161,6 +192,8 @@ class Lane:
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run ``sql`` on the lane (in the transaction); return something with ``fetchone``."""
+        if self._prepared_names and not self._traced:
+            sql = self._translate(sql)
         if self.pipelined:
             if not self._server_open:
                 sql = self._begin + self._pending + sql
@@ -272,6 +305,8 @@ class Lane:
         if self._open or not self.pipelined:
             raise RuntimeError("execute_alone: PostgreSQL, outside a transaction only")
         self._traced = bool(self.connection.dispatch.before_cursor_execute)
+        if self._prepared_names and not self._traced:
+            sql = self._translate(sql)
         result = self._run(self._alone + sql, params)
         if self._traced and self.connection.in_transaction():
             # SQLAlchemy's path began its own bookkeeping transaction; the server's ended
@@ -323,6 +358,11 @@ class Lane:
     def _wrap(self, exc: Exception, sql: str, params: Any) -> DBAPIError:
         """The DBAPIError SQLAlchemy would raise; a lost connection retires every idle lane."""
         disconnect = self._dialect.is_disconnect(exc, self.connection.connection, self.cursor)
+        if getattr(exc, "pgcode", None) == MISSING and self._prepared_names:
+            # This session lacks a statement prepared on the connection: a pooler hands
+            # its transactions to other sessions. This transaction is lost whole; no more.
+            self._prepared.disable(exc)
+            self._prepared_names, self._translated = set(), {}
         if disconnect:
             if not self.connection.invalidated:
                 self.connection.invalidate(exc)
@@ -353,10 +393,19 @@ class Lanes:
     closed instead of kept. ``Engine.dispose()`` closes the idle lanes too.
     """
 
-    def __init__(self, engine: Engine, keep: int, timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keep: int,
+        timeouts: Timeouts | None = None,
+        *,
+        prepare: bool = False,
+    ) -> None:
         self.engine = engine
         self.keep = keep
         self.pipelined = engine.dialect.name == "postgresql"
+        #: The statements each lane prepares on its connection (IDEMHOOK_PREPARED_STATEMENTS).
+        self.prepared = Prepared(prepare and self.pipelined)
         #: Lane.run_text's compiled statements (a dict: its reads and writes are atomic).
         self.texts: dict[TextClause, tuple[frozenset[str], str] | tuple[()]] = {}
         #: What the first statement of each transaction is prefixed with (PostgreSQL).
@@ -397,6 +446,8 @@ class Lanes:
             if lane.generation != self.generation or not lane.usable:
                 lane.close(hard=True)
                 continue
+            if lane._prepared_version != self.prepared.version:
+                self._prepare(lane)
             return lane
 
     def _give(self, lane: Lane) -> None:
@@ -426,9 +477,19 @@ class Lanes:
                 options["isolation_level"] = "AUTOCOMMIT"
             connection = connection.execution_options(**options)
             session = ClaimSession(bind=connection, expire_on_commit=False)
-            return Lane(self, connection, session)
+            lane = Lane(self, connection, session)
         except BaseException:
             connection.close()
+            raise
+        if self.prepared.enabled:
+            self._prepare(lane)
+        return lane
+
+    def _prepare(self, lane: Lane) -> None:
+        try:
+            lane.prepare()
+        except BaseException:
+            lane.close(hard=True)
             raise
 
 

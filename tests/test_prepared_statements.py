@@ -1,0 +1,133 @@
+"""``IDEMHOOK_PREPARED_STATEMENTS``: the claim's and the keys' statements prepared once per lane.
+
+What a user would notice if it went wrong: a delivery or an API request answered or
+stored differently with the setting on; the setting doing nothing (the statements
+still parsed and planned on every request); or, behind a transaction-mode pooler where
+a session lacks the statements, a delivery lost or applied twice, or every later
+delivery failing too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+
+from idemhook._config.settings import load as load_settings
+from idemhook._values.errors import ConfigError
+from idemhook.testing import deliver
+from tests.conftest import _clean
+from tests.test_direct_dispatch import CASES, CONFIG, STORED, api_new
+
+#: An event type the test sources' recorder handles.
+TYPE = "contact.updated"
+
+
+def _executions(app) -> dict[str, int]:
+    """The idemhook statements prepared on the (one) kept lane's session, and how often
+    each was executed there."""
+    lanes = app.extensions["idemhook.db"].lanes
+    with lanes.lane() as lane:
+        lane.cursor.execute(
+            "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
+            "WHERE name LIKE 'idemhook_%'"
+        )
+        return dict(lane.cursor.fetchall())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_request_is_answered_and_stored_alike_with_statements_prepared(
+    make_app, sql, db_url, case
+):
+    run, status = CASES[case]
+    seen = []
+    for prepared in (False, True):
+        app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=prepared)
+        client = app.test_client()
+        response = run(client, sql) if len(inspect.signature(run).parameters) == 2 else run(client)
+        app.extensions["idemhook.matches"].close()  # written before the tables are read
+        stored = [sql(query) for query in STORED]
+        seen.append((response.status, dict(response.headers), response.get_data(), stored))
+        _clean(db_url)
+        sql("DELETE FROM test_failures")
+    text, prepared_ = seen
+    assert int(text[0][:3]) == status
+    assert prepared_ == text
+
+
+def test_the_claims_and_keys_statements_run_prepared(make_app):
+    """With the setting on, the claim and the key's statements are EXECUTEd on the lane's
+    session (PostgreSQL counts each execution of a prepared statement); off, none is."""
+    app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    receiver = app.extensions["idemhook.receiver"]
+    claims = receiver.claimer.statements
+    for n in range(3):
+        assert deliver(client, "acme", {"id": f"p{n}", "type": TYPE}).status_code == 200
+    assert deliver(client, "acme", {"id": "p0", "type": TYPE}).json["status"] == "duplicate"
+    prepared = app.extensions["idemhook.db"].lanes.prepared.statements
+    executed = _executions(app)
+    assert executed[prepared[claims.claim_sql].name] == 4
+    assert executed[prepared[claims.finish_sql].name] == 3
+
+    off = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=False, IDEMHOOK_POOL_SIZE=1)
+    assert deliver(off.test_client(), "acme", {"id": "q1", "type": TYPE}).status_code == 200
+    assert _executions(off) == {}
+
+
+def test_keys_statements_run_prepared(make_app):
+    app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    first = api_new(client)
+    again = api_new(client)
+    assert first.status_code == again.status_code == 201
+    assert first.get_data() == again.get_data()
+    keys = app.extensions["idemhook.operations"].keys.statements
+    prepared = app.extensions["idemhook.db"].lanes.prepared.statements
+    executed = _executions(app)
+    assert executed[prepared[keys.lease_sql].name] == 2
+    assert executed[prepared[keys.read_sql].name] == 2
+    assert executed[prepared[keys.finish_checked_sql].name] == 1
+
+
+def test_a_session_without_the_statements_loses_one_transaction_and_preparing_stops(
+    make_app, sql, caplog
+):
+    """As behind a transaction-mode pooler: the lane's session no longer has its prepared
+    statements. The delivery that meets it is rolled back whole and answered 5xx (its
+    sender retries), the log says why, and every later delivery is served as text;
+    nothing is applied twice or lost."""
+    app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    assert deliver(client, "acme", {"id": "m1", "type": TYPE}).status_code == 200
+    lanes = app.extensions["idemhook.db"].lanes
+    with lanes.lane() as lane:
+        lane.cursor.execute("DEALLOCATE ALL")  # what another server session looks like
+    caplog.set_level(logging.ERROR, logger="idemhook.db")
+
+    lost = deliver(client, "acme", {"id": "m2", "type": TYPE})
+    assert lost.status_code >= 500
+    assert sql("SELECT event_id FROM processed_events ORDER BY event_id") == [("m1",)]
+    assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'm2'") == [(0,)]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "idemhook.db"]
+    assert "IDEMHOOK_PREPARED_STATEMENTS" in line and "pooler" in line
+
+    retried = deliver(client, "acme", {"id": "m2", "type": TYPE})
+    assert retried.status_code == 200 and retried.json["status"] == "processed"
+    assert deliver(client, "acme", {"id": "m2", "type": TYPE}).json["status"] == "duplicate"
+    assert sql("SELECT count(*) FROM test_effects WHERE event_id = 'm2'") == [(1,)]
+    assert lanes.prepared.enabled is False and _executions(app) == {}
+
+
+def test_the_setting_is_refused_with_a_pool_mode_that_keeps_no_connection(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://localhost/idemhook")
+    monkeypatch.setenv("IDEMHOOK_PREPARED_STATEMENTS", "true")
+    assert load_settings()["IDEMHOOK_PREPARED_STATEMENTS"] is True
+    monkeypatch.setenv("IDEMHOOK_POOL_MODE", "session-pooler")
+    with pytest.raises(ConfigError, match="IDEMHOOK_PREPARED_STATEMENTS"):
+        load_settings()
+    monkeypatch.setenv("IDEMHOOK_PREPARED_STATEMENTS", "sometimes")
+    monkeypatch.delenv("IDEMHOOK_POOL_MODE")
+    with pytest.raises(ConfigError, match="true or false"):
+        load_settings()
