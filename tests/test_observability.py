@@ -264,3 +264,73 @@ def test_text_lines_carry_the_timestamp_logging_itself_would_write(created, late
         record = logging.LogRecord("idemhook.events", logging.INFO, __file__, 1, "m", (), None)
         record.created, record.msecs = at, (at - int(at)) * 1000
         assert ours.format(record) == standard.format(record)
+
+
+# -- the event line written without a LogRecord (logs._only_ours) -------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@given(
+    event_id=st.text(max_size=40),
+    event_type=st.one_of(st.none(), st.text(max_size=20)),
+    seconds=st.floats(min_value=0, max_value=100, allow_nan=False),
+    created=st.floats(min_value=1.6e9, max_value=2e9, allow_nan=False),
+)
+def test_an_event_line_written_directly_is_the_one_the_handler_writes(
+    fmt, event_id, event_type, seconds, created
+):
+    """When idemhook's handler is the only one listening, the line is written without the
+    logging module's dispatch: byte for byte what its formatter makes of the record."""
+    import io
+    import time as time_module
+
+    handler = logs._Handler(io.StringIO())
+    handler.setFormatter(logs.JsonFormatter() if fmt == "json" else TextFormatter())
+    parent = logging.getLogger("idemhook")
+    saved = (parent.handlers, logging.root.handlers, time_module.time, parent.level)
+    fields = {
+        "source": "acme",
+        "event_id": event_id,
+        "event_type": event_type,
+        "outcome": "processed",
+        "duration_ms": round(seconds * 1000, 2),
+        "handler": "plugin.count",
+    }
+    written = []
+    records: list[logging.LogRecord] = []
+    make_record = logs.log.makeRecord
+    try:
+        parent.handlers, logging.root.handlers = [handler], []
+        parent.setLevel(logging.INFO)
+        time_module.time = lambda: created
+        logs.log.makeRecord = lambda *a, **k: records.append(make_record(*a, **k)) or records[-1]
+        assert logs._only_ours(logs.log, logging.INFO) is handler  # the direct way
+        logs.log_fields(logs.log, logging.INFO, fields)
+        assert records == []  # written without a record
+        written.append(handler.stream.getvalue())
+        handler.stream.seek(0), handler.stream.truncate()
+        logs.log.addFilter(lambda record: True)  # a filter: the logging module's way
+        try:
+            assert logs._only_ours(logs.log, logging.INFO) is None
+            logs.log_fields(logs.log, logging.INFO, fields)
+        finally:
+            logs.log.filters.clear()
+        assert len(records) == 1
+        written.append(handler.stream.getvalue())
+    finally:
+        parent.handlers, logging.root.handlers, time_module.time, level = saved
+        parent.setLevel(level)
+        del logs.log.makeRecord  # the class's own again
+    direct, through_logging = written
+    assert direct == through_logging and direct.count("\n") == 1
+
+
+def test_another_handler_sees_every_event_line(make_app, caplog):
+    """A handler on the root logger (pytest's here, ``logging.basicConfig`` in an app) or
+    on the idemhook loggers gets each event's record, fields included."""
+    app = make_app()
+    caplog.set_level(logging.INFO, logger="idemhook")
+    assert logs._only_ours(logs.log, logging.INFO) is None
+    deliver(app.test_client(), "acme", {"id": "seen-1", "type": "contact.updated"})
+    [record] = [r for r in caplog.records if r.name == "idemhook.events"]
+    assert record.event_id == "seen-1" and record.outcome == "processed"

@@ -85,6 +85,9 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
     if not logger.isEnabledFor(level):
         return
     message = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+    handler = _only_ours(logger, level)
+    if handler is not None and _write(handler, logger.name, level, message, fields):
+        return
     # The record made directly: Logger.log would also look up the caller's frame, a
     # fifth of the line's cost, to name this function, which is known.
     record = logger.makeRecord(logger.name, level, __file__, _LINE, message, (), None, "log_fields")
@@ -93,6 +96,61 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
 
 
 _LINE = log_fields.__code__.co_firstlineno
+
+
+def _only_ours(logger: logging.Logger, level: int) -> _Handler | None:
+    """idemhook's stderr handler when it is the only thing that would see the record.
+
+    Then the line is formatted and written here, as the handler would write it, without
+    a ``LogRecord`` and the logging module's dispatch (about half of a line's cost,
+    docs/performance.md). Anything else that could see or change the record sends it
+    the logging module's way: a filter or another handler on the logger or its parents
+    (pytest's capture, a plugin's, ``logging.basicConfig`` on the root logger), a
+    record factory, a formatter of another class, or a handler level that drops it.
+    """
+    parent = logger.parent
+    if (
+        logger.disabled
+        or logger.handlers
+        or logger.filters
+        or not logger.propagate
+        or parent is None
+        or parent.name != "idemhook"
+        or parent.filters
+        or len(parent.handlers) != 1
+        or (parent.propagate and logging.root.handlers)
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    handler = parent.handlers[0]
+    if (
+        type(handler) is not _Handler
+        or handler.filters
+        or level < handler.level
+        or type(handler.formatter) not in (TextFormatter, JsonFormatter)
+    ):
+        return None
+    return handler
+
+
+def _write(handler: _Handler, name: str, level: int, message: str, fields: dict) -> bool:
+    """Write the line ``handler`` would write for this record; False: it could not."""
+    created = time.time()
+    formatter = handler.formatter
+    if type(formatter) is TextFormatter:
+        stamp = formatter.stamp(created)
+        line = f"{stamp} {logging.getLevelName(level)} {name} {message}"
+    else:
+        line = JsonFormatter.line(created, level, name, fields)
+    try:
+        with handler.lock:  # as Handler.handle holds it around emit
+            stream = handler.stream
+            stream.write(line + handler.terminator)
+            stream.flush()
+    except Exception:  # noqa: BLE001 (the logging module's way: report, never raise)
+        return False
+    return True
+
 
 #: A value written bare: printable ASCII but space, '"' and '='. Anything else is quoted.
 _BARE = re.compile(r"[!#-<>-~]+")
@@ -108,18 +166,31 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the event fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        fields = [f for f in _ALL_FIELDS if hasattr(record, f)]
+        fields = {f: getattr(record, f) for f in _ALL_FIELDS if hasattr(record, f)}
+        if fields and not record.exc_info:
+            return self.line(record.created, record.levelno, record.name, fields)
+        body = self._head(record.created, record.levelno, record.name)
         if fields:
-            body.update({f: getattr(record, f) for f in fields})
+            body.update(fields)
         else:
             body["message"] = record.getMessage()
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+    @staticmethod
+    def _head(created: float, level: int, name: str) -> dict[str, Any]:
+        return {
+            "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+            "level": logging.getLevelName(level).lower(),
+            "logger": name,
+        }
+
+    @classmethod
+    def line(cls, created: float, level: int, name: str, fields: dict[str, Any]) -> str:
+        """The line of a record with these event ``fields`` (in :data:`_ALL_FIELDS` order)."""
+        body = cls._head(created, level, name)
+        body.update((f, fields[f]) for f in _ALL_FIELDS if f in fields)
         return json.dumps(body, ensure_ascii=False)
 
 
@@ -134,12 +205,17 @@ class TextFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        second = int(record.created)
+        return self.stamp(record.created)
+
+    def stamp(self, created: float) -> str:
+        """``asctime`` of a record made at ``created``: ``2026-12-07 10:00:00,123``."""
+        second = int(created)
         cached = self._second  # one tuple, replaced whole: safe across threads
         if cached[0] != second:
-            text = time.strftime(self.default_time_format, self.converter(record.created))
+            text = time.strftime(self.default_time_format, self.converter(created))
             cached = self._second = (second, text)
-        return self.default_msec_format % (cached[1], record.msecs)
+        # As LogRecord works out msecs from its creation time.
+        return self.default_msec_format % (cached[1], int((created - second) * 1000))
 
 
 class _Handler(logging.StreamHandler):
