@@ -180,7 +180,9 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
         ),
         "settings": (
             f"gunicorn.conf.py: `{settings['gunicorn_conf']}`; extra arguments for both: "
-            f"`{' '.join(settings['gunicorn_args']) or '(none)'}`. wrk: 2 threads, "
+            f"`{' '.join(settings['gunicorn_args']) or '(none)'}`. The receiver's "
+            f"`IDEMHOOK_PREPARED_STATEMENTS`: "
+            f"`{str(settings.get('prepared_statements', False)).lower()}`. wrk: 2 threads, "
             f"{plan['connections']} connections, {plan['seconds']:g} s per run, "
             f"{plan['rounds']} rounds in ABBA order. Started {results['started']}, "
             f"took {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}."

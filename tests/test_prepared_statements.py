@@ -131,3 +131,30 @@ def test_the_setting_is_refused_with_a_pool_mode_that_keeps_no_connection(monkey
     monkeypatch.delenv("IDEMHOOK_POOL_MODE")
     with pytest.raises(ConfigError, match="true or false"):
         load_settings()
+
+
+def test_a_schema_change_under_a_prepared_statement_costs_one_delivery_and_its_connection(
+    make_app, sql
+):
+    """A migration that changes the type of a column the claim returns makes PostgreSQL
+    refuse the lane's prepared claim ("cached plan must not change result type"): that
+    delivery is rolled back and answered 5xx, the lane's connection is replaced, and the
+    next delivery (the retry) is applied on a fresh one, once."""
+    app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    assert deliver(client, "acme", {"id": "s1", "type": TYPE}).status_code == 200
+    sql("ALTER TABLE processed_events ALTER COLUMN status TYPE varchar(20)")
+    try:
+        refused = deliver(client, "acme", {"id": "s2", "type": TYPE})
+        assert refused.status_code >= 500
+        retried = deliver(client, "acme", {"id": "s2", "type": TYPE})
+        assert retried.status_code == 200 and retried.json["status"] == "processed"
+        assert sql("SELECT count(*) FROM test_effects WHERE event_id = 's2'") == [(1,)]
+        prepared = app.extensions["idemhook.db"].lanes.prepared
+        assert prepared.enabled  # a schema change is not a pooler: still prepared
+        claim = prepared.statements[
+            app.extensions["idemhook.receiver"].claimer.statements.claim_sql
+        ]
+        assert _executions(app)[claim.name] == 1  # the retry's, on the new connection
+    finally:
+        sql("ALTER TABLE processed_events ALTER COLUMN status TYPE varchar(16)")

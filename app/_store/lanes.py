@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
 from idemhook._store.engine import LANE_OPTION, Timeouts, inherited_connections
-from idemhook._store.prepared import CACHE_SIZE, MISSING, Prepared
+from idemhook._store.prepared import CACHE_SIZE, MISSING, STALE, Prepared
 from idemhook._store.session import ClaimSession, Rows
 
 #: SQLAlchemy's statement log: the lanes' statements appear there too, without parameters.
@@ -96,6 +96,9 @@ class Lane:
         self._prepared_names: set[str] = set()
         self._prepared_version = -1
         self._translated: dict[str, str] = {}
+        #: A prepared statement's plan went stale under a schema change (SQLSTATE 0A000):
+        #: the connection is closed when given back, and its successor prepares afresh.
+        self._stale_plans = False
         if self.pipelined:
             session.direct = self.run_text
             session.before_statement = self.send_pending
@@ -363,6 +366,8 @@ class Lane:
             # its transactions to other sessions. This transaction is lost whole; no more.
             self._prepared.disable(exc)
             self._prepared_names, self._translated = set(), {}
+        elif getattr(exc, "pgcode", None) == STALE and self._prepared_names:
+            self._stale_plans = True  # "cached plan must not change result type"
         if disconnect:
             if not self.connection.invalidated:
                 self.connection.invalidate(exc)
@@ -443,7 +448,7 @@ class Lanes:
                 # Inherited through a fork (app.db points its socket at /dev/null).
                 inherited_connections.append(lane)
                 continue
-            if lane.generation != self.generation or not lane.usable:
+            if lane.generation != self.generation or not lane.usable or lane._stale_plans:
                 lane.close(hard=True)
                 continue
             if lane._prepared_version != self.prepared.version:
@@ -453,7 +458,7 @@ class Lanes:
     def _give(self, lane: Lane) -> None:
         if lane.in_transaction:  # the caller's error path did not end it: never reuse it
             lane.rollback()
-        if lane.generation != self.generation or not lane.usable:
+        if lane.generation != self.generation or not lane.usable or lane._stale_plans:
             lane.close(hard=True)
         elif len(self._idle) < self.keep and time.monotonic() - lane.opened < RECYCLE_SECONDS:
             self._idle.append(lane)

@@ -38,6 +38,10 @@ _PARAMETER = re.compile(r"%\((\w+)\)s|%%")
 CACHE_SIZE = 256
 #: SQLSTATE invalid_sql_statement_name: an EXECUTE of a statement the session lacks.
 MISSING = "26000"
+#: SQLSTATE feature_not_supported, as PostgreSQL refuses a prepared statement whose result
+#: columns a schema change altered ("cached plan must not change result type"): the lane's
+#: connection is replaced (a migration changing a returned column's type, while running).
+STALE = "0A000"
 #: Parameters whose type PostgreSQL cannot infer from where they are used (``$1 IS NULL``,
 #: ``$1 * interval '1 second'``); every other one is ``unknown``: inferred, as for text.
 TYPES = {
