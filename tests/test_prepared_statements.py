@@ -158,3 +158,23 @@ def test_a_schema_change_under_a_prepared_statement_costs_one_delivery_and_its_c
         assert _executions(app)[claim.name] == 1  # the retry's, on the new connection
     finally:
         sql("ALTER TABLE processed_events ALTER COLUMN status TYPE varchar(16)")
+
+
+def test_a_freshness_sources_claim_is_prepared_from_its_second_use_and_still_refuses_stale(
+    make_app, sql
+):
+    """A source with ``freshness`` has a claim statement of its own, made on its first
+    delivery: it runs as text then, is prepared before the lane's next transaction, and
+    from then on a late update is still claimed ``stale`` and an older one never applied."""
+    from tests.test_freshness import FRESH_SOURCES, data_of, event
+
+    app = make_app(FRESH_SOURCES, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    assert deliver(client, "versioned", event("v1", 1)).json["status"] == "processed"
+    assert deliver(client, "versioned", event("v3", 3)).json["status"] == "processed"
+    late = deliver(client, "versioned", event("v2", 2))
+    assert late.json["status"] == "stale"
+    assert data_of(sql) == ("v3", "data of v3")
+    prepared = app.extensions["idemhook.db"].lanes.prepared
+    fresh = app.extensions["idemhook.receiver"].claimer.statements.fresh.claim_sql("versioned")
+    assert _executions(app)[prepared.statements[fresh].name] == 2  # v3 and v2, not v1

@@ -502,6 +502,7 @@ class DeliveryClaim:
             # An int or a Decimal: psycopg2 writes either as a number, no quoting.
             params["object_key"], params["version"] = versioned
             sql = fresh.claim_sql(event.source, lock=self.lock_objects)
+            self.claimer.database.lanes.prepared.use(sql)
             row_id, duplicates, status_, result, newer = lane.execute(sql, params).fetchone()
             row = statements.claim_row((row_id, duplicates, status_, result))
             # newer: None when the version moved (or a duplicate), else the newer event.

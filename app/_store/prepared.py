@@ -96,16 +96,32 @@ class Prepared:
         self.statements: dict[str, Statement] = {}
         #: Bumped whenever the registry changes: a lane prepared for an older one catches up.
         self.version = 0
+        #: Statements PostgreSQL refused to prepare: never registered again.
+        self._refused: set[str] = set()
+        #: Messages :meth:`use` has registered already.
+        self._seen: set[str] = set()
 
     def register(self, *sqls: str) -> None:
+        """Prepare these statements from each lane's next use on (a message of several:
+        each of its ``; ``-separated statements)."""
         if not self.enabled:
             return
         statements = dict(self.statements)
-        for sql in sqls:
-            if sql and sql not in statements:
-                statements[sql] = Statement(sql)
-        self.statements = statements
-        self.version += 1
+        for message in sqls:
+            for sql in message.split("; ") if message else ():
+                if sql and sql not in statements and sql not in self._refused:
+                    statements[sql] = Statement(sql)
+        if len(statements) != len(self.statements):
+            self.statements = statements
+            self.version += 1
+
+    def use(self, message: str) -> None:
+        """Register ``message``'s statements unless they are known already: for statements
+        made at run time (one per source), registered on their first use (which runs as
+        text) and prepared by each lane before its next transaction."""
+        if self.enabled and message not in self._seen:
+            self._seen.add(message)
+            self.register(message)
 
     def prepare_on(self, cursor: Any, done: set[str]) -> None:
         """Prepare on ``cursor``'s session (autocommit, outside any transaction) each
@@ -151,6 +167,7 @@ class Prepared:
         )
 
     def _drop(self, statement: Statement, error: Exception) -> None:
+        self._refused.add(statement.sql)
         statements = dict(self.statements)
         statements.pop(statement.sql, None)
         self.statements = statements

@@ -416,3 +416,52 @@ def test_without_the_setting_an_idle_instance_keeps_a_session_poolers_connection
     shared_a, shared_b, shared_active = answers["session-pooler"]
     assert [shared_a.status_code, shared_b.status_code] == [200, 200]
     assert shared_active == 0
+
+
+@pytest.mark.gunicorn
+def test_prepared_statements_set_by_mistake_behind_a_transaction_pooler_lose_nothing(
+    bouncer, clean_db, sql
+):
+    """``IDEMHOOK_PREPARED_STATEMENTS=true`` is for direct connections. Behind a
+    transaction-mode pooler a lane's next transaction may run in a server session that
+    lacks its statements: that delivery is rolled back and answered 5xx, its process turns
+    preparing off (and says so), and the sender's retry is applied. Every event of a
+    concurrent storm, each retried until answered 200, is applied exactly once."""
+    ids = [f"prep-{i:03d}" for i in range(STORM_IDS)]
+    with ExitStack() as stack:
+        servers = _instances(
+            stack, bouncer.url_for(clean_db), env={"IDEMHOOK_PREPARED_STATEMENTS": "true"}
+        )
+
+        def until_answered(n_and_id: tuple[int, str]) -> list[int]:
+            n, event_id = n_and_id
+            statuses = []
+            for _ in range(5):  # a provider retries; these retry at once
+                answer = signed_post(
+                    servers[n % len(servers)].url,
+                    "acme",
+                    {"id": event_id, "type": "contact.updated"},
+                )
+                statuses.append(answer.status_code)
+                if answer.status_code == 200:
+                    break
+            return statuses
+
+        with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+            tries = list(pool.map(until_answered, enumerate(ids)))
+        logs = "".join(server.log() for server in servers)
+
+    assert all(statuses[-1] == 200 for statuses in tries), tries
+    refused = [s for statuses in tries for s in statuses if s != 200]
+    assert all(s >= 500 for s in refused)
+    # At most one lost transaction per lane: each worker stops preparing after its first.
+    assert len(refused) <= len(servers) * WORKERS * 2 * 4
+    if refused:
+        assert "IDEMHOOK_PREPARED_STATEMENTS is on, but a database session lacked" in logs
+    assert sql("SELECT count(*), count(DISTINCT event_id) FROM test_effects")[0] == (
+        STORM_IDS,
+        STORM_IDS,
+    )
+    assert sql("SELECT count(*) FROM processed_events WHERE status = 'processed'")[0][0] == (
+        STORM_IDS
+    )
