@@ -27,6 +27,12 @@ fresh one (:mod:`idemhook._engine.claim`).
 The claim's statements go to the cursor directly unless someone listens to the
 engine's cursor events (OpenTelemetry's SQLAlchemy instrumentation, a test):
 then they go through ``Connection.exec_driver_sql`` so that every listener sees them.
+
+With ``IDEMHOOK_PREPARED_STATEMENTS`` on, each lane prepares the registered statements
+on its connection when it opens (and before its next transaction when more are
+registered) and sends their ``EXECUTE`` instead (:mod:`idemhook._store.prepared`); a
+session that lacks them turns preparing off, a plan a schema change made stale retires
+the lane's connection.
 """
 
 from __future__ import annotations
