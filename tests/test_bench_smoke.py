@@ -14,7 +14,7 @@ from bench import report
 from bench.run import QUICK, Bench
 
 # The quick plan without its warm-up and with the shortest memory run: ~20 s in all.
-SMOKE = replace(QUICK, warmup_seconds=0, rss_events=1)
+SMOKE = replace(QUICK, warmup_seconds=0, rss_events=1, paced_seconds=2)
 
 pytestmark = pytest.mark.gunicorn
 
@@ -47,6 +47,16 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
             assert median["p99_ms"] >= median["p50_ms"] > 0, (name, server)
         assert scenario["ratio_rps"] > 0
     assert saved["scenarios"]["batch"]["median"]["receiver"]["events_per_s"] > 0
+    # The paced (p99) runs last paced_seconds, the others seconds; each round's p99s are kept.
+    paced = saved["scenarios"]["paced"]
+    for name, seconds in (("paced", SMOKE.paced_seconds), ("new", SMOKE.seconds)):
+        for server in ("receiver", "baseline"):
+            lengths = [run["seconds"] for run in saved["scenarios"][name]["runs"][server]]
+            assert all(abs(length - seconds) < 0.5 for length in lengths), (name, lengths)
+    assert paced["p99_by_round"] == [
+        [r["p99_ms"], b["p99_ms"]]
+        for r, b in zip(paced["runs"]["receiver"], paced["runs"]["baseline"], strict=True)
+    ]
     assert saved["rss"]["events"] >= SMOKE.rss_events
     assert all(size > 0 for size in saved["rss"]["samples"][-1]["rss_mb"])
     outbox = saved["outbox"]

@@ -236,27 +236,33 @@ def counting_fallback(app: Flask) -> list[str]:
     return handed
 
 
+def answer_and_store(app: Flask, case: str, sql, db_url: str) -> tuple:
+    """Run one of CASES on ``app``: its answer (status, headers, body) and every row it left
+    (STORED), then empty the tables for the next app."""
+    run, _status = CASES[case]
+    client = app.test_client()
+    response = run(client, sql) if len(inspect.signature(run).parameters) == 2 else run(client)
+    app.extensions["idemhook.matches"].close()  # which secret verified: written before reading
+    stored = [sql(query) for query in STORED]
+    _clean(db_url)
+    sql("DELETE FROM test_failures")
+    return response.status, dict(response.headers), response.get_data(), stored
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_a_delivery_is_answered_and_stored_alike_on_both_paths(make_app, sql, db_url, case):
-    run, status = CASES[case]
+    status = CASES[case][1]
     seen = []
     for hooked in (False, True):
         app = make_app(CONFIG)
         if hooked:
             app.before_request(lambda: None)  # a plugin's hook: Flask must dispatch
         handed = counting_fallback(app)
-        client = app.test_client()
-        response = run(client, sql) if len(inspect.signature(run).parameters) == 2 else run(client)
-        matches = app.extensions["idemhook.matches"]
-        matches.close()  # which secret verified: written before the tables are read
-        stored = [sql(query) for query in STORED]
-        seen.append((response.status, dict(response.headers), response.get_data(), stored))
+        seen.append(answer_and_store(app, case, sql, db_url))
         if hooked or case == "unknown source":
             assert handed, "the delivery should have gone through Flask"
         else:
             assert not handed, f"Flask dispatched {handed}"
-        _clean(db_url)
-        sql("DELETE FROM test_failures")
     direct, flask = seen
     assert int(direct[0][:3]) == status
     assert direct == flask

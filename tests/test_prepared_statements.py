@@ -9,7 +9,6 @@ delivery failing too.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from idemhook._config.settings import load as load_settings
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-from tests.conftest import _clean
-from tests.test_direct_dispatch import CASES, CONFIG, STORED, api_new
+from tests.test_direct_dispatch import CASES, CONFIG, answer_and_store, api_new
 
 #: An event type the test sources' recorder handles.
 TYPE = "contact.updated"
@@ -40,20 +38,12 @@ def _executions(app) -> dict[str, int]:
 def test_a_request_is_answered_and_stored_alike_with_statements_prepared(
     make_app, sql, db_url, case
 ):
-    run, status = CASES[case]
-    seen = []
-    for prepared in (False, True):
-        app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=prepared)
-        client = app.test_client()
-        response = run(client, sql) if len(inspect.signature(run).parameters) == 2 else run(client)
-        app.extensions["idemhook.matches"].close()  # written before the tables are read
-        stored = [sql(query) for query in STORED]
-        seen.append((response.status, dict(response.headers), response.get_data(), stored))
-        _clean(db_url)
-        sql("DELETE FROM test_failures")
-    text, prepared_ = seen
-    assert int(text[0][:3]) == status
-    assert prepared_ == text
+    text, prepared = (
+        answer_and_store(make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=on), case, sql, db_url)
+        for on in (False, True)
+    )
+    assert int(text[0][:3]) == CASES[case][1]
+    assert prepared == text
 
 
 def test_the_claims_and_keys_statements_run_prepared(make_app):
