@@ -10,7 +10,7 @@ import resource
 import shutil
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +125,34 @@ class Run:
     max_ms: float
     wrapped: int
     wrk_cpu_s: float
+    #: Latency histogram: microseconds -> requests (wrk's buckets), for pooling runs.
+    histogram: dict[int, int] = field(default_factory=dict, repr=False)
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "rps": round(self.rps, 1)}
+        fields = {k: v for k, v in self.__dict__.items() if k != "histogram"}
+        return {**fields, "rps": round(self.rps, 1)}
+
+
+def percentile_ms(histogram: dict[int, int], percent: float) -> float:
+    """The ``percent`` percentile of a latency histogram (microseconds -> count), in ms.
+
+    wrk's own rule: the smallest latency with at least ``percent`` % of the requests at or
+    below it.
+    """
+    total = sum(histogram.values())
+    if not total:
+        return 0.0
+    rank = max(1, round(percent / 100 * total + 0.5))
+    seen = 0
+    for value in sorted(histogram):
+        seen += histogram[value]
+        if seen >= rank:
+            return value / 1000
+    return max(histogram) / 1000
 
 
 def drive(
@@ -166,6 +187,11 @@ def drive(
     if done.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()} {done.stdout}")
     data = json.loads(line[len("BENCH_JSON ") :])
+    hist = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_HIST")), "")
+    histogram = {}
+    for bucket in hist[len("BENCH_HIST") :].split():
+        value, count = bucket.split(":")
+        histogram[int(value)] = int(count)
     lat = data["latency_us"]
     return Run(
         requests=data["requests"],
@@ -177,4 +203,5 @@ def drive(
         max_ms=lat["max"] / 1000,
         wrapped=data["wrapped"],
         wrk_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        histogram=histogram,
     )

@@ -42,6 +42,7 @@ from .load import (
     key_event,
     keyed_body,
     new_ids,
+    percentile_ms,
     write_requests,
 )
 from .servers import ROOT, Server
@@ -88,7 +89,9 @@ class Plan:
     paced_fraction: float = 0.7
     #: The length of each paced run. A p99 needs many requests behind it: in 6 s at 700
     #: req/s (4,200 requests) one stall of the machine decides it (performance.md).
-    paced_seconds: float = 20
+    paced_seconds: float = 10
+    #: Paced rounds (ABBA); their requests are pooled into one p99 per server.
+    paced_rounds: int = 6
     #: The outbox scenario (bench/outbox.py): messages drained, and the paced rate and length.
     outbox_messages: int = 20_000
     outbox_rate: float = 100
@@ -103,6 +106,9 @@ class Plan:
     #: The receiver's IDEMHOOK_PREPARED_STATEMENTS: on, as a deployment that reaches
     #: PostgreSQL directly sets it (the bench does); off: its statements sent as text.
     prepared_statements: bool = True
+    #: The noise check: a second baseline in the receiver's place (its name, port and
+    #: database role), so every ratio compares two identical servers. Single events only.
+    baseline_twice: bool = False
 
 
 FULL = Plan()
@@ -117,6 +123,7 @@ QUICK = Plan(
     rss_events=1_000,
     rss_segment_seconds=1,
     paced_seconds=1,
+    paced_rounds=2,
     outbox_messages=2_000,
     outbox_seconds=3,
     async_events=2_000,
@@ -301,15 +308,22 @@ class Bench:
             if v
         )
         common = {"BENCH_SECRET": SECRET, "PYTHONDONTWRITEBYTECODE": "1"}
+        receiver_app = "idemhook:create_app()"
+        if self.plan.baseline_twice:
+            receiver_app = "bench.baseline:create_app()"
         self.servers = {
             "receiver": Server(
                 "receiver",
-                "idemhook:create_app()",
+                receiver_app,
                 {
                     **common,
                     "DATABASE_URL": url,
                     "IDEMHOOK_CONFIG": str(sources),
                     "IDEMHOOK_PREPARED_STATEMENTS": str(self.plan.prepared_statements).lower(),
+                    # The baseline's connection string, named as the receiver's backends are.
+                    "BENCH_DSN": dsn.replace(
+                        APPLICATION_NAMES["baseline"], APPLICATION_NAMES["receiver"]
+                    ),
                 },
                 self.work / "receiver.log",
             ),
@@ -320,6 +334,8 @@ class Bench:
                 self.work / "baseline.log",
             ),
         }
+        if self.plan.baseline_twice:
+            log("noise check: a second baseline runs in the receiver's place")
         for server in self.servers.values():
             server.start(list(self.plan.gunicorn))
         for server in self.servers.values():
@@ -479,7 +495,9 @@ class Bench:
         connections: int,
         rate: float = 0,
         expect_new: bool = True,
+        histogram: dict[int, int] | None = None,
     ) -> dict[str, Any]:
+        """One wrk run against ``server``; its latency histogram is added to ``histogram``."""
         srv = self.servers[server]
         backends = self._backends(server)
         cpu_before = srv.cpu_seconds()
@@ -499,6 +517,9 @@ class Bench:
             raise BenchError(f"{server} answered errors: {run.errors}; see {srv.log}")
         if expect_new and run.wrapped:
             log(f"warning: {server} ran out of fresh requests (wrapped {run.wrapped}x)")
+        if histogram is not None:
+            for value, count in run.histogram.items():
+                histogram[value] = histogram.get(value, 0) + count
         result = run.to_dict()
         result["socket_errors"] = errors
         result["worker_cpu_ms_per_request"] = (
@@ -519,6 +540,7 @@ class Bench:
         batch: int = 0,
         rate: float = 0,
         seconds: float = 0,
+        rounds: int = 0,
         checkpoint: bool = False,
         connections: int | None = None,
         expect_new: bool = True,
@@ -527,12 +549,15 @@ class Bench:
         """Run ``name`` for every round on both servers (ABBA order) and keep the medians.
 
         ``checkpoint``: a ``CHECKPOINT`` before each run, so that no timed checkpoint's
-        writes and final sync land in one server's run and not the other's.
+        writes and final sync land in one server's run and not the other's. Each server's
+        requests of all rounds are also pooled: ``pooled`` holds their p50 and p99.
         """
         plan = self.plan
         if plan.only and name not in plan.only:
             return {}
         seconds = seconds or plan.seconds
+        rounds = rounds or plan.rounds
+        histograms: dict[str, dict[int, int]] = {s: {} for s in SERVERS}
         per_request = batch or 1
         # Enough fresh requests for the fastest plausible run, so none is sent twice.
         capacity = rate or self.results.get("capacity_rps", 3000) * 2.5
@@ -540,7 +565,7 @@ class Bench:
             capacity *= 8  # batches carry several times more events per second than singles
         needed = int(capacity * seconds / per_request) + 200
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVERS}
-        for rnd in range(plan.rounds):
+        for rnd in range(rounds):
             order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
             for server in order:
                 ids = make_ids(needed * per_request)
@@ -561,11 +586,12 @@ class Bench:
                     connections=connections or plan.connections,
                     rate=rate,
                     expect_new=expect_new,
+                    histogram=histograms[server],
                 )
                 path.unlink()
                 runs[server].append(run)
                 log(
-                    f"{name} round {rnd + 1}/{plan.rounds} {server}: {run['rps']:.0f} req/s "
+                    f"{name} round {rnd + 1}/{rounds} {server}: {run['rps']:.0f} req/s "
                     f"p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms, CPU/request "
                     f"{run['worker_cpu_ms_per_request']} + {run['db_cpu_ms_per_request']} ms"
                 )
@@ -574,6 +600,14 @@ class Bench:
             "events_per_request": per_request,
             "rate": rate or None,
             "runs": runs,
+            "pooled": {
+                server: {
+                    "requests": sum(histogram.values()),
+                    "p50_ms": percentile_ms(histogram, 50),
+                    "p99_ms": percentile_ms(histogram, 99),
+                }
+                for server, histogram in histograms.items()
+            },
             **figures(runs, per_request),
         }
         self.results["scenarios"][name] = result
@@ -754,6 +788,7 @@ class Bench:
             new_ids,
             rate=round(peak * plan.paced_fraction),
             seconds=plan.paced_seconds,
+            rounds=plan.paced_rounds,
             checkpoint=True,
             connections=plan.connections * 2,
             label=f"{plan.paced_fraction:.0%} of peak, constant rate",
@@ -874,8 +909,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows_max = max((k for k in sc if k.startswith("rows_")), key=lambda k: int(k[5:]))
     rss = results["rss"]
     replays = replay_costs(sc)
-    paced = sc["paced"]["median"]
+    paced = sc["paced"].get("pooled") or sc["paced"]["median"]  # older results: medians
     paced_ratio = ratio(paced["receiver"]["p99_ms"], paced["baseline"]["p99_ms"])
+    medians = sc["paced"]["median"]
     paced_rounds = "; ".join(f"{a:.1f} vs {b:.1f}" for a, b in sc["paced"]["p99_by_round"])
     out = [
         (
@@ -935,9 +971,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             paced_ratio,
             1.10,
             f"p99 {paced['receiver']['p99_ms']:.1f} vs {paced['baseline']['p99_ms']:.1f} ms "
-            f"({paced_ratio}x) at {sc['paced']['rate']} req/s offered, "
-            f"{plan.get('paced_seconds', plan['seconds']):g} s a run (per round, receiver vs "
-            f"baseline: {paced_rounds})",
+            f"({paced_ratio}x) at {sc['paced']['rate']} req/s offered, over all the requests "
+            f"of {len(sc['paced']['p99_by_round'])} rounds of "
+            f"{plan.get('paced_seconds', plan['seconds']):g} s; the rounds' medians "
+            f"{medians['receiver']['p99_ms']:.1f} vs {medians['baseline']['p99_ms']:.1f} ms "
+            f"(per round: {paced_rounds})",
         ),
         (
             f"Worker RSS < 100 MB after {plan['rss_events']:,} events, not growing",
@@ -1086,6 +1124,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the receiver with IDEMHOOK_PREPARED_STATEMENTS=false (its statements as text)",
     )
+    parser.add_argument(
+        "--baseline-twice",
+        action="store_true",
+        help="the noise check: a second baseline in the receiver's place (single events only)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
@@ -1100,6 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, gunicorn=plan.gunicorn + tuple(shlex.split(args.gunicorn)))
     if args.text_statements:
         plan = replace(plan, prepared_statements=False)
+    if args.baseline_twice:
+        plan = replace(plan, baseline_twice=True)
     out = args.out or RESULTS / ("quick" if args.quick else "full")
     bench = Bench(plan, out)
     try:

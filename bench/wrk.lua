@@ -77,4 +77,12 @@ function done(summary, latency, reqs)
     summary.errors.status, summary.errors.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
     latency.mean, w))
+  -- The latency histogram itself (microseconds:count, the non-empty buckets), so that the
+  -- bench can pool several runs' requests and take one percentile over all of them.
+  local buckets = {}
+  for i = 1, #latency do
+    local value, count = latency(i)
+    buckets[#buckets + 1] = string.format("%d:%d", value, count)
+  end
+  io.write("BENCH_HIST " .. table.concat(buckets, " ") .. "\n")
 end
