@@ -179,12 +179,25 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
             f"{fmt_load(results['loadavg_end'])} at the end (other work shared the machine)."
         ),
         "settings": (
-            f"gunicorn.conf.py: `{settings['gunicorn_conf']}`; extra arguments for both: "
+            (
+                "**A noise check (`--baseline-twice`): a second baseline served in the "
+                "receiver's place; no figure of this page is the receiver's.** "
+                if plan.get("baseline_twice")
+                else ""
+            )
+            + f"gunicorn.conf.py: `{settings['gunicorn_conf']}`; extra arguments for both: "
             f"`{' '.join(settings['gunicorn_args']) or '(none)'}`. The receiver's "
             f"`IDEMHOOK_PREPARED_STATEMENTS`: "
             f"`{str(settings.get('prepared_statements', False)).lower()}`. wrk: 2 threads, "
             f"{plan['connections']} connections, {plan['seconds']:g} s per run, "
-            f"{plan['rounds']} rounds in ABBA order. Started {results['started']}, "
+            f"{plan['rounds']} rounds in ABBA order"
+            + (
+                f" (the paced scenario: {plan['paced_rounds']} rounds of "
+                f"{plan['paced_seconds']:g} s, each after a CHECKPOINT)"
+                if "paced_rounds" in plan
+                else ""
+            )
+            + f". Started {results['started']}, "
             f"took {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}."
         ),
         "wrk": wrk_share(results),
