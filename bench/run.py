@@ -243,13 +243,23 @@ def fill(conn: psycopg2.extensions.connection, sql: str, filled: int, rows: int)
             cur.execute("VACUUM ANALYZE processed_events")
             # Write the load's dirty pages out now: otherwise the checkpoint that follows
             # a bulk load lands in the next rounds and is measured as the table's size.
-            # (Needs superuser or pg_checkpoint; without it the rounds may pay for it.)
-            try:
-                cur.execute("CHECKPOINT")
-            except psycopg2.Error as exc:
-                log(f"CHECKPOINT refused ({exc.pgerror or exc}); rounds may include it")
+            refused = checkpoint(cur)
+            if refused:
+                log(f"CHECKPOINT refused ({refused}); rounds may include it")
     finally:
         conn.close()
+
+
+def checkpoint(cur: Any) -> str | None:
+    """Write the database's dirty pages out now; the reason if PostgreSQL refused.
+
+    Needs superuser or ``pg_checkpoint`` and an autocommit connection.
+    """
+    try:
+        cur.execute("CHECKPOINT")
+    except psycopg2.Error as exc:
+        return str(exc.pgerror or exc).strip()
+    return None
 
 
 def prepare_database(server_url: Any, *, prefix: str) -> Any:
@@ -309,9 +319,12 @@ class Bench:
             if v
         )
         common = {"BENCH_SECRET": SECRET, "PYTHONDONTWRITEBYTECODE": "1"}
-        receiver_app = "idemhook:create_app()"
+        receiver_app, noise_check = "idemhook:create_app()", {}
         if self.plan.baseline_twice:
+            # The baseline's connection string, named as the receiver's backends are.
             receiver_app = "bench.baseline:create_app()"
+            name = APPLICATION_NAMES["baseline"]
+            noise_check = {"BENCH_DSN": dsn.replace(name, APPLICATION_NAMES["receiver"])}
         self.servers = {
             "receiver": Server(
                 "receiver",
@@ -321,10 +334,7 @@ class Bench:
                     "DATABASE_URL": url,
                     "IDEMHOOK_CONFIG": str(sources),
                     "IDEMHOOK_PREPARED_STATEMENTS": str(self.plan.prepared_statements).lower(),
-                    # The baseline's connection string, named as the receiver's backends are.
-                    "BENCH_DSN": dsn.replace(
-                        APPLICATION_NAMES["baseline"], APPLICATION_NAMES["receiver"]
-                    ),
+                    **noise_check,
                 },
                 self.work / "receiver.log",
             ),
@@ -389,18 +399,17 @@ class Bench:
             conn.close()
 
     def _checkpoint(self) -> None:
-        """Write the database's dirty pages out now (superuser or ``pg_checkpoint``)."""
+        """:func:`checkpoint` on a connection of its own; a refusal is logged once."""
         conn = self._connect()
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                cur.execute("CHECKPOINT")
-        except psycopg2.Error as exc:
-            if not self.checkpoint_refused:
-                log(f"CHECKPOINT refused ({exc.pgerror or exc}); paced runs may include one")
-            self.checkpoint_refused = True
+                refused = checkpoint(cur)
         finally:
             conn.close()
+        if refused and not self.checkpoint_refused:
+            log(f"CHECKPOINT refused ({refused}); paced runs may include one")
+        self.checkpoint_refused = self.checkpoint_refused or bool(refused)
 
     def _backends(self, server: str) -> list[int]:
         """PostgreSQL backend pids serving ``server`` (by application_name)."""
