@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from bench import report
+from bench.asynchronous import half_load
 from bench.run import QUICK, Bench
 
 # The quick plan without its warm-up and with the shortest memory run: ~20 s in all.
@@ -37,6 +38,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
         "idem_replays",
         "batch",
         "paced",
+        "paced_own",
         *(f"rows_{n}" for n in SMOKE.prefill),
         "async_ack",
     }
@@ -54,6 +56,12 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
             lengths = [run["seconds"] for run in saved["scenarios"][name]["runs"][server]]
             assert all(abs(length - seconds) < 0.5 for length in lengths), (name, lengths)
     assert len(paced["runs"]["receiver"]) == SMOKE.paced_rounds
+    # The same-utilisation runs: each server paced at the fraction of its own peak.
+    own = saved["scenarios"]["paced_own"]
+    for server in ("receiver", "baseline"):
+        peak = saved["scenarios"]["new"]["median"][server]["rps"]
+        assert own["rates"][server] == round(peak * SMOKE.paced_fraction), (server, own)
+        assert len(own["runs"][server]) == SMOKE.paced_rounds
     # The p99 over every request of the rounds: within the rounds' own p99s, and taken
     # over as many requests as wrk recorded in them.
     for server in ("receiver", "baseline"):
@@ -73,6 +81,10 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     queued = saved["async"]
     assert queued["drain"]["events"] == SMOKE.async_events and queued["drain"]["per_s"] > 0
     assert queued["latency"]["p99_ms"] >= queued["latency"]["p50_ms"] > 0
+    # Paced at half of what the ack path and the workers serve together, each measured alone.
+    ack_peak = saved["scenarios"]["async_ack"]["median"]["receiver"]["rps"]
+    expected = half_load(queued["drain"]["per_s"], ack_peak)
+    assert queued["latency"]["rate"] == round(expected) < queued["drain"]["per_s"] / 2
     assert len(results["targets"]) == 17
     targets = {check["target"] for check in results["targets"]}
     assert "Receiver >= 0.85 x baseline req/s, 10% duplicates" in targets
@@ -83,6 +95,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     text = page.read_text()
     assert "{{" not in text
     assert "| all new events |" in text
+    assert "**The same p99 at the same utilisation** (not a target)" in text
     assert "commit-to-send p50 < 10 ms" in text and "messages/s**" in text
     assert "receipt-to-processed p99 < 100 ms" in text and "events/s**" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
