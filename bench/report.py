@@ -22,8 +22,9 @@ def table(results: dict[str, Any]) -> str:
     rows = [
         "| scenario | receiver req/s | baseline req/s | ratio | CPU-cost ratio "
         "| receiver p50 / p99 ms | baseline p50 / p99 ms "
-        "| CPU ms/request, worker + database (receiver; baseline) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| CPU ms/request, worker + database (receiver; baseline) "
+        "| thread switches/request (receiver; baseline) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for sc in results["scenarios"].values():
         a, b = sc["median"]["receiver"], sc["median"]["baseline"]
@@ -41,7 +42,7 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             f"| {label} | {a_rate} | {b_rate} | {sc['ratio_rps']} | {sc.get('ratio_cpu')} "
             f"| {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} "
-            f"| {cpu(a)}; {cpu(b)} |"
+            f"| {cpu(a)}; {cpu(b)} | {switches(a)}; {switches(b)} |"
         )
     return "\n".join(rows)
 
@@ -54,6 +55,23 @@ def summary(results: dict[str, Any]) -> str:
         f"(receiver) against {new['median']['baseline']['rps']:.0f} (baseline), a ratio of "
         f"{new['ratio_rps']} (CPU-cost ratio {new['ratio_cpu']}); {met} of "
         f"{len(results['targets'])} targets met (see Targets)."
+    )
+
+
+def stolen(results: dict[str, Any]) -> str:
+    """The share of the machine's CPU time the hypervisor gave to others, per run."""
+    shares = sorted(
+        run["steal_percent"]
+        for sc in results["scenarios"].values()
+        for runs in sc["runs"].values()
+        for run in runs
+        if run.get("steal_percent") is not None
+    )
+    if not shares:
+        return "not recorded in this run"
+    return (
+        f"{shares[len(shares) // 2]:.1f} % of the machine's CPU time in the median run, at "
+        f"most {shares[-1]:.1f} % (`/proc/stat`'s steal)"
     )
 
 
@@ -72,6 +90,11 @@ def wrk_share(results: dict[str, Any]) -> str:
         f"wrk used {shares[len(shares) // 2]:.0%} of one core in the median run "
         f"(at most {shares[-1]:.0%}) of the machine's {results['machine']['cores']}"
     )
+
+
+def switches(median: dict[str, Any]) -> str:
+    value = median.get("switches_per_request")
+    return f"{value:.1f}" if value else "-"
 
 
 def cpu(median: dict[str, Any]) -> str:
@@ -130,7 +153,10 @@ def paced_own_text(results: dict[str, Any]) -> str:
     """The p99 with each server at the paced fraction of its own peak (not a target)."""
     sc = results["scenarios"].get("paced_own")
     if not sc:
-        return "(not run)"
+        return (
+            "(`paced_own`, the same p99 with each server at 70 % of its own peak, was not "
+            "part of this run.)"
+        )
     a, b = sc["median"]["receiver"]["p99_ms"], sc["median"]["baseline"]["p99_ms"]
     rounds = "; ".join(f"{x:.1f} vs {y:.1f}" for x, y in sc["p99_by_round"])
     return (
@@ -225,6 +251,7 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
             f"took {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}."
         ),
         "wrk": wrk_share(results),
+        "stolen": stolen(results),
         "summary": summary(results),
         "table": table(results),
         "targets": target_table(results),

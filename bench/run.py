@@ -45,7 +45,7 @@ from .load import (
     percentile_ms,
     write_requests,
 )
-from .servers import ROOT, Server
+from .servers import ROOT, Server, machine_ticks
 
 SECRET = "bench-secret-not-for-production"
 RESULTS = ROOT / "bench" / "results"
@@ -512,6 +512,7 @@ class Bench:
         backends = self._backends(server)
         cpu_before = srv.cpu_seconds()
         db_before = srv.cpu_seconds(backends) - cpu_before
+        switches_before, ticks_before = srv.switches(), machine_ticks()
         run = drive(
             self.wrk,
             srv.url + PATHS[(server, kind)],
@@ -522,6 +523,9 @@ class Bench:
         )
         cpu = srv.cpu_seconds() - cpu_before
         db_cpu = srv.cpu_seconds(backends) - cpu - cpu_before - db_before
+        switches = srv.switches() - switches_before
+        ticks_after = machine_ticks()
+        ticks, stolen = ticks_after[0] - ticks_before[0], ticks_after[1] - ticks_before[1]
         errors = sum(run.errors.values())
         if run.errors["status"] or run.errors["timeout"]:
             raise BenchError(f"{server} answered errors: {run.errors}; see {srv.log}")
@@ -539,6 +543,12 @@ class Bench:
         result["db_cpu_ms_per_request"] = (
             round(db_cpu * 1000 / run.requests, 3) if run.requests else None
         )
+        # What CPU time alone does not show: how often the workers' threads switched, and
+        # how much of the machine the hypervisor gave to others meanwhile.
+        result["switches_per_request"] = (
+            round(switches / run.requests, 2) if run.requests else None
+        )
+        result["steal_percent"] = round(100 * stolen / ticks, 2) if ticks else None
         return result
 
     def scenario(
@@ -608,7 +618,9 @@ class Bench:
                 log(
                     f"{name} round {rnd + 1}/{rounds} {server}: {run['rps']:.0f} req/s "
                     f"p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms, CPU/request "
-                    f"{run['worker_cpu_ms_per_request']} + {run['db_cpu_ms_per_request']} ms"
+                    f"{run['worker_cpu_ms_per_request']} + {run['db_cpu_ms_per_request']} ms, "
+                    f"{run['switches_per_request']} switches/request, {run['steal_percent']} % "
+                    "stolen"
                 )
         result = {
             "label": label,
@@ -896,7 +908,7 @@ def finalise(results: dict[str, Any]) -> dict[str, Any]:
 
 def summarise(runs: list[dict[str, Any]], per_request: int) -> dict[str, Any]:
     def med(key: str) -> float:
-        values = [r[key] for r in runs if r[key] is not None]
+        values = [r[key] for r in runs if r.get(key) is not None]
         return round(statistics.median(values), 3) if values else 0.0
 
     rps = med("rps")
@@ -910,6 +922,8 @@ def summarise(runs: list[dict[str, Any]], per_request: int) -> dict[str, Any]:
         "total_cpu_ms_per_request": round(
             med("worker_cpu_ms_per_request") + med("db_cpu_ms_per_request"), 3
         ),
+        "switches_per_request": med("switches_per_request"),
+        "steal_percent": med("steal_percent"),
     }
 
 

@@ -17,6 +17,13 @@ ROOT = shared.ROOT
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the machine so far, from ``/proc/stat``: the share
+    stolen by the hypervisor over a run says how much of the machine others took."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), fields[7]
+
+
 @dataclass
 class Server:
     """One gunicorn master serving ``app`` on 127.0.0.1:``port``.
@@ -78,6 +85,24 @@ class Server:
                 continue
             total += int(fields[11]) + int(fields[12])
         return total / CLK_TCK
+
+    def switches(self) -> int:
+        """Context switches so far of every thread of the workers (voluntary or not)."""
+        total = 0
+        for pid in self.worker_pids():
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    status = (task / "status").read_text()
+                except OSError:
+                    continue  # a thread that ended
+                for line in status.splitlines():
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt")):
+                        total += int(line.split()[1])
+        return total
 
     def rss_mb(self) -> list[float]:
         """Resident memory of each worker, in MB."""

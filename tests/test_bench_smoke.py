@@ -49,6 +49,10 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
             assert median["p99_ms"] >= median["p50_ms"] > 0, (name, server)
         assert scenario["ratio_rps"] > 0
     assert saved["scenarios"]["batch"]["median"]["receiver"]["events_per_s"] > 0
+    # Every run counts its workers' thread switches and the machine's stolen time.
+    for server in ("receiver", "baseline"):
+        for run in saved["scenarios"]["new"]["runs"][server]:
+            assert run["switches_per_request"] > 0 and 0 <= run["steal_percent"] <= 100, run
     # The paced (p99) runs last paced_seconds, the others seconds; each round's p99s are kept.
     paced = saved["scenarios"]["paced"]
     for name, seconds in (("paced", SMOKE.paced_seconds), ("new", SMOKE.seconds)):
@@ -95,6 +99,7 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     text = page.read_text()
     assert "{{" not in text
     assert "| all new events |" in text
+    assert "thread switches/request" in text and "(`/proc/stat`'s steal)" in text
     assert "**The same p99 at the same utilisation** (not a target)" in text
     assert "commit-to-send p50 < 10 ms" in text and "messages/s**" in text
     assert "receipt-to-processed p99 < 100 ms" in text and "events/s**" in text
