@@ -572,8 +572,8 @@ class Bench:
         ``rate``: requests/s offered to both servers (0: flat out); ``rates``: one rate per
         server instead. ``checkpoint``: a ``CHECKPOINT`` before each run, so that no timed
         checkpoint's writes and final sync land in one server's run and not the other's.
-        Each server's
-        requests of all rounds are also pooled: ``pooled`` holds their p50 and p99.
+        Each server's requests of all rounds are also pooled: ``pooled`` holds their p50
+        and p99.
         """
         plan = self.plan
         if plan.only and name not in plan.only:
