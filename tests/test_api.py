@@ -8,7 +8,7 @@ import pytest
 
 from idemhook._values.errors import ConfigError
 from idemhook.testing import deliver
-from tests.test_events_cli import NOW, seed, timedelta
+from tests.test_events_cli import UTC, datetime, seed, timedelta
 
 TOKEN = "s3cret-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -78,7 +78,7 @@ def test_list_filters_match_the_cli(client, runner, sql):
     assert ids(type="invoice.paid") == ["a2"]
     assert ids(status="processed") == ["o1", "a1"]
     assert ids(since="1h") == ["o1", "a2"]
-    assert ids(until=(NOW - timedelta(hours=1)).isoformat()) == ["a1"]
+    assert ids(until=(datetime.now(UTC) - timedelta(hours=1)).isoformat()) == ["a1"]
     cli = runner.invoke(args=["events", "list", "--json", "--since", "1h", "--source", "acme"])
     api = client.get("/events?since=1h&source=acme", headers=AUTH).json["events"]
     assert [json.loads(line) for line in cli.output.splitlines()] == api

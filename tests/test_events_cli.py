@@ -17,12 +17,14 @@ from idemhook.testing import deliver, postgres
 from tests.conftest import SOURCES
 from tests.test_plugins import LEDGER, ledger
 
-NOW = datetime.now(UTC)
-
 
 def seed(sql, source, event_id, *, ago, type="contact.updated", status="processed", dups=0):
-    """Insert a claim row received ``ago`` before now (as if delivered then)."""
-    at = NOW - ago
+    """Insert a claim row received ``ago`` before now (as if delivered then).
+
+    "Now" is read at each call, never once per module: the filters under test read the
+    clock when queried, and a slow suite can reach a test many minutes after collection.
+    """
+    at = datetime.now(UTC) - ago
     sql(
         "INSERT INTO processed_events (source, event_id, event_type, status, received_at, "
         "processed_at, payload, result, duplicate_count, last_seen_at) VALUES (:s, :e, :t, :st, "
@@ -62,7 +64,7 @@ def test_list_filters_by_source_type_status_and_time(runner, sql):
     assert ids("--status", "ignored") == ["inv"]
     assert ids("--since", "2h") == ["other", "inv", "recent"]
     assert ids("--until", "1h") == ["old"]
-    iso = (NOW - timedelta(minutes=25)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    iso = (datetime.now(UTC) - timedelta(minutes=25)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert ids("--since", iso, "--source", "acme") == ["inv"]
     assert ids("--limit", "2") == ["other", "inv"]
 
