@@ -238,7 +238,13 @@ def write(results: dict[str, Any], docs: Path = DOCS) -> Path:
             + f"gunicorn.conf.py: `{settings['gunicorn_conf']}`; extra arguments for both: "
             f"`{' '.join(settings['gunicorn_args']) or '(none)'}`. The receiver's "
             f"`IDEMHOOK_PREPARED_STATEMENTS`: "
-            f"`{str(settings.get('prepared_statements', False)).lower()}`. wrk: 2 threads, "
+            f"`{str(settings.get('prepared_statements', False)).lower()}`; its handler "
+            + (
+                "registered `database_only=True`"
+                if settings.get("database_only_handler")
+                else "watched on a claim thread (registered without `database_only`)"
+            )
+            + f". wrk: 2 threads, "
             f"{plan['connections']} connections, {plan['seconds']:g} s per run, "
             f"{plan['rounds']} rounds in ABBA order"
             + (

@@ -107,6 +107,10 @@ class Plan:
     #: The receiver's IDEMHOOK_PREPARED_STATEMENTS: on, as a deployment that reaches
     #: PostgreSQL directly sets it (the bench does); off: its statements sent as text.
     prepared_statements: bool = True
+    #: The bench's handler registered ``database_only=True`` (it runs one UPDATE on ``db``
+    #: and nothing else, and says so); False: without it, so every delivery is handed to a
+    #: claim thread that watches for an overrun.
+    database_only_handler: bool = True
     #: The noise check: a second baseline in the receiver's place (its name, port and
     #: database role), so every ratio compares two identical servers. Single events only.
     baseline_twice: bool = False
@@ -334,6 +338,7 @@ class Bench:
                     "DATABASE_URL": url,
                     "IDEMHOOK_CONFIG": str(sources),
                     "IDEMHOOK_PREPARED_STATEMENTS": str(self.plan.prepared_statements).lower(),
+                    "BENCH_WATCHED_HANDLER": "0" if self.plan.database_only_handler else "1",
                     **noise_check,
                 },
                 self.work / "receiver.log",
@@ -359,6 +364,7 @@ class Bench:
             "workers": workers,
             "pool_size": os.environ.get("IDEMHOOK_POOL_SIZE", "one connection per thread"),
             "prepared_statements": self.plan.prepared_statements,
+            "database_only_handler": self.plan.database_only_handler,
             "wrk": f"{self.wrk} -t2 -c{self.plan.connections} (Lua script bench/wrk.lua)",
             "plan": asdict(self.plan),
         }
@@ -1173,6 +1179,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the receiver with IDEMHOOK_PREPARED_STATEMENTS=false (its statements as text)",
     )
     parser.add_argument(
+        "--watched-handler",
+        action="store_true",
+        help="the receiver's handler without database_only=True (on a watched claim thread)",
+    )
+    parser.add_argument(
         "--baseline-twice",
         action="store_true",
         help="the noise check: a second baseline in the receiver's place (single events only)",
@@ -1193,6 +1204,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, prepared_statements=False)
     if args.baseline_twice:
         plan = replace(plan, baseline_twice=True)
+    if args.watched_handler:
+        plan = replace(plan, database_only_handler=False)
     out = args.out or RESULTS / ("quick" if args.quick else "full")
     bench = Bench(plan, out)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from flask import current_app
@@ -20,10 +21,7 @@ def handlers_list() -> None:
     each outbox kind's sender and retry policy, plugin migrations and plugin routes."""
     registry = current_app.extensions["idemhook.registry"]
     rows = [("SOURCE", "TYPE", "HANDLER")]
-    rows += [
-        (r.source, r.pattern, r.name + ("  (stale=True: sees stale events too)" if r.stale else ""))
-        for r in registry.registrations
-    ]
+    rows += [(r.source, r.pattern, r.name + _flags(r)) for r in registry.registrations]
     if len(rows) == 1:
         click.echo(
             "no handlers registered: list plugin modules in `plugins` in the sources file "
@@ -54,3 +52,13 @@ def _shown(folder: Path) -> str:
         return str(folder.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(folder)
+
+
+def _flags(registration: Any) -> str:
+    """What a handler's registration says beyond its source and type."""
+    flags = ""
+    if registration.stale:
+        flags += "  (stale=True: sees stale events too)"
+    if registration.database_only:
+        flags += "  (database_only=True: runs without the claim thread's watch)"
+    return flags

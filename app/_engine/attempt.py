@@ -50,7 +50,18 @@ from idemhook._store.engine import (
 )
 from idemhook._values.outcome import Status
 
-__all__ = ["Attempt", "Decision", "Fault", "Stage", "decide", "classify", "run", "overrun"]
+__all__ = [
+    "Attempt",
+    "Decision",
+    "Fault",
+    "Stage",
+    "decide",
+    "classify",
+    "run",
+    "overrun",
+    "unwatched",
+    "watched",
+]
 
 T = TypeVar("T")
 
@@ -194,3 +205,10 @@ def overrun(watchdog: Watchdog, setting: str, consequence: str) -> HandlerRun:
 def watched(watchdog: Watchdog, attempt: Attempt[T], on_overrun: Callable[[Job], None]) -> T:
     """Run ``attempt`` on a claim thread watched by ``watchdog`` (the request's deadline)."""
     return watchdog.run(lambda job: run(attempt, job), on_overrun=on_overrun)
+
+
+def unwatched(attempt: Attempt[T]) -> T:
+    """Run ``attempt`` on the calling thread: for a delivery whose handlers all do nothing
+    but database work (``database_only=True``), each statement bounded by the statement
+    and lock timeouts, so no watch is needed and no hand-off is paid."""
+    return run(attempt, Job())

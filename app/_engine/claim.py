@@ -52,7 +52,7 @@ from idemhook._contract import (
     StaleEvent,
 )
 from idemhook._engine import failures
-from idemhook._engine.attempt import overrun, watched
+from idemhook._engine.attempt import overrun, unwatched, watched
 from idemhook._engine.dispatch import (
     HandlerRun,
     run_handlers,
@@ -165,7 +165,7 @@ class Claimer:
             attempt = DeliveryClaim(self, events, raw_body, versions, lock_objects)
             if recovered:
                 attempt.claim_sql = self.statements.recovered_claim_sql
-            return watched(self.watchdog, attempt, on_overrun=attempt.overran)
+            return self._run(attempt)
         order = in_version_order(versions)
         attempt = DeliveryClaim(
             self,
@@ -176,13 +176,20 @@ class Claimer:
         )
         if recovered:
             attempt.claim_sql = self.statements.recovered_claim_sql
-        applied = watched(self.watchdog, attempt, on_overrun=attempt.overran)
+        applied = self._run(attempt)
         if len(applied) != len(order):
             return applied  # abandoned: nothing to put back in order
         outcomes: list[Outcome] = list(applied)
         for position, index in enumerate(order):
             outcomes[index] = applied[position]
         return outcomes
+
+    def _run(self, attempt: DeliveryClaim) -> list[Outcome]:
+        """On a claim thread, watched (``503 handler_timeout``), unless every handler that
+        could run says it does only database work (``@handler(..., database_only=True)``)."""
+        if self.registry.watch_needed(attempt.events):
+            return watched(self.watchdog, attempt, on_overrun=attempt.overran)
+        return unwatched(attempt)
 
     def _report(self, tx: _Transaction) -> None:
         for timing in tx.timings:

@@ -39,6 +39,10 @@ Contract (the full text with examples is ``docs/plugins.md``)::
   handler for it, except those registered with ``@handler(source, type, stale=True)``:
   they see every event, and a stale one with ``event.stale == True``, in the same
   transaction (to append to an audit log, say). Every other handler never sees one.
+- ``@handler(source, type, database_only=True)`` says the handler does nothing but
+  statements on ``db``: a synchronous delivery whose every matching handler says so runs on
+  the request thread, without the claim thread's hand-off, and is bounded by the statement
+  and lock timeouts instead of answered ``503 handler_timeout`` (docs/plugins.md).
 
 Side effects outside the database go through the outbox (docs/outbox.md): a
 handler calls ``event.outbox.add(kind, payload, key=None)``, which inserts a
@@ -94,14 +98,22 @@ ReconcilerFunc = Callable[[Window], Iterable[Any]]
 
 
 def handler(
-    source: str, event_type: str = "*", *, stale: bool = False
+    source: str, event_type: str = "*", *, stale: bool = False, database_only: bool = False
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Mark ``func`` as the handler of ``event_type`` events from ``source``.
 
     ``stale=True``: also run it for stale events (``event.stale``), see the contract above.
+    ``database_only=True``: the handler's author says it does nothing but statements on
+    ``db`` (and ``event.outbox.add``), each bounded by the statement and lock timeouts, so
+    a delivery whose every handler says so runs without the claim thread's watch
+    (docs/plugins.md#database-only-handlers).
     """
     if not isinstance(stale, bool):
         raise TypeError("handler(source, event_type, stale=...): stale must be True or False")
+    if not isinstance(database_only, bool):
+        raise TypeError(
+            "handler(source, event_type, database_only=...): database_only must be True or False"
+        )
     if not isinstance(source, str) or not source:
         raise TypeError("handler(source, event_type): source must be a source name or '*'")
     if not isinstance(event_type, str) or not event_type:
@@ -113,7 +125,7 @@ def handler(
         if not callable(func):
             raise TypeError("@handler decorates a function")
         # Stacked decorators apply bottom-up; keep the order in which they are written.
-        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type, stale))
+        func.__dict__.setdefault(_MARK, []).insert(0, (source, event_type, stale, database_only))
         return func
 
     return mark
@@ -218,6 +230,9 @@ class Registration:
     func: HandlerFunc
     #: Runs for stale events too (``@handler(..., stale=True)``).
     stale: bool = False
+    #: Does nothing but database work (``@handler(..., database_only=True)``): needs no
+    #: claim thread to watch it.
+    database_only: bool = False
 
     @property
     def name(self) -> str:
@@ -246,9 +261,18 @@ class Registry:
         self.reconcilers: dict[str, Reconciler] = {}
         self._cache: dict[tuple[str, str | None], tuple[Registration, ...]] = {}
 
-    def add(self, source: str, pattern: str, func: HandlerFunc, *, stale: bool = False) -> None:
-        handler(source, pattern, stale=stale)  # same validation as the decorator
-        self.registrations.append(Registration(source, pattern, func, stale))
+    def add(
+        self,
+        source: str,
+        pattern: str,
+        func: HandlerFunc,
+        *,
+        stale: bool = False,
+        database_only: bool = False,
+    ) -> None:
+        # The same validation as the decorator.
+        handler(source, pattern, stale=stale, database_only=database_only)
+        self.registrations.append(Registration(source, pattern, func, stale, database_only))
         self._cache.clear()
 
     def for_event(self, source: str, event_type: str | None) -> tuple[Registration, ...]:
@@ -259,6 +283,16 @@ class Registry:
             if len(self._cache) < 10_000:  # types come from senders: bound the memory
                 self._cache[key] = found
         return found
+
+    def watch_needed(self, events: Iterable[Any]) -> bool:
+        """Whether a delivery of ``events`` needs the claim thread's watch: False when every
+        handler that could run for them was registered ``database_only=True`` (or none
+        matches: the claim alone is SQL, bounded by the statement timeout)."""
+        for event in events:
+            for registration in self.for_event(event.source, event.type):
+                if not registration.database_only:
+                    return True
+        return False
 
     def add_registration(self, registration: Registration) -> None:
         # A module listed in `plugins` and also installed as an entry point (or a
@@ -382,7 +416,8 @@ def collect(obj: Any) -> list[Registration]:
         if marks and id(candidate) not in seen:
             seen.add(id(candidate))
             found.extend(
-                Registration(src, pattern, candidate, stale) for src, pattern, stale in marks
+                Registration(src, pattern, candidate, stale, database_only)
+                for src, pattern, stale, database_only in marks
             )
     return found
 

@@ -15,8 +15,10 @@ Abandoning and committing exclude each other (:meth:`Job.abandon`,
 ended, is waited for, never abandoned, so the answer always tells the truth
 about what committed.
 
-Each request thread has a claim thread of its own, handed work through two
-plain locks (a thread pool's futures and queues cost twice as much per
+A delivery whose every handler is registered ``database_only=True`` needs no watch: it
+runs on the request thread (:func:`idemhook._engine.attempt.unwatched`), bounded by the
+database's timeouts alone. Each request thread has a claim thread of its own, handed
+work through two plain locks (a thread pool's futures and queues cost twice as much per
 delivery, docs/performance.md). A claim thread whose claim was abandoned ends
 when that claim does; its request thread gets a new one. At most ``threads``
 claim threads live at once: with every one of them held by a handler that

@@ -31,8 +31,9 @@ handlers, the API's problem details) and then the app's handlers, as Flask's dis
 would. ``tests/test_direct_dispatch.py`` sends each kind of request down both paths and
 compares status, headers, body and what was stored.
 
-Handlers are unaffected: they never ran in Flask's context (the claim runs on a claim
-thread, :mod:`idemhook._engine.watchdog`).
+Handlers are unaffected: they never run in Flask's context (the claim runs on a claim
+thread, :mod:`idemhook._engine.watchdog`, or, for ``database_only`` handlers, on this
+thread outside any Flask context).
 """
 
 from __future__ import annotations
