@@ -101,6 +101,9 @@ def test_quick_bench_reports_every_scenario_and_target(tmp_path, pg_server):
     assert "| all new events |" in text
     assert "thread switches/request" in text and "(`/proc/stat`'s steal)" in text
     assert "**The same p99 at the same utilisation** (not a target)" in text
+    # The receiver's handler is registered database_only=True, and the page says so.
+    assert saved["settings"]["database_only_handler"] is True
+    assert "its handler registered `database_only=True`" in text
     assert "commit-to-send p50 < 10 ms" in text and "messages/s**" in text
     assert "receipt-to-processed p99 < 100 ms" in text and "events/s**" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
