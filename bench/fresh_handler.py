@@ -11,10 +11,10 @@ from typing import Any
 
 from idemhook import Event, handler
 
-from .handler import count
+from .handler import DATABASE_ONLY, count
 
 
-@handler("bench_fresh", "*")
+@handler("bench_fresh", "*", database_only=DATABASE_ONLY)
 def count_fresh(event: Event, db: Any) -> dict[str, int]:
     """What the plain source's handler does, behind the freshness check."""
     return count(event, db)
