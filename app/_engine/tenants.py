@@ -133,14 +133,15 @@ class Matches:
             if not self._unwritten_static and not self._unwritten_tenants:
                 return
             try:
-                # On a connection of its own (Database.reserve keeps none): the flush never
-                # waits behind request threads for a pooled connection, and never holds one
-                # that outlives the app's engine (Engine.dispose).
-                store.record_matches(
-                    self.database.reserve,
-                    {key: store.Tally(*v) for key, v in self._unwritten_static.items()},
-                    {key: store.Tally(*v) for key, v in self._unwritten_tenants.items()},
-                )
+                # Beside the requests (Database.beside: a spare claim lane, else a connection
+                # of its own): the flush never waits behind request threads for a pooled
+                # connection, and opens none while a lane is spare.
+                with self.database.beside() as connection:
+                    store.record_matches(
+                        connection,
+                        {key: store.Tally(*v) for key, v in self._unwritten_static.items()},
+                        {key: store.Tally(*v) for key, v in self._unwritten_tenants.items()},
+                    )
             except SQLAlchemyError as exc:
                 # Kept for the next flush: a database away for a while loses no count.
                 if not quiet:

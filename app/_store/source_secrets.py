@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, insert, literal, select, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from idemhook._store.models import secret_matches, source_secrets
@@ -153,39 +153,40 @@ def rewrite_all(engine: Engine, rewrite: Any) -> int:
 
 
 def record_matches(
-    engine: Engine,
+    connection: Connection,
     static: Mapping[tuple[str, str], Tally],
     tenants: Mapping[int, Tally],
 ) -> None:
-    """Add tallies: ``static`` by (source, position), ``tenants`` by secret id; one transaction.
+    """Add tallies: ``static`` by (source, position), ``tenants`` by secret id, in the
+    transaction the caller holds on ``connection`` (all of them or none).
 
     One statement per secret seen; the last match moves only forward, whatever order
     processes flush in.
     """
-    with engine.begin() as connection:
-        for (source, label), tally in sorted(static.items()):
-            connection.execute(_upsert_static(engine, source, label, tally))
-        t = source_secrets.c
-        for secret_id, tally in sorted(tenants.items()):
-            connection.execute(
-                update(source_secrets)
-                .where(t.id == secret_id)
-                .values(
-                    matched_count=t.matched_count + tally.count,
-                    last_matched_at=case(
-                        (t.last_matched_at.is_(None), literal(tally.last, t.last_matched_at.type)),
-                        (
-                            t.last_matched_at < literal(tally.last, t.last_matched_at.type),
-                            literal(tally.last, t.last_matched_at.type),
-                        ),
-                        else_=t.last_matched_at,
+    for (source, label), tally in sorted(static.items()):
+        connection.execute(_upsert_static(connection, source, label, tally))
+    t = source_secrets.c
+    for secret_id, tally in sorted(tenants.items()):
+        connection.execute(
+            update(source_secrets)
+            .where(t.id == secret_id)
+            .values(
+                matched_count=t.matched_count + tally.count,
+                last_matched_at=case(
+                    (t.last_matched_at.is_(None), literal(tally.last, t.last_matched_at.type)),
+                    (
+                        t.last_matched_at < literal(tally.last, t.last_matched_at.type),
+                        literal(tally.last, t.last_matched_at.type),
                     ),
-                )
+                    else_=t.last_matched_at,
+                ),
             )
+        )
 
 
-def _upsert_static(engine: Engine, source: str, label: str, tally: Tally) -> Any:
-    dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+def _upsert_static(connection: Connection, source: str, label: str, tally: Tally) -> Any:
+    postgres = connection.dialect.name == "postgresql"
+    dialect_insert = postgresql.insert if postgres else sqlite.insert
     t = secret_matches
     stmt = dialect_insert(t).values(
         source=source, secret=label, last_matched_at=tally.last, matched_count=tally.count
