@@ -110,6 +110,34 @@ def test_a_session_without_the_statements_loses_one_transaction_and_preparing_st
     assert lanes.prepared.enabled is False and _executions(app) == {}
 
 
+def test_a_lane_opened_on_a_connection_that_has_the_statements_keeps_them_prepared(
+    make_app, caplog
+):
+    """More lanes open at once than are kept (a burst, a handler that overran): the extra
+    lane's connection goes back to the engine's pool with its statements prepared, and a
+    lane opened later may get it. PostgreSQL refuses to prepare them again (42P05, the
+    session has them); they stay prepared and registered. Before, each refusal took its
+    statement out of the registry: every later request of the process sent as text."""
+    app = make_app(CONFIG, IDEMHOOK_PREPARED_STATEMENTS=True, IDEMHOOK_POOL_SIZE=1)
+    client = app.test_client()
+    assert deliver(client, "acme", {"id": "b0", "type": TYPE}).status_code == 200
+    lanes = app.extensions["idemhook.db"].lanes
+    registered = dict(lanes.prepared.statements)
+    with lanes.lane() as first, lanes.lane() as second:  # one more than is kept (1)
+        sessions = {lane.cursor.connection.get_backend_pid() for lane in (first, second)}
+    caplog.set_level(logging.WARNING, logger="idemhook.db")
+    with lanes.lane() as kept, lanes.lane() as reopened:
+        # The second is a new lane on the connection the pool kept: the case under test.
+        assert {lane.cursor.connection.get_backend_pid() for lane in (kept, reopened)} == sessions
+        assert reopened._prepared_names == {s.name for s in registered.values()}
+    assert lanes.prepared.statements == registered
+    assert not [r.getMessage() for r in caplog.records if r.name == "idemhook.db"]
+
+    claims = app.extensions["idemhook.receiver"].claimer.statements
+    assert deliver(client, "acme", {"id": "b1", "type": TYPE}).status_code == 200
+    assert _executions(app)[registered[claims.claim_sql].name] >= 1  # EXECUTEd, not text
+
+
 def test_the_setting_is_refused_with_a_pool_mode_that_keeps_no_connection(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://localhost/idemhook")
     monkeypatch.setenv("IDEMHOOK_PREPARED_STATEMENTS", "true")

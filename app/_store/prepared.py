@@ -38,6 +38,11 @@ _PARAMETER = re.compile(r"%\((\w+)\)s|%%")
 CACHE_SIZE = 256
 #: SQLSTATE invalid_sql_statement_name: an EXECUTE of a statement the session lacks.
 MISSING = "26000"
+#: SQLSTATE duplicate_prepared_statement: the session has a statement of that name, which
+#: (the name being a hash of the SQL) is this one. A lane's connection goes back to the
+#: engine's pool when more lanes were open than are kept, with its statements still
+#: prepared, and a lane opened later may get that connection: nothing to prepare then.
+DUPLICATE = "42P05"
 #: SQLSTATE feature_not_supported, as PostgreSQL refuses a prepared statement whose result
 #: columns a schema change altered ("cached plan must not change result type"): the lane's
 #: connection is replaced (a migration changing a returned column's type, while running).
@@ -132,10 +137,12 @@ class Prepared:
             try:
                 cursor.execute(statement.prepare_sql)
             except Exception as exc:  # noqa: BLE001 (the database's refusal, any kind)
-                if getattr(exc, "pgcode", None) is None:
+                code = getattr(exc, "pgcode", None)
+                if code is None:
                     raise  # not a refusal of the statement: the connection's problem
-                self._drop(statement, exc)
-                continue
+                if code != DUPLICATE:
+                    self._drop(statement, exc)
+                    continue
             done.add(statement.name)
 
     def translate(self, message: str, done: set[str]) -> str:
