@@ -529,6 +529,10 @@ class Bench:
         )
         cpu = srv.cpu_seconds() - cpu_before
         db_cpu = srv.cpu_seconds(backends) - cpu - cpu_before - db_before
+        # A backend that connected during the run (a lane opened under load): all its CPU
+        # is the run's.
+        opened = sorted(set(self._backends(server)) - set(backends))
+        db_cpu += srv.cpu_seconds(opened, workers=False)
         switches = srv.switches() - switches_before
         ticks_after = machine_ticks()
         ticks, stolen = ticks_after[0] - ticks_before[0], ticks_after[1] - ticks_before[1]
@@ -545,7 +549,7 @@ class Bench:
         result["worker_cpu_ms_per_request"] = (
             round(cpu * 1000 / run.requests, 3) if run.requests else None
         )
-        # Only backends connected before the run are counted (pools are warm by then).
+        # The backends connected before the run, and those it opened (see above).
         result["db_cpu_ms_per_request"] = (
             round(db_cpu * 1000 / run.requests, 3) if run.requests else None
         )

@@ -75,10 +75,11 @@ class Server:
     def worker_pids(self) -> list[int]:
         return self.gunicorn.worker_pids() if self.gunicorn is not None else []
 
-    def cpu_seconds(self, extra_pids: Sequence[int] = ()) -> float:
-        """User+system CPU used so far by the workers (and ``extra_pids``), in seconds."""
+    def cpu_seconds(self, extra_pids: Sequence[int] = (), *, workers: bool = True) -> float:
+        """User+system CPU used so far by the workers (unless ``workers`` is false) and
+        ``extra_pids``, in seconds."""
         total = 0
-        for pid in [*self.worker_pids(), *extra_pids]:
+        for pid in [*(self.worker_pids() if workers else ()), *extra_pids]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
