@@ -133,10 +133,9 @@ class Matches:
             if not self._unwritten_static and not self._unwritten_tenants:
                 return
             try:
-                # Beside the requests (Database.beside: a spare claim lane, else a connection
-                # of its own): the flush never waits behind request threads for a pooled
-                # connection, and opens none while a lane is spare.
-                with self.database.beside() as connection:
+                # On the connection kept beside the lanes (Database.reserve): the flush never
+                # waits behind request threads for a pooled connection, nor opens one.
+                with self.database.reserve.begin() as connection:
                     store.record_matches(
                         connection,
                         {key: store.Tally(*v) for key, v in self._unwritten_static.items()},

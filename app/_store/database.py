@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,12 +52,17 @@ class Database:
 
     @functools.cached_property
     def reserve(self) -> Engine:
-        """Connections of their own, outside the pool, for rows written beside an attempt.
+        """Connections outside the lanes' pool, for rows written beside the requests.
 
         The request thread records a handler that overran while its claim thread
         still holds the attempt's connection, and handlers that overran may hold
-        every connection of the pool: such a row must never wait for one. No
-        connection is kept (overruns are rare); SQLite (one writer) uses the engine.
+        every connection of the pool: such a row must never wait for one. Each process
+        also writes which secret verified its deliveries here, about once a second
+        (:class:`idemhook._engine.tenants.Matches`), so one connection is kept (with
+        ``IDEMHOOK_POOL_MODE=session-pooler``, none): opening one for every write cost
+        PostgreSQL about 4 ms of CPU each time (docs/performance.md). Never waits: more
+        writers at once each get a connection of their own, closed after use. SQLite
+        (one writer) uses the engine.
         """
         if self.engine.dialect.name != "postgresql":
             return self.engine
@@ -65,33 +70,10 @@ class Database:
             self.engine.url,
             timeouts=self.timeouts or Timeouts(2000, 2000, 0),
             pool_size=1,
-            pool_mode="session-pooler",
+            max_overflow=-1,
+            pool_mode="session-pooler" if self.pool_mode == "session-pooler" else "keep",
             name=self.name,
         )
-
-    @contextmanager
-    def beside(self) -> Iterator[Connection]:
-        """A transaction beside the requests' that never waits for the pool, committed when
-        the block ends (rolled back if it raises).
-
-        On a spare claim lane when one is idle and another stays idle for requests
-        (:meth:`Lanes.spare`): no connection is opened. Otherwise on a connection of its
-        own (:attr:`reserve`). The once-a-second tally of matched secrets writes here:
-        opening a connection for it cost PostgreSQL about 4 ms of CPU and the worker about
-        1 ms, every second (docs/performance.md).
-        """
-        with self.lanes.spare() as lane:
-            if lane is None:
-                with self.reserve.begin() as connection:
-                    yield connection
-                return
-            lane.begin()
-            try:
-                yield lane.joined()
-                lane.commit()
-            finally:
-                if lane.in_transaction:
-                    lane.rollback()
 
 
 def _pool_size(engine: Engine) -> int:

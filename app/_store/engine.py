@@ -93,8 +93,12 @@ def build_engine(
     pool_size: int,
     pool_mode: str = "keep",
     name: str = APPLICATION_NAMES["web"],
+    max_overflow: int | None = None,
 ) -> Engine:
-    """Create the engine for ``url`` with the timeouts and pool the claim path relies on."""
+    """Create the engine for ``url`` with the timeouts and pool the claim path relies on.
+
+    ``max_overflow``: connections opened beyond ``pool_size`` when all are in use (closed
+    when given back); ``pool_size`` unless given, -1 for no bound (never waits)."""
     if pool_mode not in POOL_MODES:
         raise ConfigError(f"IDEMHOOK_POOL_MODE must be one of {', '.join(POOL_MODES)}")
     if url.get_backend_name() == "sqlite":
@@ -102,7 +106,11 @@ def build_engine(
     pool: dict[str, Any] = (
         {"poolclass": NullPool}
         if pool_mode == "session-pooler"
-        else {"pool_size": pool_size, "max_overflow": pool_size, "pool_recycle": 3600}
+        else {
+            "pool_size": pool_size,
+            "max_overflow": pool_size if max_overflow is None else max_overflow,
+            "pool_recycle": 3600,
+        }
     )
     engine = create_engine(
         url,

@@ -444,32 +444,12 @@ class Lanes:
         finally:
             self._give(lane)
 
-    @contextmanager
-    def spare(self) -> Iterator[Lane | None]:
-        """An idle lane for work beside the claims, or None: never opens a connection or
-        waits for one. PostgreSQL only, and only while another lane stays idle, so that a
-        delivery arriving meanwhile still finds one (:meth:`Database.beside`)."""
-        lane = self._idle_lane(leave=1) if self.pipelined else None
-        if lane is None:
-            yield None
-            return
-        try:
-            yield lane
-        finally:
-            self._give(lane)
-
     def _take(self) -> Lane:
-        lane = self._idle_lane()
-        return lane if lane is not None else self._open()
-
-    def _idle_lane(self, *, leave: int = 0) -> Lane | None:
-        """An idle lane fit to use, while more than ``leave`` are idle (None when not); the
-        unfit ones met on the way are closed."""
-        while len(self._idle) > leave:
+        while True:
             try:
                 lane = self._idle.pop()  # atomic: threads never share a lane
             except IndexError:
-                return None
+                return self._open()
             if lane.pid != os.getpid():
                 # Inherited through a fork (app.db points its socket at /dev/null).
                 inherited_connections.append(lane)
@@ -480,7 +460,6 @@ class Lanes:
             if lane._prepared_version != self.prepared.version:
                 self._prepare(lane)
             return lane
-        return None
 
     def _give(self, lane: Lane) -> None:
         if lane.in_transaction:  # the caller's error path did not end it: never reuse it
