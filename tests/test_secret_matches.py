@@ -171,7 +171,7 @@ def test_flushes_write_on_one_kept_connection_beside_the_lanes(make_app, sql):
         sa_event.remove(database.engine, "before_cursor_execute", seen)
 
 
-def test_with_session_pooler_no_connection_is_kept_for_flushes(make_app, pg_url, sql):
+def test_with_session_pooler_no_connection_is_kept_for_flushes(make_app, sql):
     """``IDEMHOOK_POOL_MODE=session-pooler`` keeps no connection: each flush opens one and
     closes it, as every other use of the database there."""
     app = make_app(ROTATING, IDEMHOOK_SECRETS_KEY=KEY, IDEMHOOK_POOL_MODE="session-pooler")

@@ -71,7 +71,7 @@ class Database:
             timeouts=self.timeouts or Timeouts(2000, 2000, 0),
             pool_size=1,
             max_overflow=-1,
-            pool_mode="session-pooler" if self.pool_mode == "session-pooler" else "keep",
+            pool_mode=self.pool_mode,
             name=self.name,
         )
 
