@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -100,7 +99,7 @@ def test_the_second_delivery_waits_and_runs_nothing(server, clean_db, sql, tmp_p
     assert statuses[first] == ["processed"] * len(deliveries[first])
     assert statuses[second] == ["duplicate"] + ["processed"] * (len(deliveries[second]) - 1)
     # Each handler ran once: x's second delivery did not run it, even to roll it back.
-    assert Counter(Path(runs).read_text().split()) == {"x": 1, "y": 1}
+    assert Counter(runs.read_text().split()) == {"x": 1, "y": 1}
     assert sorted(r.event_id for r in sql("SELECT event_id FROM test_effects")) == ["x", "y"]
     [[duplicates]] = sql(
         "SELECT duplicate_count FROM processed_events WHERE source = 'blocking_batch' "
