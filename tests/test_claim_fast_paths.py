@@ -11,9 +11,12 @@ import copy
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from idemhook import handler
+from idemhook._values import jsontext
 from idemhook.testing import deliver
 from tests.conftest import SOURCES
 from tests.orm_effects import mapped_effect
@@ -373,3 +376,56 @@ def test_a_batchs_failed_and_rejected_events_are_undone_alone_and_no_handler_run
         "duplicate",
     ]
     assert calls == ["b2!", "b4"]
+
+
+def test_a_single_events_body_is_stored_as_its_payload_as_the_sender_wrote_it(client, sql):
+    """A single event's payload is its body's own JSON text (a byte-order mark dropped),
+    not the body parsed and serialised again: the same document, and on PostgreSQL the
+    numbers as the sender wrote them. A duplicate is still one."""
+    raw = (
+        '\ufeff{\n  "id": "evt_text",\n  "type": "contact.updated",\n'
+        '  "amount": 1.50, "big": 1E2, "name": "Zoë", "nested": {"a": [1, 2.0]}\n}'
+    ).encode()
+    first = deliver(client, "acme", raw)
+    assert first.status_code == 200 and first.json["status"] == "processed"
+    assert deliver(client, "acme", raw).json["status"] == "duplicate"
+    [(payload,)] = sql("SELECT payload FROM processed_events WHERE event_id = 'evt_text'")
+    assert as_json(payload) == json.loads(raw.decode("utf-8-sig"))
+    if client.application.extensions["idemhook.db"].engine.dialect.name == "postgresql":
+        [(amount, big, same)] = sql(
+            "SELECT payload->>'amount', payload->>'big', payload = CAST(:raw AS jsonb) "
+            "FROM processed_events WHERE event_id = 'evt_text'",
+            raw=raw.decode("utf-8-sig"),
+        )
+        assert (amount, big, same) == ("1.50", "100", True)
+
+
+def test_a_batchs_events_are_stored_as_parsed(client, sql):
+    """A batch's events are parts of the body: each is stored serialised from its parse."""
+    raw = b'[{"id": "b_text", "type": "contact.updated", "amount": 1.50}]'
+    assert deliver(client, "batched", raw).status_code == 200
+    [(payload,)] = sql("SELECT payload FROM processed_events WHERE event_id = 'b_text'")
+    assert as_json(payload) == {"id": "b_text", "type": "contact.updated", "amount": 1.5}
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_JSON)
+def test_json_text_for_storage_is_what_the_standard_encoder_writes(value):
+    """The payload's encoder made once (jsontext._lenient) writes exactly what
+    ``json.JSONEncoder`` with the same options writes, NaN and infinities included."""
+    standard = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    assert jsontext._lenient(value) == standard.encode(value)
+
+
+def test_a_circular_value_is_refused_as_before():
+    circular: list = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular reference"):
+        jsontext.dumps(circular)
+    assert jsontext.dumps({"still": "served"}) == '{"still":"served"}'

@@ -266,6 +266,22 @@ def test_text_lines_carry_the_timestamp_logging_itself_would_write(created, late
         assert ours.format(record) == standard.format(record)
 
 
+@given(value=st.one_of(st.none(), st.text(), st.integers(), st.floats()))
+def test_a_field_is_written_bare_only_when_it_cannot_forge_or_split_a_line(value):
+    """The text line's rule: printable ASCII but space, '"' and '=' is written bare;
+    anything else (empty, a space, a quote, an equals sign, a newline, non-ASCII) is
+    quoted as a JSON string, so a sender's ID can neither add a field nor a line."""
+    import re
+
+    text = "-" if value is None else str(value)
+    written = logs._text(value)
+    if re.fullmatch(r"[!#-<>-~]+", text):
+        assert written == text
+    else:
+        assert written == json.dumps(text)
+        assert "\n" not in written and json.loads(written) == text
+
+
 # -- the event line written without a LogRecord (logs._only_ours) -------------------------------
 
 

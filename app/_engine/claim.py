@@ -78,6 +78,7 @@ from idemhook._store.session import (
 from idemhook._store.statements import ClaimRow, ClaimStatements
 from idemhook._values.errors import ServiceUnavailable
 from idemhook._values.jsontext import (
+    body_text,
     dumps,
 )
 from idemhook._values.outcome import Outcome, Status
@@ -150,6 +151,7 @@ class Claimer:
         *,
         lock_objects: bool = False,
         recovered: bool = False,
+        body_is_payload: bool = False,
     ) -> list[Outcome]:
         """Claim and handle ``events``; answer when done, or 503 when a handler overruns.
 
@@ -160,9 +162,14 @@ class Claimer:
         delivery of a batch source, :mod:`idemhook._store.object_versions` says why).
         ``recovered``: the events were found by a reconcile run, not delivered; their
         claims say so (``received_via``), and nothing else differs (docs/reconcile.md).
+        ``body_is_payload``: ``raw_body`` is the one event's payload as JSON text (a source
+        without ``batch`` whose scheme parses JSON): the claim stores that text, not the
+        payload serialised again (:func:`~idemhook._values.jsontext.body_text`).
         """
         if versions is None or len(events) < 2:
             attempt = DeliveryClaim(self, events, raw_body, versions, lock_objects)
+            if body_is_payload and len(events) == 1:
+                attempt.payload_text = body_text(raw_body)
             if recovered:
                 attempt.claim_sql = self.statements.recovered_claim_sql
             return self._run(attempt)
@@ -229,6 +236,8 @@ class DeliveryClaim:
             else claimer.statements.tenant_claim_sql
         )
         self.claiming_object: str | None = None
+        #: The one event's payload as stored, when the body is its JSON text (Claimer.apply).
+        self.payload_text: str | None = None
         #: Whether the events are claimed by one statement (see the module's docstring). A
         #: single event keeps the plain one-row claim: the JSON statement costs PostgreSQL
         #: about 0.15 ms of CPU more per event than it saves the worker (docs/performance.md).
@@ -488,7 +497,8 @@ class DeliveryClaim:
         statements = self.claimer.statements
         self.claiming = event
         row = lane.execute(
-            self.claim_sql, statements.claim_params(event, status, self.tx.headers)
+            self.claim_sql,
+            statements.claim_params(event, status, self.tx.headers, self.payload_text),
         ).fetchone()
         self.claiming = None
         return statements.claim_row(row)
@@ -504,7 +514,7 @@ class DeliveryClaim:
         statements = self.claimer.statements
         fresh = statements.fresh if self.tenant is None else statements.tenant_fresh
         self.claiming, self.claiming_object = event, versioned.object_key
-        params = statements.claim_params(event, status, self.tx.headers)
+        params = statements.claim_params(event, status, self.tx.headers, self.payload_text)
         if self.claimer._postgresql:
             # An int or a Decimal: psycopg2 writes either as a number, no quoting.
             params["object_key"], params["version"] = versioned

@@ -192,7 +192,13 @@ def retry_failure(
                 f"the stored body no longer yields the object and version of {event_id!r} "
                 f"({exc.message})"
             ) from None
-    outcome = claimer.apply(found[:1], raw_body, versions, lock_objects=src.batch is not None)[0]
+    outcome = claimer.apply(
+        found[:1],
+        raw_body,
+        versions,
+        lock_objects=src.batch is not None,
+        body_is_payload=src.batch is None and src.scheme.parses_json,
+    )[0]
     detail = outcome.error if outcome.status == "failed" else outcome.result
     return RetryResult(source, event_id, str(outcome.status), detail)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 #: Key of the wrapper that holds a payload PostgreSQL's JSONB cannot store.
@@ -19,7 +19,7 @@ def dumps(value: Any, *, strict: bool = False) -> str:
     ``strict``: NaN and infinities raise ``ValueError`` (they are not JSON, and
     JSONB refuses them): a handler result that holds one fails its event.
     """
-    text = (_STRICT if strict else _LENIENT).encode(value)
+    text = _STRICT.encode(value) if strict else _lenient(value)
     if "\\u0000" in text:
         return _wrap(value)
     if not text.isascii():
@@ -33,6 +33,51 @@ def dumps(value: Any, *, strict: bool = False) -> str:
 # Built once: ``json.dumps`` with options builds a new encoder on every call.
 _LENIENT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _lenient(value: Any) -> str:
+    """``_LENIENT.encode(value)``, on one C encoder made once.
+
+    ``JSONEncoder.encode`` makes a C encoder on every call, with a fresh dictionary of the
+    containers it is inside (to refuse a circular value): about a quarter of encoding a
+    webhook's payload (docs/performance.md). The encoder made here keeps no such dictionary,
+    so it can serve every thread at once; a circular value (never one parsed from JSON)
+    exhausts the recursion limit instead, and is then encoded the usual way, which refuses
+    it with ``ValueError`` as before.
+    """
+    if _C_LENIENT is None:
+        return _LENIENT.encode(value)
+    try:
+        return "".join(_C_LENIENT(value, 0))
+    except RecursionError:
+        return _LENIENT.encode(value)
+
+
+#: ``JSONEncoder.iterencode``'s C encoder for ``_LENIENT``'s options, without the
+#: containers' dictionary (markers None): key and item separators, no sort, no skip, NaN
+#: allowed.
+_C_LENIENT = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None, _LENIENT.default, encode_basestring, None, ":", ",", False, False, True
+    )
+)
+
+
+def body_text(body: bytes) -> str | None:
+    """A JSON body's own text, to store as the payload it was parsed into; None: store
+    ``dumps`` of the parsed value instead.
+
+    The body passed the strict parse (:func:`idemhook._config.parsing.parse_json`): UTF-8,
+    no NaN, no out-of-range number, so JSONB holds the same document whether it is given
+    this text or the parsed value serialised again, numbers as the sender wrote them
+    (``1.50`` stays ``1.50``). Serialising again cost more than the rest of the claim's
+    parameters together (docs/performance.md). A body with a ``\\u`` escape goes
+    through :func:`dumps`, which wraps what JSONB refuses (``\\u0000``, a lone surrogate).
+    """
+    text = body.decode("utf-8-sig")  # as parse_json decoded it: a byte-order mark dropped
+    return None if "\\u" in text else text
 
 
 def string(value: str | None) -> str:

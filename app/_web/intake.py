@@ -194,7 +194,13 @@ def deliver(
         outcomes = receiver.acceptor.accept(source, events, versions, paused=paused)
         answer = source.scheme.respond(outcomes)
         return answer if answer is not None else acknowledge(source, outcomes)
-    outcomes = receiver.claimer.apply(events, body, versions, lock_objects=source.batch is not None)
+    outcomes = receiver.claimer.apply(
+        events,
+        body,
+        versions,
+        lock_objects=source.batch is not None,
+        body_is_payload=source.batch is None and source.scheme.parses_json,
+    )
     answer = source.scheme.respond(outcomes)
     return answer if answer is not None else respond(source, outcomes)
 

@@ -155,6 +155,11 @@ class Scheme:
         """Turn the verified raw body into the payload events are read from (strict JSON)."""
         return parse_json(body)
 
+    @property
+    def parses_json(self) -> bool:
+        """Whether :meth:`parse` is this class's: the body's own JSON text is its payload."""
+        return type(self).parse is Scheme.parse
+
     def respond(self, outcomes: Sequence[Outcome]) -> Reply | None:
         """Answer in the sender's own protocol (Salesforce's SOAP ack); None: the JSON answer."""
         return None
