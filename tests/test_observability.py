@@ -18,6 +18,7 @@ from idemhook._engine import logs
 from idemhook._engine.logs import TEXT_FORMAT, TextFormatter
 from idemhook._store import migrate
 from idemhook._values.errors import ConfigError
+from idemhook._web import metrics
 from idemhook.testing import deliver, postgres
 from tests.conftest import SECRET
 from tests.reliability.conftest import WHOAMI_SOURCES, signed_post
@@ -280,6 +281,42 @@ def test_a_field_is_written_bare_only_when_it_cannot_forge_or_split_a_line(value
     else:
         assert written == json.dumps(text)
         assert "\n" not in written and json.loads(written) == text
+
+
+@given(
+    amounts=st.lists(st.one_of(st.floats(), st.sampled_from(metrics._BUCKETS)), max_size=30),
+    counts=st.lists(st.integers(0, 5), max_size=5),
+)
+def test_the_quick_observe_and_inc_count_as_prometheus_clients_own(amounts, counts):
+    """metrics.observer and metrics.incrementer (the paths every request takes) leave every
+    bucket, sum, count and total as the library's ``observe`` and ``inc`` do, for any
+    amount (negative, infinite, NaN), and are really the quick ones."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    seen = []
+    for quick in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h_seconds", "h", ["s"], buckets=metrics._BUCKETS, registry=registry)
+        counter = Counter("c", "c", ["s"], registry=registry)
+        child, counted = histogram.labels("x"), counter.labels("x")
+        observe = metrics.observer(child) if quick else child.observe
+        inc = metrics.incrementer(counted) if quick else counted.inc
+        if quick:  # not the library's own methods handed back
+            assert getattr(observe, "__self__", None) is None
+            assert getattr(inc, "__self__", None) is not counted
+        for amount in amounts:
+            observe(amount)
+        for count in counts:
+            inc(count)
+        seen.append(
+            [
+                (sample.name, sample.labels, repr(sample.value))  # repr: NaN equals NaN
+                for metric in registry.collect()
+                for sample in metric.samples
+                if not sample.name.endswith("_created")
+            ]
+        )
+    assert seen[0] == seen[1]
 
 
 # -- the event line written without a LogRecord (logs._only_ours) -------------------------------

@@ -83,7 +83,7 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
     """One ``key=value`` line (a JSON object in json format) of ``fields``."""
     if not logger.isEnabledFor(level):
         return
-    message = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+    message = " ".join([f"{k}={_text(v)}" for k, v in fields.items()])
     handler = _only_ours(logger, level)
     if handler is not None and _write(handler, logger.name, level, message, fields):
         return

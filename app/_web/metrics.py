@@ -50,6 +50,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
@@ -98,6 +100,9 @@ class Metrics:
         self.max_types = max_types_per_source
         self._types: dict[str, set[str]] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        #: Each labelled child's ``observe`` or ``inc`` as :func:`observer` and
+        #: :func:`incrementer` make them, for the paths every request takes.
+        self._adders: dict[tuple[Any, tuple[str, ...]], Callable[[float], None]] = {}
         self.events = Counter(
             "idemhook_events",
             "Events received, by source, type and outcome.",
@@ -166,27 +171,37 @@ class Metrics:
     def _child(self, metric: Any, *labels: str) -> Any:
         return _labelled(self._children, metric, *labels)
 
+    def _adder(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """The labelled child's ``observe`` (a histogram) or ``inc`` (a counter), quicker."""
+        key = (metric, labels)
+        add = self._adders.get(key)
+        if add is None:
+            child = self._child(metric, *labels)
+            add = observer(child) if isinstance(metric, Histogram) else incrementer(child)
+            self._adders[key] = add
+        return add
+
     def observe_event(self, event: Event, outcome: Outcome, seconds: float) -> None:
         """Count one event (a :class:`idemhook._engine.claim.Claimer` observer)."""
         type_ = self.type_label(event.source, event.type)
-        self._child(self.events, event.source, type_, outcome.status).inc()
+        self._adder(self.events, event.source, type_, outcome.status)(1)
 
     def observe_phase(self, event: Event, phase: str, seconds: float) -> None:
         """Record the claim or handler time of one event (a Claimer timer)."""
         histogram = self.claim_wait if phase == "claim" else self.handlers
-        self._child(histogram, event.source).observe(seconds)
+        self._adder(histogram, event.source)(seconds)
 
     def observe_applied(self, event: Event, outcome: str, seconds: float | None) -> None:
         """Count one attempt of ``idemhook worker`` at an asynchronous event (``seconds``:
         its handlers' time; None when no handler matched)."""
         type_ = self.type_label(event.source, event.type)
-        self._child(self.events, event.source, type_, outcome).inc()
+        self._adder(self.events, event.source, type_, outcome)(1)
         if seconds is not None:
-            self._child(self.handlers, event.source).observe(seconds)
+            self._adder(self.handlers, event.source)(seconds)
 
     def observe_delay(self, source: str, seconds: float) -> None:
         """Record the receipt-to-processed time of one asynchronous event."""
-        self._child(self.delay, source).observe(seconds)
+        self._adder(self.delay, source)(seconds)
 
     def observe_secret_match(self, source: str, secret: str, count: int) -> None:
         """Count ``count`` deliveries verified by ``secret`` (a position or ``id:<id>``, never
@@ -195,7 +210,7 @@ class Metrics:
 
     def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
         """Record one HTTP request (``status``: the three digits of its status line)."""
-        self._child(self.requests, endpoint, status).observe(seconds)
+        self._adder(self.requests, endpoint, status)(seconds)
 
     def attach(self, claimer: Claimer) -> None:
         claimer.observers.append(self.observe_event)
@@ -440,6 +455,47 @@ class OutboxMetrics:
     def observe_delivery(self, kind: str, outcome: str, seconds: float) -> None:
         _labelled(self._children, self.deliveries, kind, outcome).inc()
         _labelled(self._children, self.send_duration, kind).observe(seconds)
+
+
+def observer(child: Any) -> Callable[[float], None]:
+    """A labelled histogram's ``observe``, in fewer steps: its bucket found by bisection
+    (not a loop in Python) and its two values added.
+
+    It reads what prometheus-client's histogram keeps (its upper bounds, bucket values and
+    sum, unchanged from 0.20 to 0.26); a histogram that does not keep them so is observed
+    its own way, and so is a NaN. Both ways count alike: a property test compares them
+    (tests/test_observability.py), so a release that changed them would fail it.
+    """
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if not (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets)
+        and bounds[-1] == float("inf")
+        and total is not None
+    ):
+        return child.observe
+    adds = tuple(bucket.inc for bucket in buckets)
+    add_to_sum = total.inc
+
+    def observe(amount: float) -> None:
+        if amount != amount:  # NaN: in no bucket, the library's way
+            child.observe(amount)
+            return
+        add_to_sum(amount)
+        adds[bisect_left(bounds, amount)](1)  # the first bound >= amount: its bucket
+
+    return observe
+
+
+def incrementer(child: Any) -> Callable[[float], None]:
+    """A labelled counter's ``inc``, without the checks that cannot fail here (a labelled
+    child, an amount of at least 0, no exemplar); read like :func:`observer`."""
+    value = getattr(child, "_value", None)
+    add = getattr(value, "inc", None)
+    return child.inc if add is None else add
 
 
 def _labelled(cache: dict[tuple[Any, tuple[str, ...]], Any], metric: Any, *labels: str) -> Any:
