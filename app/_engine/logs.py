@@ -155,7 +155,7 @@ def _text(value: Any) -> str:
     """``value`` written bare when it is printable ASCII but space, '"' and '=' (at least one
     character), else quoted as a JSON string: IDs and types come from senders, and must not
     forge a field or split the line. String methods, not a regular expression: a line's
-    fields are checked on every event, and the matcher cost several times as much."""
+    fields are checked on every event, and the matcher cost more (docs/performance.md)."""
     text = "-" if value is None else str(value)
     if (
         text

@@ -39,7 +39,7 @@ def _lenient(value: Any) -> str:
     """``_LENIENT.encode(value)``, on one C encoder made once.
 
     ``JSONEncoder.encode`` makes a C encoder on every call, with a fresh dictionary of the
-    containers it is inside (to refuse a circular value): about a quarter of encoding a
+    containers it is inside (to refuse a circular value): about a fifth of encoding a
     webhook's payload (docs/performance.md). The encoder made here keeps no such dictionary,
     so it can serve every thread at once; a circular value (never one parsed from JSON)
     exhausts the recursion limit instead, and is then encoded the usual way, which refuses
